@@ -1,0 +1,153 @@
+//! Command-line and environment configuration of the relay (every flag has a `QUIC_RELAY_*`
+//! environment variable, for systemd environment files).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::defaults;
+use crate::sessions::{Limits, RelayConfig};
+
+/// A UDP rendezvous relay: two peers register a session and it forwards their datagrams.
+///
+/// Peers send `REG:<session-uuid>` and get `ACK`; once two peers registered the same session,
+/// every other datagram from one is forwarded to the other. Built for QUIC between peers that
+/// cannot reach each other directly. Protocol: relay/PROTOCOL.md. Logs: set RUST_LOG (e.g.
+/// RUST_LOG=debug for per-session events).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "quic-relay", version, about, long_about)]
+pub struct Args {
+    /// UDP port to listen on.
+    #[arg(long, env = "QUIC_RELAY_PORT", default_value_t = defaults::PORT)]
+    pub port: u16,
+
+    /// IP address to listen on. The default `::` serves IPv4 and IPv6 (dual-stack); use
+    /// 0.0.0.0 for IPv4 only.
+    #[arg(long, env = "QUIC_RELAY_BIND", default_value = "::")]
+    pub bind: IpAddr,
+
+    /// Seconds a paired session lives without forwarded traffic or a registration.
+    #[arg(long, env = "QUIC_RELAY_SESSION_TIMEOUT_SECS", default_value_t = defaults::SESSION_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub session_timeout_secs: u64,
+
+    /// Seconds a session waits for its second peer without a registration.
+    #[arg(long, env = "QUIC_RELAY_UNPAIRED_TIMEOUT_SECS", default_value_t = defaults::UNPAIRED_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub unpaired_timeout_secs: u64,
+
+    /// Most sessions held at once (about 240 bytes of memory each).
+    #[arg(long, env = "QUIC_RELAY_MAX_SESSIONS", default_value_t = Limits::default().max_sessions,
+          value_parser = clap::value_parser!(u32).range(1..=(1 << 30)))]
+    pub max_sessions: u32,
+
+    /// Most sessions one source IP may be a member of (CGNAT shares IPs: keep it well above 1).
+    #[arg(long, env = "QUIC_RELAY_MAX_SESSIONS_PER_IP", default_value_t = Limits::default().max_sessions_per_ip,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions_per_ip: u32,
+
+    /// Sustained registrations per second allowed from one source IP (keepalives count).
+    #[arg(long, env = "QUIC_RELAY_REG_RATE_PER_IP", default_value_t = Limits::default().reg_rate_per_ip,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub reg_rate_per_ip: u32,
+
+    /// Registrations one source IP may send in a burst before the rate applies.
+    #[arg(long, env = "QUIC_RELAY_REG_BURST_PER_IP", default_value_t = Limits::default().reg_burst_per_ip,
+          value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub reg_burst_per_ip: u32,
+
+    /// File of secrets, one per line: registrations must then carry a token (`t=`) minted with
+    /// one of them (several lines allow rotation). See PROTOCOL.md, "Tokens".
+    #[arg(long, env = "QUIC_RELAY_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP at this address (e.g. 127.0.0.1:9433), path /metrics.
+    #[arg(long, env = "QUIC_RELAY_METRICS")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Socket send and receive buffer size in bytes. Above net.core.rmem_max it needs root
+    /// (CAP_NET_ADMIN); otherwise the kernel caps it and the relay warns.
+    #[arg(long, env = "QUIC_RELAY_SOCKET_BUFFER_BYTES", default_value_t = defaults::SOCKET_BUFFER_BYTES)]
+    pub socket_buffer_bytes: usize,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The secret file could not be read.
+    #[error("cannot read --secret-file {path}: {source}")]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// The secret file holds no secret.
+    #[error(
+        "--secret-file {0} holds no secret: put one secret (e.g. 32 random bytes in hex) per line"
+    )]
+    NoSecret(PathBuf),
+    /// A secret is too short to resist guessing.
+    #[error("--secret-file {path}: line {line} is shorter than 16 characters; use at least 16 random bytes")]
+    WeakSecret {
+        /// The file.
+        path: PathBuf,
+        /// The 1-based line.
+        line: usize,
+    },
+}
+
+impl Args {
+    /// The address to bind.
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind, self.port)
+    }
+
+    /// The state machine's configuration (reads the secret file).
+    pub fn relay_config(&self) -> Result<RelayConfig, ConfigError> {
+        let secrets = match &self.secret_file {
+            None => Vec::new(),
+            Some(path) => read_secrets(path)?,
+        };
+        Ok(RelayConfig {
+            session_timeout: Duration::from_secs(self.session_timeout_secs),
+            unpaired_timeout: Duration::from_secs(self.unpaired_timeout_secs),
+            limits: Limits {
+                max_sessions: self.max_sessions,
+                max_sessions_per_ip: self.max_sessions_per_ip,
+                reg_rate_per_ip: self.reg_rate_per_ip,
+                reg_burst_per_ip: self.reg_burst_per_ip,
+            },
+            secrets,
+        })
+    }
+}
+
+/// Reads one secret per non-empty line (surrounding whitespace trimmed).
+pub fn read_secrets(path: &std::path::Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut secrets = Vec::new();
+    for (n, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        if line.len() < 16 {
+            return Err(ConfigError::WeakSecret {
+                path: path.to_owned(),
+                line: n + 1,
+            });
+        }
+        secrets.push(line.to_vec());
+    }
+    if secrets.is_empty() {
+        return Err(ConfigError::NoSecret(path.to_owned()));
+    }
+    Ok(secrets)
+}

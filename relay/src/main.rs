@@ -1,0 +1,78 @@
+//! The `quic-relay` binary: parses flags, installs logging and signal handlers, runs the relay.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use quic_relay::config::Args;
+use quic_relay::metrics;
+use quic_relay::server::Server;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = args.relay_config()?;
+    let server = Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
+    info!(
+        addr = %server.local_addr(),
+        session_timeout_secs = args.session_timeout_secs,
+        unpaired_timeout_secs = args.unpaired_timeout_secs,
+        max_sessions = args.max_sessions,
+        max_sessions_per_ip = args.max_sessions_per_ip,
+        reg_rate_per_ip = args.reg_rate_per_ip,
+        tokens_required = !config.secrets.is_empty(),
+        "quic-relay listening"
+    );
+    let metrics_data = server.metrics();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let mut sigterm =
+            signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+        let mut sigint =
+            signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_task = match args.metrics {
+            None => None,
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                    format!("cannot listen for --metrics on TCP {addr}: is the port taken?")
+                })?;
+                info!(%addr, "metrics at http://{addr}/metrics");
+                Some(tokio::spawn(metrics::serve(
+                    listener,
+                    Arc::clone(&metrics_data),
+                    async {
+                        let _ = metrics_stopped.await;
+                    },
+                )))
+            }
+        };
+        let mut relay = server.spawn()?;
+        let reason = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+            () = relay.exited() => "relay thread ended",
+        };
+        info!(reason, "shutting down");
+        let clean = relay.shutdown();
+        let _ = stop_metrics.send(());
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        anyhow::ensure!(clean, "the relay thread panicked");
+        Ok(())
+    })
+}

@@ -1,0 +1,280 @@
+//! Relay metrics: a snapshot the socket loop publishes every tick, served as Prometheus text.
+//!
+//! The loop counts in plain integers (no atomics or locks per packet) and copies them here
+//! every [`crate::sessions::TICK`]; readers see values at most that old.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use crate::sessions::{RegResult, Stats};
+
+/// Counters the loop adds to outside the state machine.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    /// Datagrams longer than the receive buffer (cannot happen with the default 64 KiB buffers).
+    pub truncated: AtomicU64,
+    /// Datagrams the kernel refused to send (e.g. a firewall rule, no route).
+    pub send_errors: AtomicU64,
+    /// Receive errors other than timeouts.
+    pub recv_errors: AtomicU64,
+}
+
+/// The published counters. Cheap to read from any thread.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    regs: [AtomicU64; 12],
+    forwarded_packets: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    dropped_unknown_source: AtomicU64,
+    dropped_unpaired: AtomicU64,
+    replies_suppressed: AtomicU64,
+    expired_paired: AtomicU64,
+    expired_unpaired: AtomicU64,
+    rate_table_full: AtomicU64,
+    sessions_paired: AtomicU64,
+    sessions_unpaired: AtomicU64,
+    /// Counted by the socket loop itself.
+    pub io: IoCounters,
+}
+
+impl Metrics {
+    /// Copies the state machine's counters (called by the loop every tick and at exit).
+    pub fn publish(&self, s: &Stats) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        for (a, v) in self.regs.iter().zip(s.regs) {
+            set(a, v);
+        }
+        set(&self.forwarded_packets, s.forwarded_packets);
+        set(&self.forwarded_bytes, s.forwarded_bytes);
+        set(&self.dropped_unknown_source, s.dropped_unknown_source);
+        set(&self.dropped_unpaired, s.dropped_unpaired);
+        set(&self.replies_suppressed, s.replies_suppressed);
+        set(&self.expired_paired, s.expired_paired);
+        set(&self.expired_unpaired, s.expired_unpaired);
+        set(&self.rate_table_full, s.rate_table_full);
+        set(&self.sessions_paired, s.sessions_paired);
+        set(&self.sessions_unpaired, s.sessions_unpaired);
+    }
+
+    /// A copy of the last published state-machine counters.
+    pub fn snapshot(&self) -> Stats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut regs = [0; 12];
+        for (v, a) in regs.iter_mut().zip(&self.regs) {
+            *v = get(a);
+        }
+        Stats {
+            regs,
+            forwarded_packets: get(&self.forwarded_packets),
+            forwarded_bytes: get(&self.forwarded_bytes),
+            dropped_unknown_source: get(&self.dropped_unknown_source),
+            dropped_unpaired: get(&self.dropped_unpaired),
+            replies_suppressed: get(&self.replies_suppressed),
+            expired_paired: get(&self.expired_paired),
+            expired_unpaired: get(&self.expired_unpaired),
+            rate_table_full: get(&self.rate_table_full),
+            sessions_paired: get(&self.sessions_paired),
+            sessions_unpaired: get(&self.sessions_unpaired),
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let s = self.snapshot();
+        let io = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(2048);
+        let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {v}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{labels}}} {v}");
+                }
+            }
+        };
+        family(
+            "quic_relay_sessions",
+            "gauge",
+            "Sessions by state.",
+            &[
+                ("state=\"paired\"", s.sessions_paired),
+                ("state=\"unpaired\"", s.sessions_unpaired),
+            ],
+        );
+        let reg_labels: Vec<String> = RegResult::ALL
+            .iter()
+            .map(|r| format!("result=\"{}\"", r.label()))
+            .collect();
+        let reg_samples: Vec<(&str, u64)> = reg_labels
+            .iter()
+            .zip(RegResult::ALL)
+            .map(|(l, r)| (l.as_str(), s.reg(r)))
+            .collect();
+        family(
+            "quic_relay_registrations_total",
+            "counter",
+            "Registrations by result (new, join, refresh, rebind, or the ERR reason).",
+            &reg_samples,
+        );
+        family(
+            "quic_relay_forwarded_packets_total",
+            "counter",
+            "Datagrams forwarded between members.",
+            &[("", s.forwarded_packets)],
+        );
+        family(
+            "quic_relay_forwarded_bytes_total",
+            "counter",
+            "Payload bytes forwarded between members.",
+            &[("", s.forwarded_bytes)],
+        );
+        family(
+            "quic_relay_dropped_packets_total",
+            "counter",
+            "Datagrams dropped, by reason.",
+            &[
+                ("reason=\"unknown_source\"", s.dropped_unknown_source),
+                ("reason=\"unpaired\"", s.dropped_unpaired),
+                ("reason=\"truncated\"", io(&self.io.truncated)),
+                ("reason=\"send_error\"", io(&self.io.send_errors)),
+            ],
+        );
+        family(
+            "quic_relay_replies_suppressed_total",
+            "counter",
+            "Replies not sent because they would have been longer than the request.",
+            &[("", s.replies_suppressed)],
+        );
+        family(
+            "quic_relay_sessions_expired_total",
+            "counter",
+            "Sessions removed for idleness, by the state they were in.",
+            &[
+                ("state=\"paired\"", s.expired_paired),
+                ("state=\"unpaired\"", s.expired_unpaired),
+            ],
+        );
+        family(
+            "quic_relay_rate_table_full_total",
+            "counter",
+            "Registrations let through unmetered because the rate-limit table was full.",
+            &[("", s.rate_table_full)],
+        );
+        family(
+            "quic_relay_receive_errors_total",
+            "counter",
+            "Socket receive errors other than timeouts.",
+            &[("", io(&self.io.recv_errors))],
+        );
+        out
+    }
+}
+
+/// Connections the metrics endpoint serves at once; scrapers need one or two.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+/// A scrape that does not send its request within this long is dropped.
+const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest request head read; a scrape's is a few hundred bytes.
+const MAX_REQUEST_BYTES: usize = 8192;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+///
+/// Deliberately tiny (HTTP/1.0-style, one response per connection): a full HTTP stack would
+/// be most of the relay's build time for one read-only page.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    debug!(%peer, "metrics connection refused: too many at once");
+                    continue;
+                };
+                let metrics = metrics.clone();
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(
+                        METRICS_REQUEST_TIMEOUT,
+                        respond(stream, &metrics),
+                    )
+                    .await;
+                });
+            }
+        }
+    }
+    tasks.shutdown().await;
+}
+
+async fn respond(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+        && !buf[..n].windows(2).any(|w| w == b"\n\n")
+    {
+        if n == buf.len() {
+            return stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").await;
+        }
+        let r = stream.read(&mut buf[n..]).await?;
+        if r == 0 {
+            return Ok(());
+        }
+        n += r;
+    }
+    let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, ctype, body) = match (method, path) {
+        (b"GET", b"/metrics") | (b"GET", b"/") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found; try /metrics\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,482 @@
+//! The relay's wire format: registrations, replies and session tokens. Pure: bytes in, values out.
+//!
+//! The full specification, with byte-level examples, is `PROTOCOL.md` beside this crate's
+//! `Cargo.toml`. In short:
+//!
+//! ```text
+//! REG:<uuid>\n                                   original form   -> "ACK\n"
+//! REG:<uuid> p=<peer-id> [t=<expiry>:<mac>] ...  extended form   -> "ACK <you> [<peer>]\n"
+//! anything refused                                               -> "ERR <reason>\n"
+//! ```
+//!
+//! This module is compiled by the SDK too (feature `proto`), so the relay and its clients share
+//! one definition of every byte.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+pub use uuid::Uuid;
+
+/// Every registration starts with these four bytes; nothing else does.
+pub const REG_PREFIX: &[u8] = b"REG:";
+
+/// The reply to an original-form registration, byte for byte what the original relay sent.
+pub const ACK: &[u8] = b"ACK\n";
+
+/// The longest registration the relay accepts. Room for every known parameter plus padding to
+/// [`MAX_REPLY_LEN`], with slack for parameters later versions may add; anything longer is not a
+/// registration a client of ours would send.
+pub const MAX_REG_LEN: usize = 512;
+
+/// The longest reply the relay can send: `"ACK " + addr + " " + addr + "\n"` with two bracketed
+/// IPv6 addresses of 47 characters each. Extended registrations must be at least this long, so
+/// that no reply is ever larger than the request that caused it (no amplification).
+pub const MAX_REPLY_LEN: usize = 100;
+
+/// Longest parameter key; keys are short lowercase words.
+const MAX_KEY_LEN: usize = 16;
+
+/// A client-chosen random identifier that lets the relay tell two peers behind one public IP
+/// apart, and recognise a peer after its NAT moved it to a new port (`p=` parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerId(pub u64);
+
+/// A per-session credential (`t=<expiry>:<mac>`): `mac = HMAC-SHA256(secret, "<uuid>:<expiry>")`
+/// with the UUID in lowercase hyphenated form and `expiry` in Unix seconds (TURN REST style).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    /// Unix time (seconds) after which the relay refuses the token.
+    pub expiry: u64,
+    /// The HMAC-SHA256 over `"<uuid>:<expiry>"`.
+    pub mac: [u8; 32],
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// The MAC does not match any configured secret.
+    BadMac,
+    /// The token's expiry lies in the past.
+    Expired,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl Token {
+    /// Mints the token a relay configured with `secret` accepts for `session` until `expiry`.
+    ///
+    /// This is what an application's backend runs to hand its peers credentials.
+    pub fn mint(secret: &[u8], session: Uuid, expiry: u64) -> Token {
+        let mut mac = [0u8; 32];
+        mac.copy_from_slice(
+            &Self::mac_for(secret, session, expiry)
+                .finalize()
+                .into_bytes(),
+        );
+        Token { expiry, mac }
+    }
+
+    /// Checks the token against any of `secrets` (several allow rotation) at Unix time `now`.
+    /// The MAC comparison is constant-time.
+    pub fn verify<S: AsRef<[u8]>>(
+        &self,
+        secrets: &[S],
+        session: Uuid,
+        now: u64,
+    ) -> Result<(), TokenError> {
+        let matched = secrets.iter().any(|s| {
+            Self::mac_for(s.as_ref(), session, self.expiry)
+                .verify_slice(&self.mac)
+                .is_ok()
+        });
+        if !matched {
+            Err(TokenError::BadMac)
+        } else if self.expiry < now {
+            Err(TokenError::Expired)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn mac_for(secret: &[u8], session: Uuid, expiry: u64) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+        let mut uuid_buf = Uuid::encode_buffer();
+        mac.update(session.hyphenated().encode_lower(&mut uuid_buf).as_bytes());
+        mac.update(b":");
+        mac.update(expiry.to_string().as_bytes());
+        mac
+    }
+}
+
+/// A parsed registration datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The session both peers name.
+    pub session: Uuid,
+    /// `None` for the original form; the extended parameters otherwise.
+    pub extended: Option<Extended>,
+}
+
+/// The parameters of an extended registration. Their presence is what makes a client extended:
+/// it then gets observed addresses in its ACKs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Extended {
+    /// `p=`: identifies this peer across NAT rebinding and among peers sharing a public IP.
+    pub peer: Option<PeerId>,
+    /// `t=`: the session token, required when the relay runs with `--secret-file`.
+    pub token: Option<Token>,
+}
+
+/// Why a datagram that starts with `REG:` is not a valid registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// The datagram does not start with `REG:` (it is data, not a registration).
+    NotRegistration,
+    /// Longer than [`MAX_REG_LEN`].
+    TooLong,
+    /// Contains bytes other than printable ASCII, space, tab, CR and LF.
+    NotAscii,
+    /// The session is not a UUID.
+    BadUuid,
+    /// A parameter is not `key=value`, has an invalid key, or a known key has a bad value.
+    BadParam,
+    /// A known parameter appears twice.
+    DuplicateParam,
+    /// An extended registration shorter than [`MAX_REPLY_LEN`]: the reply might not fit.
+    TooShortForReply,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ParseError::NotRegistration => "not a registration",
+            ParseError::TooLong => "registration longer than 512 bytes",
+            ParseError::NotAscii => "registration contains non-ASCII bytes",
+            ParseError::BadUuid => "session is not a UUID",
+            ParseError::BadParam => "malformed parameter",
+            ParseError::DuplicateParam => "duplicate parameter",
+            ParseError::TooShortForReply => "extended registration shorter than 100 bytes",
+        })
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// Returns true when `datagram` is meant as a registration (it starts with `REG:`).
+#[inline]
+pub fn is_registration(datagram: &[u8]) -> bool {
+    datagram.starts_with(REG_PREFIX)
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Parses a registration datagram.
+///
+/// Accepts what the original relay's clients send (`REG:<uuid>` with or without a trailing
+/// newline, whitespace around the UUID, any case) and the extended form (see `PROTOCOL.md`).
+/// Unknown `key=value` parameters are ignored so that later versions can add some.
+pub fn parse_registration(datagram: &[u8]) -> Result<Registration, ParseError> {
+    let rest = datagram
+        .strip_prefix(REG_PREFIX)
+        .ok_or(ParseError::NotRegistration)?;
+    if datagram.len() > MAX_REG_LEN {
+        return Err(ParseError::TooLong);
+    }
+    if !rest.iter().all(|&b| b.is_ascii_graphic() || is_space(b)) {
+        return Err(ParseError::NotAscii);
+    }
+    let mut words = rest.split(|&b| is_space(b)).filter(|w| !w.is_empty());
+    let session = words
+        .next()
+        .and_then(|w| Uuid::try_parse_ascii(w).ok())
+        .ok_or(ParseError::BadUuid)?;
+    let mut ext: Option<Extended> = None;
+    for word in words {
+        let eq = word
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or(ParseError::BadParam)?;
+        let (key, value) = (&word[..eq], &word[eq + 1..]);
+        if key.is_empty()
+            || key.len() > MAX_KEY_LEN
+            || !key
+                .iter()
+                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ParseError::BadParam);
+        }
+        let e = ext.get_or_insert_with(Extended::default);
+        match key {
+            b"p" => {
+                if e.peer.is_some() {
+                    return Err(ParseError::DuplicateParam);
+                }
+                e.peer = Some(parse_peer_id(value)?);
+            }
+            b"t" => {
+                if e.token.is_some() {
+                    return Err(ParseError::DuplicateParam);
+                }
+                e.token = Some(parse_token(value)?);
+            }
+            _ => {} // forward compatibility: unknown parameters (and `pad=`) are ignored
+        }
+    }
+    if ext.is_some() && datagram.len() < MAX_REPLY_LEN {
+        return Err(ParseError::TooShortForReply);
+    }
+    Ok(Registration {
+        session,
+        extended: ext,
+    })
+}
+
+fn parse_hex_u64(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 16 || !v.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let s = std::str::from_utf8(v).ok()?;
+    u64::from_str_radix(s, 16).ok()
+}
+
+fn parse_peer_id(v: &[u8]) -> Result<PeerId, ParseError> {
+    match parse_hex_u64(v) {
+        Some(0) | None => Err(ParseError::BadParam),
+        Some(id) => Ok(PeerId(id)),
+    }
+}
+
+fn parse_token(v: &[u8]) -> Result<Token, ParseError> {
+    let colon = v
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(ParseError::BadParam)?;
+    let (exp, mac_hex) = (&v[..colon], &v[colon + 1..]);
+    if exp.is_empty() || exp.len() > 20 || !exp.iter().all(u8::is_ascii_digit) {
+        return Err(ParseError::BadParam);
+    }
+    let expiry: u64 = std::str::from_utf8(exp)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(ParseError::BadParam)?;
+    let mut mac = [0u8; 32];
+    hex::decode_to_slice(mac_hex, &mut mac).map_err(|_| ParseError::BadParam)?;
+    Ok(Token { expiry, mac })
+}
+
+impl Registration {
+    /// The original form, `REG:<uuid>\n`.
+    pub fn original(session: Uuid) -> Self {
+        Registration {
+            session,
+            extended: None,
+        }
+    }
+
+    /// Encodes the registration. Extended registrations are padded (with a `pad=` parameter) to
+    /// at least [`MAX_REPLY_LEN`] bytes, as the relay requires.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut s = String::with_capacity(MAX_REPLY_LEN + 8);
+        s.push_str("REG:");
+        let mut uuid_buf = Uuid::encode_buffer();
+        s.push_str(self.session.hyphenated().encode_lower(&mut uuid_buf));
+        if let Some(ext) = &self.extended {
+            if let Some(p) = ext.peer {
+                let _ = write!(s, " p={:016x}", p.0);
+            }
+            if let Some(t) = &ext.token {
+                let _ = write!(s, " t={}:{}", t.expiry, hex::encode(t.mac));
+            }
+            // Unknown parameters are ignored by the relay; `pad=` fills up to the reply size.
+            let missing = MAX_REPLY_LEN.saturating_sub(s.len() + 1);
+            if missing > 0 {
+                s.push_str(" pad=");
+                let zeros = missing.saturating_sub(5);
+                s.extend(std::iter::repeat_n('0', zeros));
+            }
+        }
+        s.push('\n');
+        s.into_bytes()
+    }
+}
+
+/// Why the relay refused a registration: the word after `ERR `.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrReason {
+    /// Starts with `REG:` but does not parse (see [`ParseError`]).
+    Malformed,
+    /// The extended form was shorter than [`MAX_REPLY_LEN`]: pad it (`pad=`).
+    Short,
+    /// The session already has two other members.
+    Full,
+    /// The relay holds as many sessions as it is configured for.
+    Capacity,
+    /// The source IP is a member of as many sessions as one IP may be.
+    IpLimit,
+    /// The source IP sent registrations faster than allowed.
+    Rate,
+    /// The relay requires a token and this one is missing or its MAC is wrong.
+    Auth,
+    /// The token's expiry has passed.
+    Expired,
+}
+
+impl ErrReason {
+    /// Every reason, for metrics and tests.
+    pub const ALL: [ErrReason; 8] = [
+        ErrReason::Malformed,
+        ErrReason::Short,
+        ErrReason::Full,
+        ErrReason::Capacity,
+        ErrReason::IpLimit,
+        ErrReason::Rate,
+        ErrReason::Auth,
+        ErrReason::Expired,
+    ];
+
+    /// The word on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrReason::Malformed => "malformed",
+            ErrReason::Short => "short",
+            ErrReason::Full => "full",
+            ErrReason::Capacity => "capacity",
+            ErrReason::IpLimit => "ip-limit",
+            ErrReason::Rate => "rate",
+            ErrReason::Auth => "auth",
+            ErrReason::Expired => "expired",
+        }
+    }
+
+    fn from_wire(w: &[u8]) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str().as_bytes() == w)
+    }
+}
+
+/// A reply from the relay, as the SDK sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// Registered. `observed` (extended clients only) is the client's address as the relay sees
+    /// it; `peer` is the other member's observed address once the session is paired.
+    Ack {
+        /// The registrant's public address, as seen by the relay.
+        observed: Option<SocketAddr>,
+        /// The other member's public address, once paired.
+        peer: Option<SocketAddr>,
+    },
+    /// Refused. The reason is `None` for a word this version does not know.
+    Err(Option<ErrReason>),
+}
+
+/// A reply encoded into a fixed buffer: the relay's hot path never allocates.
+#[derive(Clone, Copy)]
+pub struct ReplyBuf {
+    buf: [u8; MAX_REPLY_LEN],
+    len: u8,
+}
+
+impl std::fmt::Debug for ReplyBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ReplyBuf({:?})",
+            String::from_utf8_lossy(self.as_bytes())
+        )
+    }
+}
+
+impl ReplyBuf {
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let end = self.len as usize + bytes.len();
+        self.buf[self.len as usize..end].copy_from_slice(bytes);
+        self.len = end as u8;
+    }
+}
+
+struct ReplyWriter<'a>(&'a mut ReplyBuf);
+
+impl std::fmt::Write for ReplyWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.0.len as usize + s.len() > MAX_REPLY_LEN {
+            return Err(std::fmt::Error);
+        }
+        self.0.push(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// Formats an address the way replies carry it: IPv4-mapped IPv6 addresses as plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+impl Reply {
+    /// Encodes the reply. `Ack` with neither address is the original `ACK\n`.
+    pub fn encode(&self) -> ReplyBuf {
+        let mut out = ReplyBuf {
+            buf: [0; MAX_REPLY_LEN],
+            len: 0,
+        };
+        match *self {
+            Reply::Ack { observed: None, .. } => out.push(ACK),
+            Reply::Ack {
+                observed: Some(me),
+                peer,
+            } => {
+                let mut w = ReplyWriter(&mut out);
+                // Cannot fail: two socket addresses fit in MAX_REPLY_LEN by construction.
+                let _ = write!(w, "ACK {}", canonical(me));
+                if let Some(p) = peer {
+                    let _ = write!(w, " {}", canonical(p));
+                }
+                out.push(b"\n");
+            }
+            Reply::Err(reason) => {
+                out.push(b"ERR ");
+                out.push(reason.map_or("unknown", ErrReason::as_str).as_bytes());
+                out.push(b"\n");
+            }
+        }
+        out
+    }
+
+    /// Parses a reply. Returns `None` for anything that is not one (e.g. a QUIC packet).
+    pub fn parse(datagram: &[u8]) -> Option<Reply> {
+        let line = datagram.strip_suffix(b"\n")?;
+        if line == b"ACK" {
+            return Some(Reply::Ack {
+                observed: None,
+                peer: None,
+            });
+        }
+        if let Some(reason) = line.strip_prefix(b"ERR ") {
+            return Some(Reply::Err(ErrReason::from_wire(reason)));
+        }
+        let addrs = std::str::from_utf8(line.strip_prefix(b"ACK ")?).ok()?;
+        let mut parts = addrs.split(' ');
+        let observed = Some(parts.next()?.parse().ok()?);
+        let peer = match parts.next() {
+            Some(p) => Some(p.parse().ok()?),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Reply::Ack { observed, peer })
+    }
+}
+
+#[cfg(test)]
+mod tests;

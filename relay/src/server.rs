@@ -1,0 +1,562 @@
+//! The relay's socket loop: reads datagrams in batches, feeds them to the [`Relay`] state
+//! machine, and writes what it decides, also in batches.
+//!
+//! One thread owns the socket and the session table: no lock, no atomic and no allocation per
+//! datagram. On Linux each wake-up is one `recvmmsg` and one `sendmmsg`; forwarded datagrams are
+//! sent straight out of the receive buffers. The thread blocks in `recvmmsg` with a short
+//! timeout ([`defaults::IDLE_WAKE`]) so that timers, metrics and shutdown are served when idle.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{info, warn};
+
+use crate::defaults;
+use crate::metrics::Metrics;
+use crate::sessions::{Outcome, PeerAddr, Relay, RelayConfig};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Creating the socket failed (e.g. IPv6 disabled for an IPv6 `--bind`).
+    #[error("cannot create a UDP socket for {addr}: {source}")]
+    Socket {
+        /// The address the socket was for.
+        addr: SocketAddr,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// Binding failed: most often the port is taken by another process.
+    #[error("cannot bind UDP {addr}: {source}{hint}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The system's error.
+        source: io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A socket option could not be set.
+    #[error("cannot configure the UDP socket on {addr} ({what}): {source}")]
+    Configure {
+        /// The socket's address.
+        addr: SocketAddr,
+        /// Which option.
+        what: &'static str,
+        /// The system's error.
+        source: io::Error,
+    },
+    /// The relay thread could not be started.
+    #[error("cannot start the relay thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A bound relay, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    relay: Relay,
+    metrics: Arc<Metrics>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Sets a buffer size, falling back to the privileged `*BUFFORCE` option when the kernel's
+/// `rmem_max`/`wmem_max` caps the plain one (a relay started as root gets what it asked for).
+fn set_buffer(socket: &Socket, bytes: usize, recv: bool) -> io::Result<usize> {
+    if recv {
+        socket.set_recv_buffer_size(bytes)?;
+    } else {
+        socket.set_send_buffer_size(bytes)?;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // The kernel reports twice the usable size; compare against what was asked.
+        let got = if recv {
+            socket.recv_buffer_size()?
+        } else {
+            socket.send_buffer_size()?
+        };
+        if got < bytes {
+            let opt = if recv {
+                libc::SO_RCVBUFFORCE
+            } else {
+                libc::SO_SNDBUFFORCE
+            };
+            let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+            // SAFETY: a valid fd and a pointer to a c_int of the stated size.
+            let _ = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&val as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+    }
+    if recv {
+        socket.recv_buffer_size()
+    } else {
+        socket.send_buffer_size()
+    }
+}
+
+impl Server {
+    /// Binds the relay socket on `addr`. `[::]` is dual-stack (IPv4 and IPv6); on a host with
+    /// IPv6 disabled it falls back to `0.0.0.0` with a warning.
+    pub fn bind(addr: SocketAddr, cfg: RelayConfig, buffer_bytes: usize) -> Result<Self, Error> {
+        let socket = match Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        {
+            Ok(s) => s,
+            Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+                warn!(error = %e, "IPv6 unavailable; listening on IPv4 only");
+                return Self::bind(
+                    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+                    cfg,
+                    buffer_bytes,
+                );
+            }
+            Err(source) => return Err(Error::Socket { addr, source }),
+        };
+        let configure =
+            |what, r: io::Result<()>| r.map_err(|source| Error::Configure { addr, what, source });
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            configure("IPV6_V6ONLY off (dual-stack)", socket.set_only_v6(false))?;
+        }
+        socket.bind(&addr.into()).map_err(|source| Error::Bind {
+            addr,
+            hint: if source.kind() == io::ErrorKind::AddrInUse {
+                " (another process, perhaps another quic-relay, holds this port: stop it or choose another --port)"
+            } else if source.kind() == io::ErrorKind::PermissionDenied {
+                " (ports below 1024 need CAP_NET_BIND_SERVICE: choose a port >= 1024)"
+            } else {
+                ""
+            },
+            source,
+        })?;
+        let rcv = set_buffer(&socket, buffer_bytes, true).map_err(|source| Error::Configure {
+            addr,
+            what: "SO_RCVBUF",
+            source,
+        })?;
+        let snd = set_buffer(&socket, buffer_bytes, false).map_err(|source| Error::Configure {
+            addr,
+            what: "SO_SNDBUF",
+            source,
+        })?;
+        if rcv < buffer_bytes {
+            warn!(
+                requested = buffer_bytes,
+                granted = rcv,
+                "receive buffer smaller than requested: bursts may be dropped; raise net.core.rmem_max"
+            );
+        }
+        configure(
+            "SO_RCVTIMEO",
+            socket.set_read_timeout(Some(defaults::IDLE_WAKE)),
+        )?;
+        let socket: UdpSocket = socket.into();
+        let local_addr = socket.local_addr().map_err(|source| Error::Configure {
+            addr,
+            what: "getsockname",
+            source,
+        })?;
+        info!(%local_addr, recv_buffer = rcv, send_buffer = snd, "relay socket bound");
+        let mut relay = Relay::new(cfg, Instant::now());
+        relay.set_wall_clock(unix_now());
+        Ok(Server {
+            socket,
+            local_addr,
+            relay,
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+
+    /// The address the relay listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The metrics this server publishes.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs the loop on this thread until `shutdown` is set (noticed within
+    /// [`defaults::IDLE_WAKE`]). Publishes final metrics before returning.
+    pub fn run(mut self, shutdown: &AtomicBool) {
+        #[cfg(target_os = "linux")]
+        linux::run(&mut self, shutdown);
+        #[cfg(not(target_os = "linux"))]
+        portable::run(&mut self, shutdown);
+        self.metrics.publish(self.relay.stats());
+        let s = self.relay.stats();
+        info!(
+            sessions = self.relay.session_count(),
+            forwarded = s.forwarded_packets,
+            "relay stopped"
+        );
+    }
+
+    /// Runs the loop on a thread of its own; the handle stops it.
+    pub fn spawn(self) -> Result<ServerHandle, Error> {
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let local_addr = self.local_addr;
+        let metrics = self.metrics.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let flag = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name("quic-relay".into())
+            .spawn(move || {
+                // Dropped when the loop returns or unwinds: either way the owner hears of it.
+                let _done = done_tx;
+                self.run(&flag);
+            })
+            .map_err(Error::Thread)?;
+        Ok(ServerHandle {
+            shutdown,
+            thread: Some(thread),
+            local_addr,
+            metrics,
+            done: done_rx,
+        })
+    }
+
+    /// Called after each batch: timers, the wall clock, and metrics, when they are due.
+    fn maybe_tick(&mut self, now: Instant) {
+        if now >= self.relay.poll_timeout() {
+            self.relay.set_wall_clock(unix_now());
+            self.relay.handle_timeout(now);
+            self.metrics.publish(self.relay.stats());
+        }
+    }
+}
+
+/// Owns a running relay thread. Dropping it stops the relay and waits for the thread.
+#[derive(Debug)]
+pub struct ServerHandle {
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    local_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl ServerHandle {
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Completes when the relay thread has ended (after [`ServerHandle::shutdown`], or by a
+    /// panic, which should never happen and is worth exiting for).
+    pub async fn exited(&mut self) {
+        let _ = (&mut self.done).await;
+    }
+
+    /// Stops the relay and waits for its thread. Returns `false` if the thread panicked.
+    pub fn shutdown(mut self) -> bool {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> bool {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.thread.take().is_none_or(|t| t.join().is_ok())
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux {
+    //! Batched I/O with `recvmmsg`/`sendmmsg`.
+
+    use std::mem::{size_of, zeroed};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use tracing::warn;
+
+    use super::{Outcome, PeerAddr, Server};
+    use crate::defaults::{BATCH, MAX_DATAGRAM};
+    use crate::proto::ReplyBuf;
+
+    /// Up to one forward or two replies (an ACK and a peer notice) per received datagram.
+    const MAX_SENDS: usize = 3 * BATCH;
+
+    fn to_peer(ss: &libc::sockaddr_storage) -> Option<PeerAddr> {
+        match ss.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a sockaddr_in when the family is AF_INET.
+                let sin =
+                    unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                let v4 = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(PeerAddr::from_octets(
+                    v4.to_ipv6_mapped().octets(),
+                    u16::from_be(sin.sin_port),
+                ))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the kernel wrote a sockaddr_in6 when the family is AF_INET6.
+                let sin6 =
+                    unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                Some(PeerAddr::from_octets(
+                    sin6.sin6_addr.s6_addr,
+                    u16::from_be(sin6.sin6_port),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes `dst` as the socket's family wants it; returns the length, or `None` when an IPv4
+    /// socket is asked to reach an IPv6 peer (impossible: such a peer could not have sent to it).
+    fn write_sockaddr(
+        dst: PeerAddr,
+        v6: bool,
+        out: &mut libc::sockaddr_storage,
+    ) -> Option<libc::socklen_t> {
+        let ip = dst.ip_octets();
+        if v6 {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let sin6 =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = dst.port().to_be();
+            sin6.sin6_flowinfo = 0;
+            sin6.sin6_addr.s6_addr = ip;
+            sin6.sin6_scope_id = 0;
+            Some(size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        } else {
+            let v4 = std::net::Ipv6Addr::from(ip).to_ipv4_mapped()?;
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin =
+                unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = dst.port().to_be();
+            sin.sin_addr.s_addr = u32::from(v4).to_be();
+            Some(size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+    }
+
+    /// What to send: a slice of a receive buffer (forward) or of a reply buffer.
+    #[derive(Clone, Copy)]
+    enum Payload {
+        Received { index: usize, len: usize },
+        Reply(usize),
+    }
+
+    pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
+        let fd = server.socket.as_raw_fd();
+        let v6 = server.local_addr.is_ipv6();
+        let mut bufs = vec![0u8; BATCH * MAX_DATAGRAM];
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; BATCH];
+        let mut iovs: Vec<libc::iovec> = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0
+            };
+            BATCH
+        ];
+        // SAFETY: as above.
+        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
+        // SAFETY: as above.
+        let mut send_names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; MAX_SENDS];
+        let mut send_iovs = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0
+            };
+            MAX_SENDS
+        ];
+        // SAFETY: as above.
+        let mut send_hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; MAX_SENDS];
+        let mut sends: Vec<(Payload, PeerAddr)> = Vec::with_capacity(MAX_SENDS);
+        let mut replies: Vec<ReplyBuf> = Vec::with_capacity(2 * BATCH);
+        let metrics = server.metrics.clone();
+        let io = &metrics.io;
+
+        while !shutdown.load(Ordering::Relaxed) {
+            for i in 0..BATCH {
+                iovs[i] = libc::iovec {
+                    // SAFETY: in bounds: bufs holds BATCH buffers of MAX_DATAGRAM bytes.
+                    iov_base: unsafe { bufs.as_mut_ptr().add(i * MAX_DATAGRAM) }.cast(),
+                    iov_len: MAX_DATAGRAM,
+                };
+                let h = &mut hdrs[i].msg_hdr;
+                h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_iov = &mut iovs[i];
+                h.msg_iovlen = 1;
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+                h.msg_flags = 0;
+                hdrs[i].msg_len = 0;
+            }
+            // SAFETY: hdrs describes BATCH valid, writable buffers and address slots.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
+            };
+            let now = Instant::now();
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                    _ => {
+                        let count = io.recv_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                        if count.is_power_of_two() {
+                            warn!(error = %e, count, "receive failed");
+                        }
+                    }
+                }
+                server.maybe_tick(now);
+                continue;
+            }
+            sends.clear();
+            replies.clear();
+            for i in 0..n as usize {
+                let len = hdrs[i].msg_len as usize;
+                if hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                    io.truncated.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let Some(src) = to_peer(&names[i]) else {
+                    continue;
+                };
+                let data = &bufs[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
+                if let Outcome::Forward(dst) = server.relay.handle(now, src, data) {
+                    sends.push((Payload::Received { index: i, len }, dst));
+                }
+                while let Some(t) = server.relay.poll_transmit() {
+                    replies.push(t.payload);
+                    sends.push((Payload::Reply(replies.len() - 1), t.dst));
+                }
+            }
+            let mut count = 0;
+            for &(payload, dst) in &sends {
+                let Some(namelen) = write_sockaddr(dst, v6, &mut send_names[count]) else {
+                    continue;
+                };
+                let (base, len) = match payload {
+                    Payload::Received { index, len } => {
+                        // SAFETY: in bounds, as for the receive iovecs.
+                        (unsafe { bufs.as_mut_ptr().add(index * MAX_DATAGRAM) }, len)
+                    }
+                    Payload::Reply(r) => (
+                        replies[r].as_bytes().as_ptr().cast_mut(),
+                        replies[r].as_bytes().len(),
+                    ),
+                };
+                send_iovs[count] = libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: len,
+                };
+                let h = &mut send_hdrs[count].msg_hdr;
+                h.msg_name = (&mut send_names[count] as *mut libc::sockaddr_storage).cast();
+                h.msg_namelen = namelen;
+                h.msg_iov = &mut send_iovs[count];
+                h.msg_iovlen = 1;
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+                h.msg_flags = 0;
+                count += 1;
+            }
+            let mut off = 0;
+            while off < count {
+                // SAFETY: send_hdrs[off..count] describe valid buffers and addresses.
+                let r = unsafe {
+                    libc::sendmmsg(
+                        fd,
+                        send_hdrs.as_mut_ptr().add(off),
+                        (count - off) as libc::c_uint,
+                        0,
+                    )
+                };
+                if r < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    // This datagram cannot go (firewall, no route, ...): skip it, keep the rest.
+                    io.send_errors.fetch_add(1, Ordering::Relaxed);
+                    off += 1;
+                } else {
+                    off += r as usize;
+                }
+            }
+            server.maybe_tick(now);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod portable {
+    //! One datagram per system call, for platforms without `recvmmsg`.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use super::{Outcome, PeerAddr, Server};
+    use crate::defaults::MAX_DATAGRAM;
+
+    pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        while !shutdown.load(Ordering::Relaxed) {
+            let received = server.socket.recv_from(&mut buf);
+            let now = Instant::now();
+            if let Ok((len, src)) = received {
+                if let Outcome::Forward(dst) =
+                    server.relay.handle(now, PeerAddr::from(src), &buf[..len])
+                {
+                    if server
+                        .socket
+                        .send_to(&buf[..len], dst.to_socket_addr())
+                        .is_err()
+                    {
+                        server
+                            .metrics
+                            .io
+                            .send_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                while let Some(t) = server.relay.poll_transmit() {
+                    let _ = server
+                        .socket
+                        .send_to(t.payload.as_bytes(), t.dst.to_socket_addr());
+                }
+            }
+            server.maybe_tick(now);
+        }
+    }
+}
