@@ -1,5 +1,6 @@
 //! The `quic-relay` binary: parses flags, installs logging and signal handlers, runs the relay.
 
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -18,31 +19,22 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let config = args.relay_config()?;
-    let server = Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
-    info!(
-        addr = %server.local_addr(),
-        session_timeout_secs = args.session_timeout_secs,
-        unpaired_timeout_secs = args.unpaired_timeout_secs,
-        max_sessions = args.max_sessions,
-        max_sessions_per_ip = args.max_sessions_per_ip,
-        reg_rate_per_ip = args.reg_rate_per_ip,
-        tokens_required = !config.secrets.is_empty(),
-        "quic-relay listening"
-    );
-    let metrics_data = server.metrics();
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Signal handlers first: "listening" is logged only once a SIGTERM would be clean.
         let mut sigterm =
             signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
         let mut sigint =
             signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+        let server = Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
+        let metrics_data = server.metrics();
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_task = match args.metrics {
             None => None,
@@ -61,6 +53,16 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let mut relay = server.spawn()?;
+        info!(
+            addr = %relay.local_addr(),
+            session_timeout_secs = args.session_timeout_secs,
+            unpaired_timeout_secs = args.unpaired_timeout_secs,
+            max_sessions = args.max_sessions,
+            max_sessions_per_ip = args.max_sessions_per_ip,
+            reg_rate_per_ip = args.reg_rate_per_ip,
+            tokens_required = !config.secrets.is_empty(),
+            "quic-relay listening"
+        );
         let reason = tokio::select! {
             _ = sigterm.recv() => "SIGTERM",
             _ = sigint.recv() => "SIGINT",

@@ -820,6 +820,12 @@ impl Relay {
         let mut paired = 0;
         let mut unpaired = 0;
         let mut per_ip: std::collections::HashMap<[u8; 16], u32> = Default::default();
+        let free: std::collections::HashSet<u32> = self.free.iter().copied().collect();
+        assert_eq!(
+            free.len(),
+            self.free.len(),
+            "a record is on the free list twice"
+        );
         for (i, s) in self.sessions.iter().enumerate() {
             if !s.live() {
                 assert!(

@@ -1,1 +1,517 @@
-//! Unit tests of the session state machine.
+//! Unit tests of the session rules, driven with a fake clock (no sockets).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::proto::{Extended, PeerId, Registration, Token};
+
+const U1: &str = "0b7e4a3c-5d2f-4e8a-9c1b-2a3d4e5f6071";
+const U2: &str = "1c8f5b4d-6e3a-4f9b-8d2c-3b4e5f607182";
+
+fn addr(s: &str) -> PeerAddr {
+    s.parse::<SocketAddr>().expect("test address").into()
+}
+
+fn uuid(s: &str) -> Uuid {
+    Uuid::parse_str(s).expect("test uuid")
+}
+
+struct Harness {
+    relay: Relay,
+    t0: Instant,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(RelayConfig::default())
+    }
+
+    fn with(cfg: RelayConfig) -> Self {
+        let t0 = Instant::now();
+        let mut relay = Relay::new(cfg, t0);
+        relay.set_wall_clock(1_700_000_000);
+        Harness { relay, t0, now: t0 }
+    }
+
+    fn at(&mut self, secs: f64) {
+        self.now = self.t0 + Duration::from_secs_f64(secs);
+        self.relay.handle_timeout(self.now);
+    }
+
+    /// Sends a datagram and returns the outcome and every reply queued, as (dst, bytes).
+    fn send(&mut self, from: &str, data: &[u8]) -> (Outcome, Vec<(PeerAddr, Vec<u8>)>) {
+        let out = self.relay.handle(self.now, addr(from), data);
+        let mut replies = Vec::new();
+        while let Some(t) = self.relay.poll_transmit() {
+            assert!(
+                t.payload.as_bytes().len() <= data.len(),
+                "reply longer than request"
+            );
+            replies.push((t.dst, t.payload.as_bytes().to_vec()));
+        }
+        self.relay.check_invariants();
+        (out, replies)
+    }
+
+    /// Registers in the original form and returns the reply sent back to the registrant.
+    fn reg(&mut self, from: &str, session: &str) -> Vec<u8> {
+        let (out, replies) = self.send(from, format!("REG:{session}\n").as_bytes());
+        assert_eq!(out, Outcome::Registration);
+        reply_to(&replies, from)
+    }
+
+    fn reg_ext(
+        &mut self,
+        from: &str,
+        session: &str,
+        peer: u64,
+    ) -> (Vec<u8>, Vec<(PeerAddr, Vec<u8>)>) {
+        let reg = Registration {
+            session: uuid(session),
+            extended: Some(Extended {
+                peer: Some(PeerId(peer)),
+                token: None,
+            }),
+        };
+        let (out, replies) = self.send(from, &reg.encode());
+        assert_eq!(out, Outcome::Registration);
+        (reply_to(&replies, from), replies)
+    }
+
+    fn data(&mut self, from: &str) -> Outcome {
+        let (out, replies) = self.send(from, b"\x40quic payload");
+        assert!(replies.is_empty(), "data must never be answered");
+        out
+    }
+}
+
+fn reply_to(replies: &[(PeerAddr, Vec<u8>)], to: &str) -> Vec<u8> {
+    let to = addr(to);
+    let mine: Vec<_> = replies.iter().filter(|(d, _)| *d == to).collect();
+    assert!(
+        mine.len() <= 1,
+        "more than one reply to the registrant: {replies:?}"
+    );
+    mine.first().map(|(_, b)| b.clone()).unwrap_or_default()
+}
+
+#[test]
+fn pairs_and_forwards_both_ways() {
+    let mut h = Harness::new();
+    assert_eq!(h.reg("198.18.0.1:1000", U1), b"ACK\n");
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::Unpaired)
+    );
+    assert_eq!(h.reg("198.18.0.2:2000", U1), b"ACK\n");
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Forward(addr("198.18.0.1:1000"))
+    );
+    let s = h.relay.stats();
+    assert_eq!((s.reg(RegResult::New), s.reg(RegResult::Join)), (1, 1));
+    assert_eq!((s.forwarded_packets, s.dropped_unpaired), (2, 1));
+    assert_eq!((s.sessions_paired, s.sessions_unpaired), (1, 0));
+}
+
+#[test]
+fn registration_is_never_forwarded_and_keepalive_refreshes() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    // A keepalive REG from a paired member is answered, not forwarded.
+    assert_eq!(h.reg("198.18.0.1:1000", U1), b"ACK\n");
+    assert_eq!(h.relay.stats().reg(RegResult::Refresh), 1);
+    assert_eq!(h.relay.stats().forwarded_packets, 0);
+}
+
+#[test]
+fn third_peer_is_refused_and_receives_nothing() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    assert_eq!(h.reg("198.18.0.3:3000", U1), b"ERR full\n");
+    assert_eq!(
+        h.data("198.18.0.3:3000"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // The members still reach only each other.
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Forward(addr("198.18.0.1:1000"))
+    );
+}
+
+#[test]
+fn rebinding_through_reg_moves_the_member_both_ways() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    // The first member's NAT moved it to port 1001.
+    assert_eq!(h.reg("198.18.0.1:1001", U1), b"ACK\n");
+    assert_eq!(h.relay.stats().reg(RegResult::Rebind), 1);
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Forward(addr("198.18.0.1:1001"))
+    );
+    assert_eq!(
+        h.data("198.18.0.1:1001"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // And the second member's.
+    h.reg("198.18.0.2:2002", U1);
+    assert_eq!(
+        h.data("198.18.0.1:1001"),
+        Outcome::Forward(addr("198.18.0.2:2002"))
+    );
+    assert_eq!(
+        h.data("198.18.0.2:2002"),
+        Outcome::Forward(addr("198.18.0.1:1001"))
+    );
+}
+
+#[test]
+fn data_from_a_new_port_never_rebinds() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    // Another host behind the same public IP (or the same peer without a REG) sends data.
+    assert_eq!(
+        h.data("198.18.0.1:5555"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Forward(addr("198.18.0.1:1000"))
+    );
+    assert_eq!(h.relay.stats().reg(RegResult::Rebind), 0);
+}
+
+#[test]
+fn re_reg_from_a_new_port_never_pairs_a_peer_with_itself() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.1:1001", U1);
+    let s = h.relay.stats();
+    assert_eq!((s.reg(RegResult::Rebind), s.reg(RegResult::Join)), (1, 0));
+    assert_eq!((s.sessions_paired, s.sessions_unpaired), (0, 1));
+    // The real second peer still gets the free slot.
+    h.reg("198.18.0.2:2000", U1);
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Forward(addr("198.18.0.1:1001"))
+    );
+}
+
+#[test]
+fn two_extended_peers_behind_one_ip_pair_and_rebind_independently() {
+    let mut h = Harness::new();
+    let (ack, _) = h.reg_ext("198.18.0.1:1000", U1, 0xa);
+    assert_eq!(ack, b"ACK 198.18.0.1:1000\n");
+    let (ack, replies) = h.reg_ext("198.18.0.1:2000", U1, 0xb);
+    assert_eq!(ack, b"ACK 198.18.0.1:2000 198.18.0.1:1000\n");
+    // The first member hears of its peer at once (what hole punching needs).
+    assert_eq!(
+        reply_to(&replies, "198.18.0.1:1000"),
+        b"ACK 198.18.0.1:1000 198.18.0.1:2000\n"
+    );
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.1:2000"))
+    );
+
+    // The second one rebinds; the first is untouched.
+    let (ack, replies) = h.reg_ext("198.18.0.1:2001", U1, 0xb);
+    assert_eq!(ack, b"ACK 198.18.0.1:2001 198.18.0.1:1000\n");
+    assert_eq!(
+        reply_to(&replies, "198.18.0.1:1000"),
+        b"ACK 198.18.0.1:1000 198.18.0.1:2001\n"
+    );
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.1:2001"))
+    );
+    // Then the first one.
+    h.reg_ext("198.18.0.1:1001", U1, 0xa);
+    assert_eq!(
+        h.data("198.18.0.1:2001"),
+        Outcome::Forward(addr("198.18.0.1:1001"))
+    );
+    assert_eq!(
+        h.data("198.18.0.1:1001"),
+        Outcome::Forward(addr("198.18.0.1:2001"))
+    );
+    assert_eq!(h.relay.stats().reg(RegResult::Rebind), 2);
+}
+
+#[test]
+fn original_form_cannot_take_an_extended_members_slot() {
+    let mut h = Harness::new();
+    h.reg_ext("198.18.0.1:1000", U1, 7);
+    // Same IP, original form: a different peer (an extended one would say p=7), so it joins.
+    h.reg("198.18.0.1:3000", U1);
+    assert_eq!(h.relay.stats().reg(RegResult::Join), 1);
+    assert_eq!(
+        h.data("198.18.0.1:3000"),
+        Outcome::Forward(addr("198.18.0.1:1000"))
+    );
+}
+
+#[test]
+fn an_address_is_in_one_session_at_a_time() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    // The first peer's socket is reused for another session: it leaves the first.
+    h.reg("198.18.0.1:1000", U2);
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Dropped(DropReason::Unpaired)
+    );
+    assert_eq!(h.relay.session_count(), 2);
+}
+
+#[test]
+fn malformed_registrations_are_refused_without_amplification() {
+    let mut h = Harness::new();
+    // Too short for "ERR malformed\n": no reply at all, but counted.
+    let (out, replies) = h.send("198.18.0.1:1000", b"REG:");
+    assert_eq!(out, Outcome::Registration);
+    assert!(replies.is_empty());
+    let (_, replies) = h.send("198.18.0.1:1000", b"REG:not-a-uuid-at-all\n");
+    assert_eq!(reply_to(&replies, "198.18.0.1:1000"), b"ERR malformed\n");
+    let (_, replies) = h.send(
+        "198.18.0.1:1000",
+        b"REG:\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8\xf7\xf6\xf5\xf4",
+    );
+    assert_eq!(reply_to(&replies, "198.18.0.1:1000"), b"ERR malformed\n");
+    let s = h.relay.stats();
+    assert_eq!(s.reg(RegResult::Refused(ErrReason::Malformed)), 3);
+    assert_eq!(s.replies_suppressed, 1);
+    // An extended registration too short for its ACK is refused before it changes anything.
+    let (_, replies) = h.send("198.18.0.1:1000", format!("REG:{U1} p=1\n").as_bytes());
+    assert_eq!(reply_to(&replies, "198.18.0.1:1000"), b"ERR short\n");
+    assert_eq!(h.relay.session_count(), 0);
+    // Garbage that is not a registration is silently dropped.
+    assert_eq!(
+        h.send("198.18.0.1:1000", &[0xAA; 65_000]).0,
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    assert_eq!(
+        h.send("198.18.0.1:1000", b"").0,
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+}
+
+#[test]
+fn a_paired_members_datagram_that_only_looks_like_reg_is_forwarded() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    let (out, replies) = h.send("198.18.0.1:1000", b"REG:\x01\x02 quic short header");
+    assert_eq!(out, Outcome::Forward(addr("198.18.0.2:2000")));
+    assert!(replies.is_empty());
+}
+
+#[test]
+fn unpaired_sessions_expire_after_their_timeout() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.at(29.0);
+    assert_eq!(h.relay.session_count(), 1);
+    h.at(30.0);
+    assert_eq!(h.relay.session_count(), 0);
+    assert_eq!(h.relay.stats().expired_unpaired, 1);
+    // Every trace is gone: the same address starts afresh.
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    h.relay.check_invariants();
+}
+
+#[test]
+fn paired_sessions_live_while_traffic_flows_and_expire_when_idle() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    h.at(200.0);
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    h.at(499.0);
+    assert_eq!(
+        h.relay.session_count(),
+        1,
+        "traffic at 200 s keeps it until 500 s"
+    );
+    h.at(500.0);
+    assert_eq!(h.relay.session_count(), 0);
+    assert_eq!(h.relay.stats().expired_paired, 1);
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+}
+
+#[test]
+fn session_capacity_and_per_ip_limits() {
+    let mut h = Harness::with(RelayConfig {
+        limits: Limits {
+            max_sessions: 3,
+            max_sessions_per_ip: 2,
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    });
+    let ids: Vec<String> = (1..6u128)
+        .map(|i| Uuid::from_u128(i << 64 | i).to_string())
+        .collect();
+    assert_eq!(h.reg("198.18.0.1:1", &ids[0]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.1:2", &ids[1]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.1:3", &ids[2]), b"ERR ip-limit\n");
+    assert_eq!(h.reg("198.18.0.2:1", &ids[2]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.3:1", &ids[3]), b"ERR capacity\n");
+    // Joining an existing session is bounded per IP too.
+    assert_eq!(h.reg("198.18.0.1:4", &ids[2]), b"ERR ip-limit\n");
+    assert_eq!(h.relay.session_count(), 3);
+}
+
+#[test]
+fn registration_rate_is_limited_per_ip_and_recovers() {
+    let mut h = Harness::with(RelayConfig {
+        limits: Limits {
+            reg_rate_per_ip: 10,
+            reg_burst_per_ip: 5,
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    });
+    for _ in 0..5 {
+        assert_eq!(h.reg("198.18.0.1:1000", U1), b"ACK\n");
+    }
+    assert_eq!(h.reg("198.18.0.1:1000", U1), b"ERR rate\n");
+    // Another IP is unaffected.
+    assert_eq!(h.reg("198.18.0.2:1000", U1), b"ACK\n");
+    h.at(0.2); // two tokens back at 10/s
+    assert_eq!(h.reg("198.18.0.1:1000", U1), b"ACK\n");
+    assert_eq!(h.relay.stats().reg(RegResult::Refused(ErrReason::Rate)), 1);
+}
+
+#[test]
+fn tokens_accept_refuse_and_expire() {
+    let secret = b"0123456789abcdef0123".to_vec();
+    let mut h = Harness::with(RelayConfig {
+        secrets: vec![secret.clone()],
+        ..RelayConfig::default()
+    });
+    let now = 1_700_000_000;
+    let reg = |expiry, key: &[u8]| Registration {
+        session: uuid(U1),
+        extended: Some(Extended {
+            peer: Some(PeerId(1)),
+            token: Some(Token::mint(key, uuid(U1), expiry)),
+        }),
+    };
+    // The original form cannot carry a token.
+    assert_eq!(h.reg("198.18.0.1:1000", U1), b"ERR auth\n");
+    let (_, r) = h.send(
+        "198.18.0.1:1000",
+        &reg(now + 60, b"wrong secret wrong secret").encode(),
+    );
+    assert_eq!(reply_to(&r, "198.18.0.1:1000"), b"ERR auth\n");
+    let (_, r) = h.send("198.18.0.1:1000", &reg(now - 1, &secret).encode());
+    assert_eq!(reply_to(&r, "198.18.0.1:1000"), b"ERR expired\n");
+    // A token for another session does not open this one.
+    let mut other = reg(now + 60, &secret);
+    other.session = uuid(U2);
+    other.extended.as_mut().expect("extended").token =
+        Some(Token::mint(&secret, uuid(U1), now + 60));
+    let (_, r) = h.send("198.18.0.1:1000", &other.encode());
+    assert_eq!(reply_to(&r, "198.18.0.1:1000"), b"ERR auth\n");
+    assert_eq!(h.relay.session_count(), 0);
+    let (_, r) = h.send("198.18.0.1:1000", &reg(now + 60, &secret).encode());
+    assert_eq!(reply_to(&r, "198.18.0.1:1000"), b"ACK 198.18.0.1:1000\n");
+    let s = h.relay.stats();
+    assert_eq!(s.reg(RegResult::Refused(ErrReason::Auth)), 3);
+    assert_eq!(s.reg(RegResult::Refused(ErrReason::Expired)), 1);
+}
+
+#[test]
+fn a_member_cannot_claim_the_other_members_peer_id() {
+    let mut h = Harness::new();
+    h.reg_ext("198.18.0.1:1000", U1, 1);
+    h.reg_ext("198.18.0.2:2000", U1, 2);
+    let (ack, _) = h.reg_ext("198.18.0.2:2000", U1, 1);
+    assert_eq!(ack, b"ERR full\n");
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+}
+
+#[test]
+fn ipv6_and_ipv4_members_share_a_session() {
+    let mut h = Harness::new();
+    h.reg("[2001:db8::1]:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    assert_eq!(
+        h.data("[2001:db8::1]:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    // An IPv4-mapped source is the same peer as its IPv4 form.
+    assert_eq!(
+        h.data("[::ffff:198.18.0.2]:2000"),
+        Outcome::Forward(addr("[2001:db8::1]:1000"))
+    );
+}
+
+#[test]
+fn sweeping_a_large_table_in_slices_still_expires_everything_within_a_second() {
+    let mut h = Harness::with(RelayConfig {
+        limits: Limits {
+            max_sessions: 100_000,
+            max_sessions_per_ip: 100_000,
+            reg_rate_per_ip: 1_000_000,
+            reg_burst_per_ip: 1_000_000,
+        },
+        ..RelayConfig::default()
+    });
+    for i in 0..20_000u32 {
+        // Straight to the state machine: the harness's per-step invariant check is O(n).
+        let from = addr(&format!("198.18.{}.{}:1000", i >> 8 & 0xff, i & 0xff));
+        let reg = format!("REG:{}\n", Uuid::from_u128(u128::from(i) + 1));
+        assert_eq!(
+            h.relay.handle(h.now, from, reg.as_bytes()),
+            Outcome::Registration
+        );
+        h.relay.poll_transmit().expect("ACK");
+    }
+    assert_eq!(h.relay.session_count(), 20_000);
+    let mut t = 30.0;
+    while h.relay.session_count() > 0 {
+        t += 0.1;
+        h.at(t);
+        assert!(
+            t <= 31.05,
+            "sessions left after a full sweep period: {}",
+            h.relay.session_count()
+        );
+    }
+    h.relay.check_invariants();
+}

@@ -1,0 +1,294 @@
+//! The `quic-relay` binary as users run it: flags, environment, errors, metrics, signals.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_quic-relay");
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A running relay process, killed on drop so a failing test leaves nothing behind.
+struct Relay {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Relay {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Relay {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn quic-relay");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Relay {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    fn wait_log(&mut self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line with {needle:?}; log so far: {:#?}", self.log),
+            }
+        }
+    }
+
+    /// The UDP address from the "relay socket bound" line.
+    fn wait_bound(&mut self) -> SocketAddr {
+        let line = self.wait_log("relay socket bound");
+        let addr = line
+            .split("local_addr=")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .expect("local_addr field");
+        addr.parse().expect("socket address in log")
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) with a pid we spawned.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(r, 0, "kill failed");
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "relay did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn reg(relay: SocketAddr) -> Vec<u8> {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    s.send_to(b"REG:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\n", relay)
+        .expect("send");
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf).expect("reply");
+    buf[..n].to_vec()
+}
+
+#[test]
+fn help_explains_every_flag_and_its_environment_variable() {
+    let out = Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("run --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--port",
+        "--bind",
+        "--session-timeout-secs",
+        "--unpaired-timeout-secs",
+        "--max-sessions",
+        "--max-sessions-per-ip",
+        "--reg-rate-per-ip",
+        "--reg-burst-per-ip",
+        "--secret-file",
+        "--metrics",
+        "--socket-buffer-bytes",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+        let env = format!(
+            "QUIC_RELAY_{}",
+            flag.trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase()
+        );
+        assert!(help.contains(&env), "--help lacks {env}");
+    }
+    assert!(help.contains("[default: 4433]"));
+}
+
+#[test]
+fn serves_on_the_port_from_the_environment_and_exits_cleanly_on_sigterm() {
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut relay = Relay::start(
+        &["--bind", "127.0.0.1"],
+        &[("QUIC_RELAY_PORT", &port.to_string())],
+    );
+    let addr = relay.wait_bound();
+    assert_eq!(addr.port(), port);
+    relay.wait_log("quic-relay listening");
+    assert_eq!(reg(addr), b"ACK\n");
+    relay.signal(libc::SIGTERM);
+    relay.wait_log("reason=\"SIGTERM\"");
+    assert!(relay.wait_exit().success());
+}
+
+#[test]
+fn sigint_also_stops_it_cleanly() {
+    let mut relay = Relay::start(&["--bind", "127.0.0.1", "--port", "0"], &[]);
+    relay.wait_log("quic-relay listening");
+    relay.signal(libc::SIGINT);
+    relay.wait_log("relay stopped");
+    assert!(relay.wait_exit().success());
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error_and_a_non_zero_exit() {
+    let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port().to_string();
+    let out = Command::new(BIN)
+        .args(["--bind", "127.0.0.1", "--port", &port])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot bind UDP 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(err.contains("choose another --port"), "{err}");
+}
+
+#[test]
+fn bad_flags_and_secret_files_are_named() {
+    let out = Command::new(BIN)
+        .args(["--port", "70000"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--port"));
+
+    let dir = std::env::temp_dir().join(format!("quic-relay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let missing = dir.join("missing");
+    let out = Command::new(BIN)
+        .args(["--secret-file", missing.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read --secret-file") && err.contains("missing"),
+        "{err}"
+    );
+
+    let weak = dir.join("weak");
+    std::fs::write(&weak, "short\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["--secret-file", weak.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1 is shorter than 16"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn metrics_are_served_as_prometheus_text() {
+    let mport = free_tcp_port();
+    let maddr = format!("127.0.0.1:{mport}");
+    let mut relay = Relay::start(
+        &["--bind", "127.0.0.1", "--port", "0", "--metrics", &maddr],
+        &[],
+    );
+    let addr = relay.wait_bound();
+    relay.wait_log("metrics at");
+    assert_eq!(reg(addr), b"ACK\n");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut s = TcpStream::connect(&maddr).expect("connect to metrics");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(body.contains("# TYPE quic_relay_sessions gauge"));
+        if body.contains("quic_relay_registrations_total{result=\"new\"} 1") {
+            assert!(
+                body.contains("quic_relay_sessions{state=\"unpaired\"} 1"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "registration never showed up: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut s = TcpStream::connect(&maddr).expect("connect");
+    s.write_all(b"GET /nope HTTP/1.1\r\n\r\n").expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.1 404"), "{body}");
+}
+
+#[test]
+fn nothing_is_logged_per_packet_at_info() {
+    let mut relay = Relay::start(&["--bind", "127.0.0.1", "--port", "0"], &[]);
+    let addr = relay.wait_bound();
+    relay.wait_log("quic-relay listening");
+    let a = UdpSocket::bind("127.0.0.2:0").expect("bind");
+    let b = UdpSocket::bind("127.0.0.3:0").expect("bind");
+    b.set_read_timeout(Some(WAIT)).expect("timeout");
+    let session = "REG:7d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6\n";
+    a.send_to(session.as_bytes(), addr).expect("send");
+    b.send_to(session.as_bytes(), addr).expect("send");
+    let mut buf = [0u8; 2048];
+    b.recv(&mut buf).expect("ACK");
+    for i in 0..500u32 {
+        a.send_to(&i.to_be_bytes(), addr).expect("send");
+        b.recv(&mut buf).expect("forwarded datagram");
+    }
+    relay.signal(libc::SIGTERM);
+    relay.wait_log("relay stopped");
+    relay.wait_exit();
+    // Startup lines, the shutdown lines, and nothing in between.
+    assert!(
+        relay.log.len() <= 6,
+        "too many info lines: {:#?}",
+        relay.log
+    );
+}
