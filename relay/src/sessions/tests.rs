@@ -515,3 +515,66 @@ fn sweeping_a_large_table_in_slices_still_expires_everything_within_a_second() {
     }
     h.relay.check_invariants();
 }
+
+#[test]
+fn a_flood_of_random_registrations_stays_within_every_bound() {
+    let mut h = Harness::with(RelayConfig {
+        limits: Limits {
+            max_sessions: 5_000,
+            max_sessions_per_ip: 8,
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    });
+    // xorshift64*: reproducible pseudo-random UUIDs, IPs and ports without a dependency.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    // More distinct IPs than the rate table holds: idle entries are swept to make room.
+    let n = 2 * MAX_RATE_ENTRIES + 20_000;
+    for i in 0..n {
+        let r = next();
+        // Half from a few "CGNAT" IPs on random ports, half from random spoofed IPs.
+        let ip = if i % 2 == 0 {
+            [198, 18, 0, (r & 3) as u8]
+        } else {
+            (r as u32 | 1).to_be_bytes()
+        };
+        let src = PeerAddr::new(std::net::Ipv4Addr::from(ip).into(), (r >> 32) as u16);
+        let reg = format!("REG:{}\n", Uuid::from_u64_pair(next(), next()));
+        assert_eq!(
+            h.relay.handle(h.now, src, reg.as_bytes()),
+            Outcome::Registration
+        );
+        while h.relay.poll_transmit().is_some() {}
+        if i % 20_000 == 0 {
+            h.now += Duration::from_millis(10);
+            h.relay.handle_timeout(h.now);
+        }
+    }
+    h.relay.check_invariants();
+    let s = h.relay.stats();
+    assert_eq!(h.relay.session_count(), 5_000, "the session cap holds");
+    assert!(h.relay.per_ip.len() <= 5_000 * 2);
+    assert!(h.relay.rate.len() <= MAX_RATE_ENTRIES);
+    assert!(s.reg(RegResult::Refused(ErrReason::Capacity)) > 50_000);
+    assert!(
+        s.reg(RegResult::Refused(ErrReason::Rate)) > 0,
+        "the CGNAT IPs hit their rate"
+    );
+    assert!(
+        s.reg(RegResult::Refused(ErrReason::IpLimit)) > 0,
+        "the CGNAT IPs hit their cap"
+    );
+    // All of it is unpaired: it is gone within a sweep period after the unpaired timeout.
+    for tick in 0..=15 {
+        h.at(30.5 + f64::from(tick) / 10.0);
+    }
+    assert_eq!(h.relay.session_count(), 0);
+    assert!(h.relay.per_ip.is_empty() && h.relay.by_addr.is_empty());
+    h.relay.check_invariants();
+}
