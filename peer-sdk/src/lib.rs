@@ -1,11 +1,497 @@
-//! `peer_sdk`: what applications call to get a QUIC connection to a peer behind a NAT.
+//! `peer_sdk`: a QUIC connection to a peer behind a NAT, hole-punched when possible, through a
+//! [`quic-relay`](quic_relay) when not.
 //!
-//! The SDK keeps the NAT mapping alive on the very socket Quinn uses, tries a hole-punched
-//! direct path, and falls back to the `quic-relay` rendezvous relay when punching fails. It
-//! shares the relay's wire format through `quic_relay::proto`, so the two cannot drift apart.
+//! ```no_run
+//! # async fn demo() -> Result<(), peer_sdk::Error> {
+//! use peer_sdk::{ClientTls, Fingerprint, Options};
+//! let relay = "198.18.0.1:4433".parse().unwrap();
+//! let session = peer_sdk::Uuid::parse_str("3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b").unwrap();
+//! // The listener's certificate fingerprint, exchanged out of band like the session id.
+//! let pin: Fingerprint = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".parse()?;
+//! let conn = peer_sdk::connect(Options::new(relay, session), ClientTls::Pinned(pin)).await?;
+//! println!("connected over the {} path", conn.path().kind());
+//! let (mut send, mut recv) = conn.open_bi().await?;
+//! # Ok(()) }
+//! ```
 //!
-//! This crate is being built; see the project's issue tracker for its planned API
-//! (`connect_via_relay`, `connect`/`accept`).
+//! How it works:
+//! - **One socket, no gap.** The SDK builds one UDP socket ([`socket`]), registers with the relay
+//!   from it, and hands that same socket to a Quinn endpoint through a wrapper, so the NAT mapping
+//!   the relay (and the peer) know is the one QUIC uses. Nothing is closed or rebound.
+//! - **Keepalive for the life of the connection** ([`rendezvous`]): the registration is repeated
+//!   every [`Options::keepalive`] (≤ 25 s) and at once after 3 s without a datagram from the
+//!   peer, so a relay restart or a NAT rebinding heals without the application noticing.
+//! - **Hole punching** ([`punch`]): both peers learn each other's public address from the relay
+//!   and send authenticated probes; a reply proves a direct path. Quinn sees one stable peer
+//!   address ([`socket::VIRTUAL_PEER`]); the wrapper sends to the direct address or to the relay,
+//!   so traffic moves between paths under a live `quinn::Connection`.
+//! - **Verified TLS** ([`tls`]): the dialer pins the listener's certificate fingerprint, or the
+//!   application passes its own rustls configuration. There is no skip-verify mode.
+//!
+//! **Sharing the port.** The socket sets `SO_REUSEADDR` and `SO_REUSEPORT` so that an
+//! application may bind another socket to the same port (e.g. a legacy keepalive socket). Linux
+//! then delivers each incoming datagram to *one* of the sockets: a *connected* socket always gets
+//! every datagram of its 4-tuple, and among unconnected sockets a hash of the 4-tuple picks one.
+//! All relayed traffic comes from one 4-tuple (the relay's), so a second socket on the port will
+//! steal all of it, or none: do not keep one open. Use [`Peer::from_socket`] to hand the SDK a
+//! socket the application already holds instead.
 
-/// The relay wire format this SDK speaks (re-exported so applications need one dependency).
+pub mod punch;
+pub mod rendezvous;
+pub mod socket;
+pub mod tls;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
 pub use quic_relay::proto;
+use quic_relay::proto::{ErrReason, Token};
+pub use quinn;
+use tokio::sync::watch;
+use tracing::info;
+pub use uuid::Uuid;
+
+pub use crate::rendezvous::Status;
+use crate::rendezvous::{Driver, DriverConfig};
+use crate::socket::PeerSocket;
+pub use crate::socket::{Path, SocketStats};
+pub use crate::tls::{ClientTls, Fingerprint, Identity, ServerTls};
+
+/// Everything that can go wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The UDP socket could not be created or configured.
+    #[error("UDP socket {addr}: {what}: {source}")]
+    Socket {
+        /// The address involved.
+        addr: SocketAddr,
+        /// Which step failed.
+        what: &'static str,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// An IPv4 socket cannot reach an IPv6 relay.
+    #[error("socket {local} is IPv4 but the relay {relay} is IPv6: bind an IPv6 socket")]
+    AddressFamily {
+        /// The socket's address.
+        local: SocketAddr,
+        /// The relay's.
+        relay: SocketAddr,
+    },
+    /// No relay answered a registration in time.
+    #[error(
+        "no reply from relay {relay} within {waited:?}: is it running, and is UDP to it allowed?"
+    )]
+    RelayUnreachable {
+        /// The relay tried.
+        relay: SocketAddr,
+        /// How long.
+        waited: Duration,
+    },
+    /// The relay refused the registration.
+    #[error("relay {relay} refused the registration: {}", reason.map_or("unknown reason", ErrReason::as_str))]
+    Refused {
+        /// The relay.
+        relay: SocketAddr,
+        /// Its reason (`None` if this version does not know the word).
+        reason: Option<ErrReason>,
+    },
+    /// The other peer did not register the session in time.
+    #[error("the other peer did not join session {session} within {waited:?}")]
+    PeerTimeout {
+        /// The session.
+        session: Uuid,
+        /// How long.
+        waited: Duration,
+    },
+    /// TLS configuration failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A fingerprint is not 64 hex digits.
+    #[error("bad certificate fingerprint {0:?}: expected 64 hex digits (SHA-256)")]
+    BadFingerprint(String),
+    /// The Quinn endpoint could not be created.
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    /// Starting the QUIC handshake failed.
+    #[error("QUIC connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The QUIC handshake failed (e.g. the certificate did not match the pin).
+    #[error("QUIC connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The endpoint was closed before a peer connected.
+    #[error("the endpoint closed before a peer connected")]
+    EndpointClosed,
+}
+
+/// When to use which path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Punch a direct path first (up to [`Options::direct_timeout`]), the relay otherwise; keep
+    /// trying direct in the background, and fall back to the relay if direct dies.
+    #[default]
+    Auto,
+    /// Only ever use the relay.
+    RelayOnly,
+}
+
+/// How to reach the peer.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The relay (the first of [`Options::relays`] by the session's rendezvous hash).
+    pub relays: Vec<SocketAddr>,
+    /// The session both peers name.
+    pub session: Uuid,
+    /// A relay token, when the relay requires one (`--secret-file`).
+    pub token: Option<Token>,
+    /// Local address to bind; default: any address, any port, of the relay's family.
+    pub bind: Option<SocketAddr>,
+    /// Re-registration interval for the life of the connection (≤ 25 s keeps NAT mappings).
+    pub keepalive: Duration,
+    /// How long to wait for the relay to acknowledge the registration.
+    pub register_timeout: Duration,
+    /// How long to wait for the other peer to register the session.
+    pub peer_timeout: Duration,
+    /// How long to try hole punching before using the relay.
+    pub direct_timeout: Duration,
+    /// Direct first, or relay only.
+    pub strategy: Strategy,
+    /// ALPN protocol for the built-in TLS configurations.
+    pub alpn: Vec<u8>,
+    /// This peer's id at the relay (random when `None`). Keep it across reconnects to the same
+    /// session so a new socket takes over this peer's old slot at once.
+    pub peer_id: Option<u64>,
+    /// QUIC transport parameters; the default keeps the connection alive across a relay
+    /// restart or NAT rebinding (keepalive 5 s, idle timeout 60 s).
+    pub transport: Option<Arc<quinn::TransportConfig>>,
+}
+
+impl Options {
+    /// Defaults for `relay` and `session`.
+    pub fn new(relay: SocketAddr, session: Uuid) -> Self {
+        Options {
+            relays: vec![relay],
+            session,
+            token: None,
+            bind: None,
+            keepalive: Duration::from_secs(10),
+            register_timeout: Duration::from_secs(10),
+            peer_timeout: Duration::from_secs(60),
+            direct_timeout: Duration::from_millis(1000),
+            strategy: Strategy::Auto,
+            alpn: tls::DEFAULT_ALPN.to_vec(),
+            peer_id: None,
+            transport: None,
+        }
+    }
+
+    /// The relays in the order both peers try them: highest rendezvous (HRW) hash of
+    /// (session, relay) first, so two peers with the same list pick the same relay.
+    pub fn relay_order(&self) -> Vec<SocketAddr> {
+        use sha2::{Digest, Sha256};
+        let mut r = self.relays.clone();
+        r.sort_by_cached_key(|a| {
+            let h = Sha256::new()
+                .chain_update(self.session.as_bytes())
+                .chain_update(a.to_string())
+                .finalize();
+            std::cmp::Reverse(<[u8; 32]>::from(h))
+        });
+        r.dedup();
+        r
+    }
+
+    fn transport(&self) -> Arc<quinn::TransportConfig> {
+        self.transport.clone().unwrap_or_else(|| {
+            let mut t = quinn::TransportConfig::default();
+            t.keep_alive_interval(Some(Duration::from_secs(5)));
+            t.max_idle_timeout(Some(
+                Duration::from_secs(60)
+                    .try_into()
+                    .expect("60 s fits a VarInt"),
+            ));
+            Arc::new(t)
+        })
+    }
+}
+
+/// Aborts the task when dropped, so no driver outlives its peer.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A registered peer: the socket, its Quinn endpoint and its driver. Make one with
+/// [`Peer::bind`] or [`Peer::from_socket`], then [`Peer::connect`] or [`Peer::accept`].
+#[derive(Debug)]
+pub struct Peer {
+    endpoint: quinn::Endpoint,
+    socket: Arc<PeerSocket>,
+    status: watch::Receiver<Status>,
+    opts: Options,
+    peer_id: u64,
+    _driver: AbortOnDrop,
+}
+
+impl Drop for Peer {
+    /// Tells the relay this peer is gone (`BYE`, best effort, twice against loss), so the
+    /// session can take a new peer at once instead of after the silent-member timeout.
+    fn drop(&mut self) {
+        let bye = quic_relay::proto::Bye {
+            session: self.opts.session,
+            peer: Some(quic_relay::proto::PeerId(self.peer_id)),
+        }
+        .encode();
+        for _ in 0..2 {
+            self.socket.try_send_control(self.socket.relay(), &bye);
+        }
+    }
+}
+
+impl Peer {
+    /// Binds a new socket and registers with the relay (trying each of [`Options::relays`] in
+    /// [`Options::relay_order`]). Must run inside a tokio runtime.
+    pub async fn bind(opts: Options) -> Result<Peer, Error> {
+        let order = opts.relay_order();
+        let mut last = None;
+        for relay in &order {
+            let bind = opts.bind.unwrap_or(match relay {
+                SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+                SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
+            });
+            let (socket, control) = PeerSocket::bind(bind, *relay)?;
+            match Self::start(socket, control, opts.clone()).await {
+                Ok(p) => return Ok(p),
+                Err(e @ Error::RelayUnreachable { .. }) if order.len() > 1 => {
+                    info!(%relay, "relay unreachable, trying the next");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(Error::RelayUnreachable {
+            relay: SocketAddr::from(([0, 0, 0, 0], 0)),
+            waited: Duration::ZERO,
+        }))
+    }
+
+    /// Uses a socket the application already holds (and whose NAT mapping it wants to keep),
+    /// with the first relay in [`Options::relay_order`].
+    pub async fn from_socket(socket: std::net::UdpSocket, opts: Options) -> Result<Peer, Error> {
+        let relay = *opts.relay_order().first().ok_or(Error::RelayUnreachable {
+            relay: SocketAddr::from(([0, 0, 0, 0], 0)),
+            waited: Duration::ZERO,
+        })?;
+        let (socket, control) = PeerSocket::from_std(socket, relay)?;
+        Self::start(socket, control, opts).await
+    }
+
+    async fn start(
+        socket: Arc<PeerSocket>,
+        control: tokio::sync::mpsc::Receiver<socket::Control>,
+        opts: Options,
+    ) -> Result<Peer, Error> {
+        // Quinn's endpoint reads the socket from now on: the wrapper passes relay replies and
+        // punches to the driver, so the endpoint must exist before the first registration.
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            None,
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(Error::Endpoint)?;
+        // Zero is not a valid peer id on the wire.
+        let peer_id = opts
+            .peer_id
+            .filter(|p| *p != 0)
+            .unwrap_or_else(|| rand::random::<u64>() | 1);
+        let (driver, status) = Driver::new(
+            socket.clone(),
+            control,
+            DriverConfig {
+                session: opts.session,
+                token: opts.token,
+                peer_id,
+                keepalive: opts.keepalive,
+                punch: opts.strategy == Strategy::Auto,
+                direct_timeout: opts.direct_timeout,
+            },
+        );
+        let driver = AbortOnDrop(tokio::spawn(driver.run()));
+        let mut peer = Peer {
+            endpoint,
+            socket,
+            status,
+            opts,
+            peer_id,
+            _driver: driver,
+        };
+        peer.wait_registered().await?;
+        Ok(peer)
+    }
+
+    async fn wait_registered(&mut self) -> Result<(), Error> {
+        let relay = self.socket.relay();
+        let waited = self.opts.register_timeout;
+        let r = tokio::time::timeout(
+            waited,
+            self.status
+                .wait_for(|s| s.registered || s.refused.is_some()),
+        )
+        .await;
+        match r {
+            Err(_) | Ok(Err(_)) => Err(Error::RelayUnreachable { relay, waited }),
+            Ok(Ok(s)) if !s.registered => Err(Error::Refused {
+                relay,
+                reason: s.refused,
+            }),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Waits for the other peer, then (with [`Strategy::Auto`]) for a direct path, up to
+    /// [`Options::direct_timeout`].
+    async fn wait_paths(&mut self) -> Result<(), Error> {
+        let session = self.opts.session;
+        let waited = self.opts.peer_timeout;
+        tokio::time::timeout(waited, self.status.wait_for(|s| s.peer.is_some()))
+            .await
+            .map_err(|_| Error::PeerTimeout { session, waited })?
+            .map_err(|_| Error::EndpointClosed)?;
+        if self.opts.strategy == Strategy::Auto {
+            let _ = tokio::time::timeout(
+                self.opts.direct_timeout,
+                self.status.wait_for(|s| matches!(s.path, Path::Direct(_))),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// What the driver knows now.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.endpoint.local_addr().map_err(Error::Endpoint)
+    }
+
+    /// Dials the peer (the listener runs [`Peer::accept`]).
+    pub async fn connect(mut self, tls: ClientTls) -> Result<PeerConnection, Error> {
+        self.wait_paths().await?;
+        let mut config = tls::client_config(&tls, &self.opts.alpn)?;
+        config.transport_config(self.opts.transport());
+        let connecting =
+            self.endpoint
+                .connect_with(config, self.socket.virtual_peer(), tls::SERVER_NAME)?;
+        let connection = connecting.await?;
+        let path = self.socket.shared.path();
+        info!(path = path.kind(), session = %self.opts.session, "connected to the peer");
+        Ok(PeerConnection {
+            connection,
+            peer: self,
+            path_at_connect: path,
+        })
+    }
+
+    /// Waits for the peer to dial in.
+    pub async fn accept(self, tls: ServerTls) -> Result<PeerConnection, Error> {
+        let mut config = tls::server_config(&tls, &self.opts.alpn)?;
+        config.transport_config(self.opts.transport());
+        self.endpoint.set_server_config(Some(config));
+        let incoming = self.endpoint.accept().await.ok_or(Error::EndpointClosed)?;
+        let connection = incoming.await?;
+        let path = self.socket.shared.path();
+        info!(path = path.kind(), session = %self.opts.session, "peer connected");
+        Ok(PeerConnection {
+            connection,
+            peer: self,
+            path_at_connect: path,
+        })
+    }
+}
+
+/// A QUIC connection to the peer. Derefs to [`quinn::Connection`]; keep it alive as long as the
+/// connection is used (it owns the socket, the endpoint and the keepalive driver).
+#[derive(Debug)]
+pub struct PeerConnection {
+    connection: quinn::Connection,
+    peer: Peer,
+    path_at_connect: Path,
+}
+
+impl std::ops::Deref for PeerConnection {
+    type Target = quinn::Connection;
+    fn deref(&self) -> &quinn::Connection {
+        &self.connection
+    }
+}
+
+impl PeerConnection {
+    /// The Quinn connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// The path datagrams to the peer take now.
+    pub fn path(&self) -> Path {
+        self.peer.socket.shared.path()
+    }
+
+    /// The path in use when the handshake completed.
+    pub fn path_at_connect(&self) -> Path {
+        self.path_at_connect
+    }
+
+    /// Registration and path state.
+    pub fn status(&self) -> Status {
+        self.peer.status()
+    }
+
+    /// Watches registration and path changes.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.peer.status.clone()
+    }
+
+    /// Per-path datagram counters.
+    pub fn socket_stats(&self) -> &SocketStats {
+        &self.peer.socket.shared.stats
+    }
+
+    /// Closes the connection and waits until the peer has been told (bounded by the idle
+    /// timeout).
+    pub async fn close(self, code: u32, reason: &[u8]) {
+        self.connection.close(code.into(), reason);
+        self.peer.endpoint.wait_idle().await;
+    }
+}
+
+/// Dials the peer: direct when hole punching works, the relay otherwise.
+pub async fn connect(opts: Options, tls: ClientTls) -> Result<PeerConnection, Error> {
+    Peer::bind(opts).await?.connect(tls).await
+}
+
+/// Accepts the peer's connection: direct when hole punching works, the relay otherwise.
+pub async fn accept(opts: Options, tls: ServerTls) -> Result<PeerConnection, Error> {
+    Peer::bind(opts).await?.accept(tls).await
+}
+
+/// Dials the peer through the relay only.
+pub async fn connect_via_relay(mut opts: Options, tls: ClientTls) -> Result<PeerConnection, Error> {
+    opts.strategy = Strategy::RelayOnly;
+    connect(opts, tls).await
+}
+
+/// Accepts the peer's connection through the relay only.
+pub async fn accept_via_relay(mut opts: Options, tls: ServerTls) -> Result<PeerConnection, Error> {
+    opts.strategy = Strategy::RelayOnly;
+    accept(opts, tls).await
+}

@@ -40,6 +40,9 @@ pub struct Metrics {
     expired_paired: AtomicU64,
     expired_unpaired: AtomicU64,
     rate_table_full: AtomicU64,
+    byes: AtomicU64,
+    byes_ignored: AtomicU64,
+    stale_replaced: AtomicU64,
     sessions_paired: AtomicU64,
     sessions_unpaired: AtomicU64,
     /// Counted by the socket loop itself.
@@ -61,6 +64,9 @@ impl Metrics {
         set(&self.expired_paired, s.expired_paired);
         set(&self.expired_unpaired, s.expired_unpaired);
         set(&self.rate_table_full, s.rate_table_full);
+        set(&self.byes, s.byes);
+        set(&self.byes_ignored, s.byes_ignored);
+        set(&self.stale_replaced, s.stale_replaced);
         set(&self.sessions_paired, s.sessions_paired);
         set(&self.sessions_unpaired, s.sessions_unpaired);
     }
@@ -82,6 +88,9 @@ impl Metrics {
             expired_paired: get(&self.expired_paired),
             expired_unpaired: get(&self.expired_unpaired),
             rate_table_full: get(&self.rate_table_full),
+            byes: get(&self.byes),
+            byes_ignored: get(&self.byes_ignored),
+            stale_replaced: get(&self.stale_replaced),
             sessions_paired: get(&self.sessions_paired),
             sessions_unpaired: get(&self.sessions_unpaired),
         }
@@ -169,6 +178,16 @@ impl Metrics {
             "counter",
             "Registrations let through unmetered because the rate-limit table was full.",
             &[("", s.rate_table_full)],
+        );
+        family(
+            "quic_relay_leaves_total",
+            "counter",
+            "Members that left a session: by BYE, ignored BYEs, or replaced after going silent.",
+            &[
+                ("how=\"bye\"", s.byes),
+                ("how=\"bye_ignored\"", s.byes_ignored),
+                ("how=\"stale_replaced\"", s.stale_replaced),
+            ],
         );
         family(
             "quic_relay_receive_errors_total",

@@ -22,6 +22,9 @@ pub use uuid::Uuid;
 /// Every registration starts with these four bytes; nothing else does.
 pub const REG_PREFIX: &[u8] = b"REG:";
 
+/// Every leave request starts with these four bytes.
+pub const BYE_PREFIX: &[u8] = b"BYE:";
+
 /// The reply to an original-form registration, byte for byte what the original relay sent.
 pub const ACK: &[u8] = b"ACK\n";
 
@@ -182,9 +185,15 @@ fn is_space(b: u8) -> bool {
 /// newline, whitespace around the UUID, any case) and the extended form (see `PROTOCOL.md`).
 /// Unknown `key=value` parameters are ignored so that later versions can add some.
 pub fn parse_registration(datagram: &[u8]) -> Result<Registration, ParseError> {
-    let rest = datagram
-        .strip_prefix(REG_PREFIX)
-        .ok_or(ParseError::NotRegistration)?;
+    if !is_registration(datagram) {
+        return Err(ParseError::NotRegistration);
+    }
+    parse_body(datagram, true)
+}
+
+/// Parses what follows the 4-byte prefix (`REG:` or `BYE:`, checked by the caller).
+fn parse_body(datagram: &[u8], needs_reply_room: bool) -> Result<Registration, ParseError> {
+    let rest = &datagram[REG_PREFIX.len()..];
     if datagram.len() > MAX_REG_LEN {
         return Err(ParseError::TooLong);
     }
@@ -228,7 +237,7 @@ pub fn parse_registration(datagram: &[u8]) -> Result<Registration, ParseError> {
             _ => {} // forward compatibility: unknown parameters (and `pad=`) are ignored
         }
     }
-    if ext.is_some() && datagram.len() < MAX_REPLY_LEN {
+    if needs_reply_room && ext.is_some() && datagram.len() < MAX_REPLY_LEN {
         return Err(ParseError::TooShortForReply);
     }
     Ok(Registration {
@@ -268,6 +277,53 @@ fn parse_token(v: &[u8]) -> Result<Token, ParseError> {
     let mut mac = [0u8; 32];
     hex::decode_to_slice(mac_hex, &mut mac).map_err(|_| ParseError::BadParam)?;
     Ok(Token { expiry, mac })
+}
+
+/// A parsed leave request, `BYE:<uuid> [p=<peer-id>]`: the sender gives up its slot at once
+/// (instead of leaving it to expire), so the session can take a new peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bye {
+    /// The session to leave.
+    pub session: Uuid,
+    /// The peer id the sender registered with, if any.
+    pub peer: Option<PeerId>,
+}
+
+/// Returns true when `datagram` is meant as a leave request (it starts with `BYE:`).
+#[inline]
+pub fn is_bye(datagram: &[u8]) -> bool {
+    datagram.starts_with(BYE_PREFIX)
+}
+
+impl Bye {
+    /// Parses `BYE:<uuid>` with an optional `p=` parameter (same rules as a registration's;
+    /// unknown parameters are ignored; at most [`MAX_REG_LEN`] bytes).
+    pub fn parse(datagram: &[u8]) -> Result<Bye, ParseError> {
+        if !is_bye(datagram) {
+            return Err(ParseError::NotRegistration);
+        }
+        // The grammar is the registration's, without the length floor for replies: a BYE is
+        // never answered.
+        let reg = parse_body(datagram, false)?;
+        Ok(Bye {
+            session: reg.session,
+            peer: reg.extended.and_then(|e| e.peer),
+        })
+    }
+
+    /// Encodes the leave request.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut uuid_buf = Uuid::encode_buffer();
+        let mut s = format!(
+            "BYE:{}",
+            self.session.hyphenated().encode_lower(&mut uuid_buf)
+        );
+        if let Some(p) = self.peer {
+            let _ = write!(s, " p={:016x}", p.0);
+        }
+        s.push('\n');
+        s.into_bytes()
+    }
 }
 
 impl Registration {

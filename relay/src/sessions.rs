@@ -230,6 +230,12 @@ pub struct Stats {
     pub expired_unpaired: u64,
     /// Registrations let through unmetered because the rate table was full.
     pub rate_table_full: u64,
+    /// Members that left with a `BYE`.
+    pub byes: u64,
+    /// `BYE`s ignored (not from a member, wrong session or peer id, malformed).
+    pub byes_ignored: u64,
+    /// Members replaced because they had been silent for the unpaired timeout.
+    pub stale_replaced: u64,
     /// Sessions now paired (gauge).
     pub sessions_paired: u64,
     /// Sessions now waiting for a second member (gauge).
@@ -437,6 +443,21 @@ impl Relay {
                 }
             }
         }
+        if proto::is_bye(datagram) {
+            match proto::Bye::parse(datagram) {
+                Ok(bye) => {
+                    self.leave(src, &bye);
+                    return Outcome::Registration;
+                }
+                // As for REG: from a paired member it is payload; from anyone else, dropped
+                // (a BYE is never answered).
+                Err(_) if !self.is_paired_member(src) => {
+                    self.stats.byes_ignored += 1;
+                    return Outcome::Registration;
+                }
+                Err(_) => {}
+            }
+        }
         match self.try_forward(now, src, datagram.len()) {
             Some(out) => out,
             None => {
@@ -444,6 +465,28 @@ impl Relay {
                 Outcome::Dropped(DropReason::UnknownSource)
             }
         }
+    }
+
+    /// A member gives up its slot (`BYE`). Only the member itself can: the request must come
+    /// from its current address and name its session and, if it registered with one, its peer id.
+    fn leave(&mut self, src: PeerAddr, bye: &proto::Bye) {
+        let Some(m) = self.by_addr.get(&src).copied() else {
+            self.stats.byes_ignored += 1;
+            return;
+        };
+        let slot = self.sessions[m.session()].slots[m.slot()];
+        let id = self.sessions[m.session()].id;
+        let peer_ok = match slot.peer_id() {
+            None => true,
+            Some(p) => bye.peer == Some(PeerId(p)),
+        };
+        if id != bye.session || !peer_ok {
+            self.stats.byes_ignored += 1;
+            return;
+        }
+        debug!(session = %id, peer = %src, "member left");
+        self.remove_member(m.session(), m.slot());
+        self.stats.byes += 1;
     }
 
     fn is_paired_member(&self, src: PeerAddr) -> bool {
@@ -743,12 +786,25 @@ impl Relay {
             return;
         }
 
-        // (c) A free slot: the second peer arrives.
-        let Some(k) = (0..2).find(|&k| !self.sessions[i].slots[k].used()) else {
+        // (c) A free slot: the second peer arrives. A member silent for the unpaired timeout
+        // (no registration, no data) is gone: a peer that crashed must not lock its session
+        // until the other side gives up too.
+        let stale_after = self.cfg.unpaired_timeout.as_secs().min(u32::MAX as u64) as u32;
+        let slots = self.sessions[i].slots;
+        let free = (0..2).find(|&k| !slots[k].used());
+        let stale = (0..2)
+            .filter(|&k| t.saturating_sub(slots[k].last_heard) >= stale_after)
+            .min_by_key(|&k| slots[k].last_heard);
+        let Some(k) = free.or(stale) else {
             return self.refuse(src, ErrReason::Full, request_len);
         };
         if self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip {
             return self.refuse(src, ErrReason::IpLimit, request_len);
+        }
+        if free.is_none() {
+            debug!(session = %reg.session, stale = %slots[k].addr, peer = %src, "replacing a silent member");
+            self.remove_member(i, k);
+            self.stats.stale_replaced += 1;
         }
         if let Some(m) = current {
             self.remove_member(m.session(), m.slot());

@@ -578,3 +578,74 @@ fn a_flood_of_random_registrations_stays_within_every_bound() {
     assert!(h.relay.per_ip.is_empty() && h.relay.by_addr.is_empty());
     h.relay.check_invariants();
 }
+
+#[test]
+fn bye_releases_the_slot_only_for_the_member_itself() {
+    let mut h = Harness::new();
+    h.reg_ext("198.18.0.1:1000", U1, 1);
+    h.reg_ext("198.18.0.2:2000", U1, 2);
+    let bye = |peer| {
+        crate::proto::Bye {
+            session: uuid(U1),
+            peer: Some(PeerId(peer)),
+        }
+        .encode()
+    };
+    // Not from the member's address, wrong peer id, wrong session: ignored, and never answered.
+    for (from, data) in [
+        ("198.18.0.3:3000", bye(1)),
+        ("198.18.0.1:1000", bye(2)),
+        (
+            "198.18.0.1:1000",
+            crate::proto::Bye {
+                session: uuid(U2),
+                peer: Some(PeerId(1)),
+            }
+            .encode(),
+        ),
+    ] {
+        let (out, replies) = h.send(from, &data);
+        assert_eq!(out, Outcome::Registration);
+        assert!(replies.is_empty());
+    }
+    assert_eq!(h.relay.stats().byes_ignored, 3);
+    assert_eq!(h.relay.stats().sessions_paired, 1);
+    let (_, replies) = h.send("198.18.0.1:1000", &bye(1));
+    assert!(replies.is_empty());
+    assert_eq!(h.relay.stats().byes, 1);
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // The session takes a new peer at once.
+    let (ack, _) = h.reg_ext("198.18.0.3:3000", U1, 3);
+    assert_eq!(ack, b"ACK 198.18.0.3:3000 198.18.0.2:2000\n");
+}
+
+#[test]
+fn a_member_silent_for_the_unpaired_timeout_can_be_replaced() {
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:1000", U1);
+    h.reg("198.18.0.2:2000", U1);
+    // The second peer keeps the session alive; the first one crashed at t=0.
+    for t in [10.0, 20.0, 29.0] {
+        h.at(t);
+        h.reg("198.18.0.2:2000", U1);
+    }
+    assert_eq!(
+        h.reg("198.18.0.3:3000", U1),
+        b"ERR full\n",
+        "29 s of silence is not yet stale"
+    );
+    h.at(30.0);
+    assert_eq!(h.reg("198.18.0.3:3000", U1), b"ACK\n");
+    assert_eq!(h.relay.stats().stale_replaced, 1);
+    assert_eq!(
+        h.data("198.18.0.2:2000"),
+        Outcome::Forward(addr("198.18.0.3:3000"))
+    );
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+}

@@ -1,0 +1,407 @@
+//! The one UDP socket a peer uses for everything, and the `quinn::AsyncUdpSocket` wrapper that
+//! lets Quinn share it with relay registration and hole punching.
+//!
+//! Why one socket: the NAT mapping that the relay and the peer know belongs to a socket. Handing
+//! Quinn a second socket on the same port loses that traffic to whichever socket the kernel
+//! picks (for a *connected* socket: always that one; see the crate docs), and closing the
+//! registration socket first leaves a gap the NAT may not survive.
+//!
+//! Why a wrapper: Quinn drops datagrams that are not QUIC and would never see relay replies or
+//! punch packets; and plain QUIC cannot change the *server's* address under a live connection.
+//! So Quinn talks to one stable, virtual peer address, and the wrapper maps it to the path in use
+//! (the relay, or the hole-punched direct address) on every send, and maps every datagram from
+//! the peer (through either path) back to it.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use quic_relay::proto::Reply;
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+use tracing::{debug, trace};
+
+use crate::punch::{self, PunchPacket};
+use crate::Error;
+
+/// The address Quinn believes the peer has. Never put on the wire: the wrapper replaces it with
+/// the relay's or the direct path's address. Loopback, so that even a bug could not leak traffic
+/// off the machine.
+pub const VIRTUAL_PEER: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 255, 255, 254)), 1);
+
+/// Receive and send buffers: a QUIC flow at a few hundred Mbit/s needs more than the default.
+const SOCKET_BUFFER_BYTES: usize = 2 << 20;
+
+/// Control datagrams queued for the driver; it reads them within milliseconds, and excess ones
+/// (a flood of fake punches) are dropped rather than buffered.
+const CONTROL_QUEUE: usize = 256;
+
+/// Which way datagrams to the peer go now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Through the relay.
+    Relay,
+    /// Straight to the peer's (hole-punched) address.
+    Direct(SocketAddr),
+}
+
+impl Path {
+    /// `"direct"` or `"relay"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Path::Relay => "relay",
+            Path::Direct(_) => "direct",
+        }
+    }
+}
+
+/// A control datagram for the driver.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Relay(Reply),
+    Punch {
+        from: SocketAddr,
+        packet: PunchPacket,
+    },
+}
+
+/// Counters, readable while the connection runs.
+#[derive(Debug, Default)]
+pub struct SocketStats {
+    /// Datagrams from the peer through the relay.
+    pub rx_relay: AtomicU64,
+    /// Datagrams from the peer's direct address.
+    pub rx_direct: AtomicU64,
+    /// Datagrams (or GSO batches) sent through the relay.
+    pub tx_relay: AtomicU64,
+    /// Datagrams (or GSO batches) sent on the direct path.
+    pub tx_direct: AtomicU64,
+    /// Relay replies and punch packets taken out of Quinn's stream.
+    pub control: AtomicU64,
+    /// Control datagrams dropped because the driver's queue was full.
+    pub control_dropped: AtomicU64,
+}
+
+#[derive(Debug)]
+struct PathState {
+    path: Path,
+    /// Last datagram from the peer on any path, or a relay reply: silence means the path broke.
+    last_rx: Instant,
+}
+
+/// State shared by the wrapper (Quinn's side) and the driver (registration and punching).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: Mutex<PathState>,
+    pub(crate) stats: SocketStats,
+}
+
+impl Shared {
+    pub(crate) fn path(&self) -> Path {
+        self.state.lock().expect("path lock poisoned").path
+    }
+
+    pub(crate) fn set_path(&self, path: Path) -> bool {
+        let mut s = self.state.lock().expect("path lock poisoned");
+        let changed = s.path != path;
+        s.path = path;
+        changed
+    }
+
+    pub(crate) fn last_rx(&self) -> Instant {
+        self.state.lock().expect("path lock poisoned").last_rx
+    }
+
+    fn touch(&self) {
+        self.state.lock().expect("path lock poisoned").last_rx = Instant::now();
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// The peer's UDP socket, shared by Quinn and the driver.
+#[derive(Debug)]
+pub struct PeerSocket {
+    io: tokio::net::UdpSocket,
+    inner: UdpSocketState,
+    relay: SocketAddr,
+    v6: bool,
+    pub(crate) shared: Arc<Shared>,
+    control_tx: mpsc::Sender<Control>,
+}
+
+impl PeerSocket {
+    /// Builds the socket with socket2 (`SO_REUSEADDR` and `SO_REUSEPORT`, so an application may
+    /// share the port; see the crate docs for what that implies), bound to `bind`.
+    pub(crate) fn bind(
+        bind: SocketAddr,
+        relay: SocketAddr,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<Control>), Error> {
+        let map = |what: &'static str| {
+            move |source| Error::Socket {
+                addr: bind,
+                what,
+                source,
+            }
+        };
+        let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(map("create"))?;
+        if bind.is_ipv6() {
+            // Dual-stack, so an IPv6-bound peer can still reach an IPv4 relay.
+            socket.set_only_v6(false).map_err(map("IPV6_V6ONLY"))?;
+        }
+        socket
+            .set_reuse_address(true)
+            .map_err(map("SO_REUSEADDR"))?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true).map_err(map("SO_REUSEPORT"))?;
+        let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+        let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+        socket.set_nonblocking(true).map_err(map("O_NONBLOCK"))?;
+        socket.bind(&bind.into()).map_err(map("bind"))?;
+        Self::from_std(socket.into(), relay)
+    }
+
+    /// Wraps a socket the application already holds (non-blocking is set here). The NAT mapping
+    /// it owns is kept: nothing is closed or rebound.
+    pub(crate) fn from_std(
+        socket: std::net::UdpSocket,
+        relay: SocketAddr,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<Control>), Error> {
+        let local = socket.local_addr().map_err(|source| Error::Socket {
+            addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+            what: "getsockname",
+            source,
+        })?;
+        let map = |what: &'static str| {
+            move |source| Error::Socket {
+                addr: local,
+                what,
+                source,
+            }
+        };
+        socket.set_nonblocking(true).map_err(map("O_NONBLOCK"))?;
+        if local.is_ipv4() && relay.is_ipv6() {
+            return Err(Error::AddressFamily { local, relay });
+        }
+        let inner = UdpSocketState::new((&socket).into()).map_err(map("configure"))?;
+        let io = tokio::net::UdpSocket::from_std(socket).map_err(map("register with tokio"))?;
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(PathState {
+                path: Path::Relay,
+                last_rx: Instant::now(),
+            }),
+            stats: SocketStats::default(),
+        });
+        let s = PeerSocket {
+            io,
+            inner,
+            relay: canonical(relay),
+            v6: local.is_ipv6(),
+            shared,
+            control_tx,
+        };
+        Ok((Arc::new(s), control_rx))
+    }
+
+    /// `a` as this socket's family wants it (IPv4 peers as IPv4-mapped on an IPv6 socket).
+    fn wire(&self, a: SocketAddr) -> SocketAddr {
+        match (self.v6, a.ip()) {
+            (true, IpAddr::V4(v4)) => SocketAddr::new(v4.to_ipv6_mapped().into(), a.port()),
+            _ => a,
+        }
+    }
+
+    /// The address Quinn uses for the peer, in this socket's family.
+    pub fn virtual_peer(&self) -> SocketAddr {
+        self.wire(VIRTUAL_PEER)
+    }
+
+    /// The relay's address.
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    /// Sends a control datagram (registration, punch) from the shared socket.
+    pub(crate) async fn send_control(&self, dst: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        self.io.send_to(bytes, self.wire(dst)).await.map(|_| ())
+    }
+
+    /// Sends a control datagram without waiting (from `Drop`); a full buffer loses it.
+    pub(crate) fn try_send_control(&self, dst: SocketAddr, bytes: &[u8]) {
+        let _ = self.io.try_send_to(bytes, self.wire(dst));
+    }
+
+    /// Takes relay replies and punch packets out of a received buffer (GRO: several datagrams of
+    /// `stride` bytes each), hands them to the driver, and returns the bytes left for Quinn.
+    fn demux(&self, from: SocketAddr, buf: &mut [u8], len: usize, stride: usize) -> usize {
+        let from = canonical(from);
+        let from_relay = from == self.relay;
+        let stride = if stride == 0 { len } else { stride };
+        let mut write = 0;
+        let mut read = 0;
+        let mut data = 0u64;
+        while read < len {
+            let end = (read + stride).min(len);
+            let seg = &buf[read..end];
+            let control = if from_relay {
+                Reply::parse(seg).map(Control::Relay)
+            } else {
+                PunchPacket::decode(seg).map(|packet| Control::Punch { from, packet })
+            };
+            match control {
+                Some(c) => {
+                    self.shared.stats.control.fetch_add(1, Ordering::Relaxed);
+                    trace!(%from, ?c, "control datagram");
+                    if self.control_tx.try_send(c).is_err() {
+                        self.shared
+                            .stats
+                            .control_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                None => {
+                    // Keep it for Quinn; close the gap a removed control datagram left, which
+                    // keeps every segment but the last `stride` long, as GRO requires.
+                    if write != read {
+                        buf.copy_within(read..end, write);
+                    }
+                    write += end - read;
+                    data += 1;
+                }
+            }
+            read = end;
+        }
+        if data > 0 || from_relay {
+            self.shared.touch();
+        }
+        let counter = if from_relay {
+            &self.shared.stats.rx_relay
+        } else {
+            &self.shared.stats.rx_direct
+        };
+        counter.fetch_add(data, Ordering::Relaxed);
+        write
+    }
+}
+
+impl AsyncUdpSocket for PeerSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Poller {
+            socket: self,
+            fut: None,
+        })
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        if canonical(transmit.destination) != VIRTUAL_PEER {
+            // Quinn only ever talks to the virtual peer; anything else is a bug, and sending it
+            // to a real address could reach a stranger.
+            debug!(dst = %transmit.destination, "dropping a transmit to a non-peer address");
+            return Ok(());
+        }
+        let (dst, counter) = match self.shared.path() {
+            Path::Direct(a) => (a, &self.shared.stats.tx_direct),
+            Path::Relay => (self.relay, &self.shared.stats.tx_relay),
+        };
+        let t = Transmit {
+            destination: self.wire(dst),
+            ecn: transmit.ecn,
+            contents: transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: transmit.src_ip,
+        };
+        self.io.try_io(Interest::WRITABLE, || {
+            self.inner.send((&self.io).into(), &t)
+        })?;
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.io.poll_recv_ready(cx))?;
+            let Ok(n) = self.io.try_io(Interest::READABLE, || {
+                self.inner.recv((&self.io).into(), bufs, meta)
+            }) else {
+                continue;
+            };
+            let peer = self.virtual_peer();
+            for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
+                // Zero length is what Quinn skips: a buffer that held only control datagrams.
+                m.len = self.demux(m.addr, buf, m.len, m.stride);
+                m.addr = peer;
+            }
+            return Poll::Ready(Ok(n));
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.gro_segments()
+    }
+}
+
+type WritableFuture = Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send + Sync>>;
+
+/// Waits for the socket to become writable, for one Quinn task.
+struct Poller {
+    socket: Arc<PeerSocket>,
+    fut: Option<WritableFuture>,
+}
+
+impl std::fmt::Debug for Poller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Poller").finish_non_exhaustive()
+    }
+}
+
+impl UdpPoller for Poller {
+    fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.fut.is_none() {
+            let socket = self.socket.clone();
+            self.fut = Some(Box::pin(async move { socket.io.writable().await }));
+        }
+        let fut = self.fut.as_mut().expect("set above");
+        let r = std::task::ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        Poll::Ready(r)
+    }
+}
+
+/// Is this datagram one of ours rather than QUIC? Exposed for tests of the demultiplexer.
+#[doc(hidden)]
+pub fn is_control(from_relay: bool, datagram: &[u8]) -> bool {
+    if from_relay {
+        Reply::parse(datagram).is_some()
+    } else {
+        punch::PunchPacket::decode(datagram).is_some()
+    }
+}
