@@ -36,6 +36,8 @@
 //! steal all of it, or none: do not keep one open. Use [`Peer::from_socket`] to hand the SDK a
 //! socket the application already holds instead.
 
+#![warn(missing_docs)]
+
 pub mod punch;
 pub mod rendezvous;
 pub mod socket;
@@ -282,7 +284,20 @@ impl Peer {
     }
 
     /// Uses a socket the application already holds (and whose NAT mapping it wants to keep),
-    /// with the first relay in [`Options::relay_order`].
+    /// with the first relay in [`Options::relay_order`]. The socket is not closed or rebound:
+    /// the registration, the keepalives, the punching and QUIC all use it.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), peer_sdk::Error> {
+    /// use peer_sdk::{ClientTls, Options, Peer, Uuid};
+    /// let socket = std::net::UdpSocket::bind("0.0.0.0:5000").unwrap();
+    /// let relay = "198.18.0.1:4433".parse().unwrap();
+    /// let peer = Peer::from_socket(socket, Options::new(relay, Uuid::from_u128(1))).await?;
+    /// println!("registered; the relay sees us at {:?}", peer.status().observed);
+    /// let pin = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".parse()?;
+    /// let conn = peer.connect(ClientTls::Pinned(pin)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn from_socket(socket: std::net::UdpSocket, opts: Options) -> Result<Peer, Error> {
         let relay = *opts.relay_order().first().ok_or(Error::RelayUnreachable {
             relay: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -480,6 +495,20 @@ pub async fn connect(opts: Options, tls: ClientTls) -> Result<PeerConnection, Er
 }
 
 /// Accepts the peer's connection: direct when hole punching works, the relay otherwise.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), peer_sdk::Error> {
+/// use peer_sdk::{Identity, Options, ServerTls, Uuid};
+/// let identity = Identity::generate()?;
+/// // Hand this to the dialer out of band, with the session id.
+/// println!("pin: {}", identity.fingerprint());
+/// let relay = "198.18.0.1:4433".parse().unwrap();
+/// let conn = peer_sdk::accept(Options::new(relay, Uuid::from_u128(1)), ServerTls::Identity(identity)).await?;
+/// while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+///     tokio::spawn(async move { tokio::io::copy(&mut recv, &mut send).await });
+/// }
+/// # Ok(()) }
+/// ```
 pub async fn accept(opts: Options, tls: ServerTls) -> Result<PeerConnection, Error> {
     Peer::bind(opts).await?.accept(tls).await
 }

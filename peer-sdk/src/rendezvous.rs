@@ -209,11 +209,7 @@ impl Driver {
             PROBE_INTERVAL
         };
         self.next_probe = Some(now + interval);
-        let nonce: u64 = rand::random();
-        if self.nonces.len() == MAX_NONCES {
-            self.nonces.remove(0);
-        }
-        self.nonces.push(nonce);
+        let nonce = self.new_nonce();
         let probe = self
             .key
             .packet(Kind::Probe, self.cfg.peer_id, nonce)
@@ -246,6 +242,15 @@ impl Driver {
         if self.cfg.punch {
             self.punch_tick(now).await;
         }
+    }
+
+    fn new_nonce(&mut self) -> u64 {
+        let nonce: u64 = rand::random();
+        if self.nonces.len() == MAX_NONCES {
+            self.nonces.remove(0);
+        }
+        self.nonces.push(nonce);
+        nonce
     }
 
     fn set_path(&mut self, path: Path) {
@@ -306,6 +311,17 @@ impl Driver {
                             .packet(Kind::Reply, self.cfg.peer_id, packet.nonce)
                             .encode();
                         self.send(from, &reply).await;
+                        // The peer probes from an address we are not using (its NAT rebound, or
+                        // it is the symmetric side of a punch): probe back at once, so its
+                        // reply can move us there without waiting for the next round.
+                        if self.cfg.punch && self.socket.shared.path() != Path::Direct(from) {
+                            let nonce = self.new_nonce();
+                            let probe = self
+                                .key
+                                .packet(Kind::Probe, self.cfg.peer_id, nonce)
+                                .encode();
+                            self.send(from, &probe).await;
+                        }
                     }
                     Kind::Reply => {
                         if !self.nonces.contains(&packet.nonce) {
