@@ -1,0 +1,967 @@
+//! The lab itself: builds the namespaces, links, addresses and NAT rules of one topology, runs
+//! code and processes inside it, measures how its NATs behave, and removes it all on drop.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use tracing::{debug, warn};
+
+use crate::nat::{self, NatType, PortMapping, WAN_IF};
+use crate::probe::{
+    self, FilterObservation, FilteringKind, MappingKind, ProbeOptions, ProbeServers,
+    PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,
+};
+use crate::tools::{self, run, run_with_input, Tools};
+use crate::wire::{LinkShape, Wire};
+use crate::{cleanup, sys};
+
+/// One of the two peers (and its router).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// Peer A, behind router A.
+    A,
+    /// Peer B, behind router B.
+    B,
+}
+
+impl Side {
+    /// Both sides, A first.
+    pub const BOTH: [Side; 2] = [Side::A, Side::B];
+
+    fn index(self) -> usize {
+        match self {
+            Side::A => 0,
+            Side::B => 1,
+        }
+    }
+
+    /// The third octet of this side's addresses: 198.18.N.x public, 100.64.N.x private.
+    fn octet(self) -> u8 {
+        match self {
+            Side::A => 1,
+            Side::B => 2,
+        }
+    }
+
+    fn letter(self) -> &'static str {
+        match self {
+            Side::A => "a",
+            Side::B => "b",
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::A => "A",
+            Side::B => "B",
+        })
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LabConfig {
+    /// How peer A reaches the public side.
+    pub a: NatType,
+    /// How peer B reaches the public side.
+    pub b: NatType,
+    /// Delay/loss/rate applied to each peer site's link to the public segment (router A's and
+    /// router B's WAN links, or the peer's own link for [`NatType::None`]), in both directions.
+    /// The relay's link is never shaped, so a peer-to-relay round trip crosses one shaped link
+    /// twice and a direct peer-to-peer round trip crosses two shaped links twice.
+    pub shape: Option<LinkShape>,
+}
+
+impl LabConfig {
+    /// Peer A behind `a`, peer B behind `b`, no shaping.
+    pub fn new(a: NatType, b: NatType) -> Self {
+        LabConfig { a, b, shape: None }
+    }
+
+    /// The same with `shape` on both peers' links.
+    pub fn with_shape(mut self, shape: LinkShape) -> Self {
+        self.shape = Some(shape);
+        self
+    }
+
+    /// The NAT type of `side`.
+    pub fn nat(&self, side: Side) -> NatType {
+        match side {
+            Side::A => self.a,
+            Side::B => self.b,
+        }
+    }
+}
+
+/// Start of every lab namespace name: `nl<pid>x<n>-<role>`. [`cleanup`] matches it.
+pub const NAME_PREFIX: &str = "nl";
+
+/// The prefix length of public addresses: the whole 198.18.0.0/15 benchmark range is one segment.
+const PUBLIC_PREFIX_LEN: u8 = 15;
+/// The prefix length of each peer's private network (100.64.N.0/24).
+const PRIVATE_PREFIX_LEN: u8 = 24;
+
+/// A running NAT lab. Dropping it (also while unwinding from a panic) kills the processes it
+/// spawned, stops its threads and deletes its namespaces, which removes every interface and rule.
+///
+/// Topology (NAT types other than `none`; addresses for side A, B uses .2 instead of .1):
+///
+/// ```text
+///  peer A ns            router A ns                 public ns          relay ns
+///  eth0 100.64.1.2 ---- lan 100.64.1.1                br0 --+---------- eth0 198.18.0.1
+///  (default via .1)     wan 198.18.1.1 ------- wa ---+      |               198.18.0.2
+///                       nftables NAT + forwarding     wb ---+  (probe servers :3478, :3479)
+/// ```
+///
+/// With `none`, peer A's own `eth0` (198.18.1.2) takes the router's place on the public segment.
+#[derive(Debug)]
+pub struct Lab {
+    config: LabConfig,
+    prefix: String,
+    /// Every namespace created so far, in creation order; deleted in reverse on drop.
+    namespaces: Vec<String>,
+    /// Process groups of spawned children, killed on drop.
+    children: Mutex<Vec<u32>>,
+    /// Per side: how the router's rules are set now (they are regenerated on changes).
+    routers: Mutex<[RouterState; 2]>,
+    servers: Option<ProbeServers>,
+    wires: Vec<Wire>,
+    probe_opts: ProbeOptions,
+    filter_rounds: u32,
+}
+
+/// Per-process counter that makes each lab's prefix unique among labs of the same process.
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Builds a lab. Takes about a tenth of a second; needs root and the tools named in
+    /// [`DEBIAN_PACKAGES`](crate::DEBIAN_PACKAGES) (start tests with
+    /// [`require_lab!`](crate::require_lab!)).
+    ///
+    /// The first lab of a process also removes leftovers of labs whose process has died.
+    pub fn new(config: LabConfig) -> Result<Lab> {
+        if let Some(reason) = tools::lab_unavailable() {
+            bail!("netlab cannot run here: {reason}");
+        }
+        static STALE: Once = Once::new();
+        STALE.call_once(|| {
+            if let Err(e) = cleanup::remove_stale(false) {
+                warn!(error = %e, "could not remove stale lab namespaces");
+            }
+        });
+        let prefix = format!(
+            "{NAME_PREFIX}{}x{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let (probe_opts, filter_rounds) = probe_patience(config.shape);
+        let mut lab = Lab {
+            config,
+            prefix,
+            namespaces: Vec::new(),
+            children: Mutex::new(Vec::new()),
+            routers: Mutex::new([RouterState::default(); 2]),
+            servers: None,
+            wires: Vec::new(),
+            probe_opts,
+            filter_rounds,
+        };
+        // On error `lab` is dropped here, which removes whatever was built so far.
+        lab.build()
+            .with_context(|| format!("building lab {} ({:?})", lab.prefix, lab.config))?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let t = tools::tools_or_err()?;
+        let public = self.public_ns();
+        let relay = self.relay_ns();
+        self.add_ns(t, &public)?;
+        ip(t, &public, "link add br0 type bridge")?;
+        ip(t, &public, "link set br0 up")?;
+
+        self.add_ns(t, &relay)?;
+        ip(
+            t,
+            &relay,
+            &format!("link add eth0 type veth peer name relay netns {public}"),
+        )?;
+        ip(t, &public, "link set relay master br0 up")?;
+        for addr in [RELAY_IP, RELAY_IP2] {
+            ip(
+                t,
+                &relay,
+                &format!("addr add {addr}/{PUBLIC_PREFIX_LEN} dev eth0"),
+            )?;
+        }
+        ip(t, &relay, "link set eth0 up")?;
+
+        for side in Side::BOTH {
+            self.build_side(t, side)?;
+        }
+        self.servers = Some(ProbeServers::start(&relay)?);
+        debug!(prefix = %self.prefix, config = ?self.config, "lab up");
+        Ok(())
+    }
+
+    fn build_side(&mut self, t: &Tools, side: Side) -> Result<()> {
+        let public = self.public_ns();
+        let peer = self.peer_ns(side);
+        self.add_ns(t, &peer)?;
+        // The namespace and interface that sit on the public segment: the router, or the peer.
+        let (site, site_if) = match self.router_ns(side) {
+            Some(r) => {
+                self.add_ns(t, &r)?;
+                (r, WAN_IF)
+            }
+            None => (peer.clone(), "eth0"),
+        };
+        // The site's port on the public bridge.
+        let port = format!("w{}", side.letter());
+        match self.config.shape {
+            None => ip(
+                t,
+                &site,
+                &format!("link add {site_if} type veth peer name {port} netns {public}"),
+            )?,
+            Some(shape) => {
+                let site_tap = open_tap_in(&site, site_if)?;
+                let public_tap = open_tap_in(&public, &port)?;
+                let name = format!("{}-{port}", self.prefix);
+                self.wires
+                    .push(Wire::start(site_tap, public_tap, shape, &name)?);
+            }
+        }
+        ip(t, &public, &format!("link set {port} master br0 up"))?;
+        let public_ip = self.public_ip(side);
+        ip(
+            t,
+            &site,
+            &format!("addr add {public_ip}/{PUBLIC_PREFIX_LEN} dev {site_if}"),
+        )?;
+        ip(t, &site, &format!("link set {site_if} up"))?;
+
+        let (Some(router), Some(lan_ip)) = (self.router_ns(side), self.router_lan_ip(side)) else {
+            return Ok(());
+        };
+        let peer_ip = self.peer_ip(side);
+        ip(
+            t,
+            &router,
+            &format!("link add lan type veth peer name eth0 netns {peer}"),
+        )?;
+        ip(
+            t,
+            &router,
+            &format!("addr add {lan_ip}/{PRIVATE_PREFIX_LEN} dev lan"),
+        )?;
+        ip(t, &router, "link set lan up")?;
+        ip(
+            t,
+            &peer,
+            &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
+        )?;
+        ip(t, &peer, "link set eth0 up")?;
+        ip(t, &peer, &format!("route add default via {lan_ip}"))?;
+        // Forwarding is a per-namespace setting: only routers forward, and nothing here touches
+        // the host's own setting.
+        write_sysctls(&router, &[("net/ipv4/ip_forward", "1")])?;
+        self.load_rules(t, side)?;
+        Ok(())
+    }
+
+    fn add_ns(&mut self, t: &Tools, name: &str) -> Result<()> {
+        run(&t.ip, &["netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        // IPv6 off before any interface exists: no router solicitations or MLD reports, so the
+        // lab carries only the IPv4 traffic tests send, all inside 198.18.0.0/15 and 100.64.0.0/10.
+        write_sysctls(
+            name,
+            &[
+                ("net/ipv6/conf/all/disable_ipv6", "1"),
+                ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ],
+        )?;
+        ip(t, name, "link set lo up")
+    }
+
+    /// (Re)loads router `side`'s rules from its current [`RouterState`].
+    fn load_rules(&self, t: &Tools, side: Side) -> Result<()> {
+        let (Some(router), Some(wan_ip)) = (self.router_ns(side), self.router_wan_ip(side)) else {
+            return Ok(());
+        };
+        let state = self.router_state(side, |s| *s);
+        let nat = self.config.nat(side);
+        let Some(rules) = nat::ruleset(nat, wan_ip, state.mapping, state.fullcone_timeout_s) else {
+            return Ok(());
+        };
+        netns_exec(t, &router, &t.nft, &["-f", "-"], Some(&rules))
+            .with_context(|| format!("loading NAT rules into {router}:\n{rules}"))?;
+        Ok(())
+    }
+
+    /// What this lab was built from.
+    pub fn config(&self) -> &LabConfig {
+        &self.config
+    }
+
+    /// The NAT type of `side`.
+    pub fn nat(&self, side: Side) -> NatType {
+        self.config.nat(side)
+    }
+
+    /// The unique start of every namespace name of this lab (`nl<pid>x<n>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Every namespace this lab created.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    fn ns_name(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    /// The "internet": the namespace holding the bridge every public interface plugs into.
+    pub fn public_ns(&self) -> String {
+        self.ns_name("pub")
+    }
+
+    /// The relay host's namespace (addresses [`RELAY_IP`] and [`RELAY_IP2`]); run a relay here.
+    pub fn relay_ns(&self) -> String {
+        self.ns_name("relay")
+    }
+
+    /// The namespace of peer `side`.
+    pub fn peer_ns(&self, side: Side) -> String {
+        self.ns_name(side.letter())
+    }
+
+    /// The namespace of router `side`; `None` when that peer has no NAT.
+    pub fn router_ns(&self, side: Side) -> Option<String> {
+        self.nat(side)
+            .has_router()
+            .then(|| self.ns_name(&format!("r{}", side.letter())))
+    }
+
+    /// The relay host's first address (probe servers on ports [`PROBE_PORT`] and
+    /// [`PROBE_ALT_PORT`]; other ports are free for tests).
+    pub fn relay_ip(&self) -> Ipv4Addr {
+        RELAY_IP
+    }
+
+    /// The relay host's second address (probe server on [`PROBE_PORT`]).
+    pub fn relay_ip2(&self) -> Ipv4Addr {
+        RELAY_IP2
+    }
+
+    /// The address of peer `side`'s interface: private 100.64.N.2 behind a router, public
+    /// 198.18.N.2 with no NAT.
+    pub fn peer_ip(&self, side: Side) -> Ipv4Addr {
+        if self.nat(side).has_router() {
+            Ipv4Addr::new(100, 64, side.octet(), 2)
+        } else {
+            Ipv4Addr::new(198, 18, side.octet(), 2)
+        }
+    }
+
+    /// The public address peer `side`'s traffic comes from: its router's WAN address, or its own.
+    pub fn public_ip(&self, side: Side) -> Ipv4Addr {
+        self.router_wan_ip(side)
+            .unwrap_or_else(|| self.peer_ip(side))
+    }
+
+    /// Router `side`'s public address (198.18.N.1); `None` with no NAT.
+    pub fn router_wan_ip(&self, side: Side) -> Option<Ipv4Addr> {
+        self.nat(side)
+            .has_router()
+            .then(|| Ipv4Addr::new(198, 18, side.octet(), 1))
+    }
+
+    /// Router `side`'s address on the peer's network (100.64.N.1, the peer's gateway).
+    pub fn router_lan_ip(&self, side: Side) -> Option<Ipv4Addr> {
+        self.nat(side)
+            .has_router()
+            .then(|| Ipv4Addr::new(100, 64, side.octet(), 1))
+    }
+
+    /// The probe server at [`RELAY_IP`]:[`PROBE_PORT`], for [`probe::observed_addr`].
+    pub fn probe_server(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(RELAY_IP, PROBE_PORT)
+    }
+
+    /// Probe patience fitted to this lab's shaping (longer with delay, more tries with loss).
+    pub fn probe_options(&self) -> ProbeOptions {
+        self.probe_opts
+    }
+
+    /// Runs `f` on a new thread inside namespace `ns` and returns its result.
+    ///
+    /// Sockets `f` creates (std, socket2, tokio) belong to `ns`, and so do threads it starts,
+    /// including the workers of a tokio runtime built inside `f`. A panic in `f` is resumed here,
+    /// so assertions inside `f` fail the test as usual.
+    pub fn run_in<T, F>(&self, ns: &str, f: F) -> Result<T>
+    where
+        F: FnOnce() -> T + Send,
+        T: Send,
+    {
+        run_in_netns(ns, f)
+    }
+
+    /// Starts `f` on a new thread inside namespace `ns`, for servers a test runs while it goes
+    /// on (a relay in [`Lab::relay_ns`], say). The caller owns the thread and must make `f`
+    /// return (a stop flag, a closed socket) before the lab is dropped.
+    pub fn spawn_thread<T, F>(&self, ns: &str, f: F) -> Result<JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let fd = sys::open_netns(ns)?;
+        let ns_owned = ns.to_owned();
+        std::thread::Builder::new()
+            .name(format!("netns-{ns}"))
+            .spawn(move || {
+                if let Err(e) = sys::setns_net(fd.as_fd()) {
+                    panic!("cannot enter namespace {ns_owned}: {e}");
+                }
+                drop(fd);
+                f()
+            })
+            .context("spawn thread")
+    }
+
+    /// Spawns `cmd` inside namespace `ns`, keeping everything set on it (arguments, environment,
+    /// stdio, working directory). The child is killed (with its process group) when the lab is
+    /// dropped, if it has not exited before.
+    ///
+    /// The child enters the namespace between fork and exec (like `ip netns exec`, without the
+    /// `/sys` remount, which nothing here needs); it becomes a process-group leader.
+    pub fn spawn(&self, ns: &str, mut cmd: Command) -> Result<Child> {
+        let fd = sys::open_netns(ns)?;
+        sys::enter_netns_on_exec(&mut cmd, fd);
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {:?} in {ns}", cmd.get_program()))?;
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
+        Ok(child)
+    }
+
+    /// Empties router `side`'s connection tracking table (`conntrack -F`): every NAT mapping is
+    /// forgotten, and replies to old flows are dropped until the inside sends again.
+    ///
+    /// What the next packet of an old socket gets depends on the NAT type. Symmetric picks a
+    /// new random port. `masquerade` (port-restricted, full-cone, udp-blocked's TCP) keeps the
+    /// inside port whenever it is free, so the mapping usually comes back unchanged; use
+    /// [`Lab::rebind`] for a mapping that really moves.
+    pub fn flush_conntrack(&self, side: Side) -> Result<()> {
+        let t = tools::tools_or_err()?;
+        let router = self
+            .router_ns(side)
+            .ok_or_else(|| anyhow!("peer {side} has no router (NAT type none)"))?;
+        netns_exec(t, &router, &t.conntrack, &["-F"], None)?;
+        Ok(())
+    }
+
+    /// Simulates a NAT rebinding on router `side`: every mapping is forgotten and the next flow
+    /// of each inside socket leaves from a different public port, while the NAT keeps its
+    /// mapping and filtering behaviour.
+    ///
+    /// Symmetric NAT: a conntrack flush (it already picks random ports). Endpoint-independent
+    /// types: the router switches from `masquerade` to a deterministic hashed port mapping with a
+    /// fresh seed (one public port per inside endpoint, whatever the destination; ports
+    /// 1024-31023), then flushes conntrack. The full-cone map is emptied too.
+    pub fn rebind(&self, side: Side) -> Result<()> {
+        let t = tools::tools_or_err()?;
+        if !self.nat(side).has_router() {
+            bail!("peer {side} has no router (NAT type none): nothing to rebind");
+        }
+        if self.nat(side) != NatType::Symmetric {
+            self.router_state(side, |s| {
+                s.mapping = PortMapping::Hashed { seed: s.next_seed };
+                s.next_seed = s.next_seed.wrapping_add(1);
+            });
+            self.load_rules(t, side)?;
+        }
+        self.flush_conntrack(side)
+    }
+
+    /// Makes router `side` forget a UDP mapping after `secs` seconds without traffic (Linux's
+    /// defaults: 30 s for a flow that never got a reply, 120 s once it has). Sets both conntrack
+    /// UDP timeouts of the router namespace; for a full-cone router also how long its map
+    /// remembers the owner of a public port after the last outbound packet (which reloads its
+    /// rules, so the map starts empty and relearns from the next outbound packets).
+    ///
+    /// Lets tests of keepalives and mapping expiry run in seconds instead of minutes.
+    pub fn set_udp_timeout(&self, side: Side, secs: u32) -> Result<()> {
+        let t = tools::tools_or_err()?;
+        anyhow::ensure!(secs > 0, "a UDP timeout of 0 s would drop every reply");
+        let router = self
+            .router_ns(side)
+            .ok_or_else(|| anyhow!("peer {side} has no router (NAT type none)"))?;
+        let value = secs.to_string();
+        write_sysctls(
+            &router,
+            &[
+                ("net/netfilter/nf_conntrack_udp_timeout", &value),
+                ("net/netfilter/nf_conntrack_udp_timeout_stream", &value),
+            ],
+        )?;
+        if self.nat(side) == NatType::FullCone {
+            self.router_state(side, |s| s.fullcone_timeout_s = secs);
+            self.load_rules(t, side)?;
+        }
+        Ok(())
+    }
+
+    fn router_state<R>(&self, side: Side, f: impl FnOnce(&mut RouterState) -> R) -> R {
+        let mut routers = self.routers.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut routers[side.index()])
+    }
+
+    /// Takes peer `side`'s link to the public segment down (`up = false`) or back up: packets
+    /// to and from it are dropped meanwhile; NAT state in the router is kept.
+    pub fn set_link(&self, side: Side, up: bool) -> Result<()> {
+        let t = tools::tools_or_err()?;
+        let port = format!("w{}", side.letter());
+        let state = if up { "up" } else { "down" };
+        ip(t, &self.public_ns(), &format!("link set {port} {state}"))
+    }
+
+    /// From a fresh socket in peer `side`'s namespace, the public address the probe server at
+    /// [`RELAY_IP`] sees; `None` when no reply comes (UDP blocked).
+    pub fn probe_udp(&self, side: Side) -> Result<Option<SocketAddrV4>> {
+        let opts = self.probe_opts;
+        self.run_in(&self.peer_ns(side), move || {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            probe::observed_addr(&sock, SocketAddrV4::new(RELAY_IP, PROBE_PORT), opts)
+        })?
+        .context("UDP probe")
+    }
+
+    /// From a fresh socket in peer `side`'s namespace, the public addresses seen by three probe
+    /// servers: [`RELAY_IP`]:[`PROBE_PORT`], [`RELAY_IP2`]:[`PROBE_PORT`] and
+    /// [`RELAY_IP`]:[`PROBE_ALT_PORT`]. `None` when UDP gets no answer. Also returns the socket's
+    /// local port.
+    pub fn probe_mapping(&self, side: Side) -> Result<(u16, Option<[SocketAddrV4; 3]>)> {
+        let opts = self.probe_opts;
+        self.run_in(&self.peer_ns(side), move || -> Result<_> {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            let local_port = sock.local_addr()?.port();
+            let mut seen = Vec::with_capacity(3);
+            for server in [
+                SocketAddrV4::new(RELAY_IP, PROBE_PORT),
+                SocketAddrV4::new(RELAY_IP2, PROBE_PORT),
+                SocketAddrV4::new(RELAY_IP, PROBE_ALT_PORT),
+            ] {
+                match probe::observed_addr(&sock, server, opts)? {
+                    Some(addr) => seen.push(addr),
+                    None if seen.is_empty() => return Ok((local_port, None)),
+                    None => bail!("probe server {server} did not answer although another did"),
+                }
+            }
+            let seen: [SocketAddrV4; 3] = seen
+                .try_into()
+                .map_err(|_| anyhow!("three probes, three answers"))?;
+            Ok((local_port, Some(seen)))
+        })?
+    }
+
+    /// The mapping self-check: does peer `side` keep one public endpoint across destinations?
+    /// Errors when UDP gets no answer at all.
+    pub fn check_mapping(&self, side: Side) -> Result<MappingKind> {
+        let (_, seen) = self.probe_mapping(side)?;
+        let seen =
+            seen.ok_or_else(|| anyhow!("peer {side}: no UDP reply from the probe servers"))?;
+        Ok(mapping_kind(&seen))
+    }
+
+    /// The filtering self-check, raw: from a fresh socket, which unsolicited senders reach the
+    /// public endpoint it got. `None` when UDP gets no answer.
+    pub fn probe_filtering(&self, side: Side) -> Result<Option<FilterObservation>> {
+        let (opts, rounds) = (self.probe_opts, self.filter_rounds);
+        self.run_in(&self.peer_ns(side), move || {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            probe::observe_filtering(&sock, rounds, opts)
+        })?
+        .context("UDP filtering probe")
+    }
+
+    /// The filtering self-check: who may send to peer `side`'s public endpoint unasked.
+    /// Errors when UDP gets no answer at all.
+    pub fn check_filtering(&self, side: Side) -> Result<FilteringKind> {
+        self.probe_filtering(side)?
+            .map(|o| o.kind())
+            .ok_or_else(|| anyhow!("peer {side}: no UDP reply from the probe server"))
+    }
+
+    /// Connects over TCP from peer `side` to [`RELAY_IP`]:[`PROBE_PORT`]; `Ok(None)` when the
+    /// connection fails (TCP blocked or unreachable), else the public address the server saw.
+    pub fn probe_tcp(&self, side: Side) -> Result<Option<SocketAddrV4>> {
+        let timeout = self.probe_opts.timeout * self.probe_opts.attempts.max(1);
+        self.run_in(&self.peer_ns(side), move || {
+            probe::observed_tcp_addr(SocketAddrV4::new(RELAY_IP, PROBE_PORT), timeout).ok()
+        })
+    }
+
+    /// Measures how peer `side`'s network behaves: mapping, filtering, TCP.
+    pub fn nat_report(&self, side: Side) -> Result<NatReport> {
+        let (local_port, seen) = self.probe_mapping(side)?;
+        let udp = match seen {
+            None => None,
+            Some(seen) => {
+                let filtering = self.probe_filtering(side)?.ok_or_else(|| {
+                    anyhow!("peer {side}: the filtering probe got no reply, the mapping probe did")
+                })?;
+                Some(UdpReport {
+                    mapping: mapping_kind(&seen),
+                    translated: seen[0] != SocketAddrV4::new(self.peer_ip(side), local_port),
+                    observed: seen,
+                    filtering,
+                })
+            }
+        };
+        Ok(NatReport {
+            side,
+            nat: self.nat(side),
+            peer: SocketAddrV4::new(self.peer_ip(side), local_port),
+            udp,
+            tcp: self.probe_tcp(side)?,
+        })
+    }
+
+    /// Measures peer `side`'s network and checks it behaves as its NAT type says; the error
+    /// describes the difference.
+    pub fn self_check(&self, side: Side) -> Result<NatReport> {
+        let report = self.nat_report(side)?;
+        report.verify()?;
+        Ok(report)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let children = std::mem::take(self.children.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for pgid in children {
+            sys::kill_group(pgid);
+        }
+        // Threads first: they hold TAP devices and sockets of the namespaces.
+        self.servers = None;
+        self.wires.clear();
+        for ns in self.namespaces.drain(..).rev() {
+            if let Err(e) = cleanup::remove_ns(&ns) {
+                warn!(%ns, error = %e, "could not remove lab namespace");
+            }
+        }
+    }
+}
+
+/// The settings a router's rules are generated from.
+#[derive(Debug, Clone, Copy)]
+struct RouterState {
+    mapping: PortMapping,
+    /// The seed the next [`Lab::rebind`] uses.
+    next_seed: u32,
+    fullcone_timeout_s: u32,
+}
+
+impl Default for RouterState {
+    fn default() -> Self {
+        RouterState {
+            mapping: PortMapping::Masquerade,
+            next_seed: 1,
+            fullcone_timeout_s: nat::DEFAULT_FULLCONE_TIMEOUT_S,
+        }
+    }
+}
+
+/// Probe patience and filtering rounds for a lab with `shape` on the peers' links.
+fn probe_patience(shape: Option<LinkShape>) -> (ProbeOptions, u32) {
+    let base = ProbeOptions::default();
+    let Some(shape) = shape else {
+        return (base, 1);
+    };
+    let mut opts = ProbeOptions {
+        // A probe to the relay crosses one shaped link each way.
+        timeout: base.timeout + Duration::from_millis(2 * u64::from(shape.delay_ms)),
+        ..base
+    };
+    let mut rounds = 1;
+    if shape.is_lossy() {
+        opts.attempts = 10;
+        rounds = 3;
+    }
+    (opts, rounds)
+}
+
+fn mapping_kind(seen: &[SocketAddrV4; 3]) -> MappingKind {
+    if seen.iter().all(|s| *s == seen[0]) {
+        MappingKind::EndpointIndependent
+    } else {
+        MappingKind::EndpointDependent
+    }
+}
+
+/// What peer `side`'s UDP looked like to the probe servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpReport {
+    /// The public address seen by [`RELAY_IP`]:[`PROBE_PORT`], [`RELAY_IP2`]:[`PROBE_PORT`] and
+    /// [`RELAY_IP`]:[`PROBE_ALT_PORT`], from one socket.
+    pub observed: [SocketAddrV4; 3],
+    /// Same public address for all three destinations, or not.
+    pub mapping: MappingKind,
+    /// Which unsolicited senders reached a second fresh socket's public address.
+    pub filtering: FilterObservation,
+    /// The public address differs from the socket's own address (a NAT rewrote it).
+    pub translated: bool,
+}
+
+/// The result of measuring one peer's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatReport {
+    /// Which peer.
+    pub side: Side,
+    /// The NAT type the lab configured for it.
+    pub nat: NatType,
+    /// The probing socket's own address (the mapping probe's).
+    pub peer: SocketAddrV4,
+    /// `None`: no UDP reply at all.
+    pub udp: Option<UdpReport>,
+    /// The address a TCP connection to the relay came from; `None` when it failed.
+    pub tcp: Option<SocketAddrV4>,
+}
+
+/// How each NAT type must measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// Mapping and filtering, or `None` when UDP must be blocked.
+    pub udp: Option<(MappingKind, FilteringKind)>,
+    /// Whether the public address differs from the peer's own.
+    pub translated: bool,
+}
+
+impl NatType {
+    /// What [`Lab::nat_report`] must measure for this type.
+    pub fn expected(self) -> Expected {
+        use FilteringKind as F;
+        use MappingKind as M;
+        let (udp, translated) = match self {
+            NatType::None => (
+                Some((M::EndpointIndependent, F::EndpointIndependent)),
+                false,
+            ),
+            NatType::FullCone => (Some((M::EndpointIndependent, F::EndpointIndependent)), true),
+            NatType::PortRestricted => (
+                Some((M::EndpointIndependent, F::AddressAndPortDependent)),
+                true,
+            ),
+            NatType::Symmetric => (
+                Some((M::EndpointDependent, F::AddressAndPortDependent)),
+                true,
+            ),
+            NatType::UdpBlocked => (None, true),
+        };
+        Expected { udp, translated }
+    }
+}
+
+impl NatReport {
+    /// Checks the measurement against what the configured NAT type must show.
+    pub fn verify(&self) -> Result<()> {
+        let want = self.nat.expected();
+        let got = self.udp.map(|u| (u.mapping, u.filtering.kind()));
+        let mut problems = Vec::new();
+        if got != want.udp {
+            problems.push(match (want.udp, got) {
+                (None, Some(_)) => "UDP should be blocked but got replies".to_owned(),
+                (Some(_), None) => "UDP got no reply".to_owned(),
+                (Some((wm, wf)), Some((gm, gf))) => {
+                    format!("expected {wm} mapping / {wf} filtering, measured {gm} / {gf}")
+                }
+                (None, None) => unreachable!("equal"),
+            });
+        }
+        if let Some(u) = self.udp {
+            if u.translated != want.translated {
+                problems.push(format!(
+                    "address translation expected {}, measured {} ({} seen as {})",
+                    want.translated, u.translated, self.peer, u.observed[0]
+                ));
+            }
+        }
+        match self.tcp {
+            None => problems.push("TCP connect to the relay failed".to_owned()),
+            Some(seen) if (seen.ip() != self.peer.ip()) != want.translated => {
+                problems.push(format!("TCP source {seen} does not match the NAT type"));
+            }
+            Some(_) => {}
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!(
+                "peer {} behind {} does not behave as named: {}\n{self}",
+                self.side,
+                self.nat,
+                problems.join("; ")
+            )
+        }
+    }
+}
+
+impl fmt::Display for NatReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "peer {} ({}) socket {}: ",
+            self.side, self.nat, self.peer
+        )?;
+        match &self.udp {
+            None => write!(f, "UDP blocked")?,
+            Some(u) => write!(
+                f,
+                "UDP seen as {} / {} / {} -> {} mapping; unsolicited alt-port {} alt-addr {} -> {} \
+                 filtering",
+                u.observed[0],
+                u.observed[1],
+                u.observed[2],
+                u.mapping,
+                reach(u.filtering.alt_port_reached),
+                reach(u.filtering.alt_addr_reached),
+                u.filtering.kind()
+            )?,
+        }
+        match self.tcp {
+            Some(a) => write!(f, "; TCP ok, seen as {a}"),
+            None => write!(f, "; TCP failed"),
+        }
+    }
+}
+
+fn reach(b: bool) -> &'static str {
+    if b {
+        "reached"
+    } else {
+        "blocked"
+    }
+}
+
+/// [`Lab::run_in`] for any named namespace (one created with `ip netns add`).
+pub fn run_in_netns<T, F>(ns: &str, f: F) -> Result<T>
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    let fd = sys::open_netns(ns)?;
+    std::thread::scope(|s| {
+        let handle = std::thread::Builder::new()
+            .name(format!("netns-{ns}"))
+            .spawn_scoped(s, move || -> std::io::Result<T> {
+                sys::setns_net(fd.as_fd())?;
+                drop(fd);
+                Ok(f())
+            })
+            .context("spawn thread")?;
+        match handle.join() {
+            Ok(r) => r.with_context(|| format!("entering namespace {ns}")),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// `ip -n NS ARGS`, with `args` split at spaces (lab names and addresses have none).
+fn ip(t: &Tools, ns: &str, args: &str) -> Result<()> {
+    let mut full = vec!["-n", ns];
+    full.extend(args.split_ascii_whitespace());
+    run(&t.ip, &full).map(drop)
+}
+
+/// `ip netns exec NS program args...`, for tools without a namespace option of their own.
+fn netns_exec(
+    t: &Tools,
+    ns: &str,
+    program: &std::path::Path,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String> {
+    let program = program.to_str().context("tool path is not UTF-8")?;
+    let mut full = vec!["netns", "exec", ns, program];
+    full.extend_from_slice(args);
+    run_with_input(&t.ip, &full, input)
+}
+
+/// Creates a TAP interface inside namespace `ns` (the device belongs to the namespace of the
+/// thread that opens it).
+fn open_tap_in(ns: &str, ifname: &str) -> Result<std::fs::File> {
+    run_in_netns(ns, || sys::open_tap(ifname))?.with_context(|| format!("TAP {ifname} in {ns}"))
+}
+
+/// Writes `/proc/sys/<key>` as seen from inside namespace `ns` (the `net` sysctls are per
+/// namespace, resolved for the thread that opens them). Missing keys (no IPv6 in this kernel)
+/// are skipped.
+fn write_sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
+    run_in_netns(ns, || -> Result<()> {
+        for (key, value) in settings {
+            let path = std::path::Path::new("/proc/sys").join(key);
+            match std::fs::write(&path, value) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("write {}", path.display())),
+            }
+        }
+        Ok(())
+    })?
+    .with_context(|| format!("sysctls in {ns}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_can_be_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Lab>();
+    }
+
+    #[test]
+    fn expected_behaviour_per_type() {
+        use FilteringKind as F;
+        use MappingKind as M;
+        assert_eq!(
+            NatType::Symmetric.expected().udp,
+            Some((M::EndpointDependent, F::AddressAndPortDependent))
+        );
+        assert_eq!(NatType::UdpBlocked.expected().udp, None);
+        assert!(!NatType::None.expected().translated);
+    }
+
+    #[test]
+    fn shaped_labs_wait_longer_and_retry_more() {
+        let (plain, rounds) = probe_patience(None);
+        assert_eq!((plain, rounds), (ProbeOptions::default(), 1));
+        let (slow, _) = probe_patience(Some(LinkShape::delay(50)));
+        assert_eq!(slow.timeout, plain.timeout + Duration::from_millis(100));
+        let lossy = LinkShape {
+            loss_pct: 10.0,
+            ..LinkShape::default()
+        };
+        let (opts, rounds) = probe_patience(Some(lossy));
+        assert!(opts.attempts > plain.attempts && rounds > 1);
+    }
+}

@@ -1,0 +1,296 @@
+//! NAT types and the nftables ruleset that makes a Linux router namespace behave as each one.
+//!
+//! Pure text generation (tested below); the lab loads the text with `nft -f -`.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// How a peer reaches the public side.
+///
+/// Named after the classic STUN (RFC 3489) types; RFC 4787 terms are in each variant's doc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NatType {
+    /// No NAT: the peer has a public 198.18.x address on the public segment.
+    None,
+    /// Endpoint-independent mapping and endpoint-independent filtering: anyone who learns the
+    /// peer's public address:port can send to it. Built from `masquerade` plus a dynamic map that
+    /// remembers which inside endpoint owns each public port and DNATs unsolicited packets to it.
+    FullCone,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering: Linux `masquerade`.
+    PortRestricted,
+    /// Endpoint-dependent mapping (a new random public port for every destination) and
+    /// address-and-port-dependent filtering: `masquerade fully-random`.
+    Symmetric,
+    /// The router drops every forwarded UDP packet; TCP is port-restricted NAT as above.
+    UdpBlocked,
+}
+
+impl NatType {
+    /// Every type, in the order `netlab check` reports them.
+    pub const ALL: [NatType; 5] = [
+        NatType::None,
+        NatType::FullCone,
+        NatType::PortRestricted,
+        NatType::Symmetric,
+        NatType::UdpBlocked,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            NatType::None => "none",
+            NatType::FullCone => "full-cone",
+            NatType::PortRestricted => "port-restricted",
+            NatType::Symmetric => "symmetric",
+            NatType::UdpBlocked => "udp-blocked",
+        }
+    }
+
+    /// Whether the peer sits behind a router namespace (every type but [`NatType::None`]).
+    pub fn has_router(self) -> bool {
+        self != NatType::None
+    }
+}
+
+impl fmt::Display for NatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A NAT type name that is not one of [`NatType::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownNatType(pub String);
+
+impl fmt::Display for UnknownNatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = NatType::ALL.iter().map(|t| t.name()).collect();
+        write!(
+            f,
+            "unknown NAT type {:?}; expected one of: {}",
+            self.0,
+            names.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownNatType {}
+
+impl FromStr for NatType {
+    type Err = UnknownNatType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NatType::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| UnknownNatType(s.to_owned()))
+    }
+}
+
+/// How an endpoint-independent router picks public ports.
+///
+/// `masquerade` keeps the inside source port whenever that public port is free, which is what
+/// makes its mapping endpoint-independent, and also why flushing conntrack does not move a
+/// mapping: the next packet gets the same port back. To simulate a real rebinding (a NAT that
+/// forgot the mapping and hands out a new port), the lab switches the router to a hashed mapping
+/// with a fresh seed: still one public port per inside endpoint whatever the destination, but a
+/// different one after every rebind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PortMapping {
+    /// Plain `masquerade` (port-preserving when possible).
+    Masquerade,
+    /// `snat` to `HASHED_PORT_BASE + jhash(inside ip, inside port, seed) % HASHED_PORT_SPAN`.
+    Hashed { seed: u32 },
+}
+
+/// Lowest public port of the hashed mapping (above the privileged ports).
+const HASHED_PORT_BASE: u16 = 1024;
+/// Number of public ports of the hashed mapping: 1024..=31023, all below Linux's ephemeral range
+/// (32768..=60999) that inside sockets bind from, so the first rebind always moves a mapping that
+/// `masquerade` had left on the inside port.
+const HASHED_PORT_SPAN: u16 = 30000;
+
+/// How long, by default, the full-cone router remembers which inside endpoint owns a public port
+/// after the last outbound packet: Linux's UDP conntrack timeout for flows with replies
+/// (`nf_conntrack_udp_timeout_stream`), so a full-cone mapping lives as long as a masquerade one.
+pub(crate) const DEFAULT_FULLCONE_TIMEOUT_S: u32 = 120;
+
+/// The name of the router's interface towards the public segment.
+pub(crate) const WAN_IF: &str = "wan";
+
+/// The nftables ruleset (an `nft -f` script) that turns a router namespace into `nat`.
+///
+/// Replaces the lab's table atomically (the script first makes sure the table exists, then
+/// deletes and recreates it in the same transaction). `None` for [`NatType::None`]: no router.
+///
+/// `fullcone_timeout_s`: how long a full-cone mapping outlives the last outbound packet.
+pub(crate) fn ruleset(
+    nat: NatType,
+    wan_ip: Ipv4Addr,
+    mapping: PortMapping,
+    fullcone_timeout_s: u32,
+) -> Option<String> {
+    if nat == NatType::None {
+        return None;
+    }
+    let wan = WAN_IF;
+    let mut out = String::new();
+    out.push_str("table ip netlab\ndelete table ip netlab\ntable ip netlab {\n");
+    if nat == NatType::FullCone {
+        out.push_str(&format!(
+            "  map fullcone {{\n    type inet_service : ipv4_addr . inet_service\n    \
+             flags dynamic,timeout\n    timeout {fullcone_timeout_s}s\n    size 65536\n  }}\n"
+        ));
+    }
+    // A NAT needs a prerouting nat chain even when it has no rule: without one the kernel never
+    // sets up the inbound half of NAT for packets that start a flow from outside.
+    out.push_str(
+        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
+    );
+    if nat == NatType::FullCone {
+        // Unsolicited UDP to a public port someone inside owns goes to that owner.
+        out.push_str(&format!(
+            "    iifname \"{wan}\" meta l4proto udp dnat ip to udp dport map @fullcone\n"
+        ));
+    }
+    out.push_str("  }\n");
+    out.push_str(
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    match (nat, mapping) {
+        (NatType::Symmetric, _) => {
+            // A random public port per conntrack entry, so per destination: endpoint-dependent.
+            out.push_str(&format!("    oifname \"{wan}\" masquerade fully-random\n"));
+        }
+        (_, PortMapping::Masquerade) => {
+            out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
+        }
+        (_, PortMapping::Hashed { seed }) => {
+            for proto in ["udp", "tcp"] {
+                out.push_str(&format!(
+                    "    oifname \"{wan}\" meta l4proto {proto} snat ip to {wan_ip} : jhash ip saddr \
+                     . {proto} sport mod {HASHED_PORT_SPAN} seed {seed:#x} offset {HASHED_PORT_BASE}\n"
+                ));
+            }
+            out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
+        }
+    }
+    out.push_str("  }\n");
+    if nat == NatType::FullCone {
+        // Runs after source NAT (priority srcnat + 10), so `udp sport` is the public port; the
+        // conntrack original tuple still holds the inside endpoint. Only packets that start or
+        // continue an inside-initiated flow teach the map (not replies to outside senders).
+        out.push_str(&format!(
+            "  chain fullcone_learn {{\n    type filter hook postrouting priority srcnat + 10; \
+             policy accept;\n    oifname \"{wan}\" ct direction original meta l4proto udp update \
+             @fullcone {{ udp sport timeout {fullcone_timeout_s}s : ct original ip saddr . ct \
+             original proto-src }}\n  }}\n"
+        ));
+    }
+    // The router's own firewall, as on home routers: nothing from outside reaches the router
+    // itself unless it belongs to a known flow. Dropping here, before conntrack confirms the
+    // packet, matters for NAT behaviour: without it an unsolicited packet to a public port would
+    // leave a conntrack entry (outside -> router) behind, and when the inside host then sends to
+    // that same outside endpoint `masquerade` finds the port taken and picks another one. Two
+    // port-restricted peers could then never punch unless their first packets crossed in flight.
+    out.push_str(&format!(
+        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
+         iifname \"{wan}\" ct state established,related accept\n    iifname \"{wan}\" drop\n  }}\n"
+    ));
+    if nat == NatType::UdpBlocked {
+        out.push_str(
+            "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
+             meta l4proto udp drop\n  }\n",
+        );
+    }
+    out.push_str("}\n");
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+
+    #[test]
+    fn names_round_trip() {
+        for t in NatType::ALL {
+            assert_eq!(t.name().parse::<NatType>(), Ok(t));
+        }
+        assert!("cone".parse::<NatType>().is_err());
+    }
+
+    #[test]
+    fn no_router_no_rules() {
+        assert_eq!(
+            ruleset(NatType::None, WAN_IP, PortMapping::Masquerade, 120),
+            None
+        );
+    }
+
+    #[test]
+    fn port_restricted_is_plain_masquerade() {
+        let r = ruleset(
+            NatType::PortRestricted,
+            WAN_IP,
+            PortMapping::Masquerade,
+            120,
+        )
+        .expect("router type");
+        assert_eq!(
+            r,
+            "table ip netlab\ndelete table ip netlab\ntable ip netlab {\n  chain prerouting {\n    \
+             type nat hook prerouting priority dstnat; policy accept;\n  }\n  chain postrouting {\n    \
+             type nat hook postrouting priority srcnat; policy accept;\n    oifname \"wan\" \
+             masquerade\n  }\n  chain input {\n    type filter hook input priority filter; policy \
+             accept;\n    iifname \"wan\" ct state established,related accept\n    iifname \"wan\" \
+             drop\n  }\n}\n"
+        );
+    }
+
+    #[test]
+    fn symmetric_is_random_even_after_rebind() {
+        for mapping in [PortMapping::Masquerade, PortMapping::Hashed { seed: 7 }] {
+            let r = ruleset(NatType::Symmetric, WAN_IP, mapping, 120).expect("router type");
+            assert!(r.contains("masquerade fully-random\n"), "{r}");
+            assert!(!r.contains("jhash"), "{r}");
+        }
+    }
+
+    #[test]
+    fn full_cone_learns_after_snat_and_dnats_inbound() {
+        let r =
+            ruleset(NatType::FullCone, WAN_IP, PortMapping::Masquerade, 120).expect("router type");
+        assert!(r.contains("dnat ip to udp dport map @fullcone"), "{r}");
+        assert!(r.contains("priority srcnat + 10"), "{r}");
+        assert!(r.contains("ct direction original"), "{r}");
+    }
+
+    #[test]
+    fn hashed_mapping_names_seed_and_wan_address() {
+        let r = ruleset(
+            NatType::FullCone,
+            WAN_IP,
+            PortMapping::Hashed { seed: 0xab },
+            45,
+        )
+        .expect("router type");
+        assert!(r.contains("timeout 45s"), "{r}");
+        assert!(
+            r.contains(
+                "snat ip to 198.18.1.1 : jhash ip saddr . udp sport mod 30000 seed 0xab offset 1024"
+            ),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn udp_blocked_drops_forwarded_udp() {
+        let r = ruleset(NatType::UdpBlocked, WAN_IP, PortMapping::Masquerade, 120)
+            .expect("router type");
+        assert!(r.contains("hook forward"), "{r}");
+        assert!(r.contains("meta l4proto udp drop"), "{r}");
+    }
+}
