@@ -1,0 +1,408 @@
+//! peer-sdk across real kernel NATs (netlab): every pair of NAT types connects and echoes, on
+//! the path NAT theory predicts; NAT rebinding and a relay restart mid-transfer are survived;
+//! connect times with 20 ms of delay per link.
+//!
+//! Needs root and nftables: skipped with a message elsewhere, never under `CI=true`.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use netlab::{Lab, LabConfig, LinkShape, NatType, Side};
+use peer_sdk::{ClientTls, Fingerprint, Identity, Options, Path, PeerConnection, ServerTls, Uuid};
+use quic_relay::server::{Server, ServerHandle};
+use quic_relay::sessions::RelayConfig;
+
+const WAIT: Duration = Duration::from_secs(30);
+const RELAY_PORT: u16 = 4433;
+
+/// Timing tests measure connect latency: run them one at a time.
+static TIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn relay_addr(lab: &Lab) -> SocketAddr {
+    SocketAddr::from((lab.relay_ip(), RELAY_PORT))
+}
+
+fn start_relay(lab: &Lab) -> ServerHandle {
+    let addr = relay_addr(lab);
+    lab.run_in(&lab.relay_ns(), move || {
+        Server::bind(addr, RelayConfig::default(), 4 << 20)
+            .expect("bind relay")
+            .spawn()
+            .expect("spawn relay")
+    })
+    .expect("relay namespace")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn options(lab: &Lab, session: Uuid) -> Options {
+    let mut o = Options::new(relay_addr(lab), session);
+    o.register_timeout = WAIT;
+    o.peer_timeout = WAIT;
+    o
+}
+
+/// Starts an echoing listener on `side`; returns its pin once it is registered.
+fn listener(lab: &Lab, side: Side, opts: Options) -> (Fingerprint, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let handle = lab
+        .spawn_thread(&lab.peer_ns(side), move || {
+            runtime().block_on(async move {
+                let id = Identity::generate().expect("identity");
+                let pin = id.fingerprint();
+                let peer = peer_sdk::Peer::bind(opts)
+                    .await
+                    .expect("listener registers");
+                tx.send(pin).expect("send pin");
+                let conn = peer.accept(ServerTls::Identity(id)).await.expect("accept");
+                echo(conn).await;
+            })
+        })
+        .expect("listener thread");
+    let pin = rx.recv_timeout(WAIT).expect("listener registered in time");
+    (pin, handle)
+}
+
+async fn echo(conn: PeerConnection) {
+    let c = conn.connection().clone();
+    let dgrams = tokio::spawn(async move {
+        while let Ok(d) = c.read_datagram().await {
+            let _ = c.send_datagram(d);
+        }
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        tasks.spawn(async move {
+            let _ = tokio::io::copy(&mut recv, &mut send).await;
+            let _ = send.finish();
+            let _ = send.stopped().await;
+        });
+    }
+    dgrams.abort();
+    tasks.shutdown().await;
+}
+
+fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// Sends `n` bytes on a new stream and checks the echo byte for byte.
+async fn stream_echo(conn: &PeerConnection, n: usize) {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
+    let writer = tokio::spawn(async move {
+        let mut sent = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while sent < n {
+            let k = (n - sent).min(buf.len());
+            for (j, b) in buf[..k].iter_mut().enumerate() {
+                *b = pattern(sent + j);
+            }
+            send.write_all(&buf[..k]).await.expect("write");
+            sent += k;
+        }
+        send.finish().expect("finish");
+    });
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    while let Some(k) = tokio::time::timeout(WAIT, recv.read(&mut buf))
+        .await
+        .expect("echo stalled")
+        .expect("read")
+    {
+        for (j, b) in buf[..k].iter().enumerate() {
+            assert_eq!(*b, pattern(got + j), "echo differs at byte {}", got + j);
+        }
+        got += k;
+    }
+    assert_eq!(got, n, "echo length");
+    writer.await.expect("writer");
+}
+
+/// Echoes `n` numbered datagrams, one in flight at a time, resending after 300 ms (datagrams
+/// may be lost; each must come back eventually).
+async fn datagram_echo(conn: &PeerConnection, n: u32) {
+    for i in 0..n {
+        let mut d = vec![0u8; 200];
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        let mut tries = 0;
+        loop {
+            conn.send_datagram(d.clone().into()).expect("send datagram");
+            match tokio::time::timeout(Duration::from_millis(300), async {
+                loop {
+                    let back = conn.read_datagram().await.expect("read datagram");
+                    if back.as_ref() == d.as_slice() {
+                        return;
+                    }
+                }
+            })
+            .await
+            {
+                Ok(()) => break,
+                Err(_) => {
+                    tries += 1;
+                    assert!(tries < 20, "datagram {i} never echoed");
+                }
+            }
+        }
+    }
+}
+
+/// Runs the dialer on `side`: connects, then `work`; returns the path at connect and the time
+/// connect took.
+fn dial<F, Fut>(lab: &Lab, side: Side, opts: Options, pin: Fingerprint, work: F) -> (Path, Duration)
+where
+    F: FnOnce(PeerConnection) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    lab.run_in(&lab.peer_ns(side), move || {
+        runtime().block_on(async move {
+            let t = Instant::now();
+            let conn = tokio::time::timeout(WAIT, peer_sdk::connect(opts, ClientTls::Pinned(pin)))
+                .await
+                .expect("connect in time")
+                .expect("connect");
+            let took = t.elapsed();
+            let path = conn.path_at_connect();
+            work(conn).await;
+            (path, took)
+        })
+    })
+    .expect("dialer thread")
+}
+
+fn session(a: NatType, b: NatType, salt: u128) -> Uuid {
+    let h = format!("{a:?}{b:?}").bytes().fold(0u128, |h, c| {
+        h.wrapping_mul(131).wrapping_add(u128::from(c))
+    });
+    Uuid::from_u128(h ^ salt)
+}
+
+/// Direct is possible when both mappings are endpoint-independent, or when one side accepts
+/// from anyone (public or full cone).
+fn direct_expected(a: NatType, b: NatType) -> bool {
+    let open = |t| matches!(t, NatType::None | NatType::FullCone);
+    let easy = |t| t != NatType::Symmetric;
+    (easy(a) && easy(b)) || open(a) || open(b)
+}
+
+fn pair_test(a: NatType, b: NatType) {
+    netlab::require_lab!();
+    let lab = Lab::new(LabConfig::new(a, b)).expect("lab");
+    let relay = start_relay(&lab);
+    let s = session(a, b, 1);
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let (path, took) = dial(&lab, Side::B, options(&lab, s), pin, |conn| async move {
+        stream_echo(&conn, 10 << 20).await;
+        datagram_echo(&conn, 1000).await;
+        conn.close(0, b"done").await;
+    });
+    server.join().expect("listener");
+    eprintln!(
+        "{a:?} (listener) x {b:?} (dialer): {} path, connect {took:?}",
+        path.kind()
+    );
+    let want = if direct_expected(a, b) {
+        "direct"
+    } else {
+        "relay"
+    };
+    assert_eq!(path.kind(), want, "{a:?} x {b:?}");
+    if want == "relay" {
+        assert!(
+            relay.metrics().snapshot().forwarded_packets > 1000,
+            "the relay carried it"
+        );
+    }
+}
+
+macro_rules! pairs {
+    ($($name:ident: $a:ident x $b:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            pair_test(NatType::$a, NatType::$b);
+        }
+    )*};
+}
+
+pairs! {
+    none_x_none: None x None;
+    none_x_full_cone: None x FullCone;
+    none_x_port_restricted: None x PortRestricted;
+    none_x_symmetric: None x Symmetric;
+    full_cone_x_none: FullCone x None;
+    full_cone_x_full_cone: FullCone x FullCone;
+    full_cone_x_port_restricted: FullCone x PortRestricted;
+    full_cone_x_symmetric: FullCone x Symmetric;
+    port_restricted_x_none: PortRestricted x None;
+    port_restricted_x_full_cone: PortRestricted x FullCone;
+    port_restricted_x_port_restricted: PortRestricted x PortRestricted;
+    port_restricted_x_symmetric: PortRestricted x Symmetric;
+    symmetric_x_none: Symmetric x None;
+    symmetric_x_full_cone: Symmetric x FullCone;
+    symmetric_x_port_restricted: Symmetric x PortRestricted;
+    symmetric_x_symmetric: Symmetric x Symmetric;
+}
+
+/// A NAT rebinding mid-transfer: the transfer completes on the same connection.
+fn rebinding_test(a: NatType, b: NatType, rebind: Side) {
+    netlab::require_lab!();
+    let lab = std::sync::Arc::new(Lab::new(LabConfig::new(a, b)).expect("lab"));
+    let _relay = start_relay(&lab);
+    let s = session(a, b, 2);
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let lab2 = lab.clone();
+    let (path, _) = dial(
+        &lab,
+        Side::B,
+        options(&lab, s),
+        pin,
+        move |conn| async move {
+            stream_echo(&conn, 1 << 20).await;
+            let before = conn.status().observed;
+            let rebinder = tokio::task::spawn_blocking(move || {
+                std::thread::sleep(Duration::from_millis(100)); // let the transfer get going
+                lab2.rebind(rebind).expect("rebind");
+            });
+            stream_echo(&conn, 16 << 20).await;
+            rebinder.await.expect("rebinder");
+            datagram_echo(&conn, 50).await;
+            if rebind == Side::B {
+                // The relay learnt the new mapping through a registration from it.
+                let mut st = conn.watch_status();
+                tokio::time::timeout(
+                    WAIT,
+                    st.wait_for(|s| s.observed.is_some() && s.observed != before),
+                )
+                .await
+                .expect("re-registered from the new port in time")
+                .expect("status");
+            }
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    eprintln!(
+        "rebinding {rebind} in {a:?} x {b:?}: started on the {} path",
+        path.kind()
+    );
+}
+
+#[test]
+fn rebinding_on_the_direct_path_dialer_side() {
+    rebinding_test(NatType::PortRestricted, NatType::PortRestricted, Side::B);
+}
+
+#[test]
+fn rebinding_on_the_direct_path_listener_side() {
+    rebinding_test(NatType::PortRestricted, NatType::FullCone, Side::A);
+}
+
+#[test]
+fn rebinding_on_the_relay_path() {
+    rebinding_test(NatType::Symmetric, NatType::Symmetric, Side::B);
+}
+
+#[test]
+fn relay_restart_mid_connection_on_the_relay_path() {
+    netlab::require_lab!();
+    let lab = Lab::new(LabConfig::new(NatType::Symmetric, NatType::Symmetric)).expect("lab");
+    let relay = std::sync::Arc::new(std::sync::Mutex::new(Some(start_relay(&lab))));
+    let s = session(NatType::Symmetric, NatType::Symmetric, 3);
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let addr = relay_addr(&lab);
+    let relay_ns = lab.relay_ns();
+    let r2 = relay.clone();
+    let (path, _) = dial(
+        &lab,
+        Side::B,
+        options(&lab, s),
+        pin,
+        move |conn| async move {
+            assert_eq!(conn.path(), Path::Relay);
+            stream_echo(&conn, 1 << 20).await;
+            let restart = tokio::task::spawn_blocking(move || {
+                let old = r2.lock().expect("lock").take().expect("relay");
+                assert!(old.shutdown(), "relay stopped cleanly");
+                let new = netlab::run_in_netns(&relay_ns, move || {
+                    Server::bind(addr, RelayConfig::default(), 4 << 20)
+                        .expect("rebind relay port")
+                        .spawn()
+                        .expect("spawn")
+                })
+                .expect("relay namespace");
+                *r2.lock().expect("lock") = Some(new);
+            });
+            // Traffic during and after the restart: QUIC retransmits until both peers re-register.
+            stream_echo(&conn, 4 << 20).await;
+            restart.await.expect("restart");
+            stream_echo(&conn, 1 << 20).await;
+            datagram_echo(&conn, 50).await;
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    assert_eq!(path, Path::Relay);
+    let s = relay
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .expect("relay")
+        .metrics()
+        .snapshot();
+    assert!(
+        s.forwarded_packets > 100,
+        "the new relay carried the rest: {s:?}"
+    );
+}
+
+/// Connect time with 20 ms one-way delay on each NAT's uplink.
+fn timing_test(a: NatType, b: NatType, direct: bool) {
+    netlab::require_lab!();
+    let _serial = TIMING.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::new(LabConfig::new(a, b).with_shape(LinkShape::delay(20))).expect("lab");
+    let _relay = start_relay(&lab);
+    let s = session(a, b, 4);
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let opts = options(&lab, s);
+    let punch_timeout = opts.direct_timeout;
+    let (path, took) = dial(&lab, Side::B, opts, pin, |conn| async move {
+        stream_echo(&conn, 64 << 10).await;
+        conn.close(0, b"done").await;
+    });
+    server.join().expect("listener");
+    eprintln!(
+        "{a:?} x {b:?} with 20 ms per link: {} path, connect {took:?}",
+        path.kind()
+    );
+    if direct {
+        assert_eq!(path.kind(), "direct");
+        assert!(
+            took <= Duration::from_secs(1),
+            "direct connect took {took:?}"
+        );
+    } else {
+        assert_eq!(path, Path::Relay);
+        let bound = punch_timeout + Duration::from_millis(500);
+        assert!(
+            took <= bound,
+            "relay fallback took {took:?} (bound {bound:?})"
+        );
+    }
+}
+
+#[test]
+fn direct_connect_within_a_second_with_20ms_links() {
+    timing_test(NatType::PortRestricted, NatType::PortRestricted, true);
+}
+
+#[test]
+fn relay_fallback_within_punch_timeout_plus_half_a_second_with_20ms_links() {
+    timing_test(NatType::PortRestricted, NatType::Symmetric, false);
+}
