@@ -406,3 +406,74 @@ fn direct_connect_within_a_second_with_20ms_links() {
 fn relay_fallback_within_punch_timeout_plus_half_a_second_with_20ms_links() {
     timing_test(NatType::PortRestricted, NatType::Symmetric, false);
 }
+
+/// Runs `nft` in `ns` (rules the test adds to cut one path).
+fn nft(lab: &Lab, ns: &str, script: &str) {
+    let mut cmd = std::process::Command::new("nft");
+    cmd.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = lab.spawn(ns, cmd).expect("spawn nft");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())
+        .expect("write rules");
+    assert!(child.wait().expect("nft").success(), "nft failed: {script}");
+}
+
+#[test]
+fn traffic_falls_back_to_the_relay_when_the_direct_path_dies_and_returns_when_it_heals() {
+    netlab::require_lab!();
+    let lab = std::sync::Arc::new(
+        Lab::new(LabConfig::new(NatType::FullCone, NatType::PortRestricted)).expect("lab"),
+    );
+    let relay = start_relay(&lab);
+    let s = session(NatType::FullCone, NatType::PortRestricted, 5);
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let router_a = lab.router_ns(Side::A).expect("router A");
+    let b_public = lab.public_ip(Side::B);
+    let lab2 = lab.clone();
+    let (path, _) = dial(
+        &lab,
+        Side::B,
+        options(&lab, s),
+        pin,
+        move |conn| async move {
+            assert!(matches!(conn.path(), Path::Direct(_)));
+            stream_echo(&conn, 1 << 20).await;
+            // Cut A <-> B (both directions) at router A; the relay path is untouched.
+            let cut = format!(
+            "table inet cut {{\n chain cut_forward {{\n  type filter hook forward priority -10;\n  ip saddr {b_public} drop\n  ip daddr {b_public} drop\n }}\n}}\n"
+        );
+            let l = lab2.clone();
+            let ra = router_a.clone();
+            tokio::task::spawn_blocking(move || nft(&l, &ra, &cut))
+                .await
+                .expect("cut");
+            let mut st = conn.watch_status();
+            // Traffic keeps flowing while the SDK notices and moves to the relay.
+            let transfer = stream_echo(&conn, 4 << 20);
+            let fell_back = async {
+                let r = tokio::time::timeout(WAIT, st.wait_for(|s| s.path == Path::Relay)).await;
+                matches!(r, Ok(Ok(_)))
+            };
+            let (_, fell_back) = tokio::join!(transfer, fell_back);
+            assert!(fell_back, "fell back to the relay in time");
+            stream_echo(&conn, 1 << 20).await;
+            datagram_echo(&conn, 50).await;
+            // Heal the direct path: background probing finds it again.
+            let l = lab2.clone();
+            tokio::task::spawn_blocking(move || nft(&l, &router_a, "delete table inet cut"))
+                .await
+                .expect("heal");
+            tokio::time::timeout(WAIT, st.wait_for(|s| matches!(s.path, Path::Direct(_))))
+                .await
+                .expect("direct path back in time")
+                .expect("status");
+            stream_echo(&conn, 1 << 20).await;
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    assert!(matches!(path, Path::Direct(_)));
+    assert!(
+        relay.metrics().snapshot().forwarded_packets > 100,
+        "the relay carried traffic meanwhile"
+    );
+}
