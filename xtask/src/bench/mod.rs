@@ -1,0 +1,61 @@
+//! `cargo xtask bench ...`: performance measurements, each against a baseline from the same run.
+
+pub mod forwarder;
+mod load;
+mod metrics;
+mod multiaddr;
+mod relay;
+mod sys;
+pub mod table;
+
+use anyhow::{bail, Result};
+
+const HELP: &str = "\
+Usage: cargo xtask bench <target> [options]
+
+Targets:
+  relay    quic-relay: loss, CPU per datagram, latency, memory per session, registration rate
+           (`cargo xtask bench relay --help`)
+";
+
+pub fn run(args: &[String]) -> Result<()> {
+    match args.split_first() {
+        Some((t, rest)) if t == "relay" => relay::run(rest),
+        None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some((h, _)) if h == "--help" || h == "-h" || h == "help" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some((other, _)) => bail!("unknown benchmark `{other}`; run `cargo xtask bench --help`"),
+    }
+}
+
+/// Median of the values (the mean of the middle two for an even count); NaN when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}
