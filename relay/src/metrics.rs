@@ -26,6 +26,10 @@ pub struct IoCounters {
     pub send_errors: AtomicU64,
     /// Receive errors other than timeouts.
     pub recv_errors: AtomicU64,
+    /// Sends that carried a burst of several datagrams as one GSO batch.
+    pub gso_batches: AtomicU64,
+    /// Datagrams sent inside GSO batches.
+    pub gso_datagrams: AtomicU64,
 }
 
 /// The published counters. Cheap to read from any thread.
@@ -187,6 +191,15 @@ impl Metrics {
                 ("how=\"bye\"", s.byes),
                 ("how=\"bye_ignored\"", s.byes_ignored),
                 ("how=\"stale_replaced\"", s.stale_replaced),
+            ],
+        );
+        family(
+            "quic_relay_gso_batches_total",
+            "counter",
+            "Bursts to one peer sent as one UDP GSO batch, and the datagrams in them.",
+            &[
+                ("unit=\"batches\"", io(&self.io.gso_batches)),
+                ("unit=\"datagrams\"", io(&self.io.gso_datagrams)),
             ],
         );
         family(

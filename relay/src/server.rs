@@ -370,6 +370,158 @@ mod linux {
         Reply(usize),
     }
 
+    /// `UDP_SEGMENT` (linux/udp.h): a send carrying this control message is cut by the kernel
+    /// into datagrams of the given size.
+    const UDP_SEGMENT: libc::c_int = 103;
+    /// Most segments the kernel takes in one GSO send (UDP_MAX_SEGMENTS on older kernels).
+    const MAX_GSO_SEGMENTS: usize = 64;
+    /// Most bytes in one GSO send: an IP packet's limit less headers, with margin.
+    const MAX_GSO_BYTES: usize = 60_000;
+
+    /// Room for one `cmsghdr` + `u16`, aligned for `cmsghdr`.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(8))]
+    struct CmsgBuf([u64; 4]);
+
+    /// Whether this kernel supports UDP GSO (since Linux 4.18).
+    fn gso_supported(fd: libc::c_int) -> bool {
+        let mut val: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd and an int-sized out buffer.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                (&mut val as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        r == 0
+    }
+
+    /// Turns the list of sends into `mmsghdr`s, returning how many. Consecutive forwards to the
+    /// same peer with the same size (a burst of one flow, the common case under load) become
+    /// one GSO send: one trip through the stack for up to 64 datagrams, gathered straight from
+    /// the receive buffers. Everything else is one message per datagram.
+    #[allow(clippy::too_many_arguments)]
+    fn build_sends(
+        sends: &[(Payload, PeerAddr)],
+        bufs: &mut [u8],
+        replies: &[ReplyBuf],
+        v6: bool,
+        gso: bool,
+        names: &mut [libc::sockaddr_storage],
+        iovs: &mut [libc::iovec],
+        cmsgs: &mut [CmsgBuf],
+        hdrs: &mut [libc::mmsghdr],
+    ) -> usize {
+        let base = bufs.as_mut_ptr();
+        let iov_of = |p: Payload| -> libc::iovec {
+            let (ptr, len) = match p {
+                // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
+                Payload::Received { index, len } => {
+                    (unsafe { base.add(index * MAX_DATAGRAM) }, len)
+                }
+                Payload::Reply(r) => (
+                    replies[r].as_bytes().as_ptr().cast_mut(),
+                    replies[r].as_bytes().len(),
+                ),
+            };
+            libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            }
+        };
+        let mut count = 0;
+        let mut next_iov = 0;
+        let mut i = 0;
+        while i < sends.len() {
+            let (payload, dst) = sends[i];
+            // How many following sends join this one in a GSO batch.
+            let mut run = 1;
+            if let (true, Payload::Received { len: seg, .. }) = (gso, payload) {
+                let mut total = seg;
+                while i + run < sends.len() && run < MAX_GSO_SEGMENTS && seg > 0 {
+                    match sends[i + run] {
+                        (Payload::Received { len, .. }, d)
+                            if d == dst
+                                && len <= seg
+                                && len > 0
+                                && total + len <= MAX_GSO_BYTES =>
+                        {
+                            total += len;
+                            run += 1;
+                            if len < seg {
+                                break; // only the last segment may be shorter
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let Some(namelen) = write_sockaddr(dst, v6, &mut names[count]) else {
+                i += run;
+                continue;
+            };
+            let first_iov = next_iov;
+            for &(p, _) in &sends[i..i + run] {
+                iovs[next_iov] = iov_of(p);
+                next_iov += 1;
+            }
+            let h = &mut hdrs[count].msg_hdr;
+            h.msg_name = (&mut names[count] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = namelen;
+            h.msg_iov = &mut iovs[first_iov];
+            h.msg_iovlen = run as _;
+            h.msg_flags = 0;
+            if run > 1 {
+                let Payload::Received { len: seg, .. } = payload else {
+                    unreachable!("GSO runs are forwards")
+                };
+                let buf = &mut cmsgs[count];
+                h.msg_control = (buf as *mut CmsgBuf).cast();
+                // SAFETY: CMSG_SPACE of a u16 fits the 32-byte aligned buffer.
+                unsafe {
+                    h.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+                }
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
+            count += 1;
+            i += run;
+        }
+        count
+    }
+
+    /// Sends each iovec of `msg` as a datagram of its own (the fallback when GSO fails).
+    fn send_separately(fd: libc::c_int, msg: &libc::msghdr, errors: &std::sync::atomic::AtomicU64) {
+        for k in 0..msg.msg_iovlen as usize {
+            // SAFETY: msg was built by build_sends: msg_iov has msg_iovlen valid entries and
+            // msg_name a valid address.
+            let r = unsafe {
+                let iov = &*msg.msg_iov.add(k);
+                libc::sendto(
+                    fd,
+                    iov.iov_base,
+                    iov.iov_len,
+                    0,
+                    msg.msg_name.cast(),
+                    msg.msg_namelen,
+                )
+            };
+            if r < 0 {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         let fd = server.socket.as_raw_fd();
         let v6 = server.local_addr.is_ipv6();
@@ -397,6 +549,9 @@ mod linux {
         // SAFETY: as above.
         let mut send_hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; MAX_SENDS];
         let mut sends: Vec<(Payload, PeerAddr)> = Vec::with_capacity(MAX_SENDS);
+        let mut send_cmsgs: Vec<CmsgBuf> = vec![CmsgBuf([0; 4]); MAX_SENDS];
+        let mut gso = gso_supported(fd);
+        tracing::debug!(gso, "UDP segmentation offload for forwarded bursts");
         let mut replies: Vec<ReplyBuf> = Vec::with_capacity(2 * BATCH);
         let metrics = server.metrics.clone();
         let io = &metrics.io;
@@ -463,34 +618,23 @@ mod linux {
                     sends.push((Payload::Reply(replies.len() - 1), t.dst));
                 }
             }
-            let mut count = 0;
-            for &(payload, dst) in &sends {
-                let Some(namelen) = write_sockaddr(dst, v6, &mut send_names[count]) else {
-                    continue;
-                };
-                let (base, len) = match payload {
-                    Payload::Received { index, len } => {
-                        // SAFETY: in bounds, as for the receive iovecs.
-                        (unsafe { bufs.as_mut_ptr().add(index * MAX_DATAGRAM) }, len)
-                    }
-                    Payload::Reply(r) => (
-                        replies[r].as_bytes().as_ptr().cast_mut(),
-                        replies[r].as_bytes().len(),
-                    ),
-                };
-                send_iovs[count] = libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: len,
-                };
-                let h = &mut send_hdrs[count].msg_hdr;
-                h.msg_name = (&mut send_names[count] as *mut libc::sockaddr_storage).cast();
-                h.msg_namelen = namelen;
-                h.msg_iov = &mut send_iovs[count];
-                h.msg_iovlen = 1;
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-                h.msg_flags = 0;
-                count += 1;
+            let count = build_sends(
+                &sends,
+                &mut bufs,
+                &replies,
+                v6,
+                gso,
+                &mut send_names,
+                &mut send_iovs,
+                &mut send_cmsgs,
+                &mut send_hdrs,
+            );
+            for h in &send_hdrs[..count] {
+                if h.msg_hdr.msg_controllen != 0 {
+                    io.gso_batches.fetch_add(1, Ordering::Relaxed);
+                    io.gso_datagrams
+                        .fetch_add(h.msg_hdr.msg_iovlen as u64, Ordering::Relaxed);
+                }
             }
             let mut off = 0;
             while off < count {
@@ -503,16 +647,25 @@ mod linux {
                         0,
                     )
                 };
-                if r < 0 {
-                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
-                        continue;
-                    }
+                if r >= 0 {
+                    off += r as usize;
+                    continue;
+                }
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                if send_hdrs[off].msg_hdr.msg_controllen != 0 {
+                    // A GSO batch the kernel or the device would not take: never try GSO again,
+                    // and send this batch's datagrams one by one.
+                    warn!(error = %err, "UDP GSO send failed; sending datagrams one by one from now on");
+                    gso = false;
+                    send_separately(fd, &send_hdrs[off].msg_hdr, &io.send_errors);
+                } else {
                     // This datagram cannot go (firewall, no route, ...): skip it, keep the rest.
                     io.send_errors.fetch_add(1, Ordering::Relaxed);
-                    off += 1;
-                } else {
-                    off += r as usize;
                 }
+                off += 1;
             }
             server.maybe_tick(now);
         }
@@ -528,6 +681,158 @@ mod portable {
 
     use super::{Outcome, PeerAddr, Server};
     use crate::defaults::MAX_DATAGRAM;
+
+    /// `UDP_SEGMENT` (linux/udp.h): a send carrying this control message is cut by the kernel
+    /// into datagrams of the given size.
+    const UDP_SEGMENT: libc::c_int = 103;
+    /// Most segments the kernel takes in one GSO send (UDP_MAX_SEGMENTS on older kernels).
+    const MAX_GSO_SEGMENTS: usize = 64;
+    /// Most bytes in one GSO send: an IP packet's limit less headers, with margin.
+    const MAX_GSO_BYTES: usize = 60_000;
+
+    /// Room for one `cmsghdr` + `u16`, aligned for `cmsghdr`.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(8))]
+    struct CmsgBuf([u64; 4]);
+
+    /// Whether this kernel supports UDP GSO (since Linux 4.18).
+    fn gso_supported(fd: libc::c_int) -> bool {
+        let mut val: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd and an int-sized out buffer.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_UDP,
+                UDP_SEGMENT,
+                (&mut val as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        r == 0
+    }
+
+    /// Turns the list of sends into `mmsghdr`s, returning how many. Consecutive forwards to the
+    /// same peer with the same size (a burst of one flow, the common case under load) become
+    /// one GSO send: one trip through the stack for up to 64 datagrams, gathered straight from
+    /// the receive buffers. Everything else is one message per datagram.
+    #[allow(clippy::too_many_arguments)]
+    fn build_sends(
+        sends: &[(Payload, PeerAddr)],
+        bufs: &mut [u8],
+        replies: &[ReplyBuf],
+        v6: bool,
+        gso: bool,
+        names: &mut [libc::sockaddr_storage],
+        iovs: &mut [libc::iovec],
+        cmsgs: &mut [CmsgBuf],
+        hdrs: &mut [libc::mmsghdr],
+    ) -> usize {
+        let base = bufs.as_mut_ptr();
+        let iov_of = |p: Payload| -> libc::iovec {
+            let (ptr, len) = match p {
+                // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
+                Payload::Received { index, len } => {
+                    (unsafe { base.add(index * MAX_DATAGRAM) }, len)
+                }
+                Payload::Reply(r) => (
+                    replies[r].as_bytes().as_ptr().cast_mut(),
+                    replies[r].as_bytes().len(),
+                ),
+            };
+            libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            }
+        };
+        let mut count = 0;
+        let mut next_iov = 0;
+        let mut i = 0;
+        while i < sends.len() {
+            let (payload, dst) = sends[i];
+            // How many following sends join this one in a GSO batch.
+            let mut run = 1;
+            if let (true, Payload::Received { len: seg, .. }) = (gso, payload) {
+                let mut total = seg;
+                while i + run < sends.len() && run < MAX_GSO_SEGMENTS && seg > 0 {
+                    match sends[i + run] {
+                        (Payload::Received { len, .. }, d)
+                            if d == dst
+                                && len <= seg
+                                && len > 0
+                                && total + len <= MAX_GSO_BYTES =>
+                        {
+                            total += len;
+                            run += 1;
+                            if len < seg {
+                                break; // only the last segment may be shorter
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let Some(namelen) = write_sockaddr(dst, v6, &mut names[count]) else {
+                i += run;
+                continue;
+            };
+            let first_iov = next_iov;
+            for &(p, _) in &sends[i..i + run] {
+                iovs[next_iov] = iov_of(p);
+                next_iov += 1;
+            }
+            let h = &mut hdrs[count].msg_hdr;
+            h.msg_name = (&mut names[count] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = namelen;
+            h.msg_iov = &mut iovs[first_iov];
+            h.msg_iovlen = run as _;
+            h.msg_flags = 0;
+            if run > 1 {
+                let Payload::Received { len: seg, .. } = payload else {
+                    unreachable!("GSO runs are forwards")
+                };
+                let buf = &mut cmsgs[count];
+                h.msg_control = (buf as *mut CmsgBuf).cast();
+                // SAFETY: CMSG_SPACE of a u16 fits the 32-byte aligned buffer.
+                unsafe {
+                    h.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+                }
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
+            count += 1;
+            i += run;
+        }
+        count
+    }
+
+    /// Sends each iovec of `msg` as a datagram of its own (the fallback when GSO fails).
+    fn send_separately(fd: libc::c_int, msg: &libc::msghdr, errors: &std::sync::atomic::AtomicU64) {
+        for k in 0..msg.msg_iovlen as usize {
+            // SAFETY: msg was built by build_sends: msg_iov has msg_iovlen valid entries and
+            // msg_name a valid address.
+            let r = unsafe {
+                let iov = &*msg.msg_iov.add(k);
+                libc::sendto(
+                    fd,
+                    iov.iov_base,
+                    iov.iov_len,
+                    0,
+                    msg.msg_name.cast(),
+                    msg.msg_namelen,
+                )
+            };
+            if r < 0 {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 
     pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
