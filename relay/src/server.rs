@@ -419,9 +419,10 @@ mod linux {
         let base = bufs.as_mut_ptr();
         let iov_of = |p: Payload| -> libc::iovec {
             let (ptr, len) = match p {
-                // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
                 Payload::Received { index, len } => {
-                    (unsafe { base.add(index * MAX_DATAGRAM) }, len)
+                    // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
+                    let ptr = unsafe { base.add(index * MAX_DATAGRAM) };
+                    (ptr, len)
                 }
                 Payload::Reply(r) => (
                     replies[r].as_bytes().as_ptr().cast_mut(),
@@ -731,9 +732,10 @@ mod portable {
         let base = bufs.as_mut_ptr();
         let iov_of = |p: Payload| -> libc::iovec {
             let (ptr, len) = match p {
-                // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
                 Payload::Received { index, len } => {
-                    (unsafe { base.add(index * MAX_DATAGRAM) }, len)
+                    // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
+                    let ptr = unsafe { base.add(index * MAX_DATAGRAM) };
+                    (ptr, len)
                 }
                 Payload::Reply(r) => (
                     replies[r].as_bytes().as_ptr().cast_mut(),
