@@ -503,7 +503,10 @@ mod linux {
 
     /// Sends each iovec of `msg` as a datagram of its own (the fallback when GSO fails).
     fn send_separately(fd: libc::c_int, msg: &libc::msghdr, errors: &std::sync::atomic::AtomicU64) {
-        for k in 0..msg.msg_iovlen as usize {
+        // msg_iovlen is size_t on glibc but int on musl.
+        #[allow(clippy::unnecessary_cast)]
+        let n = msg.msg_iovlen as usize;
+        for k in 0..n {
             // SAFETY: msg was built by build_sends: msg_iov has msg_iovlen valid entries and
             // msg_name a valid address.
             let r = unsafe {
@@ -816,7 +819,10 @@ mod portable {
 
     /// Sends each iovec of `msg` as a datagram of its own (the fallback when GSO fails).
     fn send_separately(fd: libc::c_int, msg: &libc::msghdr, errors: &std::sync::atomic::AtomicU64) {
-        for k in 0..msg.msg_iovlen as usize {
+        // msg_iovlen is size_t on glibc but int on musl.
+        #[allow(clippy::unnecessary_cast)]
+        let n = msg.msg_iovlen as usize;
+        for k in 0..n {
             // SAFETY: msg was built by build_sends: msg_iov has msg_iovlen valid entries and
             // msg_name a valid address.
             let r = unsafe {
