@@ -1,7 +1,8 @@
-//! `cargo xtask`: project automation run from the workspace root (benchmarks so far).
+//! `cargo xtask`: project automation run from the workspace root (benchmarks, the NAT lab).
 
 mod bench;
 mod cli;
+mod lab;
 mod process;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ Project automation. Usage: cargo xtask <task> [args]
 Tasks:
   bench relay [options]   measure quic-relay against baselines from the same run
                           (`cargo xtask bench relay --help` for its options)
+  lab <up|check|cleanup>  the NAT lab in network namespaces (`cargo xtask lab --help`)
   help                    print this text
 ";
 
@@ -41,6 +43,7 @@ fn run(args: &[String]) -> Result<()> {
             Ok(())
         }
         "bench" => bench::run(rest),
+        "lab" => lab::run(rest),
         // Hidden: child processes the benchmarks spawn so that they can be measured on their own.
         bench::forwarder::SUBCOMMAND => bench::forwarder::main(rest),
         bench::table::SUBCOMMAND => bench::table::main(rest),
