@@ -273,3 +273,54 @@ async fn a_second_connected_socket_on_the_port_steals_the_relay_traffic() {
     );
     drop(peer);
 }
+
+#[tokio::test]
+async fn a_relay_that_requires_tokens_admits_only_peers_that_carry_one() {
+    let secret = b"peer-sdk-test-secret-0123456789".to_vec();
+    let cfg = RelayConfig {
+        secrets: vec![secret.clone()],
+        ..RelayConfig::default()
+    };
+    let relay = Server::bind("127.0.0.1:0".parse().expect("addr"), cfg, 1 << 20)
+        .expect("bind")
+        .spawn()
+        .expect("spawn");
+    let addr = relay.local_addr();
+    let s = session(7);
+    // Without a token: a clear refusal, not a timeout.
+    let err = Peer::bind(opts(addr, s, Strategy::Auto))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            peer_sdk::Error::Refused {
+                reason: Some(peer_sdk::proto::ErrReason::Auth),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let mut with_token = opts(addr, s, Strategy::Auto);
+    with_token.token = Some(peer_sdk::proto::Token::mint(&secret, s, expiry));
+    let listener_opts = with_token.clone();
+    let id = Identity::generate().expect("identity");
+    let pin = id.fingerprint();
+    let server = tokio::spawn(async move {
+        let conn = peer_sdk::accept(listener_opts, ServerTls::Identity(id))
+            .await
+            .expect("accept");
+        echo(conn).await;
+    });
+    let conn = peer_sdk::connect(with_token, ClientTls::Pinned(pin))
+        .await
+        .expect("connect with a token");
+    stream_echo(&conn, 64 << 10).await;
+    conn.close(0, b"bye").await;
+    server.await.expect("listener");
+}
