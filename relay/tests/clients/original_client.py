@@ -41,35 +41,36 @@ def keepalive():
 
 threading.Thread(target=keepalive, daemon=True).start()
 
-# Exchange 50 numbered datagrams each way; ACKs from keepalives are skipped like the original did.
+# Exchange 50 numbered datagrams each way. Each side cycles through its 50 until it has all of
+# the other's, then goes on for 2 s so the other side can finish (datagrams sent before the
+# other peer registered were dropped by the relay, as they were by the original).
 n = 50
 received = set()
-deadline = time.time() + 30
-sock.settimeout(0.2)
-i = 0
-while len(received) < n and time.time() < deadline:
-    if i < n:
-        sock.sendto(f"{role}:{i}".encode(), relay)
+sock.settimeout(0.005)
+
+
+def pump(until):
+    i = 0
+    while until():
+        sock.sendto(f"{role}:{i % n}".encode(), relay)
         i += 1
-    try:
-        data, src = sock.recvfrom(2048)
-    except socket.timeout:
-        if i >= n:
-            # resend everything the other side may not have yet (it may have started later)
-            i = 0
-        continue
-    if data == b"ACK\n":
-        continue
-    other, num = data.decode().split(":")
-    if other == role:
-        sys.exit(f"received my own datagram {data!r}")
-    received.add(int(num))
-stop.set()
+        try:
+            data, _ = sock.recvfrom(2048)
+        except socket.timeout:
+            continue
+        if data == b"ACK\n":  # a keepalive's answer
+            continue
+        other, num = data.decode().split(":")
+        if other == role:
+            sys.exit(f"received my own datagram {data!r}")
+        received.add(int(num))
+
+
+deadline = time.time() + 30
+pump(lambda: len(received) < n and time.time() < deadline)
 if len(received) < n:
     sys.exit(f"only {len(received)} of {n} datagrams arrived")
-# Keep answering briefly so the other side can finish too.
-end = time.time() + 2
-while time.time() < end:
-    sock.sendto(f"{role}:{n - 1}".encode(), relay)
-    time.sleep(0.1)
+linger = time.time() + 2
+pump(lambda: time.time() < linger)
+stop.set()
 print(f"ok {len(received)}")
