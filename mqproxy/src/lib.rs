@@ -1,8 +1,49 @@
-//! `mqproxy`: a multipath QUIC proxy that carries SOCKS5 TCP and UDP ASSOCIATE over one QUIC
-//! connection (UDP as QUIC DATAGRAMs), directly or through the `quic-relay` via `peer_sdk`.
+//! `mqproxy`: a QUIC proxy that carries SOCKS5 TCP CONNECT, HTTP CONNECT and SOCKS5 UDP
+//! ASSOCIATE over one QUIC connection (UDP as QUIC DATAGRAMs), after the original C mqproxy.
 //!
-//! This crate is being built; see the project's issue tracker for the planned server, client,
-//! `udpsocks` and UDP-over-TCP tools.
+//! Modules:
+//! - [`proto`]: the wire format (control frames, the DATAGRAM header, fragmentation and
+//!   reassembly); pure, no IO. `PROTOCOL.md` beside `Cargo.toml` describes it in prose.
+//! - [`socks`]: SOCKS5 (RFC 1928, RFC 1929) and HTTP CONNECT parsing; pure.
+//! - [`transport`]: the seam between the proxy and QUIC (dialing, frame IO on streams).
+//! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
+//! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions, destination policy.
+//! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
+//! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
+//! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
+//! - [`config`]: command-line and TOML options for both roles.
+//!
+//! Everything but `proto` and `socks` needs the default `runtime` feature.
 
-/// The peer SDK this proxy reaches its server through.
+#[cfg(feature = "runtime")]
+pub mod client;
+#[cfg(feature = "runtime")]
+pub mod config;
+pub mod proto;
+#[cfg(feature = "runtime")]
+pub mod server;
+pub mod socks;
+#[cfg(feature = "runtime")]
+pub mod tls;
+#[cfg(feature = "runtime")]
+pub mod transport;
+#[cfg(feature = "runtime")]
+pub mod udp;
+#[cfg(feature = "runtime")]
+pub mod udpsocks;
+
+#[cfg(feature = "runtime")]
+/// The peer SDK a later version reaches its server through (relay, multipath).
 pub use peer_sdk;
+
+#[cfg(feature = "runtime")]
+/// Spawned-task handle that aborts the task when dropped, so no task outlives its owner.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+#[cfg(feature = "runtime")]
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -3,6 +3,7 @@
 pub mod forwarder;
 mod load;
 mod metrics;
+mod mqproxy;
 mod multiaddr;
 mod relay;
 mod sys;
@@ -16,11 +17,14 @@ Usage: cargo xtask bench <target> [options]
 Targets:
   relay    quic-relay: loss, CPU per datagram, latency, memory per session, registration rate
            (`cargo xtask bench relay --help`)
+  mqproxy  mqproxy: UDP and TCP through SOCKS5 against direct and shadowsocks-libev
+           (`cargo xtask bench mqproxy --help`)
 ";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.split_first() {
         Some((t, rest)) if t == "relay" => relay::run(rest),
+        Some((t, rest)) if t == "mqproxy" => mqproxy::run(rest),
         None => {
             print!("{HELP}");
             Ok(())

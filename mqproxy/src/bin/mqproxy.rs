@@ -1,0 +1,69 @@
+//! `mqproxy`: the command-line front end (`mqproxy server ...`, `mqproxy client ...`); parses
+//! options, installs logging and signal handling, and runs the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mqproxy::config::{ClientOpts, ServerOpts};
+
+/// SOCKS5 (TCP and UDP ASSOCIATE) and HTTP CONNECT over QUIC.
+///
+/// Run `mqproxy server` on a reachable host and `mqproxy client` next to the applications;
+/// point the applications at the client's SOCKS5 (or HTTP) listener. Logs go to stderr;
+/// RUST_LOG=debug shows each connection and session.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Accept QUIC connections from clients and make their TCP connections and UDP flows.
+    Server(ServerOpts),
+    /// Offer SOCKS5/HTTP CONNECT locally and carry the traffic to a server over QUIC.
+    Client(ClientOpts),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        match cli.role {
+            Role::Server(opts) => {
+                let cfg = opts.resolve().context("server configuration")?;
+                let server = mqproxy::server::Server::bind(cfg).context("starting the server")?;
+                server.run(shutdown_signal()).await;
+            }
+            Role::Client(opts) => {
+                let cfg = opts.resolve().context("client configuration")?;
+                let client = mqproxy::client::Client::bind(cfg)
+                    .await
+                    .context("starting the client")?;
+                client.run(shutdown_signal()).await;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler succeeds in a normal process");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

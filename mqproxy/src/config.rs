@@ -1,0 +1,415 @@
+//! Command-line and config-file options for `mqproxy server` and `mqproxy client`. A TOML file
+//! (`--config`) uses the long flag names as keys; the command line overrides the file, which
+//! overrides the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::client::ClientConfig;
+use crate::server::{self, ServerConfig};
+use crate::tls::{ClientVerify, ServerCert};
+
+/// Configuration errors; each names the flag or file at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this role.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A required setting is missing.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// Settings that exclude each other were both given.
+    #[error("{0} and {1} exclude each other")]
+    Conflict(&'static str, &'static str),
+    /// A setting has a bad value.
+    #[error("{flag} {value:?}: {reason}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it is bad.
+        reason: String,
+    },
+}
+
+fn load_file<T: for<'de> Deserialize<'de> + Default>(
+    path: Option<&Path>,
+) -> Result<T, ConfigError> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The token from `--token` or `--token-file` (one of them; the file's trailing newline is
+/// not part of the token).
+fn resolve_token(token: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>, ConfigError> {
+    let t = match (token, file) {
+        (Some(_), Some(_)) => return Err(ConfigError::Conflict("--token", "--token-file")),
+        (Some(t), None) => t.into_bytes(),
+        (None, Some(f)) => {
+            let s = std::fs::read(&f).map_err(|source| ConfigError::Read { path: f, source })?;
+            let end = s
+                .iter()
+                .rposition(|b| !b"\r\n".contains(b))
+                .map_or(0, |i| i + 1);
+            s[..end].to_vec()
+        }
+        (None, None) => return Err(ConfigError::Missing("--token or --token-file")),
+    };
+    if t.is_empty() {
+        return Err(ConfigError::Invalid {
+            flag: "--token",
+            value: String::new(),
+            reason: "the token is empty".into(),
+        });
+    }
+    if t.len() > crate::proto::MAX_TOKEN_LEN {
+        return Err(ConfigError::Invalid {
+            flag: "--token",
+            value: format!("<{} bytes>", t.len()),
+            reason: format!("longer than {} bytes", crate::proto::MAX_TOKEN_LEN),
+        });
+    }
+    Ok(t)
+}
+
+/// `mqproxy server` options.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServerOpts {
+    /// TOML config file; its keys are the long flag names (e.g. `listen = "0.0.0.0:4433"`).
+    #[arg(long, env = "MQPROXY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// UDP address the QUIC server listens on [default: 0.0.0.0:4433].
+    #[arg(long, env = "MQPROXY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Shared secret clients must present (prefer --token-file: command lines are visible to
+    /// other local users).
+    #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the shared secret (a trailing newline is ignored).
+    #[arg(long, env = "MQPROXY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Seconds a UDP session may stay silent before the server closes it; clients may ask for
+    /// less, never more [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub udp_idle_timeout: Option<u64>,
+    /// Refuse all UDP relaying (clients are told at authentication; UDP ASSOCIATE fails with
+    /// "command not supported").
+    #[arg(long)]
+    pub no_udp: bool,
+    /// PEM certificate chain. Without --cert/--key the server creates a self-signed
+    /// certificate on first start, keeps it in --state-dir and logs its SHA-256 fingerprint.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Where the self-signed certificate is kept [default: $STATE_DIRECTORY,
+    /// $XDG_STATE_HOME/mqproxy or ~/.local/state/mqproxy].
+    #[arg(long, env = "MQPROXY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Most connections allowed between handshake and authentication (a cap on
+    /// unauthenticated clients) [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<usize>,
+    /// Most UDP sessions per client connection [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_udp_sessions: Option<usize>,
+    /// Allow loopback, private (RFC 1918, ULA), link-local and CGNAT destinations. Off by
+    /// default so the proxy cannot be used to reach the server's own network (SSRF).
+    #[arg(long)]
+    pub allow_private: bool,
+    /// QUIC idle timeout in seconds: a client silent this long is disconnected and its
+    /// sessions torn down [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+}
+
+impl ServerOpts {
+    /// Reads `--config` (if any) and merges: command line over file over defaults.
+    pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
+        let file: ServerOpts = load_file(self.config.as_deref())?;
+        let token = resolve_token(
+            self.token.or(file.token),
+            self.token_file.or(file.token_file),
+        )?;
+        let cert = match (self.cert.or(file.cert), self.key.or(file.key)) {
+            (Some(cert), Some(key)) => ServerCert::Files { cert, key },
+            (None, None) => ServerCert::SelfSigned(
+                self.state_dir
+                    .or(file.state_dir)
+                    .unwrap_or_else(server::default_state_dir),
+            ),
+            _ => return Err(ConfigError::Missing("--cert and --key together")),
+        };
+        let listen = self
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "0.0.0.0:4433".parse().expect("literal"));
+        let mut c = ServerConfig::new(listen, token, cert);
+        if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
+            c.udp_idle_timeout = positive_secs("--udp-idle-timeout", s)?;
+        }
+        if let Some(s) = self.idle_timeout.or(file.idle_timeout) {
+            c.idle_timeout = positive_secs("--idle-timeout", s)?;
+        }
+        c.udp_enabled = !(self.no_udp || file.no_udp);
+        c.allow_private = self.allow_private || file.allow_private;
+        if let Some(n) = self.max_conns.or(file.max_conns) {
+            c.max_conns = at_least_one("--max-conns", n)?;
+        }
+        if let Some(n) = self.max_udp_sessions.or(file.max_udp_sessions) {
+            c.max_udp_sessions = at_least_one("--max-udp-sessions", n)?;
+        }
+        Ok(c)
+    }
+}
+
+fn positive_secs(flag: &'static str, s: u64) -> Result<Duration, ConfigError> {
+    if s == 0 || s > 86_400 {
+        return Err(ConfigError::Invalid {
+            flag,
+            value: s.to_string(),
+            reason: "must be between 1 and 86400 seconds".into(),
+        });
+    }
+    Ok(Duration::from_secs(s))
+}
+
+fn at_least_one(flag: &'static str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::Invalid {
+            flag,
+            value: "0".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(n)
+}
+
+/// `mqproxy client` options.
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClientOpts {
+    /// TOML config file; its keys are the long flag names (e.g. `server = "host:4433"`).
+    #[arg(long, env = "MQPROXY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The mqproxy server, HOST:PORT.
+    #[arg(long, env = "MQPROXY_SERVER")]
+    pub server: Option<String>,
+    /// Shared secret (prefer --token-file: command lines are visible to other local users).
+    #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the shared secret (a trailing newline is ignored).
+    #[arg(long, env = "MQPROXY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// SOCKS5 listen address (TCP CONNECT and UDP ASSOCIATE) [default: 127.0.0.1:1080].
+    #[arg(long)]
+    pub socks5: Option<SocketAddr>,
+    /// Also accept HTTP CONNECT on this address.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Pin the server certificate by SHA-256 fingerprint (hex, ':' allowed), as the server logs
+    /// it at start.
+    #[arg(long, value_name = "HEX")]
+    pub server_cert_sha256: Option<String>,
+    /// Verify the server against the CA certificates in this PEM file.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Name to verify with --ca (and send as SNI) [default: the host part of --server].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Do not verify the server at all. Anyone on the path can then read the token and the
+    /// traffic; for tests only.
+    #[arg(long)]
+    pub insecure: bool,
+    /// QUIC idle timeout in seconds; keepalives go out every third of it, at most 5 s apart
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
+    /// UDP session idle timeout to ask the server for, in seconds (it applies the smaller of
+    /// this and its own) [default: the server's].
+    #[arg(long, value_name = "SECS")]
+    pub udp_idle_timeout: Option<u64>,
+    /// Require this SOCKS5 username (RFC 1929); needs --socks-password.
+    #[arg(long, requires = "socks_password")]
+    pub socks_user: Option<String>,
+    /// SOCKS5 password for --socks-user.
+    #[arg(long, env = "MQPROXY_SOCKS_PASSWORD", hide_env_values = true)]
+    pub socks_password: Option<String>,
+}
+
+impl ClientOpts {
+    /// Reads `--config` (if any) and merges: command line over file over defaults.
+    pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
+        let file: ClientOpts = load_file(self.config.as_deref())?;
+        let server = self
+            .server
+            .or(file.server)
+            .ok_or(ConfigError::Missing("--server HOST:PORT"))?;
+        let host = match server.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+                h.trim_start_matches('[').trim_end_matches(']').to_owned()
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    flag: "--server",
+                    value: server,
+                    reason: "expected HOST:PORT".into(),
+                })
+            }
+        };
+        let token = resolve_token(
+            self.token.or(file.token),
+            self.token_file.or(file.token_file),
+        )?;
+        let pin = self.server_cert_sha256.or(file.server_cert_sha256);
+        let ca = self.ca.or(file.ca);
+        let insecure = self.insecure || file.insecure;
+        let verify = match (pin, ca, insecure) {
+            (Some(p), None, false) => {
+                ClientVerify::Pinned(p.parse().map_err(|_| ConfigError::Invalid {
+                    flag: "--server-cert-sha256",
+                    value: p.clone(),
+                    reason: "expected 64 hex digits (':' separators allowed)".into(),
+                })?)
+            }
+            (None, Some(f), false) => ClientVerify::Ca(f),
+            (None, None, true) => ClientVerify::Insecure,
+            (None, None, false) => {
+                return Err(ConfigError::Missing(
+                    "server verification: --server-cert-sha256 HEX (printed by the server), --ca FILE, or --insecure",
+                ))
+            }
+            (Some(_), _, _) => return Err(ConfigError::Conflict("--server-cert-sha256", "--ca/--insecure")),
+            (None, Some(_), true) => return Err(ConfigError::Conflict("--ca", "--insecure")),
+        };
+        let server_name = match (&verify, self.server_name.or(file.server_name)) {
+            (_, Some(n)) => n,
+            (ClientVerify::Ca(_), None) => host,
+            _ => crate::tls::SELF_SIGNED_NAME.to_owned(),
+        };
+        let mut c = ClientConfig::new(server, token, verify);
+        c.server_name = server_name;
+        if let Some(a) = self.socks5.or(file.socks5) {
+            c.socks5 = a;
+        }
+        c.http = self.http.or(file.http);
+        if let Some(s) = self.idle_timeout.or(file.idle_timeout) {
+            c.idle_timeout = positive_secs("--idle-timeout", s)?;
+        }
+        if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
+            c.udp_idle_timeout = Some(positive_secs("--udp-idle-timeout", s)?);
+        }
+        match (
+            self.socks_user.or(file.socks_user),
+            self.socks_password.or(file.socks_password),
+        ) {
+            (Some(u), Some(p)) => c.socks_auth = Some((u.into_bytes(), p.into_bytes())),
+            (None, None) => {}
+            _ => {
+                return Err(ConfigError::Missing(
+                    "--socks-user and --socks-password together",
+                ))
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_overrides_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("mqproxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let f = dir.join("server.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:5000\"\ntoken = \"fromfile\"\nudp-idle-timeout = 7\nno-udp = true\n",
+        )
+        .expect("write");
+        let opts = ServerOpts {
+            config: Some(f.clone()),
+            udp_idle_timeout: Some(9),
+            state_dir: Some(dir.clone()),
+            ..Default::default()
+        };
+        let c = opts.resolve().expect("valid");
+        assert_eq!(c.listen, "127.0.0.1:5000".parse().expect("lit"));
+        assert_eq!(c.token, b"fromfile");
+        assert_eq!(c.udp_idle_timeout, Duration::from_secs(9));
+        assert!(!c.udp_enabled);
+        assert_eq!(c.max_conns, server::DEFAULT_MAX_CONNS);
+
+        std::fs::write(&f, "listn = \"x\"\n").expect("write");
+        let err = ServerOpts {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn token_file_and_verification_rules() {
+        let dir = std::env::temp_dir().join(format!("mqproxy-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let f = dir.join("token");
+        std::fs::write(&f, "s3cret\n").expect("write");
+        let base = ClientOpts {
+            server: Some("example.com:4433".into()),
+            token_file: Some(f),
+            ..Default::default()
+        };
+        let err = base.clone().resolve().expect_err("no verification");
+        assert!(err.to_string().contains("--insecure"), "{err}");
+        let c = ClientOpts {
+            insecure: true,
+            ..base.clone()
+        }
+        .resolve()
+        .expect("valid");
+        assert_eq!(c.token, b"s3cret");
+        let err = ClientOpts {
+            server_cert_sha256: Some("zz".into()),
+            ..base
+        }
+        .resolve()
+        .expect_err("bad pin");
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+}

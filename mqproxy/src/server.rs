@@ -1,0 +1,946 @@
+//! The mqproxy server: accepts QUIC connections, authenticates them (token compared in
+//! constant time, DATAGRAMs before that dropped), then serves TCP CONNECT streams and UDP
+//! sessions under the destination policy (no loopback, private or link-local targets unless
+//! allowed).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, trace, warn, Instrument};
+
+use crate::proto::{
+    self, AuthStatus, CloseReason, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler,
+    TargetAddr, UdpStatus, FEATURE_UDP,
+};
+use crate::tls::{self, ServerCert, TlsError};
+use crate::transport::{self, close, FrameReader, TransportError};
+use crate::udp::{PreOpenBuffer, SessionTable, REASSEMBLY_BUDGET};
+
+/// How long a client has to finish the QUIC handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to authenticate after the handshake; it holds a `--max-conns` slot
+/// meanwhile, so this bounds how long a silent client blocks others.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new stream may take to say what it is.
+pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connect timeout towards a destination.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// DNS timeout for a destination name.
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `--udp-idle-timeout`.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default QUIC idle timeout (the client keeps it alive at a third of this).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `--max-conns`: connections between handshake and authentication.
+pub const DEFAULT_MAX_CONNS: usize = 256;
+/// UDP packets one session forwards per wake-up before yielding to the others.
+const UDP_BATCH: usize = 64;
+/// Session open/close notices queued from stream tasks to the connection loop; a notice per
+/// session event, so the session cap bounds what can be outstanding.
+const EVENT_QUEUE: usize = crate::udp::DEFAULT_MAX_SESSIONS;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The shared secret clients present.
+    pub token: Vec<u8>,
+    /// Longest a UDP session may stay silent (clients may ask for less).
+    pub udp_idle_timeout: Duration,
+    /// Whether UDP is relayed at all (`--no-udp` clears it).
+    pub udp_enabled: bool,
+    /// Where the certificate comes from.
+    pub cert: ServerCert,
+    /// Connections allowed between handshake and authentication.
+    pub max_conns: usize,
+    /// UDP sessions per connection.
+    pub max_udp_sessions: usize,
+    /// Allow loopback, private and link-local destinations.
+    pub allow_private: bool,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but the address, token and certificate.
+    pub fn new(listen: SocketAddr, token: impl Into<Vec<u8>>, cert: ServerCert) -> Self {
+        ServerConfig {
+            listen,
+            token: token.into(),
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+            udp_enabled: true,
+            cert,
+            max_conns: DEFAULT_MAX_CONNS,
+            max_udp_sessions: crate::udp::DEFAULT_MAX_SESSIONS,
+            allow_private: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Server start-up errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Certificate problems.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The listening socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Counters (and gauges, marked) of a running server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Connections accepted for handshake.
+    pub connections: AtomicU64,
+    /// Connections refused because `--max-conns` were authenticating.
+    pub refused_max_conns: AtomicU64,
+    /// Connections that authenticated.
+    pub authenticated: AtomicU64,
+    /// Connections refused for a wrong token or version.
+    pub auth_failures: AtomicU64,
+    /// Gauge: connections currently open.
+    pub connections_open: AtomicU64,
+    /// TCP CONNECT streams served.
+    pub tcp_streams: AtomicU64,
+    /// Gauge: UDP sessions open (each holds one UDP socket).
+    pub udp_sessions_open: AtomicU64,
+    /// UDP sessions opened.
+    pub udp_sessions_total: AtomicU64,
+    /// UDP sessions refused (any status).
+    pub udp_sessions_refused: AtomicU64,
+    /// DATAGRAMs dropped before authentication.
+    pub datagrams_before_auth: AtomicU64,
+    /// DATAGRAMs dropped: malformed, unknown session, full buffers.
+    pub datagrams_dropped: AtomicU64,
+    /// UDP packets relayed client → destination.
+    pub udp_packets_out: AtomicU64,
+    /// UDP packets relayed destination → client.
+    pub udp_packets_in: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn dec(c: &AtomicU64) {
+    c.fetch_sub(1, Ordering::Relaxed);
+}
+
+struct Ctx {
+    cfg: ServerConfig,
+    /// SHA-256 of the token, so comparison time does not depend on where tokens differ or on
+    /// their lengths.
+    token_digest: [u8; 32],
+    metrics: Arc<Metrics>,
+    unauthenticated: Arc<Semaphore>,
+}
+
+/// A bound server.
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+    fingerprint: peer_sdk::tls::Fingerprint,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Loads or creates the certificate and binds the UDP socket.
+    pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let cert = tls::load_server_cert(&cfg.cert)?;
+        let fingerprint = cert.fingerprint;
+        match &cfg.cert {
+            ServerCert::SelfSigned(dir) => info!(
+                %fingerprint,
+                path = %dir.join(tls::CERT_FILE).display(),
+                created = cert.created,
+                "self-signed certificate; clients pin it with --server-cert-sha256"
+            ),
+            ServerCert::Files { cert: path, .. } => {
+                info!(%fingerprint, path = %path.display(), "certificate loaded")
+            }
+        }
+        let mut sc = tls::server_config(cert)?;
+        sc.transport_config(Arc::new(transport::transport_config(
+            cfg.idle_timeout,
+            false,
+        )));
+        let endpoint =
+            quinn::Endpoint::server(sc, cfg.listen).map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let token_digest = Sha256::digest(&cfg.token).into();
+        let ctx = Arc::new(Ctx {
+            unauthenticated: Arc::new(Semaphore::new(cfg.max_conns)),
+            cfg,
+            token_digest,
+            metrics: Arc::new(Metrics::default()),
+        });
+        Ok(Server {
+            endpoint,
+            ctx,
+            fingerprint,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// SHA-256 fingerprint of the certificate.
+    pub fn fingerprint(&self) -> peer_sdk::tls::Fingerprint {
+        self.fingerprint
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.ctx.metrics.clone()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut conns = JoinSet::new();
+        tokio::pin!(shutdown);
+        info!(listen = %self.local_addr(), udp = self.ctx.cfg.udp_enabled, "server running");
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let remote = incoming.remote_address();
+                    match self.ctx.unauthenticated.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            inc(&self.ctx.metrics.connections);
+                            let ctx = self.ctx.clone();
+                            conns.spawn(
+                                serve_connection(incoming, ctx, permit)
+                                    .instrument(tracing::info_span!("conn", %remote)),
+                            );
+                        }
+                        Err(_) => {
+                            inc(&self.ctx.metrics.refused_max_conns);
+                            debug!(%remote, "refused: --max-conns connections are authenticating");
+                            incoming.refuse();
+                        }
+                    }
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        self.endpoint
+            .close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
+        conns.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        info!("server stopped");
+    }
+}
+
+/// Drops (and counts) DATAGRAMs until the connection ends; runs while authenticating.
+async fn drop_datagrams(conn: &Connection, metrics: &Metrics) {
+    while conn.read_datagram().await.is_ok() {
+        inc(&metrics.datagrams_before_auth);
+    }
+}
+
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+struct Authenticated {
+    client_id: String,
+}
+
+async fn authenticate(conn: &Connection, ctx: &Ctx) -> Result<Authenticated, AuthFailure> {
+    let (mut send, recv) = conn.accept_bi().await.map_err(TransportError::from)?;
+    let mut r = FrameReader::new(recv);
+    if r.stream_type().await? != proto::STREAM_AUTH {
+        return Err(AuthFailure::Protocol("first stream is not an auth stream"));
+    }
+    let Some(Frame::AuthRequest {
+        version,
+        client_id,
+        token,
+        ..
+    }) = r.frame().await?
+    else {
+        return Err(AuthFailure::Protocol("expected AUTH_REQUEST"));
+    };
+    let digest: [u8; 32] = Sha256::digest(&token).into();
+    let status = if version != proto::VERSION {
+        AuthStatus::BadVersion
+    } else if !ct_eq(&digest, &ctx.token_digest) {
+        AuthStatus::BadToken
+    } else {
+        AuthStatus::Ok
+    };
+    let resp = Frame::AuthResponse {
+        status,
+        features: if ctx.cfg.udp_enabled { FEATURE_UDP } else { 0 },
+        udp_idle_timeout_ms: ctx.cfg.udp_idle_timeout.as_millis() as u64,
+        max_udp_sessions: ctx.cfg.max_udp_sessions as u64,
+    };
+    transport::write_frame(&mut send, None, &resp).await?;
+    let _ = send.finish();
+    if status == AuthStatus::Ok {
+        return Ok(Authenticated { client_id });
+    }
+    // Let the response reach the client before the close discards it.
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    Err(AuthFailure::Refused { status, client_id })
+}
+
+enum AuthFailure {
+    Transport(TransportError),
+    Protocol(&'static str),
+    Refused {
+        status: AuthStatus,
+        client_id: String,
+    },
+}
+
+impl From<TransportError> for AuthFailure {
+    fn from(e: TransportError) -> Self {
+        AuthFailure::Transport(e)
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: OwnedSemaphorePermit) {
+    let m = ctx.metrics.clone();
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("handshake timed out");
+            return;
+        }
+    };
+    let auth = tokio::select! {
+        r = tokio::time::timeout(AUTH_TIMEOUT, authenticate(&conn, &ctx)) => r,
+        _ = drop_datagrams(&conn, &m) => return,
+    };
+    drop(permit);
+    let client_id = match auth {
+        Ok(Ok(a)) => a.client_id,
+        Ok(Err(AuthFailure::Refused { status, client_id })) => {
+            inc(&m.auth_failures);
+            warn!(%client_id, ?status, "authentication refused: wrong token or version; closing the connection");
+            conn.close(
+                VarInt::from_u32(close::AUTH_FAILED),
+                b"authentication failed",
+            );
+            return;
+        }
+        Ok(Err(AuthFailure::Protocol(what))) => {
+            inc(&m.auth_failures);
+            warn!(
+                error = what,
+                "authentication failed: protocol error; closing the connection"
+            );
+            conn.close(VarInt::from_u32(close::PROTOCOL_ERROR), what.as_bytes());
+            return;
+        }
+        Ok(Err(AuthFailure::Transport(e))) => {
+            debug!(error = %e, "connection ended during authentication");
+            return;
+        }
+        Err(_) => {
+            inc(&m.auth_failures);
+            warn!("authentication timed out; closing the connection");
+            conn.close(
+                VarInt::from_u32(close::AUTH_TIMEOUT),
+                b"authentication timeout",
+            );
+            return;
+        }
+    };
+    inc(&m.authenticated);
+    inc(&m.connections_open);
+    info!(%client_id, "client authenticated");
+    let reason = ConnLoop::new(conn, ctx.clone()).run().await;
+    dec(&m.connections_open);
+    info!(%client_id, %reason, "connection closed");
+}
+
+/// Open/close notices from UDP session tasks to their connection loop.
+#[derive(Debug)]
+enum SessionEvent {
+    Opened(u32),
+    Closed(u32),
+}
+
+thread_local! {
+    /// Receive buffer for UDP sockets: one per thread instead of 64 KiB per session.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; proto::MAX_PACKET]);
+}
+
+/// One authenticated connection: accepts streams and dispatches DATAGRAMs.
+struct ConnLoop {
+    conn: Connection,
+    ctx: Arc<Ctx>,
+    table: Arc<SessionTable>,
+    reassembly: HashMap<u32, Reassembler>,
+    reassembly_bytes: usize,
+    pre_open: PreOpenBuffer,
+}
+
+impl ConnLoop {
+    fn new(conn: Connection, ctx: Arc<Ctx>) -> Self {
+        ConnLoop {
+            table: Arc::new(SessionTable::new(ctx.cfg.max_udp_sessions)),
+            conn,
+            ctx,
+            reassembly: HashMap::new(),
+            reassembly_bytes: 0,
+            pre_open: PreOpenBuffer::default(),
+        }
+    }
+
+    async fn run(mut self) -> String {
+        let mut streams = JoinSet::new();
+        let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
+        loop {
+            let pre_open_deadline = self.pre_open.next_deadline();
+            tokio::select! {
+                r = self.conn.accept_bi() => match r {
+                    Ok((send, recv)) => {
+                        let stream = StreamCtx {
+                            conn: self.conn.clone(),
+                            ctx: self.ctx.clone(),
+                            table: self.table.clone(),
+                            events: events_tx.clone(),
+                        };
+                        streams.spawn(stream.serve(send, recv).in_current_span());
+                    }
+                    Err(e) => return e.to_string(),
+                },
+                r = self.conn.read_datagram() => match r {
+                    Ok(d) => self.on_datagram(Instant::now(), d),
+                    Err(e) => return e.to_string(),
+                },
+                Some(ev) = events_rx.recv() => match ev {
+                    SessionEvent::Opened(id) => {
+                        let now = Instant::now();
+                        for d in self.pre_open.take(id) {
+                            self.on_datagram(now, d);
+                        }
+                    }
+                    SessionEvent::Closed(id) => {
+                        if let Some(r) = self.reassembly.remove(&id) {
+                            self.reassembly_bytes -= r.buffered_bytes();
+                        }
+                    }
+                },
+                _ = sleep_until_opt(pre_open_deadline), if pre_open_deadline.is_some() => {
+                    let n = self.pre_open.expire(Instant::now());
+                    self.ctx.metrics.datagrams_dropped.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, now: Instant, d: Bytes) {
+        let m = &self.ctx.metrics;
+        let (h, payload) = match DatagramHeader::decode(&d) {
+            Ok(x) => x,
+            Err(e) => {
+                inc(&m.datagrams_dropped);
+                trace!(error = %e, "bad DATAGRAM");
+                return;
+            }
+        };
+        let Some(session) = self.table.get(h.session_id) else {
+            if !self.pre_open.push(now, h.session_id, d.clone()) {
+                inc(&m.datagrams_dropped);
+            }
+            return;
+        };
+        session.activity.touch(now);
+        let packet;
+        let payload = if h.frag_count == 1 {
+            payload
+        } else {
+            let r = self.reassembly.entry(h.session_id).or_default();
+            if self.reassembly_bytes + payload.len() > REASSEMBLY_BUDGET {
+                inc(&m.datagrams_dropped);
+                return;
+            }
+            let before = r.buffered_bytes();
+            let out = r.push(now, &h, payload);
+            self.reassembly_bytes = self.reassembly_bytes + r.buffered_bytes() - before;
+            match out {
+                Reassembled::Packet(p) => {
+                    packet = p;
+                    &packet[..]
+                }
+                Reassembled::Pending => return,
+                Reassembled::Duplicate | Reassembled::Oversized => {
+                    inc(&m.datagrams_dropped);
+                    return;
+                }
+            }
+        };
+        match session.sender.send(payload) {
+            Ok(_) => inc(&m.udp_packets_out),
+            // Full socket buffer: UDP is lossy; dropping beats stalling every session.
+            Err(e) => {
+                inc(&m.datagrams_dropped);
+                trace!(error = %e, session = h.session_id, "UDP send failed");
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a stream task needs.
+struct StreamCtx {
+    conn: Connection,
+    ctx: Arc<Ctx>,
+    table: Arc<SessionTable>,
+    events: mpsc::Sender<SessionEvent>,
+}
+
+impl StreamCtx {
+    async fn serve(self, mut send: SendStream, recv: RecvStream) {
+        let mut r = FrameReader::new(recv);
+        let ty = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.stream_type()).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                debug!(error = %e, "stream ended before its type");
+                return;
+            }
+            Err(_) => {
+                debug!("stream type timed out");
+                let _ = send.reset(VarInt::from_u32(0));
+                return;
+            }
+        };
+        let res = match ty {
+            proto::STREAM_CONNECT_TCP => self.tcp_connect(send, r).await,
+            proto::STREAM_UDP_SESSION => self.udp_session(send, r).await,
+            other => {
+                debug!(stream_type = other, "unknown stream type; resetting");
+                let _ = send.reset(VarInt::from_u32(0));
+                let _ = r.recv.stop(VarInt::from_u32(0));
+                Ok(())
+            }
+        };
+        if let Err(e) = res {
+            debug!(error = %e, "stream failed");
+        }
+    }
+
+    async fn tcp_connect(
+        &self,
+        mut send: SendStream,
+        mut r: FrameReader,
+    ) -> Result<(), TransportError> {
+        let addr = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
+            Ok(Ok(Some(Frame::ConnectRequest { addr }))) => addr,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(TransportError::Timeout("CONNECT_REQUEST")),
+            Ok(Ok(_)) => {
+                let _ = send.reset(VarInt::from_u32(0));
+                return Err(TransportError::Decode(proto::DecodeError::Invalid(
+                    "first frame of a CONNECT stream",
+                )));
+            }
+        };
+        inc(&self.ctx.metrics.tcp_streams);
+        let (status, tcp) = match self.connect_target(&addr).await {
+            Ok(tcp) => (ConnectStatus::Ok, Some(tcp)),
+            Err(status) => (status, None),
+        };
+        let remote = tcp.as_ref().and_then(|t| t.peer_addr().ok());
+        debug!(%addr, ?status, "CONNECT");
+        transport::write_frame(&mut send, None, &Frame::ConnectResponse { status, remote }).await?;
+        let Some(tcp) = tcp else {
+            let _ = send.finish();
+            return Ok(());
+        };
+        let (recv, leftover) = r.into_parts();
+        let (up, down) = transport::splice(tcp, send, recv, leftover).await;
+        debug!(%addr, bytes_to_target = down, bytes_from_target = up, "CONNECT done");
+        Ok(())
+    }
+
+    async fn connect_target(&self, addr: &TargetAddr) -> Result<TcpStream, ConnectStatus> {
+        let addrs = self.resolve(addr).await.map_err(|s| match s {
+            UdpStatus::PolicyDenied => ConnectStatus::NotAllowed,
+            _ => ConnectStatus::HostUnreachable,
+        })?;
+        let mut last = ConnectStatus::HostUnreachable;
+        for a in addrs {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => {
+                    last = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => ConnectStatus::Refused,
+                        std::io::ErrorKind::NetworkUnreachable => ConnectStatus::NetworkUnreachable,
+                        std::io::ErrorKind::HostUnreachable => ConnectStatus::HostUnreachable,
+                        std::io::ErrorKind::TimedOut => ConnectStatus::TtlExpired,
+                        _ => ConnectStatus::GeneralFailure,
+                    }
+                }
+                Err(_) => last = ConnectStatus::TtlExpired,
+            }
+        }
+        Err(last)
+    }
+
+    /// Resolves a destination and applies the policy before any socket exists.
+    async fn resolve(&self, addr: &TargetAddr) -> Result<Vec<SocketAddr>, UdpStatus> {
+        let all: Vec<SocketAddr> = match addr {
+            TargetAddr::Ip(a) => vec![*a],
+            TargetAddr::Domain(host, port) => {
+                match tokio::time::timeout(
+                    DNS_TIMEOUT,
+                    tokio::net::lookup_host((host.as_str(), *port)),
+                )
+                .await
+                {
+                    Ok(Ok(it)) => it.collect(),
+                    _ => return Err(UdpStatus::DnsFailed),
+                }
+            }
+        };
+        if all.is_empty() {
+            return Err(UdpStatus::DnsFailed);
+        }
+        let allowed: Vec<SocketAddr> = all
+            .into_iter()
+            .filter(|a| self.ctx.cfg.allow_private || !is_forbidden(a.ip()))
+            .collect();
+        if allowed.is_empty() {
+            debug!(%addr, "destination refused by policy");
+            return Err(UdpStatus::PolicyDenied);
+        }
+        Ok(allowed)
+    }
+
+    async fn udp_session(
+        &self,
+        mut send: SendStream,
+        mut r: FrameReader,
+    ) -> Result<(), TransportError> {
+        let m = &self.ctx.metrics;
+        let (session_id, addr, requested_ms) =
+            match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
+                Ok(Ok(Some(Frame::UdpOpen {
+                    session_id,
+                    addr,
+                    idle_timeout_ms,
+                    ..
+                }))) => (session_id, addr, idle_timeout_ms),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(TransportError::Timeout("UDP_SESSION_OPEN")),
+                Ok(Ok(_)) => {
+                    let _ = send.reset(VarInt::from_u32(0));
+                    return Err(TransportError::Decode(proto::DecodeError::Invalid(
+                        "first frame of a UDP session stream",
+                    )));
+                }
+            };
+        let limit_ms = self.ctx.cfg.udp_idle_timeout.as_millis() as u64;
+        let idle_ms = if requested_ms == 0 {
+            limit_ms
+        } else {
+            requested_ms.min(limit_ms)
+        };
+        let opened = self.open_socket(session_id, &addr).await;
+        let (status, socket, remote) = match opened {
+            Ok((s, sender, remote)) => (UdpStatus::Ok, Some((s, sender)), Some(remote)),
+            Err(status) => (status, None, None),
+        };
+        let resp = Frame::UdpResp {
+            session_id,
+            status,
+            idle_timeout_ms: idle_ms,
+            remote,
+        };
+        let Some((socket, sender)) = socket else {
+            inc(&m.udp_sessions_refused);
+            debug!(session = session_id, %addr, ?status, "UDP session refused");
+            transport::write_frame(&mut send, None, &resp).await?;
+            let _ = send.finish();
+            return Ok(());
+        };
+        let session = match self.table.insert(session_id, socket, sender) {
+            Ok(s) => s,
+            Err(status) => {
+                inc(&m.udp_sessions_refused);
+                let resp = Frame::UdpResp {
+                    session_id,
+                    status,
+                    idle_timeout_ms: idle_ms,
+                    remote: None,
+                };
+                transport::write_frame(&mut send, None, &resp).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        };
+        // From here the guard undoes the registration however the task ends (including abort).
+        let _guard = SessionGuard {
+            id: session_id,
+            table: self.table.clone(),
+            metrics: m.clone(),
+            events: self.events.clone(),
+        };
+        inc(&m.udp_sessions_open);
+        inc(&m.udp_sessions_total);
+        debug!(session = session_id, %addr, idle_ms, "UDP session open");
+        transport::write_frame(&mut send, None, &resp).await?;
+        let _ = self.events.send(SessionEvent::Opened(session_id)).await;
+        let idle = Duration::from_millis(idle_ms);
+        let mut packet_id: u16 = 0;
+        let reason = loop {
+            let deadline = session.activity.idle_deadline(idle);
+            tokio::select! {
+                f = r.frame() => match f {
+                    Ok(Some(_)) => continue,
+                    // The client finished or reset the stream: the session is over.
+                    Ok(None) | Err(_) => break None,
+                },
+                ready = session.socket.readable() => {
+                    if let Err(e) = ready {
+                        debug!(error = %e, "UDP socket failed");
+                        break Some(CloseReason::SocketError);
+                    }
+                    self.forward_replies(session_id, &session, &mut packet_id).await;
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if Instant::now() >= session.activity.idle_deadline(idle) {
+                        break Some(CloseReason::Idle);
+                    }
+                }
+            }
+        };
+        debug!(session = session_id, ?reason, "UDP session closed");
+        if let Some(reason) = reason {
+            let _ =
+                transport::write_frame(&mut send, None, &Frame::UdpClose { session_id, reason })
+                    .await;
+            let _ = send.finish();
+        }
+        Ok(())
+    }
+
+    /// Forwards up to [`UDP_BATCH`] waiting packets from the destination to the client.
+    async fn forward_replies(&self, id: u32, session: &crate::udp::Session, packet_id: &mut u16) {
+        let m = &self.ctx.metrics;
+        for _ in 0..UDP_BATCH {
+            let Some(max) = self.conn.max_datagram_size() else {
+                return;
+            };
+            let frags = SCRATCH.with(|b| {
+                let mut b = b.borrow_mut();
+                session
+                    .socket
+                    .try_recv(&mut b)
+                    .map(|n| proto::fragment(id, *packet_id, &b[..n], max))
+            });
+            let frags = match frags {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => {
+                    inc(&m.datagrams_dropped);
+                    debug!(error = %e, "reply not relayed");
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // ICMP errors (port unreachable) surface on connected sockets: not fatal.
+                Err(e) => {
+                    trace!(error = %e, "UDP receive error");
+                    continue;
+                }
+            };
+            *packet_id = packet_id.wrapping_add(1);
+            session.activity.touch(Instant::now());
+            inc(&m.udp_packets_in);
+            for f in frags {
+                if self.conn.send_datagram_wait(f).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn open_socket(
+        &self,
+        id: u32,
+        addr: &TargetAddr,
+    ) -> Result<(Arc<UdpSocket>, std::net::UdpSocket, SocketAddr), UdpStatus> {
+        if !self.ctx.cfg.udp_enabled {
+            return Err(UdpStatus::UdpDisabled);
+        }
+        self.table.precheck(id)?;
+        // Policy and DNS first: no socket exists for a destination that is refused.
+        let target = self.resolve(addr).await?[0];
+        let bind: SocketAddr = if target.is_ipv4() {
+            (IpAddr::from([0u8; 4]), 0).into()
+        } else {
+            (IpAddr::from([0u16; 8]), 0).into()
+        };
+        let failed = |e: std::io::Error| {
+            debug!(error = %e, %target, "UDP socket setup failed");
+            UdpStatus::SocketFailed
+        };
+        let sock = std::net::UdpSocket::bind(bind).map_err(failed)?;
+        sock.connect(target).map_err(failed)?;
+        sock.set_nonblocking(true).map_err(failed)?;
+        let sender = sock.try_clone().map_err(failed)?;
+        let sock = UdpSocket::from_std(sock).map_err(failed)?;
+        Ok((Arc::new(sock), sender, target))
+    }
+}
+
+/// Removes a session from its table and metrics when its task ends.
+struct SessionGuard {
+    id: u32,
+    table: Arc<SessionTable>,
+    metrics: Arc<Metrics>,
+    events: mpsc::Sender<SessionEvent>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.table.remove(self.id);
+        dec(&self.metrics.udp_sessions_open);
+        let _ = self.events.try_send(SessionEvent::Closed(self.id));
+    }
+}
+
+/// Destinations refused unless `--allow-private`: loopback, private, link-local, shared
+/// (CGNAT), unspecified, broadcast and multicast; IPv4-mapped IPv6 is judged as IPv4.
+pub fn is_forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || o[0] == 0
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_forbidden(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Default directory for the kept self-signed certificate: systemd's `$STATE_DIRECTORY`,
+/// else `$XDG_STATE_HOME/mqproxy`, else `~/.local/state/mqproxy`, else `./mqproxy-state`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("mqproxy");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/state/mqproxy");
+    }
+    PathBuf::from("mqproxy-state")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_forbidden(ip.parse().expect("literal")), "{ip}");
+        }
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2001:4860::8888",
+            "::ffff:8.8.8.8",
+            "100.128.0.1",
+        ] {
+            assert!(!is_forbidden(ip.parse().expect("literal")), "{ip}");
+        }
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(ct_eq(&[1; 32], &[1; 32]));
+        let mut b = [1; 32];
+        b[31] = 0;
+        assert!(!ct_eq(&[1; 32], &b));
+    }
+}

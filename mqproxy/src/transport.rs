@@ -1,0 +1,393 @@
+//! The seam between the proxy and QUIC: how a client gets a `quinn::Connection` ([`Dialer`];
+//! direct today, relay/multipath through `peer_sdk` later), the shared transport parameters,
+//! and control-frame IO on streams.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
+
+use crate::proto::{self, DecodeError, Frame};
+
+/// Bytes of DATAGRAMs quinn may queue each way. At 1,400 bytes each this is ~6,000 packets:
+/// enough to ride out a scheduling hiccup at a few hundred Mbit/s without dropping.
+pub const DATAGRAM_BUFFER: usize = 8 << 20;
+/// Per-stream receive window: one TCP flow can keep ~8 MiB in flight (about 650 Mbit/s at
+/// 100 ms RTT).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// Connection-wide receive and send windows, shared by all flows.
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+/// Concurrent bidi streams the peer may open: the UDP session cap plus room for TCP flows.
+pub const MAX_STREAMS: u32 = 4096;
+
+/// Longest interval between client keepalives: keeps a server whose idle timeout is 15 s or
+/// more (and typical NAT UDP bindings, 30 s and up) from timing the connection out.
+pub const KEEPALIVE_MAX: Duration = Duration::from_secs(5);
+
+/// Application close codes.
+pub mod close {
+    /// Normal shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// The token was wrong (or the version unsupported).
+    pub const AUTH_FAILED: u32 = 0x10;
+    /// The peer broke the protocol.
+    pub const PROTOCOL_ERROR: u32 = 0x11;
+    /// The client did not authenticate in time.
+    pub const AUTH_TIMEOUT: u32 = 0x12;
+}
+
+/// Errors moving frames over a stream or dialing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Reading a stream failed.
+    #[error("reading stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// Writing a stream failed.
+    #[error("writing stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    TruncatedFrame,
+    /// The peer sent bytes that are not a valid frame.
+    #[error("bad frame from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Starting the connection failed.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The server address.
+        addr: SocketAddr,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The server name did not resolve.
+    #[error("resolving {host}: {reason}")]
+    Resolve {
+        /// The `HOST:PORT` given.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// Binding the local UDP socket failed.
+    #[error("binding the client UDP socket: {0}")]
+    Bind(std::io::Error),
+    /// The peer took too long.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// Transport parameters both roles use. `keepalive` only matters on the client, which keeps
+/// NAT bindings and the server's idle timer alive.
+pub fn transport_config(idle_timeout: Duration, keepalive: bool) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(idle_timeout.try_into().ok());
+    if keepalive {
+        // The effective idle timeout is the smaller of both sides' and the server's is not
+        // known here, so keepalives also go out at least every KEEPALIVE_MAX.
+        t.keep_alive_interval(Some((idle_timeout / 3).min(KEEPALIVE_MAX)));
+    }
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// Kernel buffer asked for on the QUIC UDP socket, each way. The default (~208 KiB) overflows
+/// under a burst of GSO-sized sends at Gbit/s rates, and every overflow is a loss that halves
+/// the congestion window: with it, one TCP flow ran at ~2 Gbit/s on loopback with hundreds of
+/// receive-buffer drops per GiB.
+pub const UDP_SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket for a QUIC endpoint, with [`UDP_SOCKET_BUFFER`] buffers where the kernel allows
+/// (`SO_*BUFFORCE` with CAP_NET_ADMIN, else up to `net.core.[rw]mem_max`).
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual-stack where the host allows it; failure just means IPv6 only.
+        let _ = s.set_only_v6(false);
+    }
+    set_buffer(&s, true);
+    set_buffer(&s, false);
+    s.bind(&addr.into())?;
+    let got = s.recv_buffer_size().unwrap_or(0);
+    if got < UDP_SOCKET_BUFFER {
+        tracing::debug!(
+            asked = UDP_SOCKET_BUFFER,
+            got,
+            "smaller UDP receive buffer than asked; raise net.core.rmem_max for high rates"
+        );
+    }
+    Ok(s.into())
+}
+
+fn set_buffer(s: &socket2::Socket, recv: bool) {
+    use std::os::fd::AsRawFd;
+    let opt = if recv {
+        libc::SO_RCVBUFFORCE
+    } else {
+        libc::SO_SNDBUFFORCE
+    };
+    let v = UDP_SOCKET_BUFFER as libc::c_int;
+    // SAFETY: setsockopt on a valid fd with a pointer to a live c_int and its size.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = if recv {
+            s.set_recv_buffer_size(UDP_SOCKET_BUFFER)
+        } else {
+            s.set_send_buffer_size(UDP_SOCKET_BUFFER)
+        };
+    }
+}
+
+/// A quinn endpoint on a [`bind_udp`] socket.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = bind_udp(addr)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Something that produces a QUIC connection to the server. The client asks it again after
+/// every connection loss.
+pub trait Dialer: Send + Sync + 'static {
+    /// Opens a new connection (TLS done, not yet authenticated).
+    fn dial(&self) -> impl Future<Output = Result<quinn::Connection, TransportError>> + Send;
+}
+
+/// Dials the server directly over one local UDP socket.
+#[derive(Debug)]
+pub struct QuicDialer {
+    endpoint: quinn::Endpoint,
+    server: String,
+    server_name: String,
+    config: quinn::ClientConfig,
+}
+
+impl QuicDialer {
+    /// A dialer for `server` (`HOST:PORT`), verifying it as `server_name`.
+    pub fn new(
+        server: String,
+        server_name: String,
+        mut config: quinn::ClientConfig,
+        idle_timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        config.transport_config(Arc::new(transport_config(idle_timeout, true)));
+        // Bind the family of the server's literal address when it is one; otherwise IPv6
+        // dual-stack covers both families where the host allows it.
+        let bind: SocketAddr = match server.parse::<SocketAddr>() {
+            Ok(SocketAddr::V4(_)) => "0.0.0.0:0".parse().expect("literal"),
+            Ok(SocketAddr::V6(_)) => "[::]:0".parse().expect("literal"),
+            Err(_) => "0.0.0.0:0".parse().expect("literal"),
+        };
+        let endpoint = endpoint(bind, None).map_err(TransportError::Bind)?;
+        Ok(QuicDialer {
+            endpoint,
+            server,
+            server_name,
+            config,
+        })
+    }
+}
+
+impl Dialer for QuicDialer {
+    async fn dial(&self) -> Result<quinn::Connection, TransportError> {
+        let resolve_err = |reason: String| TransportError::Resolve {
+            host: self.server.clone(),
+            reason,
+        };
+        let addr = tokio::net::lookup_host(&self.server)
+            .await
+            .map_err(|e| resolve_err(e.to_string()))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| resolve_err("no IPv4 address".into()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), addr, &self.server_name)
+            .map_err(|source| TransportError::Connect { addr, source })?;
+        Ok(connecting.await?)
+    }
+}
+
+/// Reads a stream's type varint and control frames, keeping bytes read past a frame so a
+/// stream that switches to raw data (TCP CONNECT) loses nothing.
+#[derive(Debug)]
+pub struct FrameReader {
+    /// The stream.
+    pub recv: RecvStream,
+    buf: BytesMut,
+}
+
+/// Read size for control-frame reads: frames are small.
+const FRAME_READ_CHUNK: usize = 4096;
+
+impl FrameReader {
+    /// Wraps a stream.
+    pub fn new(recv: RecvStream) -> Self {
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn fill(&mut self) -> Result<bool, TransportError> {
+        let mut chunk = [0u8; FRAME_READ_CHUNK];
+        match self.recv.read(&mut chunk).await? {
+            Some(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The stream-type varint that starts every stream.
+    pub async fn stream_type(&mut self) -> Result<u64, TransportError> {
+        loop {
+            if let Some((v, n)) = proto::get_varint(&self.buf) {
+                self.buf.advance(n);
+                return Ok(v);
+            }
+            if !self.fill().await? {
+                return Err(TransportError::TruncatedFrame);
+            }
+        }
+    }
+
+    /// The next frame, skipping unknown frame types; `None` at a clean end of stream.
+    pub async fn frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        loop {
+            if let Some((f, n)) = Frame::decode(&self.buf)? {
+                self.buf.advance(n);
+                if matches!(f, Frame::Unknown { .. }) {
+                    continue;
+                }
+                return Ok(Some(f));
+            }
+            if !self.fill().await? {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(TransportError::TruncatedFrame)
+                };
+            }
+        }
+    }
+
+    /// The stream and whatever was read past the last frame.
+    pub fn into_parts(self) -> (RecvStream, BytesMut) {
+        (self.recv, self.buf)
+    }
+}
+
+/// Writes an optional stream-type varint and a frame in one write.
+pub async fn write_frame(
+    send: &mut SendStream,
+    stream_type: Option<u64>,
+    frame: &Frame,
+) -> Result<(), TransportError> {
+    let mut b = BytesMut::with_capacity(64);
+    if let Some(t) = stream_type {
+        proto::put_varint(&mut b, t);
+    }
+    frame.encode(&mut b);
+    send.write_all(&b).await?;
+    Ok(())
+}
+
+/// Size of one read when splicing TCP into a stream: large enough to amortise per-call costs
+/// at several Gbit/s, small enough to keep per-flow memory modest.
+const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// Copies bytes both ways between a TCP connection and a QUIC stream pair until both
+/// directions end, keeping half-closes: a FIN on one side becomes a FIN (stream finish or TCP
+/// shutdown) on the other; a TCP read error resets the stream. `leftover` is stream data read before
+/// the splice started. Returns the bytes carried (TCP → stream, stream → TCP).
+pub async fn splice(
+    tcp: tokio::net::TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    leftover: BytesMut,
+) -> (u64, u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.set_nodelay(true);
+    let (mut tr, mut tw) = tcp.into_split();
+    let up = async {
+        // Reads land in a BytesMut whose filled part is handed to quinn as `Bytes`: no copy
+        // between the TCP read and the QUIC send buffer.
+        let mut buf = BytesMut::with_capacity(SPLICE_CHUNK);
+        let mut total = 0u64;
+        loop {
+            if buf.capacity() < SPLICE_CHUNK / 4 {
+                buf.reserve(SPLICE_CHUNK);
+            }
+            match tr.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = send.finish();
+                    break;
+                }
+                Ok(n) => {
+                    if send.write_chunk(buf.split().freeze()).await.is_err() {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                Err(_) => {
+                    let _ = send.reset(VarInt::from_u32(0));
+                    break;
+                }
+            }
+        }
+        total
+    };
+    let down = async {
+        let mut total = leftover.len() as u64;
+        if !leftover.is_empty() && tw.write_all(&leftover).await.is_err() {
+            let _ = recv.stop(VarInt::from_u32(0));
+            return total;
+        }
+        loop {
+            match recv.read_chunk(SPLICE_CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    if tw.write_all(&chunk.bytes).await.is_err() {
+                        let _ = recv.stop(VarInt::from_u32(0));
+                        break;
+                    }
+                    total += chunk.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    let _ = tw.shutdown().await;
+                    break;
+                }
+                // A reset stream ends this direction; the TCP side sees the write half close.
+                Err(_) => break,
+            }
+        }
+        total
+    };
+    tokio::join!(up, down)
+}

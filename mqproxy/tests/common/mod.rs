@@ -1,0 +1,214 @@
+//! Shared test harness: an in-process server and client on loopback (real sockets, real
+//! Quinn), UDP echo servers, temp dirs, and the skip-or-fail rule for external tools.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqproxy::client::{Client, ClientConfig};
+use mqproxy::server::{Server, ServerConfig};
+use mqproxy::tls::{ClientVerify, ServerCert};
+use mqproxy::AbortOnDrop;
+use tokio::net::UdpSocket;
+
+pub const TOKEN: &str = "secret123";
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "mqproxy-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("creating a temp dir");
+    d
+}
+
+/// Whether an external tool can be used. Missing tools skip the test with a message, except
+/// under CI=true, where they fail it.
+pub fn have(tool: &str, probe: &[&str]) -> bool {
+    let ok = Command::new(tool)
+        .args(probe)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        let msg = format!("`{tool} {}` failed: the tool is missing", probe.join(" "));
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{msg} (CI=true: failing instead of skipping)");
+        }
+        eprintln!("SKIPPED: {msg}");
+    }
+    ok
+}
+
+/// Whether a Python module imports.
+pub fn have_py(module: &str) -> bool {
+    have("python3", &["-c", &format!("import {module}")])
+}
+
+/// Settings for [`start`].
+pub struct Opts {
+    pub udp_enabled: bool,
+    pub udp_idle_timeout: Duration,
+    pub server_idle_timeout: Duration,
+    pub client_token: String,
+    pub allow_private: bool,
+    pub max_conns: usize,
+    pub http: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            udp_enabled: true,
+            udp_idle_timeout: Duration::from_secs(30),
+            server_idle_timeout: Duration::from_secs(30),
+            client_token: TOKEN.into(),
+            allow_private: true,
+            max_conns: 256,
+            http: false,
+        }
+    }
+}
+
+pub struct Harness {
+    pub server_addr: SocketAddr,
+    pub fingerprint: String,
+    pub socks: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub server: Arc<mqproxy::server::Metrics>,
+    pub client: Arc<mqproxy::client::Metrics>,
+    pub dir: PathBuf,
+    _tasks: Vec<AbortOnDrop<()>>,
+}
+
+pub fn server_config(o: &Opts, dir: &std::path::Path) -> ServerConfig {
+    let mut sc = ServerConfig::new(
+        "127.0.0.1:0".parse().expect("literal"),
+        TOKEN,
+        ServerCert::SelfSigned(dir.to_owned()),
+    );
+    sc.udp_enabled = o.udp_enabled;
+    sc.udp_idle_timeout = o.udp_idle_timeout;
+    sc.idle_timeout = o.server_idle_timeout;
+    sc.allow_private = o.allow_private;
+    sc.max_conns = o.max_conns;
+    sc
+}
+
+/// Logs to stderr when RUST_LOG is set (e.g. `RUST_LOG=mqproxy=debug cargo test`).
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Starts a server and a client wired to it.
+pub async fn start(o: Opts) -> Harness {
+    init_tracing();
+    let dir = temp_dir("h");
+    let server = Server::bind(server_config(&o, &dir)).expect("server binds");
+    let server_addr = server.local_addr();
+    let fp = server.fingerprint();
+    let server_metrics = server.metrics();
+    let st = AbortOnDrop(tokio::spawn(server.run(std::future::pending())));
+    let mut cc = ClientConfig::new(
+        server_addr.to_string(),
+        o.client_token.clone(),
+        ClientVerify::Pinned(fp),
+    );
+    cc.socks5 = "127.0.0.1:0".parse().expect("literal");
+    if o.http {
+        cc.http = Some("127.0.0.1:0".parse().expect("literal"));
+    }
+    let client = Client::bind(cc).await.expect("client binds");
+    let socks = client.socks_addr();
+    let http = client.http_addr();
+    let client_metrics = client.metrics();
+    let ct = AbortOnDrop(tokio::spawn(client.run(std::future::pending())));
+    Harness {
+        server_addr,
+        fingerprint: fp.to_string(),
+        socks,
+        http,
+        server: server_metrics,
+        client: client_metrics,
+        dir,
+        _tasks: vec![st, ct],
+    }
+}
+
+/// A UDP echo server on loopback.
+pub async fn udp_echo() -> (SocketAddr, AbortOnDrop<()>) {
+    let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind echo");
+    let a = s.local_addr().expect("addr");
+    let t = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    (a, AbortOnDrop(t))
+}
+
+/// Polls `f` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn gauge(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// A free loopback port (bound then released; the tiny reuse race is acceptable in tests).
+pub fn free_port_udp() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind")
+        .port()
+}
+
+pub fn free_port_tcp() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind")
+        .port()
+}
+
+/// Kills a child process when dropped.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a command to completion off the async threads.
+pub async fn output(mut cmd: Command) -> std::process::Output {
+    let what = format!("{cmd:?}");
+    tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("blocking task")
+        .unwrap_or_else(|e| panic!("running {what}: {e}"))
+}

@@ -1,0 +1,681 @@
+//! `cargo xtask bench mqproxy`: UDP and TCP through mqproxy's SOCKS5 listener (client → QUIC →
+//! server) on loopback, against the direct path and against shadowsocks-libev (`ss-local` →
+//! `ss-server`), all in one run, with each ratio printed.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::load::{Pacer, StopOnDrop};
+use super::median;
+use super::sys::{self, RecvBatch, SendBatch};
+use crate::cli::Args;
+use crate::process::ChildGuard;
+
+const HELP: &str = "\
+Usage: cargo xtask bench mqproxy [options]
+
+Builds mqproxy and xtask in release (then re-runs itself from the release build), starts a UDP
+echo server and a TCP source on 127.0.0.1, and measures three paths to them in the same run:
+
+  direct   the load generator talks to the echo/source itself
+  mqproxy  SOCKS5 → mqproxy client → QUIC (DATAGRAMs / streams) → mqproxy server
+  ss       SOCKS5 → ss-local → ss-server (shadowsocks-libev, aes-256-gcm, -u for UDP)
+
+  udp      paced offered loads through UDP ASSOCIATE (one association, one destination): the
+           echoed packets/s and Mbit/s and the loss, per load
+  tcp      one SOCKS5 CONNECT downloading from the TCP source: Mbit/s
+
+Options:
+  --quick       one repetition of short runs (a ~30 s smoke test)
+  --reps N      repetitions (default 3; medians are reported)
+  --no-build    do not run cargo build first
+  -h, --help    this text
+
+shadowsocks-libev comes from Debian (`apt-get install shadowsocks-libev`); without it the `ss`
+column is left out. Logs go to target/bench-mqproxy/.
+";
+
+/// The shared secret of both proxies (loopback only).
+const SECRET: &str = "bench-secret";
+/// shadowsocks cipher: AES-GCM, as QUIC's TLS 1.3 suite negotiates here, so both pay for the
+/// same kind of encryption.
+const SS_METHOD: &str = "aes-256-gcm";
+/// Marks our datagrams (so a stray late echo from an earlier run is not counted).
+const MAGIC: &[u8; 4] = b"MQBL";
+const HEADER: usize = 16;
+/// After sending, the receiver is drained once nothing arrived for this long...
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+/// ...or after this long with a trickle still arriving.
+const DRAIN_MAX: Duration = Duration::from_secs(2);
+/// Receive poll period, to notice the stop flag.
+const POLL: Duration = Duration::from_millis(20);
+/// How long a proxy may take to come up and relay a first echo.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Socket buffers for the load generator and the echo server.
+const BUFFERS: usize = 8 << 20;
+
+/// Offered UDP loads: (payload bytes, packets per second). 1,200 B is a full-size packet that
+/// fits one DATAGRAM unfragmented; 64 B measures the per-packet cost.
+const UDP_LOADS: [(usize, u64); 3] = [(1200, 20_000), (1200, 50_000), (64, 50_000)];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path3 {
+    Direct,
+    Mqproxy,
+    Ss,
+}
+
+impl Path3 {
+    fn name(self) -> &'static str {
+        match self {
+            Path3::Direct => "direct",
+            Path3::Mqproxy => "mqproxy",
+            Path3::Ss => "ss",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Plan {
+    reps: usize,
+    udp_duration: Duration,
+    tcp_bytes: u64,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let mut a = Args::new(args);
+    if a.flag("--help") || a.flag("-h") {
+        print!("{HELP}");
+        return Ok(());
+    }
+    let quick = a.flag("--quick");
+    let no_build = a.flag("--no-build");
+    let reps: Option<usize> = a.parsed("--reps")?;
+    a.finish()?;
+    let plan = Plan {
+        reps: reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        udp_duration: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
+        tcp_bytes: if quick { 64 << 20 } else { 256 << 20 },
+    };
+    let target = crate::target_dir().join("release");
+    if !no_build {
+        build()?;
+    }
+    if cfg!(debug_assertions) {
+        // A debug-built load generator would measure itself, not the proxies.
+        let release = target.join("xtask");
+        let err = Command::new(&release)
+            .args(["bench", "mqproxy"])
+            .args(args)
+            .arg("--no-build")
+            .exec();
+        return Err(err).with_context(|| format!("exec {}", release.display()));
+    }
+    let log_dir = crate::target_dir().join("bench-mqproxy");
+    let mqproxy_bin = target.join("mqproxy");
+    if !mqproxy_bin.is_file() {
+        bail!("{} not found (build it first)", mqproxy_bin.display());
+    }
+    let have_ss = which("ss-local") && which("ss-server");
+    if !have_ss {
+        println!(
+            "ss-local/ss-server not found (apt-get install shadowsocks-libev): no `ss` column"
+        );
+    }
+
+    let stop = AtomicBool::new(false);
+    let echo = sys::bind_udp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
+    sys::set_buffers(&echo, BUFFERS).context("echo socket buffers")?;
+    echo.set_read_timeout(Some(POLL))?;
+    let echo_addr = sys::local_v4(&echo)?;
+    let source = TcpListener::bind("127.0.0.1:0").context("bind the TCP source")?;
+    let source_addr = match source.local_addr()? {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => bail!("the TCP source bound IPv6"),
+    };
+    source.set_nonblocking(true)?;
+
+    std::thread::scope(|s| -> Result<()> {
+        let _stop = StopOnDrop(&stop);
+        s.spawn(|| echo_server(&echo, &stop));
+        s.spawn(|| tcp_source(&source, &stop));
+
+        let mq_socks = start_mqproxy(&mqproxy_bin, &log_dir)?;
+        let ss = if have_ss {
+            Some(start_ss(&log_dir)?)
+        } else {
+            None
+        };
+        let mut paths = vec![
+            (Path3::Direct, None),
+            (Path3::Mqproxy, Some(mq_socks.socks)),
+        ];
+        if let Some(ss) = &ss {
+            paths.push((Path3::Ss, Some(ss.socks)));
+        }
+        for (p, proxy) in &paths {
+            if let Some(proxy) = proxy {
+                warm_up(*proxy, echo_addr).with_context(|| format!("{}: first echo", p.name()))?;
+            }
+        }
+        println!(
+            "udp: {} s per load, tcp: {} MiB per download, {} repetition(s); medians\n",
+            plan.udp_duration.as_secs_f64(),
+            plan.tcp_bytes >> 20,
+            plan.reps
+        );
+        let mut udp: UdpTable = vec![vec![Vec::new(); UDP_LOADS.len()]; paths.len()];
+        let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        for rep in 0..plan.reps {
+            // Interleave the paths in every repetition so host noise hits all of them alike.
+            for (i, (p, proxy)) in paths.iter().enumerate() {
+                for (j, &(size, rate)) in UDP_LOADS.iter().enumerate() {
+                    let r = udp_run(*proxy, echo_addr, size, rate, plan.udp_duration)
+                        .with_context(|| format!("{} udp {size} B at {rate}/s", p.name()))?;
+                    udp[i][j].push(r);
+                }
+                let mbit = tcp_run(*proxy, source_addr, plan.tcp_bytes)
+                    .with_context(|| format!("{} tcp download", p.name()))?;
+                tcp[i].push(mbit);
+            }
+            mq_socks.check()?;
+            if let Some(ss) = &ss {
+                ss.check()?;
+            }
+            eprintln!("repetition {} done", rep + 1);
+        }
+        print_results(&paths, &udp, &tcp);
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })
+}
+
+fn build() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(crate::project_root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "xtask",
+        "-p",
+        "mqproxy",
+    ]);
+    let status = cmd.status().context("run cargo build")?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn free_port() -> Result<u16> {
+    // Bound and released at once; nothing else on this host races for loopback ports.
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A proxy pair (server + local SOCKS5 side), killed when dropped.
+struct Proxy {
+    socks: SocketAddrV4,
+    children: Vec<std::cell::RefCell<ChildGuard>>,
+}
+
+impl Proxy {
+    fn check(&self) -> Result<()> {
+        for c in &self.children {
+            c.borrow_mut().check_alive()?;
+        }
+        Ok(())
+    }
+
+    fn wait_listening(&self) -> Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while TcpStream::connect(self.socks).is_err() {
+            self.check()?;
+            if Instant::now() > deadline {
+                bail!("SOCKS5 listener {} not up", self.socks);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
+    let (sp, cp) = (free_port()?, free_port()?);
+    let mut server = Command::new(bin);
+    server
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{sp}"),
+            "--token",
+            SECRET,
+        ])
+        .args(["--allow-private", "--state-dir"])
+        .arg(log_dir.join("state"));
+    let server = ChildGuard::spawn(
+        server,
+        "mqproxy server",
+        &log_dir.join("mqproxy-server.log"),
+    )?;
+    let mut client = Command::new(bin);
+    client
+        .args([
+            "client",
+            "--server",
+            &format!("127.0.0.1:{sp}"),
+            "--token",
+            SECRET,
+        ])
+        .args(["--insecure", "--socks5", &format!("127.0.0.1:{cp}")]);
+    let client = ChildGuard::spawn(
+        client,
+        "mqproxy client",
+        &log_dir.join("mqproxy-client.log"),
+    )?;
+    let p = Proxy {
+        socks: SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp),
+        children: vec![server.into(), client.into()],
+    };
+    p.wait_listening()?;
+    Ok(p)
+}
+
+fn start_ss(log_dir: &Path) -> Result<Proxy> {
+    let (sp, cp) = (free_port()?, free_port()?);
+    let mut server = Command::new("ss-server");
+    server.args([
+        "-s",
+        "127.0.0.1",
+        "-p",
+        &sp.to_string(),
+        "-k",
+        SECRET,
+        "-m",
+        SS_METHOD,
+        "-u",
+    ]);
+    let server = ChildGuard::spawn(server, "ss-server", &log_dir.join("ss-server.log"))?;
+    let mut local = Command::new("ss-local");
+    local.args(["-s", "127.0.0.1", "-p", &sp.to_string(), "-b", "127.0.0.1"]);
+    local.args(["-l", &cp.to_string(), "-k", SECRET, "-m", SS_METHOD, "-u"]);
+    let local = ChildGuard::spawn(local, "ss-local", &log_dir.join("ss-local.log"))?;
+    let p = Proxy {
+        socks: SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp),
+        children: vec![server.into(), local.into()],
+    };
+    p.wait_listening()?;
+    Ok(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SOCKS5 (just what the benchmark needs: no auth, IPv4)
+
+fn socks_handshake(
+    proxy: SocketAddrV4,
+    cmd: u8,
+    addr: SocketAddrV4,
+) -> Result<(TcpStream, SocketAddrV4)> {
+    let mut t = TcpStream::connect(proxy).with_context(|| format!("connect {proxy}"))?;
+    t.set_read_timeout(Some(STARTUP_TIMEOUT))?;
+    t.write_all(&[5, 1, 0])?;
+    let mut m = [0u8; 2];
+    t.read_exact(&mut m)?;
+    if m != [5, 0] {
+        bail!("{proxy}: method reply {m:?}");
+    }
+    let mut req = vec![5, cmd, 0, 1];
+    req.extend_from_slice(&addr.ip().octets());
+    req.extend_from_slice(&addr.port().to_be_bytes());
+    t.write_all(&req)?;
+    let mut r = [0u8; 10];
+    t.read_exact(&mut r)?;
+    if r[1] != 0 || r[3] != 1 {
+        bail!("{proxy}: SOCKS reply {:#04x} (atyp {})", r[1], r[3]);
+    }
+    let mut bnd = SocketAddrV4::new(
+        Ipv4Addr::new(r[4], r[5], r[6], r[7]),
+        u16::from_be_bytes([r[8], r[9]]),
+    );
+    if bnd.ip().is_unspecified() {
+        bnd.set_ip(*proxy.ip());
+    }
+    t.set_read_timeout(None)?;
+    Ok((t, bnd))
+}
+
+fn socks_udp_header(to: SocketAddrV4) -> Vec<u8> {
+    let mut h = vec![0, 0, 0, 1];
+    h.extend_from_slice(&to.ip().octets());
+    h.extend_from_slice(&to.port().to_be_bytes());
+    h
+}
+
+/// The payload of a SOCKS5 UDP reply (after RSV, FRAG and the address).
+fn strip_socks(p: &[u8]) -> Option<&[u8]> {
+    let skip = match *p.get(3)? {
+        1 => 10,
+        4 => 22,
+        3 => 7 + usize::from(*p.get(4)?),
+        _ => return None,
+    };
+    p.get(skip..)
+}
+
+// ---------------------------------------------------------------------------------------------
+// UDP
+
+/// The UDP echo: everything back to its sender, in batches.
+fn echo_server(sock: &UdpSocket, stop: &AtomicBool) {
+    let mut batch = RecvBatch::new();
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(n) = batch.recv(sock, libc::MSG_WAITFORONE) {
+            if n > 0 {
+                batch.send_routed(sock, |_, src| sys::Route::Forward(src));
+            }
+        }
+    }
+}
+
+/// A socket and where to send: the echo itself, or a SOCKS relay with its control connection.
+struct UdpPath {
+    sock: UdpSocket,
+    to: SocketAddrV4,
+    header: Vec<u8>,
+    socks: bool,
+    _control: Option<TcpStream>,
+}
+
+fn udp_path(proxy: Option<SocketAddrV4>, echo: SocketAddrV4) -> Result<UdpPath> {
+    let sock = sys::bind_udp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
+    sys::set_buffers(&sock, BUFFERS).context("load socket buffers")?;
+    sock.set_read_timeout(Some(POLL))?;
+    let Some(proxy) = proxy else {
+        return Ok(UdpPath {
+            sock,
+            to: echo,
+            header: Vec::new(),
+            socks: false,
+            _control: None,
+        });
+    };
+    let me = sys::local_v4(&sock)?;
+    let (control, relay) = socks_handshake(proxy, 3, me)?;
+    Ok(UdpPath {
+        sock,
+        to: relay,
+        header: socks_udp_header(echo),
+        socks: true,
+        _control: Some(control),
+    })
+}
+
+/// Sends pings until one comes back: the proxy is up and relays UDP.
+fn warm_up(proxy: SocketAddrV4, echo: SocketAddrV4) -> Result<()> {
+    warm_up_path(&udp_path(Some(proxy), echo)?)
+}
+
+/// What one paced UDP run delivered.
+#[derive(Debug, Clone, Copy)]
+struct UdpResult {
+    /// Echoed packets per second.
+    pps: f64,
+    /// Echoed payload Mbit/s.
+    mbit: f64,
+    /// Lost fraction of what was sent.
+    loss: f64,
+}
+
+/// Results per path, per load, per repetition.
+type UdpTable = Vec<Vec<Vec<UdpResult>>>;
+
+/// One paced run.
+fn udp_run(
+    proxy: Option<SocketAddrV4>,
+    echo: SocketAddrV4,
+    size: usize,
+    rate: u64,
+    duration: Duration,
+) -> Result<UdpResult> {
+    let path = udp_path(proxy, echo)?;
+    if path.socks {
+        warm_up_path(&path)?;
+    }
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let run_id = super::load::random_u64() as u32;
+    let stop = AtomicBool::new(false);
+    let received = AtomicU64::new(0);
+    let epoch = Instant::now();
+    let last_rx_us = AtomicU64::new(0);
+    let (sent, secs) = std::thread::scope(|s| {
+        let rx =
+            s.spawn(|| udp_receive(&path, run_id, total, &stop, &received, epoch, &last_rx_us));
+        let _stop = StopOnDrop(&stop);
+        let mut payload = path.header.clone();
+        let off = payload.len();
+        payload.resize(off + size.max(HEADER), 0);
+        payload[off..off + 4].copy_from_slice(MAGIC);
+        payload[off + 4..off + 8].copy_from_slice(&run_id.to_le_bytes());
+        let mut batch = SendBatch::new();
+        let mut pacer = Pacer::new(rate, total);
+        let (mut seq, mut ok) = (0u64, 0u64);
+        while !pacer.done() {
+            for _ in 0..pacer.next_burst() {
+                payload[off + 8..off + 16].copy_from_slice(&seq.to_le_bytes());
+                seq += 1;
+                batch.push(path.to, None, &payload);
+                if batch.is_full() {
+                    ok += batch.send(&path.sock).ok;
+                }
+            }
+            if batch.len() > 0 {
+                ok += batch.send(&path.sock).ok;
+            }
+        }
+        let secs = pacer.elapsed().as_secs_f64();
+        let drain = Instant::now();
+        while drain.elapsed() < DRAIN_MAX {
+            std::thread::sleep(POLL);
+            let last = epoch + Duration::from_micros(last_rx_us.load(Ordering::Relaxed));
+            if last.elapsed() >= DRAIN_QUIET && drain.elapsed() >= DRAIN_QUIET {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = rx.join();
+        (ok, secs)
+    });
+    let got = received.load(Ordering::Relaxed);
+    let pps = got as f64 / secs.max(1e-9);
+    let loss = if sent == 0 {
+        1.0
+    } else {
+        1.0 - got as f64 / sent as f64
+    };
+    Ok(UdpResult {
+        pps,
+        mbit: pps * size as f64 * 8.0 / 1e6,
+        loss: loss.max(0.0),
+    })
+}
+
+/// Pings through `p` until one comes back (a new association's first packets open the
+/// proxy's session, which is not what is measured).
+fn warm_up_path(p: &UdpPath) -> Result<()> {
+    let mut d = p.header.clone();
+    d.extend_from_slice(b"warm-up");
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while Instant::now() < deadline {
+        p.sock.send_to(&d, p.to)?;
+        if let Ok(n) = p.sock.recv(&mut buf) {
+            if strip_socks(&buf[..n]) == Some(&b"warm-up"[..]) {
+                return Ok(());
+            }
+        }
+    }
+    bail!("no echo on a new association within {STARTUP_TIMEOUT:?}")
+}
+
+fn udp_receive(
+    p: &UdpPath,
+    run_id: u32,
+    total: u64,
+    stop: &AtomicBool,
+    received: &AtomicU64,
+    epoch: Instant,
+    last_rx_us: &AtomicU64,
+) {
+    let mut seen = vec![0u64; (total as usize).div_ceil(64)];
+    let mut batch = RecvBatch::new();
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(n) = batch.recv(&p.sock, libc::MSG_WAITFORONE) else {
+            continue;
+        };
+        if n > 0 {
+            last_rx_us.store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        for i in 0..n {
+            let d = batch.payload(i);
+            let d = if p.socks {
+                match strip_socks(d) {
+                    Some(d) => d,
+                    None => continue,
+                }
+            } else {
+                d
+            };
+            if d.len() < HEADER || &d[..4] != MAGIC || d[4..8] != run_id.to_le_bytes() {
+                continue;
+            }
+            let seq = u64::from_le_bytes(d[8..16].try_into().expect("8 bytes")) as usize;
+            if seq >= seen.len() * 64 {
+                continue;
+            }
+            let (w, b) = (seq / 64, 1u64 << (seq % 64));
+            if seen[w] & b == 0 {
+                seen[w] |= b;
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP
+
+/// Serves downloads: a client sends the byte count (u64 LE), gets that many bytes, then EOF.
+fn tcp_source(l: &TcpListener, stop: &AtomicBool) {
+    std::thread::scope(|s| {
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut t, _)) => {
+                    s.spawn(move || {
+                        let _ = t.set_nonblocking(false);
+                        let mut n = [0u8; 8];
+                        if t.read_exact(&mut n).is_err() {
+                            return;
+                        }
+                        let mut left = u64::from_le_bytes(n);
+                        let buf = vec![0x5au8; 1 << 20];
+                        while left > 0 {
+                            let k = left.min(buf.len() as u64) as usize;
+                            if t.write_all(&buf[..k]).is_err() {
+                                return;
+                            }
+                            left -= k as u64;
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    });
+}
+
+/// One download; returns Mbit/s.
+fn tcp_run(proxy: Option<SocketAddrV4>, source: SocketAddrV4, bytes: u64) -> Result<f64> {
+    let mut t = match proxy {
+        None => TcpStream::connect(source)?,
+        Some(p) => socks_handshake(p, 1, source)?.0,
+    };
+    let t0 = Instant::now();
+    t.write_all(&bytes.to_le_bytes())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let n = t.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("downloaded {got} of {bytes} bytes");
+    }
+    Ok(bytes as f64 * 8.0 / 1e6 / secs)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn print_results(paths: &[(Path3, Option<SocketAddrV4>)], udp: &UdpTable, tcp: &[Vec<f64>]) {
+    let idx = |p: Path3| paths.iter().position(|(q, _)| *q == p);
+    let med =
+        |v: &[UdpResult], f: fn(&UdpResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    println!(
+        "{:<26} {:>12} {:>10} {:>8}",
+        "UDP echo (offered)", "path", "pkt/s", "Mbit/s"
+    );
+    for (j, &(size, rate)) in UDP_LOADS.iter().enumerate() {
+        let label = format!("{size} B at {rate}/s");
+        for (i, (p, _)) in paths.iter().enumerate() {
+            let (pps, mbit, loss) = (
+                med(&udp[i][j], |r| r.pps),
+                med(&udp[i][j], |r| r.mbit),
+                med(&udp[i][j], |r| r.loss),
+            );
+            println!(
+                "{:<26} {:>12} {:>10.0} {:>8.1}  loss {:>6.2}%",
+                label,
+                p.name(),
+                pps,
+                mbit,
+                loss * 100.0
+            );
+        }
+        let pps = |p| idx(p).map(|i| med(&udp[i][j], |r| r.pps));
+        if let (Some(m), Some(d)) = (pps(Path3::Mqproxy), pps(Path3::Direct)) {
+            print!("{:<26} mqproxy/direct {:.3}", "", m / d);
+            if let Some(s) = pps(Path3::Ss) {
+                print!("   ss/direct {:.3}   mqproxy/ss {:.3}", s / d, m / s);
+            }
+            println!();
+        }
+    }
+    println!("\n{:<26} {:>12} {:>10}", "TCP download", "path", "Mbit/s");
+    let t = |p| idx(p).map(|i| median(&tcp[i]));
+    for (i, (p, _)) in paths.iter().enumerate() {
+        println!("{:<26} {:>12} {:>10.0}", "", p.name(), median(&tcp[i]));
+    }
+    if let (Some(m), Some(d)) = (t(Path3::Mqproxy), t(Path3::Direct)) {
+        print!("{:<26} mqproxy/direct {:.3}", "", m / d);
+        if let Some(s) = t(Path3::Ss) {
+            print!("   ss/direct {:.3}   mqproxy/ss {:.3}", s / d, m / s);
+        }
+        println!();
+    }
+}
