@@ -1,7 +1,10 @@
-//! `cargo xtask`: project automation run from the workspace root (benchmarks, the NAT lab).
+//! `cargo xtask`: project automation run from the workspace root (benchmarks, the NAT lab,
+//! deployment, release archives).
 
 mod bench;
 mod cli;
+mod deploy;
+mod dist;
 mod lab;
 mod process;
 
@@ -16,7 +19,11 @@ Project automation. Usage: cargo xtask <task> [args]
 Tasks:
   bench relay [options]   measure quic-relay against baselines from the same run
                           (`cargo xtask bench relay --help` for its options)
+  bench mqproxy [options] mqproxy's UDP and TCP throughput against direct and shadowsocks
   lab <up|check|cleanup>  the NAT lab in network namespaces (`cargo xtask lab --help`)
+  deploy --host USER@HOST build, upload and restart quic-relay (or mqproxy) over ssh, check
+                          its health, roll back on failure (`cargo xtask deploy --help`)
+  dist                    release archives with SHA-256 sums (`cargo xtask dist --help`)
   help                    print this text
 ";
 
@@ -44,6 +51,8 @@ fn run(args: &[String]) -> Result<()> {
         }
         "bench" => bench::run(rest),
         "lab" => lab::run(rest),
+        "deploy" => deploy::run(rest),
+        "dist" => dist::run(rest),
         // Hidden: child processes the benchmarks spawn so that they can be measured on their own.
         bench::forwarder::SUBCOMMAND => bench::forwarder::main(rest),
         bench::table::SUBCOMMAND => bench::table::main(rest),

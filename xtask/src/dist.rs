@@ -1,0 +1,240 @@
+//! `cargo xtask dist`: release archives (`<name>-<version>-<target>.tar.gz`) with the binary,
+//! README, licenses and `deploy/`, plus SHA-256 sums, made with the system `tar`, `gzip` and
+//! `sha256sum` (xtask shells out anyway, and those tools are what users verify with).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::cli::Args;
+use crate::{project_root, target_dir};
+
+pub const HELP: &str = "\
+Usage: cargo xtask dist [--bin NAME]... [--out DIR]
+
+Builds the release binaries (cargo build --release --locked) and packs one archive per
+binary: <out>/<name>-<version>-<target>.tar.gz, holding <name>-<version>-<target>/ with the
+binary, README.md, LICENSE-MIT, LICENSE-APACHE, deploy/ (units, environment files,
+cloud-init, the guide) and SHA256SUMS of those files (check with `sha256sum -c SHA256SUMS`
+inside the unpacked directory). <out>/SHA256SUMS lists the archives made by this run.
+Archives are reproducible: sorted, owner 0, mtime from SOURCE_DATE_EPOCH or the last commit.
+
+Options:
+  --bin NAME   quic-relay or mqproxy; repeatable (default: both)
+  --out DIR    where the archives go (default: target/dist)
+";
+
+/// A binary that can be packed, and the package directory its version comes from.
+const BINARIES: &[(&str, &str)] = &[("quic-relay", "relay"), ("mqproxy", "mqproxy")];
+
+/// Files from the workspace root that every archive carries.
+const ROOT_FILES: &[&str] = &["README.md", "LICENSE-MIT", "LICENSE-APACHE"];
+
+pub fn run(args: &[String]) -> Result<()> {
+    if matches!(
+        args.first().map(String::as_str),
+        Some("-h" | "--help" | "help")
+    ) {
+        print!("{HELP}");
+        return Ok(());
+    }
+    let mut a = Args::new(args);
+    let mut bins = Vec::new();
+    while let Some(b) = a.value("--bin")? {
+        let Some(&(name, dir)) = BINARIES.iter().find(|(n, _)| *n == b) else {
+            bail!("--bin {b}: expected quic-relay or mqproxy");
+        };
+        bins.push((name, dir));
+    }
+    if bins.is_empty() {
+        bins = BINARIES.to_vec();
+    }
+    let out = a
+        .value("--out")?
+        .map_or_else(|| target_dir().join("dist"), |d| project_root().join(d));
+    a.finish()?;
+
+    build(&bins)?;
+    let target = host_target()?;
+    let epoch = source_date_epoch();
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let mut archives = Vec::new();
+    for &(name, dir) in &bins {
+        let version = package_version(&project_root().join(dir).join("Cargo.toml"))?;
+        let stem = format!("{name}-{version}-{target}");
+        let archive = pack(&out, &stem, name, &epoch)?;
+        println!("{}", archive.display());
+        archives.push(format!("{stem}.tar.gz"));
+    }
+    let sums = sha256sum(&out, &archives)?;
+    std::fs::write(out.join("SHA256SUMS"), sums)
+        .with_context(|| format!("write {}", out.join("SHA256SUMS").display()))?;
+    println!("{}", out.join("SHA256SUMS").display());
+    Ok(())
+}
+
+fn build(bins: &[(&str, &str)]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(project_root())
+        .args(["build", "--release", "--locked"]);
+    for (name, _) in bins {
+        cmd.args(["-p", name, "--bin", name]);
+    }
+    let status = cmd.status().with_context(|| format!("run {cargo}"))?;
+    if !status.success() {
+        bail!("cargo build --release --locked failed ({status})");
+    }
+    Ok(())
+}
+
+/// Stages `<out>/<stem>/`, writes its SHA256SUMS, packs it and removes the staging directory.
+fn pack(out: &Path, stem: &str, name: &str, epoch: &str) -> Result<PathBuf> {
+    let root = project_root();
+    let stage = out.join(stem);
+    if stage.exists() {
+        std::fs::remove_dir_all(&stage).with_context(|| format!("remove {}", stage.display()))?;
+    }
+    std::fs::create_dir_all(stage.join("deploy"))
+        .with_context(|| format!("create {}", stage.display()))?;
+    let mut files = vec![name.to_owned()];
+    copy(&target_dir().join("release").join(name), &stage.join(name))?;
+    for f in ROOT_FILES {
+        copy(&root.join(f), &stage.join(f))?;
+        files.push((*f).to_owned());
+    }
+    let mut deploy: Vec<_> = std::fs::read_dir(root.join("deploy"))
+        .context("list deploy/")?
+        .collect::<Result<_, _>>()
+        .context("list deploy/")?;
+    deploy.sort_by_key(|e| e.file_name());
+    for e in deploy {
+        if e.file_type().context("stat a deploy/ entry")?.is_file() {
+            let rel = format!("deploy/{}", e.file_name().to_string_lossy());
+            copy(&e.path(), &stage.join(&rel))?;
+            files.push(rel);
+        }
+    }
+    let sums = sha256sum(&stage, &files)?;
+    std::fs::write(stage.join("SHA256SUMS"), sums).context("write SHA256SUMS")?;
+
+    let archive = out.join(format!("{stem}.tar.gz"));
+    let status = Command::new("tar")
+        .current_dir(out)
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            &format!("--mtime=@{epoch}"),
+            // gzip -n: no name or timestamp in the gzip header, so equal inputs give equal bytes.
+            "--use-compress-program=gzip -n",
+            "-cf",
+        ])
+        .arg(&archive)
+        .arg(stem)
+        .status()
+        .context("run tar")?;
+    if !status.success() {
+        bail!("tar of {} failed ({status})", stage.display());
+    }
+    std::fs::remove_dir_all(&stage).with_context(|| format!("remove {}", stage.display()))?;
+    Ok(archive)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .map(drop)
+        .with_context(|| format!("copy {} to {}", from.display(), to.display()))
+}
+
+/// `sha256sum` output for `files` (relative to `dir`), in the format `sha256sum -c` reads.
+fn sha256sum(dir: &Path, files: &[String]) -> Result<String> {
+    let out = Command::new("sha256sum")
+        .current_dir(dir)
+        .arg("--")
+        .args(files)
+        .output()
+        .context("run sha256sum (coreutils)")?;
+    if !out.status.success() {
+        bail!(
+            "sha256sum in {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout).context("sha256sum printed non-UTF-8")
+}
+
+/// The host target triple, as `rustc -vV` reports it.
+fn host_target() -> Result<String> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(&rustc)
+        .arg("-vV")
+        .output()
+        .with_context(|| format!("run {rustc} -vV"))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .with_context(|| format!("{rustc} -vV printed no host line"))
+}
+
+/// `version = "..."` of the `[package]` section.
+fn package_version(manifest: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("read {}", manifest.display()))?;
+    parse_version(&text).with_context(|| format!("{}: no [package] version", manifest.display()))
+}
+
+fn parse_version(manifest: &str) -> Option<String> {
+    let mut in_package = false;
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package {
+            if let Some(v) = line.strip_prefix("version") {
+                let v = v.trim_start().strip_prefix('=')?.trim().trim_matches('"');
+                return Some(v.to_owned());
+            }
+        }
+    }
+    None
+}
+
+/// Archive timestamps: SOURCE_DATE_EPOCH (the reproducible-builds convention), else the last
+/// commit's time, else 0.
+fn source_date_epoch() -> String {
+    if let Ok(e) = std::env::var("SOURCE_DATE_EPOCH") {
+        if e.parse::<u64>().is_ok() {
+            return e;
+        }
+    }
+    Command::new("git")
+        .current_dir(project_root())
+        .args(["log", "-1", "--format=%ct"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| s.parse::<u64>().is_ok())
+        .unwrap_or_else(|| "0".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_comes_from_the_package_section() {
+        let m = "[package]\nname = \"x\"\nversion = \"1.2.3\"\n[dependencies]\nversion = \"9\"\n";
+        assert_eq!(parse_version(m).as_deref(), Some("1.2.3"));
+        assert_eq!(parse_version("[dependencies]\nversion = \"9\"\n"), None);
+        assert_eq!(
+            parse_version("[package]\nversion.workspace = true\n"),
+            None,
+            "a workspace-inherited version is not silently misread"
+        );
+    }
+}
