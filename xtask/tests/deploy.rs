@@ -134,13 +134,17 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         // The relay was started with setsid nohup through sshd, so it is no child of ours:
         // stop it through the pid file the deploy wrote.
-        let pidfile = self.remote_root().join("opt/quic-relay/run/quic-relay.pid");
-        if let Some(pid) = std::fs::read_to_string(pidfile)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill(2) on a pid this test's deploys started and recorded.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        for name in ["quic-relay", "mqproxy"] {
+            let pidfile = self
+                .remote_root()
+                .join(format!("opt/{name}/run/{name}.pid"));
+            if let Some(pid) = std::fs::read_to_string(pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a pid this test's deploys started and recorded.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         let _ = self.sshd.kill();
         let _ = self.sshd.wait();
@@ -283,4 +287,33 @@ fn target_dir() -> PathBuf {
         Some(dir) => root.join(dir),
         None => root.join("target"),
     }
+}
+
+#[test]
+fn deploy_mqproxy_server_and_check_it_with_a_quic_handshake() {
+    if !prerequisites() {
+        return;
+    }
+    let f = Fixture::start();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port();
+    let args = format!("--listen 127.0.0.1:{port}");
+    // The health check is a real `mqproxy client` that must authenticate with the token and pin
+    // the certificate it reads from the host.
+    let out = f.deploy(&[
+        "--bin",
+        "mqproxy",
+        "--args",
+        &args,
+        "--health-timeout",
+        "20",
+    ]);
+    assert!(out.status.success(), "mqproxy deploy failed");
+    let installed = f.remote_root().join("opt/mqproxy/bin/mqproxy");
+    assert_eq!(
+        read(&installed),
+        read(&target_dir().join("release/mqproxy"))
+    );
 }
