@@ -50,7 +50,11 @@ struct Fixture {
 
 impl Fixture {
     fn start() -> Fixture {
-        let dir = std::env::temp_dir().join(format!("xtask-deploy-test-{}", std::process::id()));
+        // One directory per fixture: the tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("xtask-deploy-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the temp dir");
         for key in ["hostkey", "client"] {
