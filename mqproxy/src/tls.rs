@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use peer_sdk::tls::Fingerprint;
+use peer_sdk::tls::{Fingerprint, PinnedVerifier};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -178,17 +178,13 @@ pub fn client_config(verify: &ClientVerify) -> Result<quinn::ClientConfig, TlsEr
         }
         ClientVerify::Pinned(pin) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                pin: Some(*pin),
-                provider,
-            }))
+            .with_custom_certificate_verifier(PinnedVerifier::new(*pin))
             .with_no_client_auth(),
         ClientVerify::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier {
-                pin: None,
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(PinnedVerifier::new(
+                Fingerprint([0; 32]),
+            ))))
             .with_no_client_auth(),
     };
     c.alpn_protocols = vec![ALPN.to_vec()];
@@ -196,31 +192,21 @@ pub fn client_config(verify: &ClientVerify) -> Result<quinn::ClientConfig, TlsEr
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
-/// Accepts the certificate with the pinned fingerprint (or, without a pin, any certificate:
-/// `--insecure`). Handshake signatures are still checked, so the server must hold the key.
+/// `--insecure`: accepts any certificate. Handshake signatures are still checked (by peer-sdk's
+/// verifier, whose pin is never consulted here), so the server must hold the key it presents.
 #[derive(Debug)]
-struct Verifier {
-    pin: Option<Fingerprint>,
-    provider: Arc<CryptoProvider>,
-}
+struct AnyCertificate(Arc<PinnedVerifier>);
 
-impl ServerCertVerifier for Verifier {
+impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
+        _end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.pin {
-            Some(pin) if Fingerprint::of(end_entity) != pin => {
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                ))
-            }
-            _ => Ok(ServerCertVerified::assertion()),
-        }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -229,12 +215,7 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -243,17 +224,10 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.0.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.supported_verify_schemes()
     }
 }

@@ -138,11 +138,21 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Accepts exactly one certificate, by fingerprint; signatures are still checked, so the peer
-/// must hold the key.
+/// must hold the key. Public so that other QUIC clients of this workspace pin the same way.
 #[derive(Debug)]
-struct PinnedVerifier {
+pub struct PinnedVerifier {
     pin: Fingerprint,
     provider: Arc<CryptoProvider>,
+}
+
+impl PinnedVerifier {
+    /// A verifier that accepts only the certificate with fingerprint `pin` (ring provider).
+    pub fn new(pin: Fingerprint) -> Arc<Self> {
+        Arc::new(PinnedVerifier {
+            pin,
+            provider: provider(),
+        })
+    }
 }
 
 impl ServerCertVerifier for PinnedVerifier {
