@@ -192,7 +192,7 @@ impl Server {
             false,
         )));
         let endpoint =
-            quinn::Endpoint::server(sc, cfg.listen).map_err(|source| ServerError::Bind {
+            transport::endpoint(cfg.listen, Some(sc)).map_err(|source| ServerError::Bind {
                 addr: cfg.listen,
                 source,
             })?;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
 
 use crate::proto::{self, DecodeError, Frame};
@@ -323,6 +323,46 @@ pub async fn write_frame(
 /// at several Gbit/s, small enough to keep per-flow memory modest.
 const SPLICE_CHUNK: usize = 64 * 1024;
 
+/// Stream chunks gathered into one vectored TCP write.
+const SPLICE_READ_CHUNKS: usize = 32;
+
+/// Writes every byte of `chunks` with as few (vectored) writes as the socket allows; written
+/// chunks are consumed (left empty or advanced).
+async fn write_all_chunks<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut i = 0;
+    while i < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[i..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        drop(slices);
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < chunks.len() {
+            let len = chunks[i].len();
+            if n >= len {
+                n -= len;
+                chunks[i] = Bytes::new();
+                i += 1;
+            } else {
+                chunks[i].advance(n);
+                n = 0;
+            }
+        }
+        // Skip chunks that were empty to begin with.
+        while i < chunks.len() && chunks[i].is_empty() {
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Copies bytes both ways between a TCP connection and a QUIC stream pair until both
 /// directions end, keeping half-closes: a FIN on one side becomes a FIN (stream finish or TCP
 /// shutdown) on the other; a TCP read error resets the stream. `leftover` is stream data read before
@@ -370,14 +410,18 @@ pub async fn splice(
             let _ = recv.stop(VarInt::from_u32(0));
             return total;
         }
+        // Everything quinn has ready, in one vectored write: one chunk per received STREAM
+        // frame written alone made a syscall per ~6 KiB, a third of the client's CPU.
+        let mut chunks: [Bytes; SPLICE_READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
         loop {
-            match recv.read_chunk(SPLICE_CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    if tw.write_all(&chunk.bytes).await.is_err() {
+            match recv.read_chunks(&mut chunks).await {
+                Ok(Some(n)) => {
+                    let len: usize = chunks[..n].iter().map(Bytes::len).sum();
+                    if write_all_chunks(&mut tw, &mut chunks[..n]).await.is_err() {
                         let _ = recv.stop(VarInt::from_u32(0));
                         break;
                     }
-                    total += chunk.bytes.len() as u64;
+                    total += len as u64;
                 }
                 Ok(None) => {
                     let _ = tw.shutdown().await;
@@ -390,4 +434,37 @@ pub async fn splice(
         total
     };
     tokio::join!(up, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A pipe that takes at most 7 bytes per write exercises every partial-write branch:
+    /// writes ending inside a chunk, at a chunk's end, and across empty chunks.
+    #[tokio::test]
+    async fn write_all_chunks_survives_partial_writes() {
+        let (mut w, mut r) = tokio::io::duplex(7);
+        let parts: Vec<&[u8]> = vec![b"hello ", b"", b"vectored", b" w", b"", b"orld!"];
+        let expected: Vec<u8> = parts.concat();
+        let mut chunks: Vec<Bytes> = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.map(|_| got)
+        });
+        write_all_chunks(&mut w, &mut chunks).await.expect("write");
+        drop(w);
+        let got = reader.await.expect("join").expect("read");
+        assert_eq!(got, expected);
+        assert!(chunks.iter().all(Bytes::is_empty), "every chunk consumed");
+    }
+
+    #[tokio::test]
+    async fn write_all_chunks_reports_a_closed_peer() {
+        let (mut w, r) = tokio::io::duplex(4);
+        drop(r);
+        let mut chunks = [Bytes::from_static(b"data")];
+        assert!(write_all_chunks(&mut w, &mut chunks).await.is_err());
+    }
 }

@@ -35,6 +35,7 @@ echo server and a TCP source on 127.0.0.1, and measures three paths to them in t
 Options:
   --quick       one repetition of short runs (a ~30 s smoke test)
   --reps N      repetitions (default 3; medians are reported)
+  --only WHAT   `udp` or `tcp`: run just that part
   --no-build    do not run cargo build first
   -h, --help    this text
 
@@ -87,6 +88,8 @@ struct Plan {
     reps: usize,
     udp_duration: Duration,
     tcp_bytes: u64,
+    run_udp: bool,
+    run_tcp: bool,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -98,11 +101,20 @@ pub fn run(args: &[String]) -> Result<()> {
     let quick = a.flag("--quick");
     let no_build = a.flag("--no-build");
     let reps: Option<usize> = a.parsed("--reps")?;
+    let only = a.value("--only")?;
     a.finish()?;
+    let (run_udp, run_tcp) = match only.as_deref() {
+        None => (true, true),
+        Some("udp") => (true, false),
+        Some("tcp") => (false, true),
+        Some(other) => bail!("--only takes `udp` or `tcp`, not `{other}`"),
+    };
     let plan = Plan {
         reps: reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
         udp_duration: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
         tcp_bytes: if quick { 64 << 20 } else { 256 << 20 },
+        run_udp,
+        run_tcp,
     };
     let target = crate::target_dir().join("release");
     if !no_build {
@@ -177,13 +189,18 @@ pub fn run(args: &[String]) -> Result<()> {
             // Interleave the paths in every repetition so host noise hits all of them alike.
             for (i, (p, proxy)) in paths.iter().enumerate() {
                 for (j, &(size, rate)) in UDP_LOADS.iter().enumerate() {
+                    if !plan.run_udp {
+                        break;
+                    }
                     let r = udp_run(*proxy, echo_addr, size, rate, plan.udp_duration)
                         .with_context(|| format!("{} udp {size} B at {rate}/s", p.name()))?;
                     udp[i][j].push(r);
                 }
-                let mbit = tcp_run(*proxy, source_addr, plan.tcp_bytes)
-                    .with_context(|| format!("{} tcp download", p.name()))?;
-                tcp[i].push(mbit);
+                if plan.run_tcp {
+                    let mbit = tcp_run(*proxy, source_addr, plan.tcp_bytes)
+                        .with_context(|| format!("{} tcp download", p.name()))?;
+                    tcp[i].push(mbit);
+                }
             }
             mq_socks.check()?;
             if let Some(ss) = &ss {
@@ -191,7 +208,12 @@ pub fn run(args: &[String]) -> Result<()> {
             }
             eprintln!("repetition {} done", rep + 1);
         }
-        print_results(&paths, &udp, &tcp);
+        if plan.run_udp {
+            print_udp(&paths, &udp);
+        }
+        if plan.run_tcp {
+            print_tcp(&paths, &tcp);
+        }
         stop.store(true, Ordering::Relaxed);
         Ok(())
     })
@@ -632,7 +654,7 @@ fn tcp_run(proxy: Option<SocketAddrV4>, source: SocketAddrV4, bytes: u64) -> Res
 
 // ---------------------------------------------------------------------------------------------
 
-fn print_results(paths: &[(Path3, Option<SocketAddrV4>)], udp: &UdpTable, tcp: &[Vec<f64>]) {
+fn print_udp(paths: &[(Path3, Option<SocketAddrV4>)], udp: &UdpTable) {
     let idx = |p: Path3| paths.iter().position(|(q, _)| *q == p);
     let med =
         |v: &[UdpResult], f: fn(&UdpResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
@@ -666,6 +688,10 @@ fn print_results(paths: &[(Path3, Option<SocketAddrV4>)], udp: &UdpTable, tcp: &
             println!();
         }
     }
+}
+
+fn print_tcp(paths: &[(Path3, Option<SocketAddrV4>)], tcp: &[Vec<f64>]) {
+    let idx = |p: Path3| paths.iter().position(|(q, _)| *q == p);
     println!("\n{:<26} {:>12} {:>10}", "TCP download", "path", "Mbit/s");
     let t = |p| idx(p).map(|i| median(&tcp[i]));
     for (i, (p, _)) in paths.iter().enumerate() {
