@@ -933,9 +933,20 @@ struct Flood {
     reg: RegReport,
     flow: LoadReport,
     drops: String,
+    /// CPU time of the process under test during the flood, per REG sent to it (µs): with
+    /// `busy`, tells a server that is the limit from one that waits for REGs.
+    cpu_us_per_reg: f64,
+    /// That CPU time as a fraction of the flood's wall time (1.0 = one core saturated).
+    busy: f64,
 }
 
-fn flood(ctx: &Ctx, target: SocketAddrV4, a: &UdpSocket, b: &UdpSocket, base: u8) -> Result<Flood> {
+fn flood(
+    ctx: &Ctx,
+    (target, pid): (SocketAddrV4, u32),
+    a: &UdpSocket,
+    b: &UdpSocket,
+    base: u8,
+) -> Result<Flood> {
     let sessions = (REG_OFFERED_RATE as f64 * ctx.plan.reg_duration.as_secs_f64() / 2.0) as u64;
     let fleet = Fleet::bind(FLEET_SOCKETS, sessions, base, load::random_u64())?;
     let lead = Duration::from_millis(500);
@@ -945,14 +956,22 @@ fn flood(ctx: &Ctx, target: SocketAddrV4, a: &UdpSocket, b: &UdpSocket, base: u8
         size: DATAGRAM,
     };
     let drops = PathDrops::start(&[("server", &target), ("receiver", b)])?;
-    let (flow, reg) = std::thread::scope(|s| {
+    let (flow, reg, cpu) = std::thread::scope(|s| {
         let flow = s.spawn(|| load::run(a, target, b, spec));
         std::thread::sleep(lead);
+        let cpu0 = sys::cpu_time(pid);
         let reg = fleet.register(target, REG_OFFERED_RATE, 1, Replies::After);
-        (flow.join().expect("flow thread does not panic"), reg)
+        let cpu = sys::cpu_time(pid).and_then(|c1| Ok(c1.saturating_sub(cpu0?)));
+        (flow.join().expect("flow thread does not panic"), reg, cpu)
     });
-    let (flow, reg) = (flow?, reg?);
+    let (flow, reg, cpu) = (flow?, reg?, cpu?);
+    // The CPU was read before the first REG and after the replies went quiet; the flow
+    // (20k/s) is a small share of it at these rates.
+    let cpu_us_per_reg = cpu.as_secs_f64() * 1e6 / reg.first_sent.max(1) as f64;
+    let busy = cpu.as_secs_f64() / reg.first_active_secs.max(1e-9);
     Ok(Flood {
+        cpu_us_per_reg,
+        busy,
         accepted_rate: reg.first_acked as f64 / reg.first_active_secs,
         offered_rate: reg.first_sent as f64 / reg.first_send_secs,
         drops: drops.report()?,
@@ -963,13 +982,15 @@ fn flood(ctx: &Ctx, target: SocketAddrV4, a: &UdpSocket, b: &UdpSocket, base: u8
 
 fn describe_flood(f: &Flood) -> String {
     let mut s = format!(
-        "offered {}/s ({} REGs in {:.2} s), ACKed {} in {:.2} s = {}/s; flow {}; socket drops: {}",
+        "offered {}/s ({} REGs in {:.2} s), ACKed {} in {:.2} s = {}/s; CPU {:.2} us/REG ({:.0} % busy); flow {}; socket drops: {}",
         si(f.offered_rate),
         f.reg.first_sent,
         f.reg.first_send_secs,
         f.reg.first_acked,
         f.reg.first_active_secs,
         si(f.accepted_rate),
+        f.cpu_us_per_reg,
+        f.busy * 100.0,
         describe(&f.flow),
         f.drops
     );
@@ -990,13 +1011,13 @@ fn part_reg(ctx: &Ctx) -> Result<Vec<Row>> {
         let base = 10 + 2 * rep as u8;
         let (a, b) = relay_pair(&relay)?;
         let before = relay.scrape_current()?;
-        let r = flood(ctx, relay.addr, &a, &b, base)?;
+        let r = flood(ctx, (relay.addr, relay.pid()), &a, &b, base)?;
         let after = relay.scrape_current()?;
         let counted = after.sum(&ACCEPTED) - before.sum(&ACCEPTED);
 
         let (a, b) = direct_pair()?;
         let f = Forwarder::start(ctx, &a, &b, true)?;
-        let fl = flood(ctx, f.addr, &a, &b, base)?;
+        let fl = flood(ctx, (f.addr, f.child.pid()), &a, &b, base)?;
         drop(f);
         println!(
             "  rep {rep}:\n    relay     {} (relay counted {counted} accepted)\n    forwarder {}",
