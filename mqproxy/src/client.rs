@@ -494,6 +494,7 @@ impl<D: Dialer> Client<D> {
                 .close(VarInt::from_u32(close::SHUTDOWN), b"client shutting down");
         }
         tasks.shutdown().await;
+        self.link.dialer.finish().await;
         info!("client stopped");
     }
 }

@@ -77,10 +77,10 @@ pub struct PathMetrics {
     pub connected_direct: AtomicU64,
     /// Path changes on live connections (direct → relay fallbacks and upgrades to direct).
     pub path_changes: AtomicU64,
-    /// QUIC datagrams sent on the direct path, summed over finished connections and updated
+    /// Sends (datagrams or GSO batches) on the direct path, summed over finished connections and updated
     /// at each path change of the live one.
     pub tx_direct: AtomicU64,
-    /// QUIC datagrams sent through the relay, likewise.
+    /// Sends through the relay, likewise.
     pub tx_relay: AtomicU64,
 }
 
@@ -247,6 +247,27 @@ impl Dialer for RelayDialer {
         );
         self.replace(Some(Live::new(pc, &self.metrics)));
         Ok(conn)
+    }
+
+    /// Sends the close (the client already closed the connection) and waits briefly until
+    /// the server has it: a close lost at exit would leave the server waiting for its idle
+    /// timeout before it takes the next client. Dropping the connection then sends the relay
+    /// a BYE, which frees the session slot.
+    async fn finish(&self) {
+        let live = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Live { _watch, conn }) = live {
+            drop(_watch);
+            self.metrics.finished(&conn);
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                conn.close(close::SHUTDOWN, b"client shutting down"),
+            )
+            .await;
+        }
     }
 }
 

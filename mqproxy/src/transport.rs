@@ -180,6 +180,12 @@ pub fn endpoint(
 pub trait Dialer: Send + Sync + 'static {
     /// Opens a new connection (TLS done, not yet authenticated).
     fn dial(&self) -> impl Future<Output = Result<quinn::Connection, TransportError>> + Send;
+
+    /// Called once at shutdown, after the connection was closed: lets the dialer flush the
+    /// close to the server before the process exits.
+    fn finish(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Dials the server directly over one local UDP socket.
