@@ -177,67 +177,109 @@ fn content() -> Vec<u8> {
         .collect()
 }
 
-/// Runs the whole scenario: relay and web server on the public segment, `mqproxy server
-/// --relay` behind `server_nat` (side A), `mqproxy client --relay` behind `client_nat` (side
-/// B), curl through the client's SOCKS5 port; then the client stops, the server waits for
-/// the next one, and a second client fetches again. Returns the path both clients reported.
-fn scenario(server_nat: NatType, client_nat: NatType, session: &str) -> &'static str {
-    let lab = Lab::new(LabConfig::new(server_nat, client_nat)).expect("lab");
-    let _relay = start_relay(&lab);
-    let dir = temp_dir("lab");
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).expect("www dir");
-    let body = content();
-    std::fs::write(www.join("file.bin"), &body).expect("write file");
-    let (_web, web) = start_web(&lab, &www);
-    let relay = SocketAddr::from((lab.relay_ip(), RELAY_PORT)).to_string();
+/// Relay and web server on the public segment, `mqproxy server --relay` behind `server_nat`
+/// (side A); clients run behind `client_nat` (side B). Fields drop in order: processes
+/// first, the lab (which deletes the namespaces) last.
+struct Fixture {
+    _server: ChildGuard,
+    slog: Log,
+    _web: ChildGuard,
+    _relay: ServerHandle,
+    fingerprint: String,
+    relay: String,
+    session: String,
+    web: SocketAddr,
+    socks: String,
+    body: Vec<u8>,
+    dir: std::path::PathBuf,
+    lab: Lab,
+}
 
-    // The server: no --allow-private needed, 198.18.0.0/15 is not a private range.
-    let mut cmd = mqproxy("server");
-    cmd.args(["--relay", &relay, "--session", session, "--token", TOKEN])
-        .arg("--state-dir")
-        .arg(dir.join("state"));
-    let mut server = ChildGuard(lab.spawn(&lab.peer_ns(Side::A), cmd).expect("server"));
-    let mut slog = Log::of(&mut server.0, "mqproxy server");
-    let registered = slog.wait_for("registered with the relay");
-    let fingerprint = field(&registered, "fingerprint");
-    assert_eq!(fingerprint.len(), 64, "fingerprint in {registered:?}");
+/// A running `mqproxy client --relay` behind side B.
+struct RelayClient {
+    child: ChildGuard,
+    log: Log,
+    /// The path it reported at connect: `direct` or `relay`.
+    path: String,
+}
 
-    let mut paths = Vec::new();
-    for round in 0..2 {
-        if round > 0 {
-            slog.wait_for("registered with the relay");
-        }
-        let socks = SocketAddr::from((lab.peer_ip(Side::B), SOCKS_PORT)).to_string();
-        let mut cmd = mqproxy("client");
+impl Fixture {
+    fn new(server_nat: NatType, client_nat: NatType, session: &str) -> Fixture {
+        let lab = Lab::new(LabConfig::new(server_nat, client_nat)).expect("lab");
+        let relay_handle = start_relay(&lab);
+        let dir = temp_dir("lab");
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).expect("www dir");
+        let body = content();
+        std::fs::write(www.join("file.bin"), &body).expect("write file");
+        let (web_guard, web) = start_web(&lab, &www);
+        let relay = SocketAddr::from((lab.relay_ip(), RELAY_PORT)).to_string();
+
+        // No --allow-private needed: 198.18.0.0/15 is not a private range.
+        let mut cmd = mqproxy("server");
         cmd.args(["--relay", &relay, "--session", session, "--token", TOKEN])
-            .args(["--server-cert-sha256", &fingerprint, "--socks5", &socks]);
-        let mut client = ChildGuard(lab.spawn(&lab.peer_ns(Side::B), cmd).expect("client"));
-        let mut clog = Log::of(&mut client.0, "mqproxy client");
-        let reached = clog.wait_for("reached the server through the relay session");
-        let path = field(&reached, "path");
-        clog.wait_for("connected and authenticated");
-        let served = slog.wait_for("client connected through the relay session");
-        assert_eq!(field(&served, "path"), path, "both ends report one path");
-        slog.wait_for("client authenticated");
+            .arg("--state-dir")
+            .arg(dir.join("state"));
+        let mut server = ChildGuard(lab.spawn(&lab.peer_ns(Side::A), cmd).expect("server"));
+        let mut slog = Log::of(&mut server.0, "mqproxy server");
+        let registered = slog.wait_for("registered with the relay");
+        let fingerprint = field(&registered, "fingerprint");
+        assert_eq!(fingerprint.len(), 64, "fingerprint in {registered:?}");
+        let socks = SocketAddr::from((lab.peer_ip(Side::B), SOCKS_PORT)).to_string();
+        Fixture {
+            _server: server,
+            slog,
+            _web: web_guard,
+            _relay: relay_handle,
+            fingerprint,
+            relay,
+            session: session.to_owned(),
+            web,
+            socks,
+            body,
+            dir,
+            lab,
+        }
+    }
 
-        let out = dir.join(format!("got{round}.bin"));
+    /// Starts a client and waits until it has authenticated; both ends must report the same
+    /// path.
+    fn client(&mut self) -> RelayClient {
+        let mut cmd = mqproxy("client");
+        cmd.args(["--relay", &self.relay, "--session", &self.session])
+            .args(["--token", TOKEN, "--server-cert-sha256", &self.fingerprint])
+            .args(["--socks5", &self.socks]);
+        let mut child = ChildGuard(
+            self.lab
+                .spawn(&self.lab.peer_ns(Side::B), cmd)
+                .expect("client"),
+        );
+        let mut log = Log::of(&mut child.0, "mqproxy client");
+        let reached = log.wait_for("reached the server through the relay session");
+        let path = field(&reached, "path");
+        log.wait_for("connected and authenticated");
+        let served = self
+            .slog
+            .wait_for("client connected through the relay session");
+        assert_eq!(field(&served, "path"), path, "both ends report one path");
+        self.slog.wait_for("client authenticated");
+        RelayClient { child, log, path }
+    }
+
+    /// Downloads the file with `curl --socks5-hostname` through the client and checks it.
+    fn fetch(&self, name: &str) {
+        let out = self.dir.join(name);
         let mut curl = Command::new("curl");
-        curl.args([
-            "-sS",
-            "--fail",
-            "--max-time",
-            "60",
-            "--socks5-hostname",
-            &socks,
-        ])
-        .arg(format!("http://{web}/file.bin"))
-        .arg("-o")
-        .arg(&out)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let done = lab
-            .spawn(&lab.peer_ns(Side::B), curl)
+        curl.args(["-sS", "--fail", "--max-time", "60"])
+            .args(["--socks5-hostname", &self.socks])
+            .arg(format!("http://{}/file.bin", self.web))
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let done = self
+            .lab
+            .spawn(&self.lab.peer_ns(Side::B), curl)
             .expect("curl")
             .wait_with_output()
             .expect("curl runs");
@@ -247,35 +289,73 @@ fn scenario(server_nat: NatType, client_nat: NatType, session: &str) -> &'static
             String::from_utf8_lossy(&done.stderr)
         );
         let got = std::fs::read(&out).expect("curl wrote the file");
-        assert_eq!(got.len(), body.len(), "downloaded length");
-        assert!(got == body, "download differs from the served file");
+        assert_eq!(got.len(), self.body.len(), "downloaded length");
+        assert!(got == self.body, "download differs from the served file");
+    }
 
-        // The path did not change under the transfer (a change is logged).
-        let moved: Vec<&String> = clog
-            .drain()
-            .iter()
-            .filter(|l| l.contains("traffic moved to the"))
-            .collect();
-        assert!(moved.is_empty(), "path changed during the test: {moved:?}");
-
-        // A clean client stop closes the connection; the server's per-path counts show which
-        // path carried the download (2 MiB: 1,500 datagrams, sent in a few hundred GSO batches).
+    /// Stops the client with SIGTERM and waits for it to exit; returns the server's log line
+    /// with the finished connection's per-path send counts.
+    fn stop(&mut self, mut c: RelayClient) -> String {
         let stopped = Command::new("kill")
-            .args(["-TERM", &client.0.id().to_string()])
+            .args(["-TERM", &c.child.0.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(stopped.success(), "SIGTERM to the client");
         // Its exit sends the relay a BYE, which frees the session for the next client (a
         // killed client's slot is only reclaimed after the relay's unpaired timeout).
         let deadline = Instant::now() + WAIT;
-        while client.0.try_wait().expect("try_wait").is_none() {
+        while c.child.0.try_wait().expect("try_wait").is_none() {
             assert!(
                 Instant::now() < deadline,
                 "the client did not exit on SIGTERM"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        let finished = slog.wait_for("peer connection finished: datagrams per path");
+        c.log.drain();
+        self.slog
+            .wait_for("peer connection finished: datagrams per path")
+    }
+
+    /// Runs `nft -f -` with `script` in namespace `ns`.
+    fn nft(&self, ns: &str, script: &str) {
+        let mut cmd = Command::new("nft");
+        cmd.args(["-f", "-"]).stdin(Stdio::piped());
+        let mut child = self.lab.spawn(ns, cmd).expect("spawn nft");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), script.as_bytes())
+            .expect("write rules");
+        assert!(child.wait().expect("nft").success(), "nft failed: {script}");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two clients one after the other fetch the file; returns the path both took, checked
+/// against the server's per-path send counts.
+fn scenario(server_nat: NatType, client_nat: NatType, session: &str) -> String {
+    let mut f = Fixture::new(server_nat, client_nat, session);
+    let mut paths = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            // The server takes the next client once the previous one is gone.
+            f.slog.wait_for("registered with the relay");
+        }
+        let mut c = f.client();
+        f.fetch(&format!("got{round}.bin"));
+        // The path did not change under the transfer (a change is logged).
+        let moved: Vec<&String> = c
+            .log
+            .drain()
+            .iter()
+            .filter(|l| l.contains("traffic moved to the"))
+            .collect();
+        assert!(moved.is_empty(), "path changed during the test: {moved:?}");
+        let path = c.path.clone();
+        // 2 MiB are ~1,500 datagrams, sent in a few hundred GSO batches.
+        let finished = f.stop(c);
         let count = |k: &str| -> u64 { field(&finished, k).parse().expect("a count") };
         let (direct, relayed) = (count("tx_direct"), count("tx_relay"));
         match path.as_str() {
@@ -289,17 +369,10 @@ fn scenario(server_nat: NatType, client_nat: NatType, session: &str) -> &'static
             ),
             other => panic!("unknown path {other:?}"),
         }
-        drop(client);
         paths.push(path);
     }
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(paths[0], paths[1], "both clients took the same path");
-    if paths[0] == "direct" {
-        "direct"
-    } else {
-        "relay"
-    }
+    paths.swap_remove(0)
 }
 
 #[test]
@@ -330,5 +403,46 @@ fn port_restricted_nat_server_is_reached_directly() {
     assert_eq!(
         path, "direct",
         "two port-restricted NATs punch a direct path"
+    );
+}
+
+/// The direct path is cut under a live connection: both ends log the move to the relay, the
+/// SOCKS user still downloads byte-exact, and when the path heals both log the move back.
+#[test]
+fn path_changes_are_logged_and_invisible_to_the_socks_user() {
+    netlab::require_lab!();
+    if !have("curl", &["--version"]) || !have("python3", &["--version"]) {
+        return;
+    }
+    let mut f = Fixture::new(
+        NatType::PortRestricted,
+        NatType::PortRestricted,
+        "6f1c2d3e-0a4b-4c5d-8e6f-000000000003",
+    );
+    let mut c = f.client();
+    assert_eq!(c.path, "direct");
+    f.fetch("before.bin");
+    // Cut A <-> B at router A (both directions); the relay path is untouched.
+    let router_a = f.lab.router_ns(Side::A).expect("router A");
+    let b_public = f.lab.public_ip(Side::B);
+    f.nft(
+        &router_a,
+        &format!(
+            "table inet cut {{\n chain cut_forward {{\n  type filter hook forward priority -10;\n  ip saddr {b_public} drop\n  ip daddr {b_public} drop\n }}\n}}\n"
+        ),
+    );
+    let moved = c.log.wait_for("traffic moved to the relay path");
+    assert_eq!(field(&moved, "previous"), "direct", "{moved}");
+    f.slog.wait_for("traffic moved to the relay path");
+    f.fetch("during.bin");
+    f.nft(&router_a, "delete table inet cut");
+    c.log.wait_for("traffic moved to the direct path");
+    f.slog.wait_for("traffic moved to the direct path");
+    f.fetch("after.bin");
+    let finished = f.stop(c);
+    let count = |k: &str| -> u64 { field(&finished, k).parse().expect("a count") };
+    assert!(
+        count("tx_direct") > 100 && count("tx_relay") > 100,
+        "both paths carried traffic: {finished}"
     );
 }
