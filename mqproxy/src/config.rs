@@ -104,7 +104,7 @@ fn resolve_token(token: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>
 /// The relay session from `--relay`, `--session` and `--relay-token` (all or none of the
 /// first two).
 fn resolve_relay(
-    relay: Option<SocketAddr>,
+    relay: Option<String>,
     session: Option<String>,
     token: Option<String>,
 ) -> Result<Option<RelayTarget>, ConfigError> {
@@ -123,6 +123,11 @@ fn resolve_relay(
         (None, Some(_)) => return Err(ConfigError::Missing("--relay ADDR for --session")),
         (Some(r), Some(s)) => (r, s),
     };
+    let relay = resolve_addr(&relay).map_err(|reason| ConfigError::Invalid {
+        flag: "--relay",
+        value: relay.clone(),
+        reason,
+    })?;
     let session = peer_sdk::Uuid::parse_str(session.trim()).map_err(|e| ConfigError::Invalid {
         flag: "--session",
         value: session.clone(),
@@ -142,6 +147,31 @@ fn resolve_relay(
         session,
         token,
     }))
+}
+
+/// `HOST:PORT` to one address: an IP literal as is, a name through the system resolver (IPv4
+/// preferred: the common case for a relay, and what an IPv4-only host can reach).
+fn resolve_addr(hostport: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {}
+        _ => {
+            return Err(
+                "expected HOST:PORT (e.g. 203.0.113.7:4433 or relay.example.com:4433)".into(),
+            )
+        }
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| "the name has no address".into())
 }
 
 /// `mqproxy server` options.
@@ -196,11 +226,12 @@ pub struct ServerOpts {
     /// sessions torn down [default: 30].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
-    /// Reach clients through this quic-relay (UDP HOST:PORT as an IP literal) instead of
-    /// listening on --listen: for a server behind a NAT with no open port. peer-sdk hole-punches a direct
-    /// path when both NATs allow it and relays the QUIC connection otherwise. Needs --session.
-    #[arg(long, env = "MQPROXY_RELAY", value_name = "ADDR")]
-    pub relay: Option<SocketAddr>,
+    /// Reach clients through this quic-relay instead of listening on --listen: for a server behind
+    /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
+    /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
+    /// otherwise. Needs --session.
+    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
+    pub relay: Option<String>,
     /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
     #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
     pub session: Option<String>,
@@ -335,11 +366,12 @@ pub struct ClientOpts {
     /// SOCKS5 password for --socks-user.
     #[arg(long, env = "MQPROXY_SOCKS_PASSWORD", hide_env_values = true)]
     pub socks_password: Option<String>,
-    /// Reach the server through this quic-relay (UDP HOST:PORT as an IP literal) instead of
-    /// --server: for a server behind a NAT with no open port. peer-sdk hole-punches a direct
-    /// path when both NATs allow it and relays the QUIC connection otherwise. Needs --session.
-    #[arg(long, env = "MQPROXY_RELAY", value_name = "ADDR")]
-    pub relay: Option<SocketAddr>,
+    /// Reach the server through this quic-relay instead of --server: for a server behind
+    /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
+    /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
+    /// otherwise. Needs --session.
+    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
+    pub relay: Option<String>,
     /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
     #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
     pub session: Option<String>,
@@ -522,6 +554,7 @@ mod tests {
     fn relay_flags_need_each_other_and_valid_values() {
         const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
         let relay: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
+        let relay_flag = Some(relay.to_string());
         let client = ClientOpts {
             token: Some("t".into()),
             server_cert_sha256: Some("ab".repeat(32)),
@@ -529,7 +562,7 @@ mod tests {
         };
         let err = |o: ClientOpts| o.resolve().expect_err("invalid").to_string();
         let e = err(ClientOpts {
-            relay: Some(relay),
+            relay: relay_flag.clone(),
             ..client.clone()
         });
         assert!(e.contains("--session"), "{e}");
@@ -539,30 +572,30 @@ mod tests {
         });
         assert!(e.contains("--relay"), "{e}");
         let e = err(ClientOpts {
-            relay: Some(relay),
+            relay: relay_flag.clone(),
             session: Some("not-a-uuid".into()),
             ..client.clone()
         });
         assert!(e.contains("--session") && e.contains("UUID"), "{e}");
         let e = err(ClientOpts {
-            relay: Some(relay),
+            relay: relay_flag.clone(),
             session: Some(S.into()),
             relay_token: Some("12:zz".into()),
             ..client.clone()
         });
         assert!(e.contains("--relay-token"), "{e}");
         let e = err(ClientOpts {
-            relay: Some(relay),
+            relay: relay_flag.clone(),
             session: Some(S.into()),
             server: Some("example.com:4433".into()),
             ..client.clone()
         });
         assert!(e.contains("--server") && e.contains("--relay"), "{e}");
         let c = ClientOpts {
-            relay: Some(relay),
+            relay: relay_flag.clone(),
             session: Some(S.into()),
             relay_token: Some(format!("1700000000:{}", "cd".repeat(32))),
-            ..client
+            ..client.clone()
         }
         .resolve()
         .expect("valid");
@@ -595,5 +628,22 @@ mod tests {
         .expect_err("conflict")
         .to_string();
         assert!(e.contains("--listen") && e.contains("--relay"), "{e}");
+
+        // Names resolve (localhost: no network needed); junk is refused with the flag named.
+        let c = ClientOpts {
+            relay: Some("localhost:4433".into()),
+            session: Some(S.into()),
+            ..client.clone()
+        }
+        .resolve()
+        .expect("localhost resolves");
+        let r = c.relay.expect("relay set").relay;
+        assert!(r.ip().is_loopback() && r.port() == 4433, "{r}");
+        let e = err(ClientOpts {
+            relay: Some("no-port".into()),
+            session: Some(S.into()),
+            ..client
+        });
+        assert!(e.contains("--relay") && e.contains("HOST:PORT"), "{e}");
     }
 }
