@@ -1,6 +1,6 @@
 //! The relay mode on loopback, in process, with a real quic-relay: SOCKS5 TCP and UDP through
-//! a relay session with the path reported by both ends, and a client with the wrong
-//! certificate pin refused while the server goes on to serve the next, correct client.
+//! a relay session with the path reported by both ends; a client with the wrong certificate
+//! pin refused while the server goes on to serve the next, correct client; relay tokens.
 
 mod common;
 
@@ -23,14 +23,14 @@ use tokio::net::{TcpListener, TcpStream};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn start_relay() -> ServerHandle {
-    Relay::bind(
-        "127.0.0.1:0".parse().expect("literal"),
-        RelayConfig::default(),
-        1 << 20,
-    )
-    .expect("bind relay")
-    .spawn()
-    .expect("spawn relay")
+    start_relay_with(RelayConfig::default())
+}
+
+fn start_relay_with(cfg: RelayConfig) -> ServerHandle {
+    Relay::bind("127.0.0.1:0".parse().expect("literal"), cfg, 1 << 20)
+        .expect("bind relay")
+        .spawn()
+        .expect("spawn relay")
 }
 
 fn target(relay: &ServerHandle, n: u128) -> RelayTarget {
@@ -206,4 +206,41 @@ async fn a_wrong_pin_is_refused_and_the_server_serves_the_next_client() {
     echo_through(socks, echo).await;
     assert_eq!(gauge(&server_metrics.authenticated), 1);
     assert_eq!(server_paths.connections.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_requires_tokens_admits_the_server_and_client_that_carry_one() {
+    init_tracing();
+    let secret = b"mqproxy-relay-test-secret".to_vec();
+    let relay = start_relay_with(RelayConfig {
+        secrets: vec![secret.clone()],
+        ..RelayConfig::default()
+    });
+    let mut t = target(&relay, 3);
+
+    // Without a token the server fails at start with the relay's reason.
+    let mut cfg = server_config(&Opts::default(), &temp_dir("relay-tok"));
+    cfg.relay = Some(t.clone());
+    let err = tokio::time::timeout(WAIT, RelayServer::bind(cfg))
+        .await
+        .expect("answered in time")
+        .expect_err("refused without a token")
+        .to_string();
+    assert!(err.contains("refused"), "{err}");
+
+    // The minted form, through the same parser as --relay-token.
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let minted = quic_relay::proto::Token::mint(&secret, t.session, expiry);
+    let flag = format!("{}:{}", minted.expiry, hex::encode(minted.mac));
+    t.token = Some(mqproxy::rendezvous::parse_relay_token(&flag).expect("token parses"));
+    let (fp, _paths, server_metrics, _server) = start_server(t.clone()).await;
+    let (socks, client_paths, _client) = start_client(t, ClientVerify::Pinned(fp)).await;
+    let (echo, _e) = tcp_echo().await;
+    echo_through(socks, echo).await;
+    assert_eq!(client_paths.connections.load(Ordering::Relaxed), 1);
+    assert_eq!(gauge(&server_metrics.authenticated), 1);
 }
