@@ -27,10 +27,10 @@ const SOCKS_PORT: u16 = 1080;
 const TOKEN: &str = "lab-proxy-token";
 const FILE_LEN: usize = 2 << 20;
 
-fn start_relay(lab: &Lab) -> ServerHandle {
+fn start_relay(lab: &Lab, cfg: RelayConfig) -> ServerHandle {
     let addr = SocketAddr::from((lab.relay_ip(), RELAY_PORT));
     lab.run_in(&lab.relay_ns(), move || {
-        Server::bind(addr, RelayConfig::default(), 4 << 20)
+        Server::bind(addr, cfg, 4 << 20)
             .expect("bind relay")
             .spawn()
             .expect("spawn relay")
@@ -205,8 +205,19 @@ struct RelayClient {
 
 impl Fixture {
     fn new(server_nat: NatType, client_nat: NatType, session: &str) -> Fixture {
+        Self::with(server_nat, client_nat, session, RelayConfig::default(), &[])
+    }
+
+    /// [`Fixture::new`] with a relay configuration and extra server flags.
+    fn with(
+        server_nat: NatType,
+        client_nat: NatType,
+        session: &str,
+        relay_cfg: RelayConfig,
+        server_args: &[&str],
+    ) -> Fixture {
         let lab = Lab::new(LabConfig::new(server_nat, client_nat)).expect("lab");
-        let relay_handle = start_relay(&lab);
+        let relay_handle = start_relay(&lab, relay_cfg);
         let dir = temp_dir("lab");
         let www = dir.join("www");
         std::fs::create_dir_all(&www).expect("www dir");
@@ -219,7 +230,8 @@ impl Fixture {
         let mut cmd = mqproxy("server");
         cmd.args(["--relay", &relay, "--session", session, "--token", TOKEN])
             .arg("--state-dir")
-            .arg(dir.join("state"));
+            .arg(dir.join("state"))
+            .args(server_args);
         let mut server = ChildGuard(lab.spawn(&lab.peer_ns(Side::A), cmd).expect("server"));
         let mut slog = Log::of(&mut server.0, "mqproxy server");
         let registered = slog.wait_for("registered with the relay");
@@ -444,5 +456,38 @@ fn path_changes_are_logged_and_invisible_to_the_socks_user() {
     assert!(
         count("tx_direct") > 100 && count("tx_relay") > 100,
         "both paths carried traffic: {finished}"
+    );
+}
+
+/// A client killed with SIGKILL sends no close and no BYE: the server notices through its idle
+/// timeout, the relay reclaims the dead client's slot after its unpaired timeout, and a new
+/// client process then gets in (timeouts shortened here; 30 s each by default).
+#[test]
+fn a_killed_client_is_replaced_by_the_next_one() {
+    netlab::require_lab!();
+    if !have("curl", &["--version"]) || !have("python3", &["--version"]) {
+        return;
+    }
+    let relay_cfg = RelayConfig {
+        unpaired_timeout: Duration::from_secs(3),
+        ..RelayConfig::default()
+    };
+    let mut f = Fixture::with(
+        NatType::PortRestricted,
+        NatType::PortRestricted,
+        "6f1c2d3e-0a4b-4c5d-8e6f-000000000004",
+        relay_cfg,
+        &["--idle-timeout", "4"],
+    );
+    let c = f.client();
+    f.fetch("first.bin");
+    drop(c); // ChildGuard: SIGKILL, then reaped.
+    let t = Instant::now();
+    let c = f.client();
+    f.fetch("second.bin");
+    eprintln!(
+        "a new client got in {:?} after the old one was killed (path {})",
+        t.elapsed(),
+        c.path
     );
 }
