@@ -394,6 +394,13 @@ impl RelayServer {
                     failures = 0;
                     Duration::ZERO
                 }
+                // A client whose handshake failed (wrong pin, wrong ALPN) says nothing about
+                // the relay: take the next one at once rather than backing off.
+                Err(e @ peer_sdk::Error::Connection(_)) => {
+                    warn!(session = %self.target.session, error = %e,
+                        "a client's QUIC handshake failed; waiting for the next");
+                    BACKOFF_MIN
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     warn!(relay = %self.target.relay, session = %self.target.session, error = %e,
@@ -448,7 +455,7 @@ impl RelayServer {
         let Live { _watch, conn: pc } = live;
         drop(_watch);
         self.metrics.finished(&pc);
-        // Waits (bounded by the idle timeout) until the client has been told.
+        // Waits (at most a second) until the client has been told.
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             pc.close(close::SHUTDOWN, b"connection over"),
