@@ -74,6 +74,9 @@ pub struct ClientConfig {
     pub socks_auth: Option<(Vec<u8>, Vec<u8>)>,
     /// Name sent to the server, for its logs.
     pub client_id: String,
+    /// Reach the server through this relay session instead of `server` (see
+    /// [`crate::rendezvous`]); `server` then only names it in logs.
+    pub relay: Option<crate::rendezvous::RelayTarget>,
 }
 
 impl ClientConfig {
@@ -90,6 +93,7 @@ impl ClientConfig {
             udp_idle_timeout: None,
             socks_auth: None,
             client_id: format!("mqproxy/{}", env!("CARGO_PKG_VERSION")),
+            relay: None,
         }
     }
 }
@@ -490,6 +494,7 @@ impl<D: Dialer> Client<D> {
                 .close(VarInt::from_u32(close::SHUTDOWN), b"client shutting down");
         }
         tasks.shutdown().await;
+        self.link.dialer.finish().await;
         info!("client stopped");
     }
 }

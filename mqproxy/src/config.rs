@@ -10,6 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::client::ClientConfig;
+use crate::rendezvous::{parse_relay_token, RelayTarget};
 use crate::server::{self, ServerConfig};
 use crate::tls::{ClientVerify, ServerCert};
 
@@ -100,6 +101,79 @@ fn resolve_token(token: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>
     Ok(t)
 }
 
+/// The relay session from `--relay`, `--session` and `--relay-token` (all or none of the
+/// first two).
+fn resolve_relay(
+    relay: Option<String>,
+    session: Option<String>,
+    token: Option<String>,
+) -> Result<Option<RelayTarget>, ConfigError> {
+    let (relay, session) = match (relay, session) {
+        (None, None) if token.is_some() => {
+            return Err(ConfigError::Missing(
+                "--relay and --session for --relay-token",
+            ))
+        }
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::Missing(
+                "--session UUID for --relay (the same on server and client; e.g. from uuidgen)",
+            ))
+        }
+        (None, Some(_)) => return Err(ConfigError::Missing("--relay ADDR for --session")),
+        (Some(r), Some(s)) => (r, s),
+    };
+    let relay = resolve_addr(&relay).map_err(|reason| ConfigError::Invalid {
+        flag: "--relay",
+        value: relay.clone(),
+        reason,
+    })?;
+    let session = peer_sdk::Uuid::parse_str(session.trim()).map_err(|e| ConfigError::Invalid {
+        flag: "--session",
+        value: session.clone(),
+        reason: format!("not a UUID ({e}); generate one with uuidgen"),
+    })?;
+    let token = token
+        .map(|t| {
+            parse_relay_token(&t).map_err(|e| ConfigError::Invalid {
+                flag: "--relay-token",
+                value: t.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()?;
+    Ok(Some(RelayTarget {
+        relay,
+        session,
+        token,
+    }))
+}
+
+/// `HOST:PORT` to one address: an IP literal as is, a name through the system resolver (IPv4
+/// preferred: the common case for a relay, and what an IPv4-only host can reach).
+fn resolve_addr(hostport: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {}
+        _ => {
+            return Err(
+                "expected HOST:PORT (e.g. 203.0.113.7:4433 or relay.example.com:4433)".into(),
+            )
+        }
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| "the name has no address".into())
+}
+
 /// `mqproxy server` options.
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -152,6 +226,24 @@ pub struct ServerOpts {
     /// sessions torn down [default: 30].
     #[arg(long, value_name = "SECS")]
     pub idle_timeout: Option<u64>,
+    /// Reach clients through this quic-relay instead of listening on --listen: for a server behind
+    /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
+    /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
+    /// otherwise. Needs --session.
+    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
+    pub relay: Option<String>,
+    /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
+    #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
+    pub session: Option<String>,
+    /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for this
+    /// session. Not the proxy's --token.
+    #[arg(
+        long,
+        env = "MQPROXY_RELAY_TOKEN",
+        hide_env_values = true,
+        value_name = "EXPIRY:MAC"
+    )]
+    pub relay_token: Option<String>,
 }
 
 impl ServerOpts {
@@ -171,11 +263,18 @@ impl ServerOpts {
             ),
             _ => return Err(ConfigError::Missing("--cert and --key together")),
         };
-        let listen = self
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| "0.0.0.0:4433".parse().expect("literal"));
+        let relay = resolve_relay(
+            self.relay.or(file.relay),
+            self.session.or(file.session),
+            self.relay_token.or(file.relay_token),
+        )?;
+        let listen = self.listen.or(file.listen);
+        if relay.is_some() && listen.is_some() {
+            return Err(ConfigError::Conflict("--listen", "--relay"));
+        }
+        let listen = listen.unwrap_or_else(|| "0.0.0.0:4433".parse().expect("literal"));
         let mut c = ServerConfig::new(listen, token, cert);
+        c.relay = relay;
         if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
             c.udp_idle_timeout = positive_secs("--udp-idle-timeout", s)?;
         }
@@ -267,17 +366,48 @@ pub struct ClientOpts {
     /// SOCKS5 password for --socks-user.
     #[arg(long, env = "MQPROXY_SOCKS_PASSWORD", hide_env_values = true)]
     pub socks_password: Option<String>,
+    /// Reach the server through this quic-relay instead of --server: for a server behind
+    /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
+    /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
+    /// otherwise. Needs --session.
+    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
+    pub relay: Option<String>,
+    /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
+    #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
+    pub session: Option<String>,
+    /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for this
+    /// session. Not the proxy's --token.
+    #[arg(
+        long,
+        env = "MQPROXY_RELAY_TOKEN",
+        hide_env_values = true,
+        value_name = "EXPIRY:MAC"
+    )]
+    pub relay_token: Option<String>,
 }
 
 impl ClientOpts {
     /// Reads `--config` (if any) and merges: command line over file over defaults.
     pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
         let file: ClientOpts = load_file(self.config.as_deref())?;
-        let server = self
-            .server
-            .or(file.server)
-            .ok_or(ConfigError::Missing("--server HOST:PORT"))?;
+        let relay = resolve_relay(
+            self.relay.or(file.relay),
+            self.session.or(file.session),
+            self.relay_token.or(file.relay_token),
+        )?;
+        let server = match (self.server.or(file.server), &relay) {
+            (Some(_), Some(_)) => return Err(ConfigError::Conflict("--server", "--relay")),
+            (Some(s), None) => s,
+            // Only names the server in logs.
+            (None, Some(r)) => format!("session {} at relay {}", r.session, r.relay),
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "--server HOST:PORT (or --relay ADDR --session UUID)",
+                ))
+            }
+        };
         let host = match server.rsplit_once(':') {
+            _ if relay.is_some() => String::new(),
             Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
                 h.trim_start_matches('[').trim_end_matches(']').to_owned()
             }
@@ -304,6 +434,12 @@ impl ClientOpts {
                     reason: "expected 64 hex digits (':' separators allowed)".into(),
                 })?)
             }
+            (None, Some(_), false) if relay.is_some() => {
+                return Err(ConfigError::Conflict(
+                    "--ca (the relay path has no server name to check; pin with --server-cert-sha256)",
+                    "--relay",
+                ))
+            }
             (None, Some(f), false) => ClientVerify::Ca(f),
             (None, None, true) => ClientVerify::Insecure,
             (None, None, false) => {
@@ -321,6 +457,7 @@ impl ClientOpts {
         };
         let mut c = ClientConfig::new(server, token, verify);
         c.server_name = server_name;
+        c.relay = relay;
         if let Some(a) = self.socks5.or(file.socks5) {
             c.socks5 = a;
         }
@@ -411,5 +548,102 @@ mod tests {
         .resolve()
         .expect_err("bad pin");
         assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+
+    #[test]
+    fn relay_flags_need_each_other_and_valid_values() {
+        const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+        let relay: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
+        let relay_flag = Some(relay.to_string());
+        let client = ClientOpts {
+            token: Some("t".into()),
+            server_cert_sha256: Some("ab".repeat(32)),
+            ..Default::default()
+        };
+        let err = |o: ClientOpts| o.resolve().expect_err("invalid").to_string();
+        let e = err(ClientOpts {
+            relay: relay_flag.clone(),
+            ..client.clone()
+        });
+        assert!(e.contains("--session"), "{e}");
+        let e = err(ClientOpts {
+            session: Some(S.into()),
+            ..client.clone()
+        });
+        assert!(e.contains("--relay"), "{e}");
+        let e = err(ClientOpts {
+            relay: relay_flag.clone(),
+            session: Some("not-a-uuid".into()),
+            ..client.clone()
+        });
+        assert!(e.contains("--session") && e.contains("UUID"), "{e}");
+        let e = err(ClientOpts {
+            relay: relay_flag.clone(),
+            session: Some(S.into()),
+            relay_token: Some("12:zz".into()),
+            ..client.clone()
+        });
+        assert!(e.contains("--relay-token"), "{e}");
+        let e = err(ClientOpts {
+            relay: relay_flag.clone(),
+            session: Some(S.into()),
+            server: Some("example.com:4433".into()),
+            ..client.clone()
+        });
+        assert!(e.contains("--server") && e.contains("--relay"), "{e}");
+        let c = ClientOpts {
+            relay: relay_flag.clone(),
+            session: Some(S.into()),
+            relay_token: Some(format!("1700000000:{}", "cd".repeat(32))),
+            ..client.clone()
+        }
+        .resolve()
+        .expect("valid");
+        let r = c.relay.expect("relay set");
+        assert_eq!(r.relay, relay);
+        assert_eq!(r.session.to_string(), S);
+        assert_eq!(r.token.expect("token").expiry, 1_700_000_000);
+
+        // The server: the same keys from a config file; --listen excludes --relay.
+        let dir = std::env::temp_dir().join(format!("mqproxy-relay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let f = dir.join("server.toml");
+        std::fs::write(
+            &f,
+            format!("token = \"t\"\nrelay = \"{relay}\"\nsession = \"{S}\"\n"),
+        )
+        .expect("write");
+        let server = ServerOpts {
+            config: Some(f),
+            state_dir: Some(dir),
+            ..Default::default()
+        };
+        let c = server.clone().resolve().expect("valid");
+        assert_eq!(c.relay.expect("relay set").relay, relay);
+        let e = ServerOpts {
+            listen: Some("0.0.0.0:4433".parse().expect("lit")),
+            ..server
+        }
+        .resolve()
+        .expect_err("conflict")
+        .to_string();
+        assert!(e.contains("--listen") && e.contains("--relay"), "{e}");
+
+        // Names resolve (localhost: no network needed); junk is refused with the flag named.
+        let c = ClientOpts {
+            relay: Some("localhost:4433".into()),
+            session: Some(S.into()),
+            ..client.clone()
+        }
+        .resolve()
+        .expect("localhost resolves");
+        let r = c.relay.expect("relay set").relay;
+        assert!(r.ip().is_loopback() && r.port() == 4433, "{r}");
+        let e = err(ClientOpts {
+            relay: Some("no-port".into()),
+            session: Some(S.into()),
+            ..client
+        });
+        assert!(e.contains("--relay") && e.contains("HOST:PORT"), "{e}");
     }
 }

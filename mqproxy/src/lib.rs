@@ -10,6 +10,8 @@
 //! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions, destination policy.
 //! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
 //! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
+//! - [`rendezvous`]: both roles through a `quic-relay` session (`--relay`, `--session`) for a
+//!   server with no open port: hole-punched direct path when possible, relayed otherwise.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
 //!
@@ -20,6 +22,8 @@ pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
 pub mod proto;
+#[cfg(feature = "runtime")]
+pub mod rendezvous;
 #[cfg(feature = "runtime")]
 pub mod server;
 pub mod socks;
@@ -33,7 +37,7 @@ pub mod udp;
 pub mod udpsocks;
 
 #[cfg(feature = "runtime")]
-/// The peer SDK a later version reaches its server through (relay, multipath).
+/// The peer SDK the relay mode ([`rendezvous`]) reaches its server through.
 pub use peer_sdk;
 
 #[cfg(feature = "runtime")]

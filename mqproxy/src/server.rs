@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub allow_private: bool,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
+    /// Wait for clients in this relay session instead of listening on `listen` (see
+    /// [`crate::rendezvous::RelayServer`]).
+    pub relay: Option<crate::rendezvous::RelayTarget>,
 }
 
 impl ServerConfig {
@@ -87,6 +90,7 @@ impl ServerConfig {
             max_udp_sessions: crate::udp::DEFAULT_MAX_SESSIONS,
             allow_private: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            relay: None,
         }
     }
 }
@@ -147,7 +151,7 @@ fn dec(c: &AtomicU64) {
     c.fetch_sub(1, Ordering::Relaxed);
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     cfg: ServerConfig,
     /// SHA-256 of the token, so comparison time does not depend on where tokens differ or on
     /// their lengths.
@@ -164,15 +168,11 @@ pub struct Server {
     fingerprint: peer_sdk::tls::Fingerprint,
 }
 
-impl std::fmt::Debug for Ctx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ctx").finish_non_exhaustive()
-    }
-}
-
-impl Server {
-    /// Loads or creates the certificate and binds the UDP socket.
-    pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+impl Ctx {
+    /// Loads the certificate (logging the fingerprint clients pin) and builds the shared state
+    /// of both front ends: the UDP listener ([`Server`]) and the relay
+    /// ([`crate::rendezvous::RelayServer`]).
+    pub(crate) fn new(cfg: ServerConfig) -> Result<(Arc<Ctx>, tls::LoadedCert), ServerError> {
         let cert = tls::load_server_cert(&cfg.cert)?;
         let fingerprint = cert.fingerprint;
         match &cfg.cert {
@@ -186,16 +186,6 @@ impl Server {
                 info!(%fingerprint, path = %path.display(), "certificate loaded")
             }
         }
-        let mut sc = tls::server_config(cert)?;
-        sc.transport_config(Arc::new(transport::transport_config(
-            cfg.idle_timeout,
-            false,
-        )));
-        let endpoint =
-            transport::endpoint(cfg.listen, Some(sc)).map_err(|source| ServerError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
         let token_digest = Sha256::digest(&cfg.token).into();
         let ctx = Arc::new(Ctx {
             unauthenticated: Arc::new(Semaphore::new(cfg.max_conns)),
@@ -203,6 +193,47 @@ impl Server {
             token_digest,
             metrics: Arc::new(Metrics::default()),
         });
+        Ok((ctx, cert))
+    }
+
+    /// The server's counters.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The settings.
+    pub(crate) fn cfg(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// A slot among the `--max-conns` connections allowed to authenticate at once.
+    pub(crate) fn try_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.unauthenticated.clone().try_acquire_owned().ok()
+    }
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Loads or creates the certificate and binds the UDP socket.
+    pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let (ctx, cert) = Ctx::new(cfg)?;
+        let fingerprint = cert.fingerprint;
+        let mut sc = tls::server_config(cert)?;
+        sc.transport_config(Arc::new(transport::transport_config(
+            ctx.cfg.idle_timeout,
+            false,
+        )));
+        let listen = ctx.cfg.listen;
+        let endpoint =
+            transport::endpoint(listen, Some(sc)).map_err(|source| ServerError::Bind {
+                addr: listen,
+                source,
+            })?;
         Ok(Server {
             endpoint,
             ctx,
@@ -336,7 +367,6 @@ impl From<TransportError> for AuthFailure {
 }
 
 async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: OwnedSemaphorePermit) {
-    let m = ctx.metrics.clone();
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -355,6 +385,17 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: Owne
             return;
         }
     };
+    serve_established(conn, ctx, permit).await
+}
+
+/// Authenticates a connection whose handshake is done, then serves it until it ends. `permit`
+/// (a `--max-conns` slot) is released once authentication is over.
+pub(crate) async fn serve_established(
+    conn: Connection,
+    ctx: Arc<Ctx>,
+    permit: OwnedSemaphorePermit,
+) {
+    let m = ctx.metrics.clone();
     let auth = tokio::select! {
         r = tokio::time::timeout(AUTH_TIMEOUT, authenticate(&conn, &ctx)) => r,
         _ = drop_datagrams(&conn, &m) => return,

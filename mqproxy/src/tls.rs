@@ -145,6 +145,14 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
 
 /// The quinn server configuration for a loaded certificate.
 pub fn server_config(cert: LoadedCert) -> Result<quinn::ServerConfig, TlsError> {
+    let quic = QuicServerConfig::try_from(rustls_server_config(cert)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// The rustls server configuration (TLS 1.3, ALPN `mqproxy-tcp/1`) behind [`server_config`];
+/// the relay path hands it to peer-sdk.
+pub fn rustls_server_config(cert: LoadedCert) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut c = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -153,12 +161,19 @@ pub fn server_config(cert: LoadedCert) -> Result<quinn::ServerConfig, TlsError> 
         .map_err(|e| TlsError::Config(e.to_string()))?;
     c.alpn_protocols = vec![ALPN.to_vec()];
     c.max_early_data_size = 0;
-    let quic = QuicServerConfig::try_from(c).map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    Ok(Arc::new(c))
 }
 
 /// The quinn client configuration for a verification mode.
 pub fn client_config(verify: &ClientVerify) -> Result<quinn::ClientConfig, TlsError> {
+    let quic = QuicClientConfig::try_from(rustls_client_config(verify)?)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// The rustls client configuration (TLS 1.3, ALPN `mqproxy-tcp/1`) behind [`client_config`];
+/// the relay path hands it to peer-sdk.
+pub fn rustls_client_config(verify: &ClientVerify) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -188,8 +203,7 @@ pub fn client_config(verify: &ClientVerify) -> Result<quinn::ClientConfig, TlsEr
             .with_no_client_auth(),
     };
     c.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(c).map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    Ok(Arc::new(c))
 }
 
 /// `--insecure`: accepts any certificate. Handshake signatures are still checked (by peer-sdk's

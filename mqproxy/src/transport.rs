@@ -1,5 +1,5 @@
-//! The seam between the proxy and QUIC: how a client gets a `quinn::Connection` ([`Dialer`];
-//! direct today, relay/multipath through `peer_sdk` later), the shared transport parameters,
+//! The seam between the proxy and QUIC: how a client gets a `quinn::Connection` ([`Dialer`]:
+//! direct here, through a relay session in [`crate::rendezvous`]), the shared transport parameters,
 //! and control-frame IO on streams.
 
 use std::future::Future;
@@ -80,6 +80,9 @@ pub enum TransportError {
     /// The peer took too long.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// Reaching the server through the relay session failed.
+    #[error("through the relay: {0}")]
+    Relay(#[from] peer_sdk::Error),
 }
 
 /// Transport parameters both roles use. `keepalive` only matters on the client, which keeps
@@ -177,6 +180,12 @@ pub fn endpoint(
 pub trait Dialer: Send + Sync + 'static {
     /// Opens a new connection (TLS done, not yet authenticated).
     fn dial(&self) -> impl Future<Output = Result<quinn::Connection, TransportError>> + Send;
+
+    /// Called once at shutdown, after the connection was closed: lets the dialer flush the
+    /// close to the server before the process exits.
+    fn finish(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Dials the server directly over one local UDP socket.

@@ -55,15 +55,30 @@ fn main() -> anyhow::Result<()> {
         match cli.role {
             Role::Server(opts) => {
                 let cfg = opts.resolve().context("server configuration")?;
-                let server = mqproxy::server::Server::bind(cfg).context("starting the server")?;
-                server.run(shutdown_signal()).await;
+                if cfg.relay.is_some() {
+                    let server = mqproxy::rendezvous::RelayServer::bind(cfg)
+                        .await
+                        .context("starting the server in the relay session")?;
+                    server.run(shutdown_signal()).await;
+                } else {
+                    let server =
+                        mqproxy::server::Server::bind(cfg).context("starting the server")?;
+                    server.run(shutdown_signal()).await;
+                }
             }
             Role::Client(opts) => {
                 let cfg = opts.resolve().context("client configuration")?;
-                let client = mqproxy::client::Client::bind(cfg)
-                    .await
-                    .context("starting the client")?;
-                client.run(shutdown_signal()).await;
+                if cfg.relay.is_some() {
+                    let client = mqproxy::client::Client::bind_relay(cfg)
+                        .await
+                        .context("starting the client")?;
+                    client.run(shutdown_signal()).await;
+                } else {
+                    let client = mqproxy::client::Client::bind(cfg)
+                        .await
+                        .context("starting the client")?;
+                    client.run(shutdown_signal()).await;
+                }
             }
         }
         Ok(())
