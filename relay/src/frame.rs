@@ -98,3 +98,93 @@ impl FrameDecoder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Feeds `stream` to a decoder in pieces cut at `cuts` and collects what it yields.
+    fn decode_in_pieces(stream: &[u8], cuts: &[usize]) -> (Vec<Vec<u8>>, Option<FrameError>) {
+        let mut d = FrameDecoder::new();
+        let mut out = Vec::new();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        points.push(stream.len());
+        points.sort_unstable();
+        let mut at = 0;
+        for p in points {
+            d.extend(&stream[at..p]);
+            at = p;
+            loop {
+                match d.next_frame() {
+                    Ok(Some(f)) => out.push(f.to_vec()),
+                    Ok(None) => break,
+                    Err(e) => return (out, Some(e)),
+                }
+            }
+            // Never more than one partial frame is held.
+            assert!(d.buffered() < FRAME_HEADER + MAX_FRAME_PAYLOAD);
+        }
+        (out, None)
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let mut out = Vec::new();
+        encode_frame(b"ACK\n", &mut out);
+        encode_frame(b"", &mut out);
+        assert_eq!(out, [0x00, 0x04, b'A', b'C', b'K', b'\n', 0x00, 0x00]);
+        assert_eq!(
+            decode_in_pieces(&out, &[1, 3, 7]),
+            (vec![b"ACK\n".to_vec(), vec![]], None)
+        );
+        assert_eq!(
+            decode_in_pieces(&[0xff, 0xe4], &[]).1,
+            Some(FrameError::TooLong(65_508)),
+            "anything above 65,507 is refused at once, before its body arrives"
+        );
+        assert_eq!(
+            decode_in_pieces(&[0xff, 0xe3], &[]).1,
+            None,
+            "65,507 is allowed"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn frames_survive_any_split(
+            datagrams in proptest::collection::vec(
+                prop_oneof![
+                    9 => proptest::collection::vec(any::<u8>(), 0..1500),
+                    1 => proptest::collection::vec(any::<u8>(), 60_000..=MAX_FRAME_PAYLOAD),
+                ],
+                0..8,
+            ),
+            cuts in proptest::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let mut stream = Vec::new();
+            for d in &datagrams {
+                encode_frame(d, &mut stream);
+            }
+            let (got, err) = decode_in_pieces(&stream, &cuts);
+            prop_assert_eq!(err, None);
+            prop_assert!(got == datagrams);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_errors_name_a_bad_length(
+            stream in proptest::collection::vec(any::<u8>(), 0..4096),
+            cuts in proptest::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let (got, err) = decode_in_pieces(&stream, &cuts);
+            let total: usize = got.iter().map(|f| f.len() + FRAME_HEADER).sum();
+            prop_assert!(total <= stream.len());
+            if let Some(FrameError::TooLong(n)) = err {
+                prop_assert!(n > MAX_FRAME_PAYLOAD);
+                // The bad length sits right after the frames that decoded.
+                prop_assert_eq!(usize::from(u16::from_be_bytes([stream[total], stream[total + 1]])), n);
+            }
+        }
+    }
+}
