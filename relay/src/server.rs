@@ -250,7 +250,17 @@ impl Server {
     /// before returning.
     pub fn run(mut self, shutdown: &AtomicBool) {
         let tcp = self.tcp.take();
+        // Set when the UDP loop ends, however it ends: a panic there must not leave the scope
+        // waiting for a TCP thread that only watches `shutdown`.
+        let udp_done = AtomicBool::new(false);
+        struct SetOnDrop<'a>(&'a AtomicBool);
+        impl Drop for SetOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
         std::thread::scope(|scope| {
+            let udp_done = &udp_done;
             if let Some((listener, cfg)) = tcp {
                 match self.socket.try_clone() {
                     Ok(udp) => {
@@ -260,7 +270,15 @@ impl Server {
                         let spawned = std::thread::Builder::new()
                             .name("quic-relay-tcp".into())
                             .spawn_scoped(scope, move || {
-                                tcp::run(listener, core, udp.into(), v6, cfg, metrics, shutdown)
+                                tcp::run(
+                                    listener,
+                                    core,
+                                    udp.into(),
+                                    v6,
+                                    cfg,
+                                    metrics,
+                                    [shutdown, udp_done],
+                                )
                             });
                         if let Err(e) = spawned {
                             warn!(error = %e, "cannot start the TCP thread; TCP disabled");
@@ -269,6 +287,7 @@ impl Server {
                     Err(e) => warn!(error = %e, "cannot share the UDP socket; TCP disabled"),
                 }
             }
+            let _done = SetOnDrop(udp_done);
             #[cfg(target_os = "linux")]
             linux::run(&mut self, shutdown);
             #[cfg(not(target_os = "linux"))]

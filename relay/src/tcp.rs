@@ -101,7 +101,7 @@ struct Ctx {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Runs the TCP listener on this thread until `shutdown` is set (noticed within
+/// Runs the TCP listener on this thread until one of the `stop` flags is set (noticed within
 /// [`defaults::IDLE_WAKE`]); every connection is closed before it returns.
 pub(crate) fn run(
     listener: std::net::TcpListener,
@@ -110,7 +110,7 @@ pub(crate) fn run(
     udp_v6: bool,
     cfg: TcpConfig,
     metrics: Arc<Metrics>,
-    shutdown: &AtomicBool,
+    stop: [&AtomicBool; 2],
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -138,11 +138,11 @@ pub(crate) fn run(
             metrics,
             per_ip: Mutex::new(HashMap::new()),
         });
-        accept_loop(listener, ctx, shutdown).await;
+        accept_loop(listener, ctx, stop).await;
     });
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, shutdown: &AtomicBool) {
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: [&AtomicBool; 2]) {
     let permits = Arc::new(Semaphore::new(ctx.cfg.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(defaults::IDLE_WAKE);
@@ -150,7 +150,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, shutdown: &AtomicBool
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if shutdown.load(Ordering::Relaxed) {
+                if stop.iter().any(|f| f.load(Ordering::Relaxed)) {
                     break;
                 }
             }
