@@ -59,7 +59,10 @@ impl Default for TcpConfig {
 pub struct Core {
     /// The session table.
     pub relay: Relay,
-    tcp: HashMap<PeerAddr, mpsc::Sender<Vec<u8>>>,
+    /// Write queue of each open connection, with the connection's serial number: a closing
+    /// connection removes only its own entry, not a newer one from the same IP and port.
+    tcp: HashMap<PeerAddr, (u64, mpsc::Sender<Vec<u8>>)>,
+    next_serial: u64,
 }
 
 impl Core {
@@ -68,13 +71,14 @@ impl Core {
         Core {
             relay,
             tcp: HashMap::new(),
+            next_serial: 0,
         }
     }
 
     /// Queues `datagram` (framed) for TCP member `dst`; drops and counts it when that
     /// connection's queue is full. Never blocks.
     pub fn send_tcp(&self, dst: PeerAddr, datagram: &[u8], counters: &TcpCounters) {
-        let Some(tx) = self.tcp.get(&dst) else {
+        let Some((_, tx)) = self.tcp.get(&dst) else {
             return; // closed a moment ago; its member is leaving
         };
         let mut frame = Vec::with_capacity(FRAME_HEADER + datagram.len());
@@ -239,13 +243,35 @@ enum Close {
 struct Registration {
     ctx: Arc<Ctx>,
     key: PeerAddr,
+    serial: u64,
+}
+
+impl Registration {
+    fn new(ctx: &Arc<Ctx>, key: PeerAddr, tx: mpsc::Sender<Vec<u8>>) -> Self {
+        let mut core = lock(&ctx.core);
+        let serial = core.next_serial;
+        core.next_serial += 1;
+        if let Some((_, old)) = core.tcp.insert(key, (serial, tx)) {
+            // The previous connection from this address is closing as we speak: the
+            // member (if any) is now this connection's, and registers anew.
+            drop(old);
+            core.relay.disconnect(key);
+        }
+        Registration {
+            ctx: ctx.clone(),
+            key,
+            serial,
+        }
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut core = lock(&self.ctx.core);
-        core.tcp.remove(&self.key);
-        core.relay.disconnect(self.key);
+        if core.tcp.get(&self.key).is_some_and(|(s, _)| *s == self.serial) {
+            core.tcp.remove(&self.key);
+            core.relay.disconnect(self.key);
+        }
         self.ctx.metrics.tcp.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -262,11 +288,7 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let key = PeerAddr::tcp(peer);
     let (tx, rx) = mpsc::channel(ctx.cfg.write_queue.max(1));
-    lock(&ctx.core).tcp.insert(key, tx);
-    let _registration = Registration {
-        ctx: ctx.clone(),
-        key,
-    };
+    let _registration = Registration::new(&ctx, key, tx);
     debug!(%peer, "TCP connection");
     let (rd, wr) = stream.into_split();
     // Reads and writes are independent: a slow reader on the far side fills this queue, and
