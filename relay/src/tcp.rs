@@ -268,7 +268,11 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut core = lock(&self.ctx.core);
-        if core.tcp.get(&self.key).is_some_and(|(s, _)| *s == self.serial) {
+        if core
+            .tcp
+            .get(&self.key)
+            .is_some_and(|(s, _)| *s == self.serial)
+        {
             core.tcp.remove(&self.key);
             core.relay.disconnect(self.key);
         }
