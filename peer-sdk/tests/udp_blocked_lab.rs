@@ -3,8 +3,10 @@
 //! relay by itself, and the two example processes exchange a stream and datagrams both ways
 //! through the relay, the blocked side over TCP.
 //!
-//! Runs the example binary (built by `cargo test`, like every example) inside the lab's
-//! namespaces. Needs root and nftables: skipped with a message elsewhere, never under `CI=true`.
+//! Runs the example binary inside the lab's namespaces. `cargo test -p peer-sdk` (and
+//! `--workspace`) builds it like every example; `cargo test --test udp_blocked_lab` alone does
+//! *not* rebuild it, so after changing the SDK run `cargo build -p peer-sdk --example peer` first
+//! or the test exercises a stale binary. Needs root and nftables: skipped with a message elsewhere, never under `CI=true`.
 //! The lab kills both processes and removes its namespaces when dropped, also on a failure.
 
 use std::io::{BufRead, BufReader};
