@@ -397,3 +397,52 @@ async fn the_tcp_link_reconnects_after_the_relay_closes_it() {
     conn.close(0, b"done").await;
     server.abort();
 }
+
+#[tokio::test]
+async fn registrations_keep_an_idle_tcp_link_open() {
+    // The relay closes TCP connections silent for 2 s; the SDK re-registers every 500 ms and
+    // QUIC sends no keepalives of its own here, so only the registrations keep the link open.
+    let relay = loop {
+        let s = Server::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            RelayConfig::default(),
+            1 << 20,
+        )
+        .expect("bind relay");
+        if let Ok(s) = s.with_tcp(quic_relay::tcp::TcpConfig {
+            idle_timeout: Duration::from_secs(2),
+            ..quic_relay::tcp::TcpConfig::default()
+        }) {
+            break s.spawn().expect("spawn relay");
+        }
+    };
+    let addr = relay.local_addr();
+    let mut transport = peer_sdk::quinn::TransportConfig::default();
+    transport.keep_alive_interval(None);
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30).try_into().expect("fits a VarInt"),
+    ));
+    let mut dialer = opts(addr, session(42), Strategy::RelayOnly);
+    dialer.tcp_fallback = peer_sdk::TcpFallback::Always;
+    dialer.keepalive = Duration::from_millis(500);
+    dialer.transport = Some(std::sync::Arc::new(transport));
+    let (conn, server) = pair(addr, session(42), Strategy::RelayOnly, dialer).await;
+    stream_echo(&conn, 1000).await;
+    // Idle for three times the relay's idle timeout: this wait is the behaviour under test.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    let tcp = &relay.metrics().tcp;
+    assert_eq!(
+        tcp.closed_idle.load(Relaxed),
+        0,
+        "the relay found the link idle"
+    );
+    assert_eq!(
+        tcp.accepted.load(Relaxed),
+        1,
+        "the link was never re-opened"
+    );
+    stream_echo(&conn, 1000).await;
+    conn.close(0, b"done").await;
+    server.abort();
+}

@@ -304,3 +304,66 @@ fn a_connection_that_never_registers_is_closed_after_the_handshake_timeout() {
         m.tcp.closed_idle.load(Ordering::Relaxed) == 1
     });
 }
+
+#[test]
+fn a_tcp_member_that_stops_reading_costs_drops_not_a_stalled_relay() {
+    let (h, relay) = start(TcpConfig {
+        write_queue: 4,
+        ..TcpConfig::default()
+    });
+    // Session 1: a TCP member that never reads, and a UDP member flooding it.
+    let mut stuck = tcp(relay);
+    send_frame(&mut stuck, &reg_bytes(Uuid::from_u128(0x7777), 1));
+    let flood = udp();
+    flood
+        .send_to(&reg_bytes(Uuid::from_u128(0x7777), 2), relay)
+        .expect("send");
+    recv_udp(&flood);
+    // Session 2: two UDP members that must keep working meanwhile.
+    let (a, b) = (udp(), udp());
+    for (s, p) in [(&a, 3), (&b, 4)] {
+        s.send_to(&reg_bytes(Uuid::from_u128(0x8888), p), relay)
+            .expect("send");
+        recv_udp(s);
+    }
+    recv_udp(&a); // peer notice
+    let m = h.metrics();
+    let payload = vec![0x40u8; 1200];
+    // Far more than the kernel's socket buffers and the queue hold: the relay must drop.
+    let mut i = 0u32;
+    while m.tcp.dropped_queue_full.load(Ordering::Relaxed) == 0 {
+        for _ in 0..1000 {
+            let _ = flood.send_to(&payload, relay);
+        }
+        i += 1;
+        assert!(
+            i < 200,
+            "200,000 datagrams to a stuck TCP member and no drop counted"
+        );
+        // Session 2 is served between the bursts, without waiting for the stuck connection.
+        ping_through(&a, &b, relay);
+    }
+    ping_through(&a, &b, relay);
+    drop(stuck);
+}
+
+/// Sends a datagram from `a` until it arrives at `b` through the relay (a flood may overflow
+/// the relay's socket buffer, so one may be lost), failing after `WAIT`.
+fn ping_through(a: &UdpSocket, b: &UdpSocket, relay: SocketAddr) {
+    b.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 64];
+    loop {
+        a.send_to(b"\x40ping", relay).expect("send");
+        if let Ok((n, _)) = b.recv_from(&mut buf) {
+            if &buf[..n] == b"\x40ping" {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay stopped serving other sessions"
+        );
+    }
+}
