@@ -325,7 +325,7 @@ async fn a_relay_that_requires_tokens_admits_only_peers_that_carry_one() {
     server.await.expect("listener");
 }
 
-fn relay_with_tcp() -> ServerHandle {
+fn relay_with_tcp(tcp: quic_relay::tcp::TcpConfig) -> ServerHandle {
     // The TCP listener binds the UDP port's number; retry if a TCP socket holds it.
     for _ in 0..20 {
         let server = Server::bind(
@@ -334,7 +334,7 @@ fn relay_with_tcp() -> ServerHandle {
             1 << 20,
         )
         .expect("bind relay");
-        if let Ok(s) = server.with_tcp(quic_relay::tcp::TcpConfig::default()) {
+        if let Ok(s) = server.with_tcp(tcp.clone()) {
             return s.spawn().expect("spawn relay");
         }
     }
@@ -343,7 +343,7 @@ fn relay_with_tcp() -> ServerHandle {
 
 #[tokio::test]
 async fn forced_tcp_dialer_reaches_a_udp_listener_through_the_relay() {
-    let relay = relay_with_tcp();
+    let relay = relay_with_tcp(Default::default());
     let addr = relay.local_addr();
     let mut dialer = opts(addr, session(40), Strategy::Auto);
     dialer.tcp_fallback = peer_sdk::TcpFallback::Always;
@@ -368,7 +368,7 @@ async fn forced_tcp_dialer_reaches_a_udp_listener_through_the_relay() {
 
 #[tokio::test]
 async fn the_tcp_link_reconnects_after_the_relay_closes_it() {
-    let relay = relay_with_tcp();
+    let relay = relay_with_tcp(Default::default());
     let addr = relay.local_addr();
     let mut dialer = opts(addr, session(41), Strategy::RelayOnly);
     dialer.tcp_fallback = peer_sdk::TcpFallback::Always;
@@ -402,20 +402,10 @@ async fn the_tcp_link_reconnects_after_the_relay_closes_it() {
 async fn registrations_keep_an_idle_tcp_link_open() {
     // The relay closes TCP connections silent for 2 s; the SDK re-registers every 500 ms and
     // QUIC sends no keepalives of its own here, so only the registrations keep the link open.
-    let relay = loop {
-        let s = Server::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            RelayConfig::default(),
-            1 << 20,
-        )
-        .expect("bind relay");
-        if let Ok(s) = s.with_tcp(quic_relay::tcp::TcpConfig {
-            idle_timeout: Duration::from_secs(2),
-            ..quic_relay::tcp::TcpConfig::default()
-        }) {
-            break s.spawn().expect("spawn relay");
-        }
-    };
+    let relay = relay_with_tcp(quic_relay::tcp::TcpConfig {
+        idle_timeout: Duration::from_secs(2),
+        ..Default::default()
+    });
     let addr = relay.local_addr();
     let mut transport = peer_sdk::quinn::TransportConfig::default();
     transport.keep_alive_interval(None);
