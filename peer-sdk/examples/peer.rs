@@ -3,9 +3,9 @@
 //! ```text
 //! peer listen  --relay ADDR --session UUID            # prints {"fingerprint":"<hex>"} first
 //! peer connect --relay ADDR --session UUID --pin HEX --bytes N [--datagrams N]
-//!              [--relay-only] [--direct-timeout-ms MS]
+//!              [--relay-only] [--direct-timeout-ms MS] [--tcp auto|never|always]
 //! ```
-//! The dialer prints one JSON line: `{"path":"direct"|"relay","connect_ms":..,"bytes":..,
+//! The dialer prints one JSON line: `{"path":"direct"|"relay"|"relay-tcp","connect_ms":..,"bytes":..,
 //! "secs":..,"mbps":..,"datagrams":..}` and exits non-zero on any failure.
 
 use std::io::Write as _;
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use clap::{Parser, Subcommand};
 use peer_sdk::{
-    ClientTls, Fingerprint, Identity, Options, Peer, PeerConnection, ServerTls, Strategy, Uuid,
+    ClientTls, Fingerprint, Identity, Options, Peer, PeerConnection, ServerTls, Strategy,
+    TcpFallback, Uuid,
 };
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,16 @@ struct Common {
     /// Relay token (`<expiry>:<hex mac>`), when the relay requires one.
     #[arg(long)]
     token: Option<String>,
+    /// TCP to the relay: `auto` (when UDP registration gets no answer), `never`, `always`.
+    #[arg(long, value_enum, default_value_t = Tcp::Auto)]
+    tcp: Tcp,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Tcp {
+    Auto,
+    Never,
+    Always,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +84,11 @@ fn options(c: &Common) -> anyhow::Result<Options> {
     if c.relay_only {
         o.strategy = Strategy::RelayOnly;
     }
+    o.tcp_fallback = match c.tcp {
+        Tcp::Auto => TcpFallback::Auto,
+        Tcp::Never => TcpFallback::Never,
+        Tcp::Always => TcpFallback::Always,
+    };
     if let Some(t) = &c.token {
         let (exp, mac) = t.split_once(':').context("--token is <expiry>:<hex mac>")?;
         let mut m = [0u8; 32];
@@ -137,6 +153,12 @@ async fn listen(common: &Common) -> anyhow::Result<()> {
         let peer = Peer::bind(opts.clone()).await?;
         let conn = peer.accept(ServerTls::Identity(identity.clone())).await?;
         eprintln!("peer connected over the {} path", conn.path().kind());
+        // The listener's own path, for tests and operators (stdout is the dialer's report).
+        println!(
+            "{}",
+            serde_json::json!({ "accepted_path": conn.path().kind() })
+        );
+        std::io::stdout().flush()?;
         serve(conn).await;
     }
 }

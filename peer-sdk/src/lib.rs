@@ -25,6 +25,10 @@
 //!   and send authenticated probes; a reply proves a direct path. Quinn sees one stable peer
 //!   address ([`socket::VIRTUAL_PEER`]); the wrapper sends to the direct address or to the relay,
 //!   so traffic moves between paths under a live `quinn::Connection`.
+//! - **TCP when UDP is blocked**: if the relay does not answer UDP registrations within
+//!   [`Options::tcp_fallback_after`], the SDK registers over a TCP connection to the relay's port
+//!   and carries the QUIC packets on it as length-prefixed datagrams, under the same
+//!   `quinn::Connection` ([`Path::RelayTcp`]; [`TcpFallback`] disables or forces it).
 //! - **Verified TLS** ([`tls`]): the dialer pins the listener's certificate fingerprint, or the
 //!   application passes its own rustls configuration. There is no skip-verify mode.
 //!
@@ -39,6 +43,7 @@
 #![warn(missing_docs)]
 
 pub mod punch;
+mod relay_tcp;
 pub mod rendezvous;
 pub mod socket;
 pub mod tls;
@@ -84,7 +89,7 @@ pub enum Error {
     },
     /// No relay answered a registration in time.
     #[error(
-        "no reply from relay {relay} within {waited:?}: is it running, and is UDP to it allowed?"
+        "no reply from relay {relay} within {waited:?}: is it running, and is UDP (or TCP, same port) to it allowed?"
     )]
     RelayUnreachable {
         /// The relay tried.
@@ -139,6 +144,20 @@ pub enum Strategy {
     RelayOnly,
 }
 
+/// Whether to reach the relay over TCP (its port number, length-prefixed datagrams) when UDP
+/// does not get through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpFallback {
+    /// Register over UDP; if the relay has not answered within
+    /// [`Options::tcp_fallback_after`], switch to TCP for the life of this peer.
+    #[default]
+    Auto,
+    /// UDP only.
+    Never,
+    /// TCP from the start (no UDP to the relay, no hole punching).
+    Always,
+}
+
 /// How to reach the peer.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -168,6 +187,12 @@ pub struct Options {
     /// QUIC transport parameters; the default keeps the connection alive across a relay
     /// restart or NAT rebinding (keepalive 5 s, idle timeout 60 s).
     pub transport: Option<Arc<quinn::TransportConfig>>,
+    /// Whether to fall back to TCP to the relay when UDP gets no answer (default: yes). The
+    /// connection then reports [`Path::RelayTcp`].
+    pub tcp_fallback: TcpFallback,
+    /// How long UDP registrations may go unanswered before [`TcpFallback::Auto`] tries TCP.
+    /// Keep it below [`Options::register_timeout`].
+    pub tcp_fallback_after: Duration,
 }
 
 impl Options {
@@ -186,6 +211,10 @@ impl Options {
             alpn: tls::DEFAULT_ALPN.to_vec(),
             peer_id: None,
             transport: None,
+            tcp_fallback: TcpFallback::Auto,
+            // Six UDP registrations (0.2 + 0.4 + 0.8 + 1.6 s of backoff): a lossy but working
+            // UDP path answers one of them.
+            tcp_fallback_after: Duration::from_millis(2500),
         }
     }
 
@@ -221,7 +250,7 @@ impl Options {
 
 /// Aborts the task when dropped, so no driver outlives its peer.
 #[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -250,8 +279,14 @@ impl Drop for Peer {
             peer: Some(quic_relay::proto::PeerId(self.peer_id)),
         }
         .encode();
-        for _ in 0..2 {
-            self.socket.try_send_control(self.socket.relay(), &bye);
+        if self.socket.shared.path() == Path::RelayTcp {
+            // Best effort: the relay also removes a TCP member when its connection closes,
+            // which happens as the driver (and its TCP task) is dropped.
+            self.socket.send_tcp(&bye);
+        } else {
+            for _ in 0..2 {
+                self.socket.try_send_control(self.socket.relay(), &bye);
+            }
         }
     }
 }
@@ -330,6 +365,8 @@ impl Peer {
             socket.clone(),
             control,
             DriverConfig {
+                tcp: opts.tcp_fallback,
+                tcp_after: opts.tcp_fallback_after,
                 session: opts.session,
                 token: opts.token,
                 peer_id,
@@ -379,7 +416,8 @@ impl Peer {
             .await
             .map_err(|_| Error::PeerTimeout { session, waited })?
             .map_err(|_| Error::EndpointClosed)?;
-        if self.opts.strategy == Strategy::Auto {
+        // Over TCP nothing is punched: do not wait for a direct path.
+        if self.opts.strategy == Strategy::Auto && self.socket.shared.path() != Path::RelayTcp {
             let _ = tokio::time::timeout(
                 self.opts.direct_timeout,
                 self.status.wait_for(|s| matches!(s.path, Path::Direct(_))),

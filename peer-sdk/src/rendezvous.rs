@@ -52,6 +52,8 @@ pub struct Status {
 }
 
 pub(crate) struct DriverConfig {
+    pub tcp: crate::TcpFallback,
+    pub tcp_after: Duration,
     pub session: Uuid,
     pub token: Option<Token>,
     pub peer_id: u64,
@@ -75,6 +77,10 @@ pub(crate) struct Driver {
     peer_known_at: Option<Instant>,
     last_direct_reply: Option<Instant>,
     next_probe: Option<Instant>,
+    /// When the first UDP registration went out (for [`crate::TcpFallback::Auto`]).
+    first_reg: Option<Instant>,
+    /// The TCP link to the relay, once the driver switched to it (for the rest of its life).
+    tcp: Option<crate::AbortOnDrop>,
 }
 
 impl Driver {
@@ -113,11 +119,16 @@ impl Driver {
             peer_known_at: None,
             last_direct_reply: None,
             next_probe: None,
+            first_reg: None,
+            tcp: None,
         };
         (d, rx)
     }
 
     pub(crate) async fn run(mut self) {
+        if self.cfg.tcp == crate::TcpFallback::Always {
+            self.start_tcp("forced by Options::tcp_fallback");
+        }
         loop {
             let wake = self.next_wake();
             tokio::select! {
@@ -141,6 +152,11 @@ impl Driver {
             ),
         };
         wake = wake.min(reg_due);
+        if let (None, false, crate::TcpFallback::Auto, Some(t)) =
+            (&self.tcp, self.acked, self.cfg.tcp, self.first_reg)
+        {
+            wake = wake.min(t + self.cfg.tcp_after);
+        }
         if let Some(p) = self.next_probe {
             wake = wake.min(p);
         }
@@ -153,14 +169,58 @@ impl Driver {
         }
     }
 
+    /// The relay path this driver uses: UDP, or TCP once it switched.
+    fn relay_path(&self) -> Path {
+        if self.tcp.is_some() {
+            Path::RelayTcp
+        } else {
+            Path::Relay
+        }
+    }
+
+    /// Switches to the relay's TCP port for good: registration, keepalives and QUIC go over
+    /// one TCP connection from now on, and no direct path is punched (UDP is not getting
+    /// through).
+    fn start_tcp(&mut self, why: &str) {
+        if self.tcp.is_some() {
+            return;
+        }
+        let relay = self.socket.relay();
+        info!(%relay, reason = why, "reaching the relay over TCP");
+        self.tcp = Some(crate::AbortOnDrop(tokio::spawn(crate::relay_tcp::run(
+            self.socket.clone(),
+            relay,
+            self.reg_bytes.clone(),
+        ))));
+        self.reg_retry = REG_RETRY_MIN;
+        self.candidates.clear();
+        self.next_probe = None;
+        self.set_path(Path::RelayTcp);
+    }
+
     async fn register(&mut self, now: Instant) {
-        self.send(self.socket.relay(), &self.reg_bytes).await;
+        if self.tcp.is_some() {
+            self.socket.send_tcp(&self.reg_bytes);
+        } else {
+            self.send(self.socket.relay(), &self.reg_bytes).await;
+            self.first_reg.get_or_insert(now);
+        }
         self.last_reg = Some(now);
         self.status.send_modify(|s| s.registrations_sent += 1);
     }
 
     async fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.tcp.is_none()
+            && !self.acked
+            && self.cfg.tcp == crate::TcpFallback::Auto
+            && self
+                .first_reg
+                .is_some_and(|t| now >= t + self.cfg.tcp_after)
+        {
+            self.start_tcp("no answer to UDP registrations");
+            self.register(now).await;
+        }
         match self.last_reg {
             None => self.register(now).await,
             Some(t) if !self.acked => {
@@ -184,7 +244,7 @@ impl Driver {
     }
 
     async fn punch_tick(&mut self, now: Instant) {
-        if !self.cfg.punch || self.candidates.is_empty() {
+        if !self.cfg.punch || self.candidates.is_empty() || self.tcp.is_some() {
             self.next_probe = None;
             return;
         }
@@ -192,7 +252,7 @@ impl Driver {
             let last = self.last_direct_reply.unwrap_or(now);
             if now.saturating_duration_since(last) > DIRECT_DEAD {
                 info!(%addr, "direct path lost; falling back to the relay");
-                self.set_path(Path::Relay);
+                self.set_path(self.relay_path());
             }
         }
         let due = self.next_probe.is_none_or(|p| now >= p);
@@ -217,7 +277,7 @@ impl Driver {
         let targets: Vec<SocketAddr> = match self.socket.shared.path() {
             // On a working direct path, keep just that one alive.
             Path::Direct(a) => vec![a],
-            Path::Relay => self.candidates.clone(),
+            Path::Relay | Path::RelayTcp => self.candidates.clone(),
         };
         for dst in targets {
             self.send(dst, &probe).await;
@@ -235,7 +295,11 @@ impl Driver {
         self.candidates.clear();
         self.nonces.clear();
         self.last_direct_reply = None;
-        self.set_path(Path::Relay);
+        self.set_path(self.relay_path());
+        if self.tcp.is_some() {
+            self.peer_known_at = Some(now);
+            return;
+        }
         self.add_candidate(p);
         self.peer_known_at = Some(now);
         self.next_probe = Some(now);
@@ -300,7 +364,10 @@ impl Driver {
                     .send_modify(|s| s.refused = Some(reason.unwrap_or(ErrReason::Malformed)));
             }
             Control::Punch { from, packet } => {
-                if packet.sender == self.cfg.peer_id || !self.key.verify(&packet) {
+                if self.tcp.is_some()
+                    || packet.sender == self.cfg.peer_id
+                    || !self.key.verify(&packet)
+                {
                     return; // our own, reflected; or forged
                 }
                 match packet.kind {

@@ -40,6 +40,11 @@ pub const VIRTUAL_PEER: SocketAddr =
 /// Receive and send buffers: a QUIC flow at a few hundred Mbit/s needs more than the default.
 const SOCKET_BUFFER_BYTES: usize = 2 << 20;
 
+/// Frames queued for the TCP connection to the relay (and datagrams received from it for
+/// Quinn): a few round trips of a fast flow. Beyond it datagrams are dropped, which QUIC's
+/// congestion control reads as loss, rather than buffered without bound.
+pub(crate) const TCP_QUEUE: usize = 512;
+
 /// Control datagrams queued for the driver; it reads them within milliseconds, and excess ones
 /// (a flood of fake punches) are dropped rather than buffered.
 const CONTROL_QUEUE: usize = 256;
@@ -51,14 +56,18 @@ pub enum Path {
     Relay,
     /// Straight to the peer's (hole-punched) address.
     Direct(SocketAddr),
+    /// Through the relay over a TCP connection to its port, because UDP to the relay got no
+    /// answer (see [`crate::TcpFallback`]).
+    RelayTcp,
 }
 
 impl Path {
-    /// `"direct"` or `"relay"`.
+    /// `"direct"`, `"relay"` or `"relay-tcp"`.
     pub fn kind(&self) -> &'static str {
         match self {
             Path::Relay => "relay",
             Path::Direct(_) => "direct",
+            Path::RelayTcp => "relay-tcp",
         }
     }
 }
@@ -88,6 +97,13 @@ pub struct SocketStats {
     pub control: AtomicU64,
     /// Control datagrams dropped because the driver's queue was full.
     pub control_dropped: AtomicU64,
+    /// Datagrams from the peer through the relay's TCP connection.
+    pub rx_relay_tcp: AtomicU64,
+    /// Datagrams sent through the relay's TCP connection.
+    pub tx_relay_tcp: AtomicU64,
+    /// Datagrams not sent (or not delivered to Quinn) because a TCP queue was full; QUIC
+    /// treats them as lost and slows down.
+    pub tcp_dropped: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -138,6 +154,13 @@ pub struct PeerSocket {
     v6: bool,
     pub(crate) shared: Arc<Shared>,
     control_tx: mpsc::Sender<Control>,
+    /// Frames for the TCP connection to the relay (used on [`Path::RelayTcp`]).
+    tcp_out: mpsc::Sender<Vec<u8>>,
+    /// Its receiving end, taken by the TCP task when it starts.
+    tcp_out_rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
+    /// Datagrams from the peer that came over TCP, for Quinn.
+    tcp_in: mpsc::Sender<Vec<u8>>,
+    tcp_in_rx: Mutex<mpsc::Receiver<Vec<u8>>>,
 }
 
 impl PeerSocket {
@@ -204,6 +227,8 @@ impl PeerSocket {
             }),
             stats: SocketStats::default(),
         });
+        let (tcp_out, tcp_out_rx) = mpsc::channel(TCP_QUEUE);
+        let (tcp_in, tcp_in_rx) = mpsc::channel(TCP_QUEUE);
         let s = PeerSocket {
             io,
             inner,
@@ -211,6 +236,10 @@ impl PeerSocket {
             v6: local.is_ipv6(),
             shared,
             control_tx,
+            tcp_out,
+            tcp_out_rx: Mutex::new(Some(tcp_out_rx)),
+            tcp_in,
+            tcp_in_rx: Mutex::new(tcp_in_rx),
         };
         Ok((Arc::new(s), control_rx))
     }
@@ -241,6 +270,91 @@ impl PeerSocket {
     /// Sends a control datagram without waiting (from `Drop`); a full buffer loses it.
     pub(crate) fn try_send_control(&self, dst: SocketAddr, bytes: &[u8]) {
         let _ = self.io.try_send_to(bytes, self.wire(dst));
+    }
+
+    /// Queues one datagram (framed) for the TCP connection to the relay; a full queue drops
+    /// it (counted). Returns whether it was queued.
+    pub(crate) fn send_tcp(&self, datagram: &[u8]) -> bool {
+        let mut frame = Vec::with_capacity(datagram.len() + quic_relay::frame::FRAME_HEADER);
+        quic_relay::frame::encode_frame(datagram, &mut frame);
+        if self.tcp_out.try_send(frame).is_err() {
+            self.shared
+                .stats
+                .tcp_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The queue of frames for the TCP connection; `None` once a TCP task took it.
+    pub(crate) fn take_tcp_queue(&self) -> Option<mpsc::Receiver<Vec<u8>>> {
+        self.tcp_out_rx
+            .lock()
+            .expect("tcp queue lock poisoned")
+            .take()
+    }
+
+    /// A datagram that came from the relay over TCP: a relay reply goes to the driver, anything
+    /// else is the peer's and goes to Quinn.
+    pub(crate) fn deliver_tcp(&self, datagram: &[u8]) {
+        self.shared.touch();
+        if let Some(reply) = Reply::parse(datagram) {
+            self.shared.stats.control.fetch_add(1, Ordering::Relaxed);
+            if self.control_tx.try_send(Control::Relay(reply)).is_err() {
+                self.shared
+                    .stats
+                    .control_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        if self.tcp_in.try_send(datagram.to_vec()).is_err() {
+            self.shared
+                .stats
+                .tcp_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.shared
+            .stats
+            .rx_relay_tcp
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Moves datagrams that came over TCP into Quinn's buffers, one per buffer.
+    fn poll_recv_tcp(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<usize> {
+        let mut rx = self.tcp_in_rx.lock().expect("tcp queue lock poisoned");
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let next = if n == 0 {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(d)) => d,
+                    _ => return Poll::Pending,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => break,
+                }
+            };
+            let len = next.len().min(bufs[n].len());
+            bufs[n][..len].copy_from_slice(&next[..len]);
+            meta[n] = RecvMeta {
+                addr: self.virtual_peer(),
+                len,
+                stride: len,
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        Poll::Ready(n)
     }
 
     /// Takes relay replies and punch packets out of a received buffer (GRO: several datagrams of
@@ -314,6 +428,23 @@ impl AsyncUdpSocket for PeerSocket {
         let (dst, counter) = match self.shared.path() {
             Path::Direct(a) => (a, &self.shared.stats.tx_direct),
             Path::Relay => (self.relay, &self.shared.stats.tx_relay),
+            Path::RelayTcp => {
+                // A GSO batch is several datagrams of `segment_size` bytes: one frame each.
+                let seg = transmit
+                    .segment_size
+                    .unwrap_or(transmit.contents.len())
+                    .max(1);
+                for d in transmit.contents.chunks(seg) {
+                    if self.send_tcp(d) {
+                        self.shared
+                            .stats
+                            .tx_relay_tcp
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                // Dropped datagrams are lost packets to QUIC, never an error.
+                return Ok(());
+            }
         };
         let t = Transmit {
             destination: self.wire(dst),
@@ -335,6 +466,11 @@ impl AsyncUdpSocket for PeerSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        // Datagrams that came over TCP first (only on Path::RelayTcp is there any); the UDP
+        // socket's readiness is polled below either way, so both wake this task.
+        if let Poll::Ready(n) = self.poll_recv_tcp(cx, bufs, meta) {
+            return Poll::Ready(Ok(n));
+        }
         loop {
             std::task::ready!(self.io.poll_recv_ready(cx))?;
             let Ok(n) = self.io.try_io(Interest::READABLE, || {

@@ -324,3 +324,115 @@ async fn a_relay_that_requires_tokens_admits_only_peers_that_carry_one() {
     conn.close(0, b"bye").await;
     server.await.expect("listener");
 }
+
+fn relay_with_tcp(tcp: quic_relay::tcp::TcpConfig) -> ServerHandle {
+    // The TCP listener binds the UDP port's number; retry if a TCP socket holds it.
+    for _ in 0..20 {
+        let server = Server::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            RelayConfig::default(),
+            1 << 20,
+        )
+        .expect("bind relay");
+        if let Ok(s) = server.with_tcp(tcp.clone()) {
+            return s.spawn().expect("spawn relay");
+        }
+    }
+    panic!("no port free for both UDP and TCP");
+}
+
+#[tokio::test]
+async fn forced_tcp_dialer_reaches_a_udp_listener_through_the_relay() {
+    let relay = relay_with_tcp(Default::default());
+    let addr = relay.local_addr();
+    let mut dialer = opts(addr, session(40), Strategy::Auto);
+    dialer.tcp_fallback = peer_sdk::TcpFallback::Always;
+    let (conn, server) = pair(addr, session(40), Strategy::Auto, dialer).await;
+    assert_eq!(conn.path_at_connect(), Path::RelayTcp);
+    assert_eq!(conn.path().kind(), "relay-tcp");
+    stream_echo(&conn, 2 << 20).await;
+    datagram_echo(&conn, 50).await;
+    let s = conn.socket_stats();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(s.tx_relay_tcp.load(Relaxed) > 100, "QUIC went over TCP");
+    assert!(s.rx_relay_tcp.load(Relaxed) > 100, "and came back over TCP");
+    assert_eq!(
+        s.tx_relay.load(Relaxed),
+        0,
+        "nothing went to the relay over UDP"
+    );
+    assert!(relay.metrics().tcp.frames_in.load(Relaxed) > 100);
+    conn.close(0, b"done").await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_tcp_link_reconnects_after_the_relay_closes_it() {
+    let relay = relay_with_tcp(Default::default());
+    let addr = relay.local_addr();
+    let mut dialer = opts(addr, session(41), Strategy::RelayOnly);
+    dialer.tcp_fallback = peer_sdk::TcpFallback::Always;
+    let (conn, server) = pair(addr, session(41), Strategy::RelayOnly, dialer).await;
+    stream_echo(&conn, 64 << 10).await;
+    // A relay restart closes every TCP connection and forgets every session.
+    drop(relay);
+    let relay = loop {
+        let s = Server::bind(addr, RelayConfig::default(), 1 << 20).expect("rebind relay");
+        match s.with_tcp(quic_relay::tcp::TcpConfig::default()) {
+            Ok(s) => break s.spawn().expect("spawn relay"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // The SDK reconnects, re-registers first thing, and the same QUIC connection carries on.
+    stream_echo(&conn, 64 << 10).await;
+    assert_eq!(conn.path(), Path::RelayTcp);
+    assert!(
+        relay
+            .metrics()
+            .tcp
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    conn.close(0, b"done").await;
+    server.abort();
+}
+
+#[tokio::test]
+async fn registrations_keep_an_idle_tcp_link_open() {
+    // The relay closes TCP connections silent for 2 s; the SDK re-registers every 500 ms and
+    // QUIC sends no keepalives of its own here, so only the registrations keep the link open.
+    let relay = relay_with_tcp(quic_relay::tcp::TcpConfig {
+        idle_timeout: Duration::from_secs(2),
+        ..Default::default()
+    });
+    let addr = relay.local_addr();
+    let mut transport = peer_sdk::quinn::TransportConfig::default();
+    transport.keep_alive_interval(None);
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30).try_into().expect("fits a VarInt"),
+    ));
+    let mut dialer = opts(addr, session(42), Strategy::RelayOnly);
+    dialer.tcp_fallback = peer_sdk::TcpFallback::Always;
+    dialer.keepalive = Duration::from_millis(500);
+    dialer.transport = Some(std::sync::Arc::new(transport));
+    let (conn, server) = pair(addr, session(42), Strategy::RelayOnly, dialer).await;
+    stream_echo(&conn, 1000).await;
+    // Idle for three times the relay's idle timeout: this wait is the behaviour under test.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    let tcp = &relay.metrics().tcp;
+    assert_eq!(
+        tcp.closed_idle.load(Relaxed),
+        0,
+        "the relay found the link idle"
+    );
+    assert_eq!(
+        tcp.accepted.load(Relaxed),
+        1,
+        "the link was never re-opened"
+    );
+    stream_echo(&conn, 1000).await;
+    conn.close(0, b"done").await;
+    server.abort();
+}

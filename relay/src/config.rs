@@ -9,6 +9,7 @@ use clap::Parser;
 
 use crate::defaults;
 use crate::sessions::{Limits, RelayConfig};
+use crate::tcp::TcpConfig;
 
 /// A UDP rendezvous relay: two peers register a session and it forwards their datagrams.
 ///
@@ -19,7 +20,7 @@ use crate::sessions::{Limits, RelayConfig};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "quic-relay", version, about, long_about)]
 pub struct Args {
-    /// UDP port to listen on.
+    /// UDP port to listen on (and TCP, unless --no-tcp).
     #[arg(long, env = "QUIC_RELAY_PORT", default_value_t = defaults::PORT)]
     pub port: u16,
 
@@ -67,6 +68,37 @@ pub struct Args {
     #[arg(long, env = "QUIC_RELAY_METRICS")]
     pub metrics: Option<SocketAddr>,
 
+    /// Do not accept TCP. By default the relay also listens on TCP at the same address and port,
+    /// for peers whose networks block UDP (datagrams framed with a u16 length; PROTOCOL.md §11).
+    #[arg(long, env = "QUIC_RELAY_NO_TCP")]
+    pub no_tcp: bool,
+
+    /// Most TCP connections open at once.
+    #[arg(long, env = "QUIC_RELAY_TCP_MAX_CONNECTIONS", default_value_t = defaults::TCP_MAX_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub tcp_max_connections: u32,
+
+    /// Most TCP connections open at once from one IP.
+    #[arg(long, env = "QUIC_RELAY_TCP_MAX_PER_IP", default_value_t = defaults::TCP_MAX_PER_IP as u32,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub tcp_max_per_ip: u32,
+
+    /// Seconds a TCP connection has to register (become a session member) before it is closed.
+    #[arg(long, env = "QUIC_RELAY_TCP_HANDSHAKE_TIMEOUT_SECS", default_value_t = defaults::TCP_HANDSHAKE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub tcp_handshake_timeout_secs: u64,
+
+    /// Seconds a TCP connection may send nothing before it is closed (and its member leaves).
+    #[arg(long, env = "QUIC_RELAY_TCP_IDLE_TIMEOUT_SECS", default_value_t = defaults::TCP_IDLE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub tcp_idle_timeout_secs: u64,
+
+    /// Frames queued for one TCP connection before more are dropped (the UDP loop never waits
+    /// for a slow TCP peer).
+    #[arg(long, env = "QUIC_RELAY_TCP_WRITE_QUEUE", default_value_t = defaults::TCP_WRITE_QUEUE as u32,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub tcp_write_queue: u32,
+
     /// Socket send and receive buffer size in bytes. Above net.core.rmem_max it needs root
     /// (CAP_NET_ADMIN); otherwise the kernel caps it and the relay warns.
     #[arg(long, env = "QUIC_RELAY_SOCKET_BUFFER_BYTES", default_value_t = defaults::SOCKET_BUFFER_BYTES)]
@@ -104,6 +136,17 @@ impl Args {
     /// The address to bind.
     pub fn listen_addr(&self) -> SocketAddr {
         SocketAddr::new(self.bind, self.port)
+    }
+
+    /// The TCP listener's configuration (`None` with `--no-tcp`).
+    pub fn tcp_config(&self) -> Option<TcpConfig> {
+        (!self.no_tcp).then(|| TcpConfig {
+            max_connections: self.tcp_max_connections as usize,
+            max_per_ip: self.tcp_max_per_ip as usize,
+            handshake_timeout: Duration::from_secs(self.tcp_handshake_timeout_secs),
+            idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
+            write_queue: self.tcp_write_queue as usize,
+        })
     }
 
     /// The state machine's configuration (reads the secret file).

@@ -26,3 +26,22 @@ pub const MAX_DATAGRAM: usize = 65_536;
 
 /// How often the socket loop wakes when idle, to run timers, publish metrics and notice shutdown.
 pub const IDLE_WAKE: Duration = Duration::from_millis(100);
+
+/// TCP connections open at once (PROTOCOL.md §11). Each costs a task, two small buffers and a
+/// write queue; 4,096 is far below a 1 GiB box's limits and far above the share of peers whose
+/// networks block UDP.
+pub const TCP_MAX_CONNECTIONS: usize = 4096;
+
+/// TCP connections open at once from one IP. A peer needs one; CGNAT and offices share IPs.
+pub const TCP_MAX_PER_IP: usize = 64;
+
+/// A TCP connection must become a session member (an accepted REG) within this long.
+pub const TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP connection that sends nothing for this long is closed. Clients re-register every
+/// <= 25 s, so 90 s is three missed keepalives.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Frames queued for one TCP connection before further ones are dropped: about 300 KB of
+/// 1,200-byte QUIC packets, a few round trips of a fast flow; QUIC reacts to the loss.
+pub const TCP_WRITE_QUEUE: usize = 256;

@@ -9,12 +9,16 @@
 //!   with `default-features = false, features = ["proto"]`, which is what the SDK uses.
 //! - [`sessions`]: the session table as a sans-IO state machine (datagram in, action out).
 //! - [`server`]: the socket loop (batched `recvmmsg`/`sendmmsg`) driving the state machine.
+//! - [`frame`]: the framing of datagrams on TCP (`u16` length prefix). Pure, like `proto`.
+//! - [`tcp`]: the TCP listener for peers whose UDP is blocked (length-prefixed datagrams).
 //! - [`metrics`]: counters published by the loop and served as Prometheus text.
 //! - [`config`]: command-line and environment configuration.
 //! - [`defaults`]: every timeout and size, documented in one place.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "proto")]
+pub mod frame;
 pub mod proto;
 
 #[cfg(feature = "server")]
@@ -27,3 +31,5 @@ pub mod metrics;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod sessions;
+#[cfg(feature = "server")]
+pub mod tcp;

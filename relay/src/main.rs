@@ -33,7 +33,11 @@ fn main() -> anyhow::Result<()> {
             signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
         let mut sigint =
             signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-        let server = Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
+        let mut server =
+            Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
+        if let Some(tcp) = args.tcp_config() {
+            server = server.with_tcp(tcp)?;
+        }
         let metrics_data = server.metrics();
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_task = match args.metrics {
@@ -61,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             max_sessions_per_ip = args.max_sessions_per_ip,
             reg_rate_per_ip = args.reg_rate_per_ip,
             tokens_required = !config.secrets.is_empty(),
+            tcp = !args.no_tcp,
             "quic-relay listening"
         );
         let reason = tokio::select! {

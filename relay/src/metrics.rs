@@ -32,6 +32,37 @@ pub struct IoCounters {
     pub gso_datagrams: AtomicU64,
 }
 
+/// Counters of the TCP listener (PROTOCOL.md §11), kept by its thread.
+#[derive(Debug, Default)]
+pub struct TcpCounters {
+    /// Connections open now (gauge).
+    pub open: AtomicU64,
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections refused at once because `--tcp-max-connections` were open.
+    pub refused_total_limit: AtomicU64,
+    /// Connections refused at once because their IP had `--tcp-max-per-ip` open.
+    pub refused_ip_limit: AtomicU64,
+    /// Connections closed by the peer (EOF or reset) or by a write error.
+    pub closed_peer: AtomicU64,
+    /// Connections closed because a frame's length was invalid.
+    pub closed_malformed: AtomicU64,
+    /// Connections closed because no registration came within the handshake timeout.
+    pub closed_handshake_timeout: AtomicU64,
+    /// Connections closed because nothing came within the idle timeout.
+    pub closed_idle: AtomicU64,
+    /// Connections closed because the relay shut down.
+    pub closed_shutdown: AtomicU64,
+    /// Frames received from TCP members and peers.
+    pub frames_in: AtomicU64,
+    /// Frames written to TCP connections.
+    pub frames_out: AtomicU64,
+    /// Frames to a TCP connection dropped because its write queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Datagrams from a TCP member to a UDP member that the UDP socket would not take.
+    pub udp_send_errors: AtomicU64,
+}
+
 /// The published counters. Cheap to read from any thread.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -49,8 +80,11 @@ pub struct Metrics {
     stale_replaced: AtomicU64,
     sessions_paired: AtomicU64,
     sessions_unpaired: AtomicU64,
+    tcp_left: AtomicU64,
     /// Counted by the socket loop itself.
     pub io: IoCounters,
+    /// Counted by the TCP listener.
+    pub tcp: TcpCounters,
 }
 
 impl Metrics {
@@ -73,6 +107,7 @@ impl Metrics {
         set(&self.stale_replaced, s.stale_replaced);
         set(&self.sessions_paired, s.sessions_paired);
         set(&self.sessions_unpaired, s.sessions_unpaired);
+        set(&self.tcp_left, s.tcp_left);
     }
 
     /// A copy of the last published state-machine counters.
@@ -97,6 +132,7 @@ impl Metrics {
             stale_replaced: get(&self.stale_replaced),
             sessions_paired: get(&self.sessions_paired),
             sessions_unpaired: get(&self.sessions_unpaired),
+            tcp_left: get(&self.tcp_left),
         }
     }
 
@@ -191,6 +227,44 @@ impl Metrics {
                 ("how=\"bye\"", s.byes),
                 ("how=\"bye_ignored\"", s.byes_ignored),
                 ("how=\"stale_replaced\"", s.stale_replaced),
+                ("how=\"tcp_closed\"", s.tcp_left),
+            ],
+        );
+        let t = &self.tcp;
+        family(
+            "quic_relay_tcp_connections",
+            "gauge",
+            "TCP connections open now.",
+            &[("", io(&t.open))],
+        );
+        family(
+            "quic_relay_tcp_connections_total",
+            "counter",
+            "TCP connections: accepted, refused by a cap, and closed, by reason.",
+            &[
+                ("event=\"accepted\"", io(&t.accepted)),
+                ("event=\"refused_total_limit\"", io(&t.refused_total_limit)),
+                ("event=\"refused_ip_limit\"", io(&t.refused_ip_limit)),
+                ("event=\"closed_peer\"", io(&t.closed_peer)),
+                ("event=\"closed_malformed\"", io(&t.closed_malformed)),
+                (
+                    "event=\"closed_handshake_timeout\"",
+                    io(&t.closed_handshake_timeout),
+                ),
+                ("event=\"closed_idle\"", io(&t.closed_idle)),
+                ("event=\"closed_shutdown\"", io(&t.closed_shutdown)),
+            ],
+        );
+        family(
+            "quic_relay_tcp_frames_total",
+            "counter",
+            "Frames on TCP connections: received, written, dropped at a full write queue, and \
+             datagrams from TCP members the UDP socket refused.",
+            &[
+                ("dir=\"in\"", io(&t.frames_in)),
+                ("dir=\"out\"", io(&t.frames_out)),
+                ("dir=\"dropped_queue_full\"", io(&t.dropped_queue_full)),
+                ("dir=\"udp_send_error\"", io(&t.udp_send_errors)),
             ],
         );
         family(

@@ -9,7 +9,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::defaults;
 use crate::metrics::Metrics;
 use crate::sessions::{Outcome, PeerAddr, Relay, RelayConfig};
+use crate::tcp::{self, Core, TcpConfig};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,18 @@ pub enum Error {
     /// The relay thread could not be started.
     #[error("cannot start the relay thread: {0}")]
     Thread(io::Error),
+    /// The TCP listener could not be set up on the relay's port.
+    #[error("cannot listen on TCP {addr} ({what}): {source}{hint}")]
+    Tcp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Which step failed.
+        what: &'static str,
+        /// The system's error.
+        source: io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
 }
 
 /// A bound relay, ready to run.
@@ -62,7 +75,9 @@ pub enum Error {
 pub struct Server {
     socket: UdpSocket,
     local_addr: SocketAddr,
-    relay: Relay,
+    /// The session table, shared with the TCP listener (when there is one).
+    core: Arc<Mutex<Core>>,
+    tcp: Option<(std::net::TcpListener, TcpConfig)>,
     metrics: Arc<Metrics>,
 }
 
@@ -181,9 +196,43 @@ impl Server {
         Ok(Server {
             socket,
             local_addr,
-            relay,
+            core: Arc::new(Mutex::new(Core::new(relay))),
+            tcp: None,
             metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// Also accepts TCP on the same address and port (PROTOCOL.md §11), for peers whose
+    /// networks block UDP. The listener runs on a thread of its own next to the UDP loop.
+    pub fn with_tcp(mut self, cfg: TcpConfig) -> Result<Self, Error> {
+        let addr = self.local_addr;
+        let err = |what: &'static str| {
+            move |source: io::Error| Error::Tcp {
+                addr,
+                what,
+                hint: if source.kind() == io::ErrorKind::AddrInUse {
+                    " (another process holds this TCP port: stop it, or run with --no-tcp)"
+                } else {
+                    ""
+                },
+                source,
+            }
+        };
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(err("socket"))?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false).map_err(err("IPV6_V6ONLY off"))?;
+        }
+        // A restarted relay must not wait out TIME_WAIT of its old connections.
+        socket
+            .set_reuse_address(true)
+            .map_err(err("SO_REUSEADDR"))?;
+        socket.bind(&addr.into()).map_err(err("bind"))?;
+        socket.listen(1024).map_err(err("listen"))?;
+        socket.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+        info!(%addr, "relay TCP listener bound");
+        self.tcp = Some((socket.into(), cfg));
+        Ok(self)
     }
 
     /// The address the relay listens on (with the real port when bound to port 0).
@@ -196,17 +245,59 @@ impl Server {
         self.metrics.clone()
     }
 
-    /// Runs the loop on this thread until `shutdown` is set (noticed within
-    /// [`defaults::IDLE_WAKE`]). Publishes final metrics before returning.
+    /// Runs the loop on this thread (and the TCP listener, if any, on a second one) until
+    /// `shutdown` is set (noticed within [`defaults::IDLE_WAKE`]). Publishes final metrics
+    /// before returning.
     pub fn run(mut self, shutdown: &AtomicBool) {
-        #[cfg(target_os = "linux")]
-        linux::run(&mut self, shutdown);
-        #[cfg(not(target_os = "linux"))]
-        portable::run(&mut self, shutdown);
-        self.metrics.publish(self.relay.stats());
-        let s = self.relay.stats();
+        let tcp = self.tcp.take();
+        // Set when the UDP loop ends, however it ends: a panic there must not leave the scope
+        // waiting for a TCP thread that only watches `shutdown`.
+        let udp_done = AtomicBool::new(false);
+        struct SetOnDrop<'a>(&'a AtomicBool);
+        impl Drop for SetOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        std::thread::scope(|scope| {
+            let udp_done = &udp_done;
+            if let Some((listener, cfg)) = tcp {
+                match self.socket.try_clone() {
+                    Ok(udp) => {
+                        let core = self.core.clone();
+                        let metrics = self.metrics.clone();
+                        let v6 = self.local_addr.is_ipv6();
+                        let spawned = std::thread::Builder::new()
+                            .name("quic-relay-tcp".into())
+                            .spawn_scoped(scope, move || {
+                                tcp::run(
+                                    listener,
+                                    core,
+                                    udp.into(),
+                                    v6,
+                                    cfg,
+                                    metrics,
+                                    [shutdown, udp_done],
+                                )
+                            });
+                        if let Err(e) = spawned {
+                            warn!(error = %e, "cannot start the TCP thread; TCP disabled");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot share the UDP socket; TCP disabled"),
+                }
+            }
+            let _done = SetOnDrop(udp_done);
+            #[cfg(target_os = "linux")]
+            linux::run(&mut self, shutdown);
+            #[cfg(not(target_os = "linux"))]
+            portable::run(&mut self, shutdown);
+        });
+        let core = tcp::lock(&self.core);
+        self.metrics.publish(core.relay.stats());
+        let s = core.relay.stats();
         info!(
-            sessions = self.relay.session_count(),
+            sessions = core.relay.session_count(),
             forwarded = s.forwarded_packets,
             "relay stopped"
         );
@@ -237,11 +328,11 @@ impl Server {
     }
 
     /// Called after each batch: timers, the wall clock, and metrics, when they are due.
-    fn maybe_tick(&mut self, now: Instant) {
-        if now >= self.relay.poll_timeout() {
-            self.relay.set_wall_clock(unix_now());
-            self.relay.handle_timeout(now);
-            self.metrics.publish(self.relay.stats());
+    fn maybe_tick(&mut self, now: Instant, core: &mut Core) {
+        if now >= core.relay.poll_timeout() {
+            core.relay.set_wall_clock(unix_now());
+            core.relay.handle_timeout(now);
+            self.metrics.publish(core.relay.stats());
         }
     }
 }
@@ -304,6 +395,7 @@ mod linux {
     use super::{Outcome, PeerAddr, Server};
     use crate::defaults::{BATCH, MAX_DATAGRAM};
     use crate::proto::ReplyBuf;
+    use crate::tcp::lock;
 
     /// Up to one forward or two replies (an ACK and a peer notice) per received datagram.
     const MAX_SENDS: usize = 3 * BATCH;
@@ -606,11 +698,16 @@ mod linux {
                         }
                     }
                 }
-                server.maybe_tick(now);
+                let core = server.core.clone();
+                server.maybe_tick(now, &mut lock(&core));
                 continue;
             }
             sends.clear();
             replies.clear();
+            // One lock per batch: uncontended (the TCP thread takes it per TCP frame only),
+            // it costs a couple of atomic operations, not one per datagram.
+            let core_arc = server.core.clone();
+            let mut core = lock(&core_arc);
             for i in 0..n as usize {
                 let len = hdrs[i].msg_len as usize;
                 if hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -621,14 +718,24 @@ mod linux {
                     continue;
                 };
                 let data = &bufs[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
-                if let Outcome::Forward(dst) = server.relay.handle(now, src, data) {
-                    sends.push((Payload::Received { index: i, len }, dst));
+                if let Outcome::Forward(dst) = core.relay.handle(now, src, data) {
+                    if dst.is_tcp() {
+                        core.send_tcp(dst, data, &metrics.tcp);
+                    } else {
+                        sends.push((Payload::Received { index: i, len }, dst));
+                    }
                 }
-                while let Some(t) = server.relay.poll_transmit() {
-                    replies.push(t.payload);
-                    sends.push((Payload::Reply(replies.len() - 1), t.dst));
+                while let Some(t) = core.relay.poll_transmit() {
+                    if t.dst.is_tcp() {
+                        core.send_tcp(t.dst, t.payload.as_bytes(), &metrics.tcp);
+                    } else {
+                        replies.push(t.payload);
+                        sends.push((Payload::Reply(replies.len() - 1), t.dst));
+                    }
                 }
             }
+            server.maybe_tick(now, &mut core);
+            drop(core);
             let count = build_sends(
                 &sends,
                 &mut bufs,
@@ -678,7 +785,6 @@ mod linux {
                 }
                 off += 1;
             }
-            server.maybe_tick(now);
             // Under load, datagrams trickle in while a batch is processed; waking for each
             // handful costs more than the datagrams themselves. After a partial batch of
             // several, give the next ones a moment to gather (interrupt moderation). A lone
@@ -706,11 +812,14 @@ mod portable {
         while !shutdown.load(Ordering::Relaxed) {
             let received = server.socket.recv_from(&mut buf);
             let now = Instant::now();
+            let core_arc = server.core.clone();
+            let mut core = crate::tcp::lock(&core_arc);
             if let Ok((len, src)) = received {
-                if let Outcome::Forward(dst) =
-                    server.relay.handle(now, PeerAddr::from(src), &buf[..len])
-                {
-                    if server
+                let outcome = core.relay.handle(now, PeerAddr::from(src), &buf[..len]);
+                if let Outcome::Forward(dst) = outcome {
+                    if dst.is_tcp() {
+                        core.send_tcp(dst, &buf[..len], &server.metrics.tcp);
+                    } else if server
                         .socket
                         .send_to(&buf[..len], dst.to_socket_addr())
                         .is_err()
@@ -722,13 +831,17 @@ mod portable {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                while let Some(t) = server.relay.poll_transmit() {
-                    let _ = server
-                        .socket
-                        .send_to(t.payload.as_bytes(), t.dst.to_socket_addr());
+                while let Some(t) = core.relay.poll_transmit() {
+                    if t.dst.is_tcp() {
+                        core.send_tcp(t.dst, t.payload.as_bytes(), &server.metrics.tcp);
+                    } else {
+                        let _ = server
+                            .socket
+                            .send_to(t.payload.as_bytes(), t.dst.to_socket_addr());
+                    }
                 }
             }
-            server.maybe_tick(now);
+            server.maybe_tick(now, &mut core);
         }
     }
 }

@@ -17,16 +17,21 @@ use tracing::debug;
 
 use crate::proto::{self, ErrReason, PeerId, Registration, Reply, ReplyBuf, TokenError, Uuid};
 
-/// A socket address in 18 bytes: IPv4 is stored IPv4-mapped, so one relay socket bound to `[::]`
-/// and one bound to `0.0.0.0` see the same key for the same peer.
+/// A member's address: a socket address plus the transport it came over.
+///
+/// IPv4 is stored IPv4-mapped, so one relay socket bound to `[::]` and one bound to `0.0.0.0`
+/// see the same key for the same peer. A TCP member (PROTOCOL.md §11) is keyed by its TCP
+/// connection's remote address *and* the TCP tag, so a UDP datagram from the same IP and port
+/// number is a different address: nobody can speak for a TCP member except its connection.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr {
     ip: [u8; 16],
     port: u16,
+    tcp: bool,
 }
 
 impl PeerAddr {
-    /// Builds the key for `ip:port`.
+    /// Builds the key for UDP `ip:port`.
     pub fn new(ip: IpAddr, port: u16) -> Self {
         let ip = match ip {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -35,12 +40,25 @@ impl PeerAddr {
         PeerAddr {
             ip: ip.octets(),
             port,
+            tcp: false,
         }
     }
 
-    /// Builds the key from a 16-byte IPv6 (or IPv4-mapped) address, as sockets report it.
+    /// Builds the key for the TCP connection whose remote end is `a`.
+    pub fn tcp(a: SocketAddr) -> Self {
+        PeerAddr {
+            tcp: true,
+            ..PeerAddr::new(a.ip(), a.port())
+        }
+    }
+
+    /// Builds the UDP key from a 16-byte IPv6 (or IPv4-mapped) address, as sockets report it.
     pub fn from_octets(ip: [u8; 16], port: u16) -> Self {
-        PeerAddr { ip, port }
+        PeerAddr {
+            ip,
+            port,
+            tcp: false,
+        }
     }
 
     /// The IP as the 16-byte IPv6 (IPv4-mapped) form.
@@ -48,12 +66,18 @@ impl PeerAddr {
         self.ip
     }
 
-    /// The port.
+    /// The port (a TCP port for a TCP member).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// The canonical socket address (IPv4 peers as IPv4).
+    /// Whether this member is a TCP connection rather than a UDP source address.
+    pub fn is_tcp(&self) -> bool {
+        self.tcp
+    }
+
+    /// The canonical socket address (IPv4 peers as IPv4). For a TCP member, its connection's
+    /// remote address.
     pub fn to_socket_addr(self) -> SocketAddr {
         SocketAddr::new(Ipv6Addr::from(self.ip).to_canonical(), self.port)
     }
@@ -67,13 +91,17 @@ impl From<SocketAddr> for PeerAddr {
 
 impl std::fmt::Debug for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.to_socket_addr())
+        std::fmt::Display::fmt(self, f)
     }
 }
 
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.to_socket_addr())
+        if self.tcp {
+            write!(f, "tcp:{}", self.to_socket_addr())
+        } else {
+            write!(f, "{}", self.to_socket_addr())
+        }
     }
 }
 
@@ -236,6 +264,8 @@ pub struct Stats {
     pub byes_ignored: u64,
     /// Members replaced because they had been silent for the unpaired timeout.
     pub stale_replaced: u64,
+    /// TCP members removed because their connection closed.
+    pub tcp_left: u64,
     /// Sessions now paired (gauge).
     pub sessions_paired: u64,
     /// Sessions now waiting for a second member (gauge).
@@ -252,11 +282,15 @@ impl Stats {
 const SLOT_USED: u8 = 1;
 const SLOT_EXTENDED: u8 = 2;
 const SLOT_HAS_PEER_ID: u8 = 4;
+/// The member is a TCP connection (its address is the connection's remote end).
+const SLOT_TCP: u8 = 8;
 
-/// One member of a session. 32 bytes.
+/// One member of a session. 32 bytes: the address is stored as IP and port, its transport as
+/// [`SLOT_TCP`] in `flags` (a whole [`PeerAddr`] would pad the slot to 40 bytes).
 #[derive(Clone, Copy)]
 struct Slot {
-    addr: PeerAddr,
+    ip: [u8; 16],
+    port: u16,
     flags: u8,
     /// Seconds since the relay's epoch; breaks ties when two same-IP members could be rebinding.
     last_heard: u32,
@@ -264,16 +298,21 @@ struct Slot {
 }
 
 const EMPTY_SLOT: Slot = Slot {
-    addr: PeerAddr {
-        ip: [0; 16],
-        port: 0,
-    },
+    ip: [0; 16],
+    port: 0,
     flags: 0,
     last_heard: 0,
     peer_id: 0,
 };
 
 impl Slot {
+    fn addr(&self) -> PeerAddr {
+        PeerAddr {
+            ip: self.ip,
+            port: self.port,
+            tcp: self.flags & SLOT_TCP != 0,
+        }
+    }
     fn used(&self) -> bool {
         self.flags & SLOT_USED != 0
     }
@@ -489,6 +528,24 @@ impl Relay {
         self.stats.byes += 1;
     }
 
+    /// The TCP connection `addr` closed: its member (if it is one) leaves its session at once,
+    /// as with a `BYE`. A later connection from the same IP and port is a stranger and must
+    /// register anew. Returns whether a member was removed.
+    pub fn disconnect(&mut self, addr: PeerAddr) -> bool {
+        let Some(m) = self.by_addr.get(&addr).copied() else {
+            return false;
+        };
+        debug!(session = %self.sessions[m.session()].id, peer = %addr, "TCP member disconnected");
+        self.remove_member(m.session(), m.slot());
+        self.stats.tcp_left += 1;
+        true
+    }
+
+    /// Whether `addr` is a member of a session now.
+    pub fn is_member(&self, addr: PeerAddr) -> bool {
+        self.by_addr.contains_key(&addr)
+    }
+
     fn is_paired_member(&self, src: PeerAddr) -> bool {
         self.by_addr
             .get(&src)
@@ -510,7 +567,7 @@ impl Relay {
         s.slots[m.slot()].last_heard = t;
         self.stats.forwarded_packets += 1;
         self.stats.forwarded_bytes += len as u64;
-        Some(Outcome::Forward(other.addr))
+        Some(Outcome::Forward(other.addr()))
     }
 
     /// The next reply to send, if any. Drain after every [`Relay::handle`].
@@ -586,7 +643,7 @@ impl Relay {
     /// Empties one slot, and frees the session when that was its last member.
     fn remove_member(&mut self, i: usize, slot: usize) {
         let was_paired = self.sessions[i].paired();
-        let addr = self.sessions[i].slots[slot].addr;
+        let addr = self.sessions[i].slots[slot].addr();
         self.by_addr.remove(&addr);
         self.dec_ip(addr.ip);
         self.sessions[i].slots[slot] = EMPTY_SLOT;
@@ -674,8 +731,8 @@ impl Relay {
         }
         let other = s.slots[1 - slot];
         Reply::Ack {
-            observed: Some(me.addr.to_socket_addr()),
-            peer: other.used().then(|| other.addr.to_socket_addr()),
+            observed: Some(me.addr().to_socket_addr()),
+            peer: other.used().then(|| other.addr().to_socket_addr()),
         }
     }
 
@@ -684,7 +741,7 @@ impl Relay {
         let other = self.sessions[i].slots[1 - slot];
         if other.used() && other.extended() {
             let reply = self.ack_for(i, 1 - slot);
-            self.queue(other.addr, reply, request_len);
+            self.queue(other.addr(), reply, request_len);
         }
     }
 
@@ -715,8 +772,12 @@ impl Relay {
         if peer_id.is_some() {
             flags |= SLOT_HAS_PEER_ID;
         }
+        if src.tcp {
+            flags |= SLOT_TCP;
+        }
         let slot_value = Slot {
-            addr: src,
+            ip: src.ip,
+            port: src.port,
             flags,
             last_heard: t,
             peer_id: peer_id.unwrap_or(0),
@@ -750,9 +811,16 @@ impl Relay {
         let moving = match peer_id {
             Some(p) => (0..2).find(|&k| s.slots[k].used() && s.slots[k].peer_id() == Some(p)),
             None => {
+                // Only between UDP addresses: a TCP member without a peer id never moves (it
+                // leaves when its connection closes), and no REG over TCP takes a UDP member's
+                // slot by IP alone: a TCP connection acts only for itself.
                 let candidates = (0..2).filter(|&k| {
                     let m = s.slots[k];
-                    m.used() && m.peer_id().is_none() && m.addr.ip == src.ip
+                    m.used()
+                        && m.peer_id().is_none()
+                        && m.ip == src.ip
+                        && m.flags & SLOT_TCP == 0
+                        && !src.tcp
                 });
                 // Both members behind this IP: the one heard from least recently is the one whose
                 // NAT mapping went away.
@@ -762,7 +830,7 @@ impl Relay {
         // An address leaving another session for this one does not count twice against its IP.
         let held = u32::from(current.is_some());
         if let Some(k) = moving {
-            let old = s.slots[k].addr;
+            let old = s.slots[k].addr();
             if old.ip != src.ip
                 && self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip
             {
@@ -802,7 +870,7 @@ impl Relay {
             return self.refuse(src, ErrReason::IpLimit, request_len);
         }
         if free.is_none() {
-            debug!(session = %reg.session, stale = %slots[k].addr, peer = %src, "replacing a silent member");
+            debug!(session = %reg.session, stale = %slots[k].addr(), peer = %src, "replacing a silent member");
             self.remove_member(i, k);
             self.stats.stale_replaced += 1;
         }
@@ -899,7 +967,8 @@ impl Relay {
             if s.paired() {
                 paired += 1;
                 assert_ne!(
-                    s.slots[0].addr, s.slots[1].addr,
+                    s.slots[0].addr(),
+                    s.slots[1].addr(),
                     "session {} paired with itself",
                     s.id
                 );
@@ -912,11 +981,11 @@ impl Relay {
             for (k, slot) in s.slots.iter().enumerate() {
                 if slot.used() {
                     members += 1;
-                    *per_ip.entry(slot.addr.ip).or_default() += 1;
+                    *per_ip.entry(slot.addr().ip).or_default() += 1;
                     assert!(
-                        self.by_addr.get(&slot.addr) == Some(&MemberRef::new(i as u32, k)),
+                        self.by_addr.get(&slot.addr()) == Some(&MemberRef::new(i as u32, k)),
                         "by_addr for {}",
-                        slot.addr
+                        slot.addr()
                     );
                 }
             }

@@ -133,6 +133,12 @@ fn help_explains_every_flag_and_its_environment_variable() {
         "--secret-file",
         "--metrics",
         "--socket-buffer-bytes",
+        "--no-tcp",
+        "--tcp-max-connections",
+        "--tcp-max-per-ip",
+        "--tcp-handshake-timeout-secs",
+        "--tcp-idle-timeout-secs",
+        "--tcp-write-queue",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         let env = format!(
@@ -290,5 +296,53 @@ fn nothing_is_logged_per_packet_at_info() {
         relay.log.len() <= 6,
         "too many info lines: {:#?}",
         relay.log
+    );
+}
+
+#[test]
+fn tcp_is_served_on_the_same_port_unless_turned_off() {
+    let port = free_tcp_port();
+    let mut relay = Relay::start(&["--bind", "127.0.0.1", "--port", &port.to_string()], &[]);
+    let addr = relay.wait_bound();
+    relay.wait_log("relay TCP listener bound");
+    relay.wait_log("quic-relay listening");
+    let mut t = TcpStream::connect(addr).expect("TCP on the relay's port");
+    t.set_read_timeout(Some(WAIT)).expect("timeout");
+    let request = b"REG:3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b\n";
+    let mut frame = vec![0, request.len() as u8];
+    frame.extend_from_slice(request);
+    t.write_all(&frame).expect("write");
+    let mut reply = [0u8; 6];
+    t.read_exact(&mut reply).expect("framed reply");
+    assert_eq!(&reply, b"\x00\x04ACK\n");
+    drop(relay);
+
+    let port = free_tcp_port();
+    let mut relay = Relay::start(
+        &["--bind", "127.0.0.1", "--port", &port.to_string()],
+        &[("QUIC_RELAY_NO_TCP", "true")],
+    );
+    let addr = relay.wait_bound();
+    relay.wait_log("quic-relay listening");
+    assert_eq!(reg(addr), b"ACK\n");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "QUIC_RELAY_NO_TCP=true still listens on TCP"
+    );
+}
+
+#[test]
+fn a_taken_tcp_port_is_a_clear_error_that_names_no_tcp() {
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port().to_string();
+    let out = Command::new(BIN)
+        .args(["--bind", "127.0.0.1", "--port", &port])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen on TCP 127.0.0.1:{port}")) && err.contains("--no-tcp"),
+        "{err}"
     );
 }

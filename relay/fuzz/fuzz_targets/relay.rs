@@ -1,6 +1,6 @@
 //! Fuzz target: the session state machine. An arbitrary configuration and sequence of clock
 //! advances and datagrams (raw bytes, well-formed and mangled registrations, leave requests) from a
-//! small set of addresses is fed to `Relay`; its invariants must hold after every step, no reply
+//! small set of addresses, over UDP or TCP (and TCP disconnects), is fed to `Relay`; its invariants must hold after every step, no reply
 //! may be longer than its request, and nothing may panic.
 
 #![no_main]
@@ -76,6 +76,10 @@ enum Op {
     Advance {
         ms: u16,
     },
+    /// A TCP connection closes.
+    Disconnect {
+        src: u8,
+    },
     /// Step the wall clock (token expiry) without moving the monotonic clock.
     WallClock {
         offset: i32,
@@ -112,9 +116,15 @@ struct Input {
     ops: Vec<Op>,
 }
 
+/// Indexes with the high bit set name the TCP connection from the same IP and port number as
+/// the UDP address (a look-alike that must never act for the other).
 fn addr(i: u8) -> PeerAddr {
-    let (ip, port) = ADDRS[i as usize % ADDRS.len()];
-    PeerAddr::from(SocketAddr::new(ip, port))
+    let (ip, port) = ADDRS[(i & 0x7f) as usize % ADDRS.len()];
+    if i & 0x80 != 0 {
+        PeerAddr::tcp(SocketAddr::new(ip, port))
+    } else {
+        PeerAddr::from(SocketAddr::new(ip, port))
+    }
 }
 
 fn session(s: &Session) -> Uuid {
@@ -178,6 +188,18 @@ fuzz_target!(|input: Input| {
                 relay.check_invariants();
                 continue;
             }
+            Op::Disconnect { src } => {
+                let a = addr(*src);
+                let was = relay.is_member(a);
+                assert_eq!(relay.disconnect(a), was);
+                assert!(!relay.is_member(a));
+                assert!(
+                    relay.poll_transmit().is_none(),
+                    "a disconnect never replies"
+                );
+                relay.check_invariants();
+                continue;
+            }
             Op::WallClock { offset } => {
                 relay.set_wall_clock(WALL0.saturating_add_signed(i64::from(*offset)));
                 continue;
@@ -229,7 +251,7 @@ fuzz_target!(|input: Input| {
         match outcome {
             Outcome::Forward(dst) => {
                 assert_ne!(dst, src, "forwarded back to the sender");
-                assert!((0..ADDRS.len() as u8).any(|i| addr(i) == dst));
+                assert!((0..=255u8).any(|i| addr(i) == dst));
                 assert!(
                     proto::parse_registration(&datagram).is_err(),
                     "a registration was forwarded"

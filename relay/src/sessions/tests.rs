@@ -42,7 +42,12 @@ impl Harness {
 
     /// Sends a datagram and returns the outcome and every reply queued, as (dst, bytes).
     fn send(&mut self, from: &str, data: &[u8]) -> (Outcome, Vec<(PeerAddr, Vec<u8>)>) {
-        let out = self.relay.handle(self.now, addr(from), data);
+        self.send_as(addr(from), data)
+    }
+
+    /// Like `send`, from any member key (UDP or TCP).
+    fn send_as(&mut self, from: PeerAddr, data: &[u8]) -> (Outcome, Vec<(PeerAddr, Vec<u8>)>) {
+        let out = self.relay.handle(self.now, from, data);
         let mut replies = Vec::new();
         while let Some(t) = self.relay.poll_transmit() {
             assert!(
@@ -648,4 +653,133 @@ fn a_member_silent_for_the_unpaired_timeout_can_be_replaced() {
         h.data("198.18.0.1:1000"),
         Outcome::Dropped(DropReason::UnknownSource)
     );
+}
+
+// ---- TCP members (PROTOCOL.md §11) ----
+
+fn tcp(s: &str) -> PeerAddr {
+    PeerAddr::tcp(s.parse().expect("test address"))
+}
+
+impl Harness {
+    fn reg_ext_as(&mut self, from: PeerAddr, session: &str, peer: u64) -> Vec<(PeerAddr, Vec<u8>)> {
+        let reg = Registration {
+            session: uuid(session),
+            extended: Some(Extended {
+                peer: Some(PeerId(peer)),
+                token: None,
+            }),
+        };
+        let (out, replies) = self.send_as(from, &reg.encode());
+        assert_eq!(out, Outcome::Registration);
+        replies
+    }
+}
+
+#[test]
+fn a_tcp_member_pairs_with_a_udp_member_and_both_directions_forward() {
+    let mut h = Harness::new();
+    let t = tcp("198.18.0.1:40000");
+    let replies = h.reg_ext_as(t, U1, 1);
+    assert_eq!(
+        replies,
+        vec![(t, b"ACK 198.18.0.1:40000\n".to_vec())],
+        "ACK goes to the TCP member"
+    );
+    let u = addr("198.18.0.2:50000");
+    let replies = h.reg_ext_as(u, U1, 2);
+    assert!(replies.contains(&(u, b"ACK 198.18.0.2:50000 198.18.0.1:40000\n".to_vec())));
+    assert!(
+        replies.contains(&(t, b"ACK 198.18.0.1:40000 198.18.0.2:50000\n".to_vec())),
+        "the TCP member gets its peer notice: {replies:?}"
+    );
+    assert_eq!(h.send_as(t, b"\x40up").0, Outcome::Forward(u));
+    assert_eq!(h.send_as(u, b"\x40down").0, Outcome::Forward(t));
+    assert_eq!(h.relay.stats().forwarded_packets, 2);
+}
+
+#[test]
+fn a_udp_address_with_a_tcp_members_ip_and_port_is_a_stranger() {
+    let mut h = Harness::new();
+    let t = tcp("198.18.0.1:40000");
+    let twin = addr("198.18.0.1:40000");
+    h.send_as(t, format!("REG:{U1}\n").as_bytes());
+    h.reg("198.18.0.2:50000", U1);
+    // Data from the UDP look-alike is not the TCP member's.
+    assert_eq!(
+        h.send_as(twin, b"\x40hijack").0,
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // A REG from it without a peer id does not move the TCP member (same IP and port number).
+    let (_, replies) = h.send_as(twin, format!("REG:{U1}\n").as_bytes());
+    assert_eq!(replies, vec![(twin, b"ERR full\n".to_vec())]);
+    // Nor does another TCP connection from the same IP.
+    let (_, replies) = h.send_as(tcp("198.18.0.1:40001"), format!("REG:{U1}\n").as_bytes());
+    assert_eq!(replies[0].1, b"ERR full\n");
+    assert_eq!(
+        h.send_as(t, b"\x40mine").0,
+        Outcome::Forward(addr("198.18.0.2:50000"))
+    );
+    // And a TCP REG never takes a UDP original member's slot by IP alone.
+    let mut h = Harness::new();
+    h.reg("198.18.0.1:40000", U2);
+    h.reg("198.18.0.2:50000", U2);
+    let (_, replies) = h.send_as(tcp("198.18.0.1:40000"), format!("REG:{U2}\n").as_bytes());
+    assert_eq!(replies[0].1, b"ERR full\n");
+}
+
+#[test]
+fn a_peer_id_moves_a_member_from_udp_to_tcp_and_back() {
+    let mut h = Harness::new();
+    let udp_a = addr("198.18.0.1:40000");
+    let tcp_a = tcp("198.18.0.1:51000");
+    let b = addr("198.18.0.2:50000");
+    h.reg_ext_as(udp_a, U1, 7);
+    h.reg_ext_as(b, U1, 8);
+    // The SDK's fallback: same peer id, now over TCP.
+    h.reg_ext_as(tcp_a, U1, 7);
+    assert_eq!(h.relay.stats().reg(RegResult::Rebind), 1);
+    assert_eq!(h.send_as(b, b"\x40x").0, Outcome::Forward(tcp_a));
+    assert_eq!(
+        h.send_as(udp_a, b"\x40x").0,
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // Back to UDP (from a new port): the TCP connection no longer speaks for the member.
+    let udp_a2 = addr("198.18.0.1:40002");
+    h.reg_ext_as(udp_a2, U1, 7);
+    assert_eq!(h.send_as(b, b"\x40x").0, Outcome::Forward(udp_a2));
+    assert_eq!(
+        h.send_as(tcp_a, b"\x40x").0,
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // Its connection closing now changes nothing.
+    assert!(!h.relay.disconnect(tcp_a));
+    h.relay.check_invariants();
+}
+
+#[test]
+fn a_closed_connection_leaves_its_session_and_the_rest_expires_as_usual() {
+    let mut h = Harness::new();
+    let t = tcp("198.18.0.1:40000");
+    h.reg_ext_as(t, U1, 1);
+    h.reg_ext_as(addr("198.18.0.2:50000"), U1, 2);
+    assert!(h.relay.disconnect(t));
+    h.relay.check_invariants();
+    assert_eq!(h.relay.stats().tcp_left, 1);
+    assert_eq!(h.relay.stats().sessions_unpaired, 1);
+    assert_eq!(
+        h.data("198.18.0.2:50000"),
+        Outcome::Dropped(DropReason::Unpaired)
+    );
+    // A new connection from the very same IP and port is a stranger until it registers.
+    assert_eq!(
+        h.send_as(t, b"\x40x").0,
+        Outcome::Dropped(DropReason::UnknownSource)
+    );
+    // The remaining member's session expires after the unpaired timeout (fake clock).
+    h.at(29.0);
+    assert_eq!(h.relay.session_count(), 1);
+    h.at(32.5);
+    assert_eq!(h.relay.session_count(), 0);
+    h.relay.check_invariants();
 }
