@@ -12,8 +12,10 @@
 //! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
+//! - [`uot`]: UDP over TCP: the `udp-over-tcp` tool's framings and socket loops, and sing-box
+//!   UoT.
 //!
-//! Everything but `proto` and `socks` needs the default `runtime` feature.
+//! Everything but `proto`, `socks` and the pure `uot` codecs needs the default `runtime` feature.
 
 #[cfg(feature = "runtime")]
 pub mod client;
@@ -31,6 +33,7 @@ pub mod transport;
 pub mod udp;
 #[cfg(feature = "runtime")]
 pub mod udpsocks;
+pub mod uot;
 
 #[cfg(feature = "runtime")]
 /// The peer SDK a later version reaches its server through (relay, multipath).
