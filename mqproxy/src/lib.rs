@@ -13,7 +13,7 @@
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
 //! - [`uot`]: UDP over TCP: the `udp-over-tcp` tool's framings and socket loops, and sing-box
-//!   UoT.
+//!   UoT (server side and [`uot::create_udp_proxy`]).
 //!
 //! Everything but `proto`, `socks` and the pure `uot` codecs needs the default `runtime` feature.
 

@@ -389,7 +389,10 @@ mod tests {
         for f in [Framing::Plain, Framing::Flow, Framing::Mullvad] {
             assert_eq!(f.name().parse::<Framing>(), Ok(f));
         }
-        assert!("udp".parse::<Framing>().expect_err("not a framing").contains("plain"));
+        assert!("udp"
+            .parse::<Framing>()
+            .expect_err("not a framing")
+            .contains("plain"));
     }
 
     fn framing() -> impl Strategy<Value = Framing> {
