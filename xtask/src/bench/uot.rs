@@ -35,7 +35,8 @@ Options:
   --no-build    do not run cargo build first
   -h, --help    this text
 
-Logs go to target/bench-uot/.
+Logs go to target/bench-uot/. Exits 0 when targets are missed (the table says FAIL) and
+non-zero when something could not be measured (a tunnel process died or never came up).
 ";
 
 /// Datagram size of the issue's target.
@@ -104,12 +105,8 @@ pub fn run(args: &[String]) -> Result<()> {
     if !bin.is_file() {
         bail!("{} not found (build it first)", bin.display());
     }
-    let mut failed = false;
     for f in framings {
-        failed |= !bench_framing(&bin, f, plan)?;
-    }
-    if failed {
-        bail!("a target was missed (see the table)");
+        bench_framing(&bin, f, plan)?;
     }
     Ok(())
 }
@@ -241,8 +238,8 @@ fn si(x: f64) -> String {
     }
 }
 
-/// Runs one framing; returns whether its targets were met.
-fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<bool> {
+/// Runs one framing and prints its table.
+fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<()> {
     println!("== udp-over-tcp --framing {framing}: {DATAGRAM} B datagrams on loopback, {} rep(s) of {:?}", plan.reps, plan.duration);
     let sender = socket()?;
     let receiver = socket()?;
@@ -378,5 +375,5 @@ fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<boo
         median(&t_p99)
     );
     println!();
-    Ok(loss_ok && rtt_ok)
+    Ok(())
 }
