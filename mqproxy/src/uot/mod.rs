@@ -9,6 +9,8 @@
 
 pub mod framing;
 #[cfg(feature = "runtime")]
+mod mmsg;
+#[cfg(feature = "runtime")]
 pub mod proxy;
 #[cfg(feature = "runtime")]
 pub mod psk;

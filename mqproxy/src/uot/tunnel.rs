@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
 use super::framing::{self, Decoder, Framing, MAX_DATAGRAM};
-use super::psk;
+use super::{mmsg, psk};
 use crate::AbortOnDrop;
 
 /// Bytes of frames waiting for the TCP writer. 4 MiB holds ~3,400 datagrams of 1200 B, i.e.
@@ -644,6 +644,7 @@ async fn read_loop(
 ) -> String {
     let m = &sh.metrics;
     let mut dec = Decoder::new(sh.cfg.framing);
+    let mut batch: Vec<(SocketAddr, bytes::Bytes)> = Vec::with_capacity(mmsg::BATCH);
     let mut sweep = tokio::time::interval(FLOW_SWEEP);
     loop {
         let buf = dec.buffer();
@@ -662,15 +663,30 @@ async fn read_loop(
             }
         };
         trace!(bytes = n, "TCP in");
+        let mut broken = None;
         loop {
             match dec.next_frame() {
-                Ok(Some(f)) => send_out(&mut egress, &sh, f).await,
+                Ok(Some(f)) => match (&*egress, sh.cfg.udp_sendto) {
+                    // The common case: gather this read's datagrams for one sendmmsg.
+                    (Egress::Fixed(_), UdpSendTo::Addr(a)) => batch.push((a, f.payload)),
+                    _ => send_out(&mut egress, &sh, f).await,
+                },
                 Ok(None) => break,
                 Err(e) => {
-                    inc(&m.framing_errors);
-                    return format!("peer broke the {} framing: {e}", sh.cfg.framing);
+                    broken = Some(e);
+                    break;
                 }
             }
+        }
+        if let (Egress::Fixed(sock), false) = (&*egress, batch.is_empty()) {
+            let (ok, failed) = mmsg::send_all(sock, &batch).await;
+            m.udp_out.fetch_add(ok, Ordering::Relaxed);
+            m.udp_send_errors.fetch_add(failed, Ordering::Relaxed);
+            batch.clear();
+        }
+        if let Some(e) = broken {
+            inc(&m.framing_errors);
+            return format!("peer broke the {} framing: {e}", sh.cfg.framing);
         }
     }
 }
