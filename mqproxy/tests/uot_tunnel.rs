@@ -497,3 +497,63 @@ async fn binary_round_trip_with_the_original_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--framing flow"));
 }
+
+/// Idle flows are closed (bounded state), and a flow that speaks again gets a new socket.
+#[tokio::test]
+async fn idle_flows_expire() {
+    let (server, server_addr) = udp().await;
+    let mut lc = TunnelConfig::new(
+        TcpRole::Listen(lo(0)),
+        UdpBind::Auto,
+        UdpSendTo::Addr(server_addr),
+    );
+    lc.framing = Framing::Flow;
+    lc.flow_idle = Duration::from_millis(300);
+    let listen = start(lc).await;
+    let mut cc = TunnelConfig::new(
+        TcpRole::Connect(listen.tcp.expect("listening").to_string()),
+        UdpBind::Addr(lo(0)),
+        UdpSendTo::AutoPort([127, 0, 0, 1].into()),
+    );
+    cc.framing = Framing::Flow;
+    let connect = start(cc).await;
+    let (c, _) = udp().await;
+    c.send_to(b"a", connect.udp.expect("bound"))
+        .await
+        .expect("send");
+    let (_, first) = recv(&server).await;
+    assert_eq!(listen.metrics.flows_open.load(Ordering::Relaxed), 1);
+    until(|| listen.metrics.flows_open.load(Ordering::Relaxed) == 0).await;
+    c.send_to(b"b", connect.udp.expect("bound"))
+        .await
+        .expect("send");
+    let (d, second) = recv(&server).await;
+    assert_eq!(d, b"b");
+    assert_ne!(first, second, "a fresh socket after expiry");
+}
+
+/// `run` returns when its shutdown future completes (and the sockets are released).
+#[tokio::test]
+async fn shutdown_stops_the_tunnel() {
+    let t = Tunnel::bind(TunnelConfig::new(
+        TcpRole::Listen(lo(0)),
+        UdpBind::Addr(lo(0)),
+        UdpSendTo::Addr(lo(9)),
+    ))
+    .await
+    .expect("binds");
+    let tcp = t.tcp_local_addr().expect("listening");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(t.run(async {
+        let _ = stopped.await;
+    }));
+    TcpStream::connect(tcp)
+        .await
+        .expect("accepting while running");
+    stop.send(()).expect("the tunnel is waiting");
+    timeout(T, run).await.expect("returns").expect("no panic");
+    assert!(
+        TcpListener::bind(tcp).await.is_ok(),
+        "the port is free again"
+    );
+}

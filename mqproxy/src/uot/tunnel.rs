@@ -645,7 +645,12 @@ async fn read_loop(
     let m = &sh.metrics;
     let mut dec = Decoder::new(sh.cfg.framing);
     let mut batch: Vec<(SocketAddr, bytes::Bytes)> = Vec::with_capacity(mmsg::BATCH);
-    let mut sweep = tokio::time::interval(FLOW_SWEEP);
+    // Sweep at least twice per idle period, so a flow lives at most 1.5x --flow-idle.
+    let mut sweep = tokio::time::interval(
+        FLOW_SWEEP
+            .min(sh.cfg.flow_idle / 2)
+            .max(Duration::from_millis(10)),
+    );
     loop {
         let buf = dec.buffer();
         if buf.capacity() - buf.len() < READ_CHUNK / 2 {
