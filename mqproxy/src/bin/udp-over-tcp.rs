@@ -19,7 +19,7 @@ use mqproxy::uot::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
 ///   Y$ udp-over-tcp --tcp-listen 7878 --udp-bind $A --udp-sendto $B
 ///   X$ udp-over-tcp --tcp-connect Y:7878 --udp-bind $B --udp-sendto $A
 ///
-/// Addresses are PORT or ADDR:PORT (IPv6 as [ADDR]:PORT); a bare port means 0.0.0.0 for
+/// Addresses are PORT or ADDR:PORT (IPv6 in brackets, `[::1]:PORT`); a bare port means 0.0.0.0 for
 /// --tcp-listen/--udp-bind and 127.0.0.1 for --tcp-connect/--udp-sendto. The connect side
 /// reconnects by itself (with backoff) whenever the connection drops.
 #[derive(Debug, Parser)]
