@@ -48,10 +48,12 @@ const MAX_LOSS: f64 = 0.01;
 /// The round-trip target (no Nagle stall).
 const RTT_TARGET_US: f64 = 200.0;
 /// Rates tried for the highest rate with <= 1 % loss.
-const LADDER: [u64; 8] = [
-    50_000, 100_000, 125_000, 150_000, 200_000, 250_000, 300_000, 400_000,
+const LADDER: [u64; 10] = [
+    50_000, 100_000, 125_000, 150_000, 200_000, 250_000, 300_000, 400_000, 500_000, 600_000,
 ];
-const LADDER_QUICK: [u64; 4] = [100_000, 150_000, 200_000, 300_000];
+const LADDER_QUICK: [u64; 4] = [100_000, 200_000, 300_000, 400_000];
+/// A ladder level counts only when the sender offered at least this share of its rate.
+const OFFERED_MIN: f64 = 0.9;
 /// Ping-pong rounds per repetition.
 const PING_ROUNDS: u64 = 2_000;
 /// Socket buffers of the sender and receiver.
@@ -274,16 +276,19 @@ fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<()>
     // Highest rate with <= 1 % loss: climb the ladder until a rate fails (median of reps).
     let ladder: &[u64] = if plan.quick { &LADDER_QUICK } else { &LADDER };
     let mut best = [0u64; 2];
+    let mut sender_limit: [Option<f64>; 2] = [None, None];
     let mut climbing = [true; 2];
     for &rate in ladder {
         if !climbing.iter().any(|c| *c) {
             break;
         }
-        let mut losses = [Vec::new(), Vec::new()];
+        let (mut losses, mut offered) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
         for _ in 0..plan.reps {
             for (i, to) in [direct_to, tunnel.entry].into_iter().enumerate() {
                 if climbing[i] {
-                    losses[i].push(load::run(&sender, to, &receiver, spec(rate))?.loss());
+                    let r = load::run(&sender, to, &receiver, spec(rate))?;
+                    losses[i].push(r.loss());
+                    offered[i].push(r.offered_rate());
                 }
             }
             tunnel.check()?;
@@ -291,13 +296,20 @@ fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<()>
         for i in 0..2 {
             if climbing[i] {
                 let l = median(&losses[i]);
+                // A starved sender offers less than asked: then the level was not fully tested.
                 println!(
-                    "  {}/s {}: loss {}",
+                    "  {}/s {}: loss {} (offered {}/s)",
                     si(rate as f64),
                     ["direct", "tunnel"][i],
-                    pct(l)
+                    pct(l),
+                    si(median(&offered[i]))
                 );
-                if l <= MAX_LOSS {
+                let o = median(&offered[i]);
+                if o < OFFERED_MIN * rate as f64 {
+                    // Our sender could not offer this rate: the path was not tested at it.
+                    climbing[i] = false;
+                    sender_limit[i] = Some(o);
+                } else if l <= MAX_LOSS {
                     best[i] = rate;
                 } else {
                     climbing[i] = false;
@@ -326,10 +338,11 @@ fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<()>
     let (dr, tr) = (median(&d_rtt), median(&t_rtt));
     let loss_ok = tl <= LOSS_TARGET;
     let rtt_ok = tr < RTT_TARGET_US;
-    let top = |b: u64, last: u64| {
+    let top = |b: u64, last: u64, limit: Option<f64>| {
         if b == 0 {
             format!("< {}", si(ladder[0] as f64))
-        } else if b == last {
+        } else if b == last || limit.is_some() {
+            // Not reached a lossy level: the ladder (or our sender) ran out first.
             format!(">= {}/s", si(b as f64))
         } else {
             format!("{}/s", si(b as f64))
@@ -350,10 +363,10 @@ fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<()>
         if loss_ok { "PASS" } else { "FAIL" }
     );
     println!(
-        "  {:<28} {:>14} {:>14} {:>10}  (tunnel offered {}/s)",
+        "  {:<28} {:>14} {:>14} {:>10}  (at 100k/s the sender offered {}/s)",
         "highest rate, loss <= 1 %",
-        top(best[1], last),
-        top(best[0], last),
+        top(best[1], last, sender_limit[1]),
+        top(best[0], last, sender_limit[0]),
         if best[0] > 0 {
             format!("{:.2}", best[1] as f64 / best[0] as f64)
         } else {
@@ -361,6 +374,14 @@ fn bench_framing(bin: &std::path::Path, framing: &str, plan: Plan) -> Result<()>
         },
         si(median(&t_offered))
     );
+    for (i, name) in ["direct", "tunnel"].iter().enumerate() {
+        if let Some(o) = sender_limit[i] {
+            println!(
+                "  ({name}: the sender offered only {}/s at the next level, so its highest rate is a lower bound)",
+                si(o)
+            );
+        }
+    }
     println!(
         "  {:<28} {:>11.0} us {:>11.0} us {:>10}  < 200 us {}",
         "round trip, median",
