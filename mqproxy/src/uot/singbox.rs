@@ -168,7 +168,11 @@ pub fn decode_packet_addr(buf: &[u8]) -> Result<Option<(TargetAddr, usize)>, Dec
         }
         PA_IPV6 => {
             let o: [u8; 16] = body.try_into().expect("length checked above");
-            TargetAddr::Ip(SocketAddr::new(Ipv6Addr::from(o).into(), port))
+            // IPv4-mapped means IPv4 (as sing writes it): one address, one meaning, and it
+            // goes out on the IPv4 socket.
+            let v6 = Ipv6Addr::from(o);
+            let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+            TargetAddr::Ip(SocketAddr::new(ip, port))
         }
         _ => TargetAddr::Domain(parse_domain(body)?, port),
     };
@@ -356,6 +360,12 @@ mod tests {
         let mut o = BytesMut::new();
         encode_packet_addr(&a("[::ffff:10.0.0.1]:1"), &mut o);
         assert_eq!(hex::encode(&o), "000a0000010001");
+        // ...and read back as IPv4 when a peer sends it in the IPv6 form (found by fuzzing).
+        let mapped = hex::decode("0100000000000000000000ffff0a0000010001").expect("hex");
+        assert_eq!(
+            decode_packet_addr(&mapped).expect("valid"),
+            Some((a("10.0.0.1:1"), mapped.len()))
+        );
         let mut o = BytesMut::new();
         Request {
             is_connect: true,
