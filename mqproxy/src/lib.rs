@@ -14,8 +14,10 @@
 //!   server with no open port: hole-punched direct path when possible, relayed otherwise.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
+//! - [`uot`]: UDP over TCP: the `udp-over-tcp` tool's framings and socket loops, and sing-box
+//!   UoT (server side and [`uot::create_udp_proxy`]).
 //!
-//! Everything but `proto` and `socks` needs the default `runtime` feature.
+//! Everything but `proto`, `socks` and the pure `uot` codecs needs the default `runtime` feature.
 
 #[cfg(feature = "runtime")]
 pub mod client;
@@ -35,6 +37,7 @@ pub mod transport;
 pub mod udp;
 #[cfg(feature = "runtime")]
 pub mod udpsocks;
+pub mod uot;
 
 #[cfg(feature = "runtime")]
 /// The peer SDK the relay mode ([`rendezvous`]) reaches its server through.

@@ -270,7 +270,7 @@ impl TargetAddr {
 
 /// A domain from the wire: non-empty UTF-8 without NUL (a NUL would truncate it in libc's
 /// resolver and resolve a different name than the one checked).
-fn parse_domain(b: &[u8]) -> Result<String, DecodeError> {
+pub(crate) fn parse_domain(b: &[u8]) -> Result<String, DecodeError> {
     if b.is_empty() || b.contains(&0) {
         return Err(DecodeError::Invalid("domain name"));
     }

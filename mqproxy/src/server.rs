@@ -635,6 +635,13 @@ impl StreamCtx {
             }
         };
         inc(&self.ctx.metrics.tcp_streams);
+        if let Some(version) = crate::uot::singbox::magic_version(&addr) {
+            let policy = crate::uot::proxy::Policy {
+                allow_private: self.ctx.cfg.allow_private,
+                idle_timeout: self.ctx.cfg.udp_idle_timeout,
+            };
+            return crate::uot::proxy::serve_mqproxy_stream(version, send, r, policy).await;
+        }
         let (status, tcp) = match self.connect_target(&addr).await {
             Ok(tcp) => (ConnectStatus::Ok, Some(tcp)),
             Err(status) => (status, None),

@@ -8,6 +8,7 @@ mod multiaddr;
 mod relay;
 mod sys;
 pub mod table;
+mod uot;
 
 use anyhow::{bail, Result};
 
@@ -19,12 +20,15 @@ Targets:
            (`cargo xtask bench relay --help`)
   mqproxy  mqproxy: UDP and TCP through SOCKS5 against direct and shadowsocks-libev
            (`cargo xtask bench mqproxy --help`)
+  uot      udp-over-tcp: loss at 100,000/s, highest rate, round trip, against direct UDP
+           (`cargo xtask bench uot --help`)
 ";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.split_first() {
         Some((t, rest)) if t == "relay" => relay::run(rest),
         Some((t, rest)) if t == "mqproxy" => mqproxy::run(rest),
+        Some((t, rest)) if t == "uot" => uot::run(rest),
         None => {
             print!("{HELP}");
             Ok(())
