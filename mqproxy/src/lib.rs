@@ -9,6 +9,8 @@
 //! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
 //! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions, destination policy.
 //! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
+//! - [`paths`]: multipath scheduling, the reorder and send buffers of striped TCP flows and
+//!   the UDP duplicate filter; pure.
 //! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
@@ -19,6 +21,7 @@
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+pub mod paths;
 pub mod proto;
 #[cfg(feature = "runtime")]
 pub mod server;
