@@ -11,6 +11,8 @@
 //! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
 //! - [`paths`]: multipath scheduling, the reorder and send buffers of striped TCP flows and
 //!   the UDP duplicate filter; pure.
+//! - [`multipath`]: the path table of a bundle (a QUIC connection per path, health
+//!   monitors), per-packet UDP scheduling and striped TCP flows.
 //! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
@@ -21,6 +23,8 @@
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod multipath;
 pub mod paths;
 pub mod proto;
 #[cfg(feature = "runtime")]
