@@ -1,6 +1,6 @@
 //! The mqproxy client: SOCKS5 (CONNECT and UDP ASSOCIATE) and HTTP CONNECT listeners whose
-//! traffic rides one authenticated QUIC connection to the server, re-established with jittered
-//! backoff whenever it drops.
+//! traffic rides an authenticated QUIC connection to the server (one per path with `--path`),
+//! each re-established with jittered backoff whenever it drops.
 
 use std::collections::HashMap;
 use std::future::Future;

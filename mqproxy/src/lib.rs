@@ -1,5 +1,6 @@
 //! `mqproxy`: a QUIC proxy that carries SOCKS5 TCP CONNECT, HTTP CONNECT and SOCKS5 UDP
-//! ASSOCIATE over one QUIC connection (UDP as QUIC DATAGRAMs), after the original C mqproxy.
+//! ASSOCIATE over QUIC (UDP as QUIC DATAGRAMs), after the original C mqproxy: one connection,
+//! or one per network path with `--path` (multipath: TCP striped, UDP scheduled per packet).
 //!
 //! Modules:
 //! - [`proto`]: the wire format (control frames, the DATAGRAM header, fragmentation and

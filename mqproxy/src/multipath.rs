@@ -397,7 +397,22 @@ enum Event {
     Written(u64),
     /// The TCP writer finished (after FIN) or failed.
     TcpWriteDone,
+    /// The peer finished a subflow: its side of the flow is over.
+    PeerFinished,
+    /// The peer reset a subflow: it abandoned the flow.
+    PeerReset,
 }
+
+/// What a subflow writer is told.
+enum WriterMsg {
+    Record(Bytes),
+    /// The flow failed: reset the stream so the peer stops at once.
+    Reset,
+}
+
+/// How long a flow whose peer has finished its subflows may still take to complete (the last
+/// ACK may travel on another path than the stream finish).
+const PEER_FINISH_GRACE: Duration = Duration::from_secs(3);
 
 /// Why a striped flow ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -409,6 +424,9 @@ pub enum FlowError {
     /// No path for [`FLOW_STALL_TIMEOUT`].
     #[error("no usable path for {0:?}")]
     Stalled(Duration),
+    /// The peer abandoned the flow (its TCP side failed).
+    #[error("the peer reset the flow")]
+    PeerReset,
     /// The TCP side failed.
     #[error("tcp: {0}")]
     Tcp(std::io::Error),
@@ -455,6 +473,11 @@ pub async fn run_flow(
     }
     let r = f.run(tr, more, ev_rx, tcp_tx).await;
     f.release();
+    if r.is_err() {
+        for w in f.writers.iter().flatten() {
+            let _ = w.send(WriterMsg::Reset);
+        }
+    }
     // Let the writers flush the last records (our final ACK and FIN) and finish their streams;
     // readers and the TCP writer are aborted with `tasks`.
     f.writers = Default::default();
@@ -467,7 +490,7 @@ struct Flow {
     table: Arc<PathTable>,
     changes: watch::Receiver<u64>,
     /// Per path: the queue to that subflow's writer task.
-    writers: [Option<mpsc::UnboundedSender<Bytes>>; MAX_PATHS],
+    writers: [Option<mpsc::UnboundedSender<WriterMsg>>; MAX_PATHS],
     /// Per path: the generation of the current subflow (stale end events are ignored).
     writer_gen: [u64; MAX_PATHS],
     next_gen: u64,
@@ -567,7 +590,7 @@ impl Flow {
 
     fn write_to(&mut self, path: usize, rec: Bytes) -> bool {
         match &self.writers[path] {
-            Some(w) if w.send(rec).is_ok() => true,
+            Some(w) if w.send(WriterMsg::Record(rec)).is_ok() => true,
             _ => {
                 self.writers[path] = None;
                 false
@@ -681,10 +704,14 @@ impl Flow {
         let mut tcp_tx = Some(tcp_tx);
         let mut more_open = true;
         let mut stalled_since: Option<Instant> = None;
+        let mut peer_finished: Option<Instant> = None;
         let mut read_buf = BytesMut::with_capacity(MAX_CHUNK);
         loop {
             if self.done() {
                 return Ok((self.send.acked(), self.written));
+            }
+            if peer_finished.is_some_and(|t| t.elapsed() > PEER_FINISH_GRACE) {
+                return Err(FlowError::Protocol("the peer ended the flow early".into()));
             }
             // Stall watchdog: no usable subflow at all.
             if self.any_path().is_none() {
@@ -753,6 +780,10 @@ impl Flow {
                                 self.write_to(p, Self::record(&Record::Ack { delivered: n }));
                             }
                         }
+                        Event::PeerFinished => {
+                            peer_finished.get_or_insert_with(Instant::now);
+                        }
+                        Event::PeerReset => return Err(FlowError::PeerReset),
                         Event::TcpWriteDone => {
                             self.peer_done = true;
                             // Acknowledge the end so the peer can finish.
@@ -771,7 +802,7 @@ impl Flow {
                         self.reroute_dead();
                     }
                 }
-                _ = tokio::time::sleep(ROOM_POLL), if self.pending.is_some() || stalled_since.is_some() => {}
+                _ = tokio::time::sleep(ROOM_POLL), if self.pending.is_some() || stalled_since.is_some() || peer_finished.is_some() => {}
             }
         }
     }
@@ -780,12 +811,19 @@ impl Flow {
 /// Writes records to one subflow stream; finishes it when the flow drops the queue.
 async fn subflow_writer(
     mut send: SendStream,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     path: usize,
     g: u64,
     ev: mpsc::Sender<Event>,
 ) {
-    while let Some(b) = rx.recv().await {
+    while let Some(m) = rx.recv().await {
+        let b = match m {
+            WriterMsg::Record(b) => b,
+            WriterMsg::Reset => {
+                let _ = send.reset(VarInt::from_u32(0));
+                return;
+            }
+        };
         if send.write_chunk(b).await.is_err() {
             let _ = ev.send(Event::SubflowEnded(path, g)).await;
             return;
@@ -821,7 +859,16 @@ async fn subflow_reader(
         }
         match recv.read_chunk(MAX_CHUNK, true).await {
             Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-            Ok(None) | Err(_) => {
+            Ok(None) => {
+                let _ = ev.send(Event::PeerFinished).await;
+                let _ = ev.send(Event::SubflowEnded(path, g)).await;
+                return;
+            }
+            Err(quinn::ReadError::Reset(_)) => {
+                let _ = ev.send(Event::PeerReset).await;
+                return;
+            }
+            Err(_) => {
                 let _ = ev.send(Event::SubflowEnded(path, g)).await;
                 return;
             }

@@ -559,9 +559,9 @@ pub enum Frame {
     },
     /// Client → server, first frame on a UDP_SESSION stream.
     UdpOpen {
-        /// Connection-unique id chosen by the client; DATAGRAMs carry it.
+        /// Connection- (multipath: bundle-) unique id chosen by the client; DATAGRAMs carry it.
         session_id: u32,
-        /// Reserved, 0.
+        /// Bit 0: [`UDP_FLAG_ATTACH`] (multipath); the others reserved, 0.
         flags: u64,
         /// Destination.
         addr: TargetAddr,

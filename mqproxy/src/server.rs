@@ -1028,9 +1028,14 @@ impl StreamCtx {
                 let _ = tx.send(sub).await;
             }
             None => {
-                debug!(flow = flow_id, "SUBFLOW for an unknown flow; resetting");
+                // Finished, not reset: a subflow that arrives just after its flow completed
+                // must not look like an abort to the client.
+                debug!(
+                    flow = flow_id,
+                    "SUBFLOW for an unknown (ended) flow; finishing it"
+                );
                 let mut sub = sub;
-                let _ = sub.send.reset(VarInt::from_u32(0));
+                let _ = sub.send.finish();
                 let _ = sub.recv.stop(VarInt::from_u32(0));
             }
         }

@@ -5,6 +5,7 @@ mod load;
 mod metrics;
 mod mqproxy;
 mod multiaddr;
+mod multipath;
 mod relay;
 mod sys;
 pub mod table;
@@ -19,12 +20,15 @@ Targets:
            (`cargo xtask bench relay --help`)
   mqproxy  mqproxy: UDP and TCP through SOCKS5 against direct and shadowsocks-libev
            (`cargo xtask bench mqproxy --help`)
+  multipath  mqproxy over two shaped 100 Mbit/s paths against one, in the netns lab
+           (`cargo xtask bench multipath --help`)
 ";
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.split_first() {
         Some((t, rest)) if t == "relay" => relay::run(rest),
         Some((t, rest)) if t == "mqproxy" => mqproxy::run(rest),
+        Some((t, rest)) if t == "multipath" => multipath::run(rest),
         None => {
             print!("{HELP}");
             Ok(())
