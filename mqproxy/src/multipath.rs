@@ -395,8 +395,8 @@ enum Event {
     SubflowEnded(usize, u64),
     /// The TCP writer wrote everything up to this offset.
     Written(u64),
-    /// The TCP writer finished (after FIN) or failed.
-    TcpWriteDone,
+    /// The TCP writer finished after the peer's FIN (`true`) or failed (`false`).
+    TcpWriteDone(bool),
     /// The peer finished a subflow: its side of the flow is over.
     PeerFinished,
     /// The peer reset a subflow: it abandoned the flow.
@@ -784,7 +784,10 @@ impl Flow {
                             peer_finished.get_or_insert_with(Instant::now);
                         }
                         Event::PeerReset => return Err(FlowError::PeerReset),
-                        Event::TcpWriteDone => {
+                        Event::TcpWriteDone(false) => {
+                            return Err(FlowError::Tcp(std::io::Error::other("TCP write failed")));
+                        }
+                        Event::TcpWriteDone(true) => {
                             self.peer_done = true;
                             // Acknowledge the end so the peer can finish.
                             if let Some(p) = self.any_path() {
@@ -884,9 +887,11 @@ async fn tcp_writer(
 ) {
     let mut total = 0u64;
     while let Some(b) = rx.recv().await {
-        if tw.write_all(&b).await.is_err() {
-            warn!("TCP write failed; the flow's receive side stops");
-            break;
+        if let Err(e) = tw.write_all(&b).await {
+            // The application closed or reset its socket: the flow is over.
+            debug!(error = %e, "TCP write failed; aborting the flow");
+            let _ = ev.send(Event::TcpWriteDone(false)).await;
+            return;
         }
         total += b.len() as u64;
         if ev.send(Event::Written(total)).await.is_err() {
@@ -894,5 +899,5 @@ async fn tcp_writer(
         }
     }
     let _ = tw.shutdown().await;
-    let _ = ev.send(Event::TcpWriteDone).await;
+    let _ = ev.send(Event::TcpWriteDone(true)).await;
 }

@@ -447,6 +447,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: Owne
             (Arc::new(Bundle::new(None, &ctx)), 0)
         }
     };
+    let _holder = Holder::new(bundle.clone());
     let (_, monitor) = bundle.paths.insert(index, conn.clone());
     bundle.spawn(monitor);
     let reason = ConnLoop::new(conn.clone(), ctx.clone(), bundle.clone(), index)
@@ -469,6 +470,26 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: Owne
     }
 }
 
+/// One path connection's hold on its bundle. The bundle's tasks hold the bundle too (a
+/// cycle), so when the last holder goes (its connection and grace period over, or the server
+/// shutting down and aborting it) the tasks are aborted, which frees the bundle.
+struct Holder(Arc<Bundle>);
+
+impl Holder {
+    fn new(b: Arc<Bundle>) -> Self {
+        b.holders.fetch_add(1, Ordering::Relaxed);
+        Holder(b)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if self.0.holders.fetch_sub(1, Ordering::Relaxed) == 1 {
+            locked(&self.0.tasks).abort_all();
+        }
+    }
+}
+
 fn hex_id(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -488,6 +509,8 @@ struct Bundle {
     attach: Mutex<HashMap<u32, mpsc::Sender<(SendStream, FrameReader)>>>,
     /// Each path loop's session-event queue (pre-OPEN delivery and reassembly cleanup).
     events: Mutex<Vec<mpsc::Sender<SessionEvent>>>,
+    /// Live [`Holder`]s.
+    holders: std::sync::atomic::AtomicUsize,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -505,6 +528,7 @@ impl Bundle {
             flows: Mutex::new(HashMap::new()),
             attach: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
+            holders: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

@@ -35,7 +35,8 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// The server side: a TCP source sending `data` to every connection, and a UDP echo.
+/// The server side: a TCP source (each connection sends a `u64` length, big-endian, and gets
+/// that many bytes of `data`), and a UDP echo.
 fn start_targets(lab: &MultipathLab, data: Arc<Vec<u8>>, stop: Arc<AtomicBool>) -> Result<()> {
     let ip = lab.server_ip();
     let tcp = lab.run_in(&lab.server_ns(), move || {
@@ -62,7 +63,11 @@ fn start_targets(lab: &MultipathLab, data: Arc<Vec<u8>>, stop: Arc<AtomicBool>) 
                     let d = data.clone();
                     std::thread::spawn(move || {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(&d);
+                        let mut len = [0u8; 8];
+                        if s.read_exact(&mut len).is_ok() {
+                            let n = (u64::from_be_bytes(len) as usize).min(d.len());
+                            let _ = s.write_all(&d[..n]);
+                        }
                     });
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -213,6 +218,7 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     let t0 = Instant::now();
     let downloader = lab.spawn_thread(&lab.client_ns(), move || -> Result<Vec<u8>> {
         let mut s = socks_connect(SOCKS, source)?;
+        s.write_all(&(24u64 << 20).to_be_bytes())?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut got = Vec::with_capacity(24 << 20);
         let mut buf = vec![0u8; 1 << 16];
@@ -385,6 +391,7 @@ fn wait_ready(lab: &MultipathLab, socks: &str) -> Result<()> {
     let socks = socks.to_owned();
     lab.run_in(&lab.client_ns(), move || -> Result<()> {
         let mut s = socks_connect(&socks, source)?;
+        s.write_all(&1u64.to_be_bytes())?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b)?;
         Ok(())

@@ -167,7 +167,9 @@ impl MultipathLab {
     pub fn client_if_bytes(&self, i: usize) -> Result<(u64, u64)> {
         let dev = self.client_if(i);
         run_in_netns(&self.client_ns(), move || -> Result<(u64, u64)> {
-            let stats = std::fs::read_to_string("/proc/net/dev").context("read /proc/net/dev")?;
+            // thread-self: /proc/net follows the process's first thread, which is not in the lab.
+            let stats = std::fs::read_to_string("/proc/thread-self/net/dev")
+                .context("read /proc/thread-self/net/dev")?;
             for line in stats.lines() {
                 let Some((name, rest)) = line.split_once(':') else {
                     continue;
