@@ -537,6 +537,7 @@ impl<D: Dialer> Client<D> {
             next_flow: AtomicU64::new(1),
         });
         if multipath {
+            conn.paths.detect_silence();
             info!(paths = ?cfg.paths, scheduler = %cfg.scheduler, "multipath client");
         }
         Ok(Client {

@@ -145,6 +145,9 @@ pub struct PathTable {
     /// Bumped whenever a path comes, goes, or changes usability: flows re-plan then.
     changed: watch::Sender<u64>,
     scheduler: Mutex<Scheduler>,
+    /// Whether silence makes a path unusable. Only paths with [`PATH_KEEPALIVE`] are never
+    /// silent while alive; a single ordinary connection may be quiet for seconds.
+    detect_silence: std::sync::atomic::AtomicBool,
 }
 
 impl PathTable {
@@ -154,7 +157,13 @@ impl PathTable {
             slots: Mutex::new(Default::default()),
             changed: watch::Sender::new(0),
             scheduler: Mutex::new(scheduler),
+            detect_silence: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Turns silence detection on: for bundles whose paths send [`PATH_KEEPALIVE`]s.
+    pub fn detect_silence(&self) {
+        self.detect_silence.store(true, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, [Option<Arc<Path>>; MAX_PATHS]> {
@@ -348,7 +357,8 @@ async fn monitor(table: std::sync::Weak<PathTable>, path: Arc<Path>) {
             heard = now;
         }
         let limit = SUSPECT_AFTER.max(4 * s.path.rtt);
-        let usable = now.duration_since(heard) < limit;
+        let usable =
+            !table.detect_silence.load(Ordering::Relaxed) || now.duration_since(heard) < limit;
         if path.usable.swap(usable, Ordering::Relaxed) != usable {
             let r = path.report();
             if usable {

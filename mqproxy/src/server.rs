@@ -439,6 +439,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: Owne
             inc(&m.paths_bound);
             let b = ctx.bundle(id, &ctx);
             b.paths.set_scheduler(scheduler);
+            b.paths.detect_silence();
             info!(%client_id, path = index, %scheduler, bundle = %hex_id(&id), "client authenticated (multipath)");
             (b, index)
         }

@@ -291,6 +291,7 @@ fn tcp_download(lab: &MultipathLab, socks: &str, flows: usize, len: usize) -> Re
         handles.push(
             lab.spawn_thread(&lab.client_ns(), move || -> Result<usize> {
                 let mut s = socks_connect(&socks, source)?;
+                s.write_all(&(per as u64).to_be_bytes())?;
                 s.set_read_timeout(Some(Duration::from_secs(30)))?;
                 let mut buf = vec![0u8; 1 << 16];
                 let mut got = 0;
