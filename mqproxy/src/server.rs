@@ -437,7 +437,7 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: Owne
     let (bundle, index) = match bind {
         Some((id, index, scheduler)) => {
             inc(&m.paths_bound);
-            let b = ctx.bundle(id, &ctx);
+            let b = ctx.bundle(id);
             b.paths.set_scheduler(scheduler);
             b.paths.detect_silence();
             info!(%client_id, path = index, %scheduler, bundle = %hex_id(&id), "client authenticated (multipath)");
@@ -547,13 +547,13 @@ impl Bundle {
 
 impl Ctx {
     /// The bundle `id`, created on first use.
-    fn bundle(&self, id: [u8; BUNDLE_ID_LEN], ctx: &Ctx) -> Arc<Bundle> {
+    fn bundle(&self, id: [u8; BUNDLE_ID_LEN]) -> Arc<Bundle> {
         let mut map = locked(&self.bundles);
         if let Some(b) = map.get(&id).and_then(|w| w.upgrade()) {
             return b;
         }
         map.retain(|_, w| w.strong_count() > 0);
-        let b = Arc::new(Bundle::new(Some(id), ctx));
+        let b = Arc::new(Bundle::new(Some(id), self));
         map.insert(id, Arc::downgrade(&b));
         b
     }
