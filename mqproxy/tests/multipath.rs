@@ -177,3 +177,52 @@ async fn udp_over_two_paths_and_backup_keeps_the_primary() {
         "backup keeps >= 95 % on the primary: {sent:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redundant_sends_udp_twice_and_delivers_once() {
+    let h = start(two_paths(Scheduler::Redundant)).await;
+    both_paths_up(&h).await;
+    let (echo, _e) = udp_echo().await;
+    let a = UdpAssociation::open(h.socks, None)
+        .await
+        .expect("associate");
+    let target = TargetAddr::Ip(echo);
+    // Paced so none is lost to socket buffers: every copy counts.
+    let n = 50u32;
+    for i in 0..n {
+        a.send_to(&target, &i.to_be_bytes()).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut seen = std::collections::HashMap::new();
+    while let Ok(Ok((_, d))) = tokio::time::timeout(Duration::from_millis(500), a.recv_from()).await
+    {
+        *seen.entry(d.to_vec()).or_insert(0u32) += 1;
+    }
+    assert!(seen.len() as u32 >= n - 2, "echoes: {}", seen.len());
+    assert!(
+        seen.values().all(|&c| c == 1),
+        "a reply was delivered twice: {seen:?}"
+    );
+    assert!(
+        gauge(&h.server.udp_duplicates) >= u64::from(n) / 2,
+        "the server dropped the second copies: {}",
+        gauge(&h.server.udp_duplicates)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wlb_striped_download_is_byte_exact() {
+    let h = start(two_paths(Scheduler::Wlb)).await;
+    both_paths_up(&h).await;
+    let down = pattern(8 << 20, 11);
+    let (target, _srv) = tcp_source(down.clone()).await;
+    let mut s = socks_connect(h.socks, target).await;
+    s.shutdown().await.expect("fin");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut got))
+        .await
+        .expect("completes")
+        .expect("download");
+    assert_eq!(got.len(), down.len() + 32);
+    assert!(got[..down.len()] == down[..], "byte exact");
+}
