@@ -37,7 +37,12 @@ fn pattern(len: usize) -> Vec<u8> {
 
 /// The server side: a TCP source (each connection sends a `u64` length, big-endian, and gets
 /// that many bytes of `data`), and a UDP echo.
-fn start_targets(lab: &MultipathLab, data: Arc<Vec<u8>>, stop: Arc<AtomicBool>) -> Result<()> {
+/// Returns the set of source addresses the echo has seen (one per server-side UDP socket).
+fn start_targets(
+    lab: &MultipathLab,
+    data: Arc<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+) -> Result<Arc<std::sync::Mutex<std::collections::HashSet<SocketAddr>>>> {
     let ip = lab.server_ip();
     let tcp = lab.run_in(&lab.server_ns(), move || {
         TcpListener::bind((ip, SOURCE_PORT))
@@ -47,10 +52,13 @@ fn start_targets(lab: &MultipathLab, data: Arc<Vec<u8>>, stop: Arc<AtomicBool>) 
     })??;
     udp.set_read_timeout(Some(Duration::from_millis(100)))?;
     let s2 = stop.clone();
+    let sources = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let seen = sources.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while !s2.load(Ordering::Relaxed) {
             if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                seen.lock().expect("not poisoned").insert(from);
                 let _ = udp.send_to(&buf[..n], from);
             }
         }
@@ -74,7 +82,7 @@ fn start_targets(lab: &MultipathLab, data: Arc<Vec<u8>>, stop: Arc<AtomicBool>) 
             }
         }
     });
-    Ok(())
+    Ok(sources)
 }
 
 /// A process started in the lab, killed (by its own handle) when dropped.
@@ -175,7 +183,7 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     let dir = common::temp_dir("mplab");
     let data = Arc::new(pattern(24 << 20));
     let stop = Arc::new(AtomicBool::new(false));
-    start_targets(&lab, data.clone(), stop.clone())?;
+    let echo_sources = start_targets(&lab, data.clone(), stop.clone())?;
     let (_server, fp) = start_server(&lab, &dir)?;
     let _client = start_client(&lab, &fp, SOCKS, &[0, 1], "minrtt")?;
     let source = SocketAddr::from((lab.server_ip(), SOURCE_PORT));
@@ -275,6 +283,14 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     assert!(
         longest_gap < Duration::from_millis(1500),
         "UDP round trips stopped for {longest_gap:?} around a path cut"
+    );
+    // The session survived both cuts: its server socket (the source the destination sees)
+    // never changed, although its signalling stream had to move to the other path each time.
+    let sources = echo_sources.lock().expect("not poisoned").clone();
+    assert_eq!(
+        sources.len(),
+        1,
+        "the UDP session was re-created: {sources:?}"
     );
     Ok(())
 }
@@ -430,7 +446,7 @@ fn bench_multipath() -> Result<()> {
     let lab = MultipathLab::new(2, shape)?;
     let dir = common::temp_dir("mpbench");
     let stop = Arc::new(AtomicBool::new(false));
-    start_targets(&lab, Arc::new(pattern(tcp_len)), stop.clone())?;
+    let _echo_sources = start_targets(&lab, Arc::new(pattern(tcp_len)), stop.clone())?;
     let (_server, fp) = start_server(&lab, &dir)?;
     // (name, paths, scheduler)
     let configs: [(&str, &[usize], &str); 2] =
