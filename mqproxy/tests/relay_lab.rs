@@ -18,6 +18,7 @@ use common::{have, temp_dir, ChildGuard};
 use netlab::{Lab, LabConfig, NatType, Side};
 use quic_relay::server::{Server, ServerHandle};
 use quic_relay::sessions::RelayConfig;
+use quic_relay::tcp::TcpConfig;
 
 const WAIT: Duration = Duration::from_secs(30);
 const RELAY_PORT: u16 = 4433;
@@ -32,6 +33,9 @@ fn start_relay(lab: &Lab, cfg: RelayConfig) -> ServerHandle {
     lab.run_in(&lab.relay_ns(), move || {
         Server::bind(addr, cfg, 4 << 20)
             .expect("bind relay")
+            // TCP on the same port, for peers whose networks block UDP.
+            .with_tcp(TcpConfig::default())
+            .expect("bind relay TCP")
             .spawn()
             .expect("spawn relay")
     })
@@ -201,6 +205,9 @@ struct RelayClient {
     log: Log,
     /// The path it reported at connect: `direct` or `relay`.
     path: String,
+    /// The path the server reported for it: the same, or `relay-tcp` when the server reaches
+    /// the relay over TCP.
+    server_path: String,
 }
 
 impl Fixture {
@@ -273,9 +280,23 @@ impl Fixture {
         let served = self
             .slog
             .wait_for("client connected through the relay session");
-        assert_eq!(field(&served, "path"), path, "both ends report one path");
+        let server_path = field(&served, "path");
+        // Each end names its own leg: a server on TCP to the relay says `relay-tcp`.
+        let leg = |p: &str| {
+            if p == "relay-tcp" {
+                "relay".to_owned()
+            } else {
+                p.to_owned()
+            }
+        };
+        assert_eq!(leg(&server_path), path, "both ends report one path");
         self.slog.wait_for("client authenticated");
-        RelayClient { child, log, path }
+        RelayClient {
+            child,
+            log,
+            path,
+            server_path,
+        }
     }
 
     /// Downloads the file with `curl --socks5-hostname` through the client and checks it.
@@ -416,6 +437,29 @@ fn port_restricted_nat_server_is_reached_directly() {
         path, "direct",
         "two port-restricted NATs punch a direct path"
     );
+}
+
+/// The server's network blocks UDP: peer-sdk registers it over TCP to the relay, which bridges
+/// its QUIC packets to the client's UDP; curl through the client still downloads byte-exact.
+#[test]
+fn udp_blocked_server_is_reached_over_tcp_to_the_relay() {
+    netlab::require_lab!();
+    if !have("curl", &["--version"]) || !have("python3", &["--version"]) {
+        return;
+    }
+    let mut f = Fixture::new(
+        NatType::UdpBlocked,
+        NatType::PortRestricted,
+        "6f1c2d3e-0a4b-4c5d-8e6f-000000000005",
+    );
+    let c = f.client();
+    assert_eq!(
+        c.server_path, "relay-tcp",
+        "the server is on TCP to the relay"
+    );
+    assert_eq!(c.path, "relay", "the client relays over UDP");
+    f.fetch("over-tcp.bin");
+    drop(c);
 }
 
 /// The direct path is cut under a live connection: both ends log the move to the relay, the
