@@ -99,7 +99,7 @@ impl PathMetrics {
     fn set(&self, path: Option<Path>) {
         let (d, r) = match path {
             Some(Path::Direct(_)) => (1, 0),
-            Some(Path::Relay) => (0, 1),
+            Some(Path::Relay | Path::RelayTcp) => (0, 1),
             None => (0, 0),
         };
         self.direct.store(d, Ordering::Relaxed);
@@ -137,6 +137,7 @@ fn describe(path: Path) -> (&'static str, Option<SocketAddr>) {
     match path {
         Path::Direct(a) => ("direct", Some(a)),
         Path::Relay => ("relay", None),
+        Path::RelayTcp => ("relay-tcp", None),
     }
 }
 
