@@ -42,6 +42,31 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// Median of the values (the mean of the middle two for an even count); NaN when empty.
+/// `cargo build --release --locked -p <each package>`, from the project root.
+pub fn build_release(packages: &[&str]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(crate::project_root())
+        .args(["build", "--release", "--locked"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let status = cmd.status().context("run cargo build")?;
+    if !status.success() {
+        anyhow::bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A free loopback TCP port: bound and released at once (nothing else on the host races for
+/// loopback ports during a benchmark).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {

@@ -118,7 +118,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let target = crate::target_dir().join("release");
     if !no_build {
-        build()?;
+        super::build_release(&["xtask", "mqproxy"])?;
     }
     if cfg!(debug_assertions) {
         // A debug-built load generator would measure itself, not the proxies.
@@ -219,33 +219,9 @@ pub fn run(args: &[String]) -> Result<()> {
     })
 }
 
-fn build() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(crate::project_root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "xtask",
-        "-p",
-        "mqproxy",
-    ]);
-    let status = cmd.status().context("run cargo build")?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
-
 fn which(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-}
-
-fn free_port() -> Result<u16> {
-    // Bound and released at once; nothing else on this host races for loopback ports.
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A proxy pair (server + local SOCKS5 side), killed when dropped.
@@ -276,7 +252,7 @@ impl Proxy {
 }
 
 fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
-    let (sp, cp) = (free_port()?, free_port()?);
+    let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
     let mut server = Command::new(bin);
     server
         .args([
@@ -317,7 +293,7 @@ fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
 }
 
 fn start_ss(log_dir: &Path) -> Result<Proxy> {
-    let (sp, cp) = (free_port()?, free_port()?);
+    let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
     let mut server = Command::new("ss-server");
     server.args([
         "-s",

@@ -91,7 +91,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let target = crate::target_dir().join("release");
     if !no_build {
-        build()?;
+        super::build_release(&["xtask", "mqproxy"])?;
     }
     if cfg!(debug_assertions) {
         // A debug-built load generator would measure itself, not the tunnel.
@@ -113,35 +113,10 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn build() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(crate::project_root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "xtask",
-        "-p",
-        "mqproxy",
-    ]);
-    let status = cmd.status().context("run cargo build")?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
-
 fn socket() -> Result<UdpSocket> {
     let s = sys::bind_udp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
     sys::set_buffers(&s, BUFFERS).context("socket buffers")?;
     Ok(s)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Both ends of a tunnel, killed when dropped. The connect side's UDP entry is `entry`.
@@ -159,9 +134,9 @@ impl Tunnel {
         receiver: &UdpSocket,
     ) -> Result<Tunnel> {
         let log_dir = crate::target_dir().join("bench-uot");
-        let tcp = free_port()?;
-        let entry_port = free_port()?;
-        let exit_port = free_port()?;
+        let tcp = super::free_tcp_port()?;
+        let entry_port = super::free_tcp_port()?;
+        let exit_port = super::free_tcp_port()?;
         let mut listen = Command::new(bin);
         listen.args([
             "--framing",
