@@ -1,11 +1,11 @@
 //! The mqproxy client: SOCKS5 (CONNECT and UDP ASSOCIATE) and HTTP CONNECT listeners whose
-//! traffic rides one authenticated QUIC connection to the server, re-established with jittered
-//! backoff whenever it drops.
+//! traffic rides an authenticated QUIC connection to the server (one per path with `--path`),
+//! each re-established with jittered backoff whenever it drops.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -13,13 +13,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 use quinn::{Connection, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::multipath::{self, PathReport, PathTable, Subflow};
+use crate::paths::{DupFilter, Scheduler, MAX_PATHS};
 use crate::proto::{
     self, AuthStatus, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler, TargetAddr,
-    UdpStatus, FEATURE_UDP,
+    UdpStatus, BUNDLE_ID_LEN, FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
 use crate::socks::{self, SocksError};
 use crate::tls::{self, ClientVerify, TlsError};
@@ -40,6 +42,9 @@ pub const AUTH_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest reconnection delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest redial delay of one path of a multipath client (the others carry the traffic
+/// meanwhile, and a path that comes back should be in use again within seconds).
+pub const PATH_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Concurrent SOCKS/HTTP client connections: each holds a task and buffers (~130 KiB while
 /// splicing), so this caps the client at roughly half a GiB.
 pub const MAX_INGRESS_CONNECTIONS: usize = 4096;
@@ -77,6 +82,11 @@ pub struct ClientConfig {
     /// Reach the server through this relay session instead of `server` (see
     /// [`crate::rendezvous`]); `server` then only names it in logs.
     pub relay: Option<crate::rendezvous::RelayTarget>,
+    /// Local addresses to reach the server from, one QUIC connection (path) each; empty: one
+    /// path from any address.
+    pub paths: Vec<std::net::IpAddr>,
+    /// How traffic is spread over the paths.
+    pub scheduler: Scheduler,
 }
 
 impl ClientConfig {
@@ -94,6 +104,8 @@ impl ClientConfig {
             socks_auth: None,
             client_id: format!("mqproxy/{}", env!("CARGO_PKG_VERSION")),
             relay: None,
+            paths: Vec::new(),
+            scheduler: Scheduler::default(),
         }
     }
 }
@@ -125,6 +137,23 @@ pub enum ClientError {
     /// No connection to the server within [`CONNECT_WAIT`].
     #[error("no connection to the server: {0}")]
     NotConnected(String),
+    /// `--path` was given but the server does not bind paths together.
+    #[error("the server does not support multipath (upgrade it, or run without --path)")]
+    NoMultipath,
+    /// Too many or no paths.
+    #[error("{0} paths: between 1 and {MAX_PATHS} are supported")]
+    Paths(usize),
+}
+
+/// Read access to a client's path health, for logs, metrics and tests.
+#[derive(Debug, Clone)]
+pub struct PathsHandle(Arc<PathTable>);
+
+impl PathsHandle {
+    /// Health of every connected path.
+    pub fn reports(&self) -> Vec<PathReport> {
+        self.0.reports()
+    }
 }
 
 /// Counters (and gauges, marked) of a running client.
@@ -157,16 +186,24 @@ struct Route {
     client: Arc<OnceLock<SocketAddr>>,
     /// The SOCKS UDP header for replies: the destination as the client named it.
     header: Bytes,
+    /// Reply packet ids already delivered (copies over a second path are dropped).
+    dup: Arc<Mutex<DupFilter>>,
 }
 
-/// One authenticated connection to the server.
+/// The client's side of its bundle: the paths (one QUIC connection each; without `--path`
+/// a bundle of one), UDP session routes and id counters. Lives as long as the client;
+/// connections come and go underneath.
 #[derive(Debug)]
 struct Conn {
-    conn: Connection,
-    udp: bool,
+    paths: Arc<PathTable>,
+    /// Paths bound with PATH_BIND (`--path` given): TCP is striped, UDP sessions re-attach.
+    multipath: bool,
+    bundle_id: [u8; BUNDLE_ID_LEN],
+    /// Whether the server relays UDP (from the last authentication).
+    udp: AtomicBool,
     routes: Mutex<HashMap<u32, Route>>,
     next_id: AtomicU32,
-    _dispatch: OnceLock<AbortOnDrop<()>>,
+    next_flow: AtomicU64,
 }
 
 impl Conn {
@@ -176,22 +213,28 @@ impl Conn {
     }
 
     fn alive(&self) -> bool {
-        self.conn.close_reason().is_none()
+        self.paths.live_count() > 0
+    }
+
+    fn udp(&self) -> bool {
+        self.udp.load(Ordering::Relaxed)
     }
 }
 
 #[derive(Debug, Clone)]
 enum LinkState {
     Connecting,
-    Up(Arc<Conn>),
+    Up,
     Down { error: String, refused: bool },
 }
 
-/// The connection to the server, kept up by [`Link::supervise`].
+/// The connections to the server (one per path), each kept up by its own loop in
+/// [`Link::supervise`].
 #[derive(Debug)]
 struct Link<D> {
-    dialer: D,
+    dialers: Vec<D>,
     cfg: Arc<ClientConfig>,
+    conn: Arc<Conn>,
     state: watch::Sender<LinkState>,
     metrics: Arc<Metrics>,
 }
@@ -202,7 +245,7 @@ impl<D: Dialer> Link<D> {
         let wait = async {
             loop {
                 match &*rx.borrow_and_update() {
-                    LinkState::Up(c) if c.alive() => return Ok(c.clone()),
+                    LinkState::Up if self.conn.alive() => return Ok(self.conn.clone()),
                     LinkState::Down {
                         error,
                         refused: true,
@@ -223,42 +266,74 @@ impl<D: Dialer> Link<D> {
         }
     }
 
+    /// Keeps every path connected: one loop per path, each redialing with backoff.
     async fn supervise(self: Arc<Self>) {
+        let mut paths = JoinSet::new();
+        for index in 0..self.dialers.len() {
+            paths.spawn(self.clone().supervise_path(index).in_current_span());
+        }
+        while paths.join_next().await.is_some() {}
+    }
+
+    async fn supervise_path(self: Arc<Self>, index: usize) {
         let mut failures = 0u32;
+        let multipath = self.conn.multipath;
+        let local = self.cfg.paths.get(index).map(|ip| ip.to_string());
         loop {
-            match self.connect_once().await {
+            match self.connect_once(index).await {
                 Ok(c) => {
                     failures = 0;
                     inc(&self.metrics.connections);
-                    info!(server = %self.cfg.server, udp = c.udp, "connected and authenticated");
-                    self.state.send_replace(LinkState::Up(c.clone()));
-                    let e = c.conn.closed().await;
-                    warn!(error = %e, "connection to the server lost; reconnecting");
-                    self.state.send_replace(LinkState::Down {
-                        error: e.to_string(),
-                        refused: false,
-                    });
+                    info!(server = %self.cfg.server, path = index, local = ?local, udp = self.conn.udp(), "connected and authenticated");
+                    let (_, monitor) = self.conn.paths.insert(index, c.clone());
+                    self.state.send_replace(LinkState::Up);
+                    let disp = dispatch(Arc::downgrade(&self.conn), c.clone());
+                    tokio::join!(monitor, disp);
+                    self.conn.paths.remove(index, &c);
+                    let e = c.closed().await;
+                    if multipath {
+                        warn!(path = index, local = ?local, error = %e, "path lost; redialing it");
+                    } else {
+                        warn!(error = %e, "connection to the server lost; reconnecting");
+                    }
+                    if !self.conn.alive() {
+                        self.state.send_replace(LinkState::Down {
+                            error: e.to_string(),
+                            refused: false,
+                        });
+                    }
                 }
                 Err(e) => {
-                    let refused = matches!(e, ClientError::AuthRefused(_));
+                    let refused =
+                        matches!(e, ClientError::AuthRefused(_) | ClientError::NoMultipath);
                     if refused {
-                        tracing::error!(server = %self.cfg.server, error = %e, "authentication refused");
+                        tracing::error!(server = %self.cfg.server, path = index, error = %e, "authentication refused");
                     } else {
-                        warn!(server = %self.cfg.server, error = %e, "connecting to the server failed");
+                        warn!(server = %self.cfg.server, path = index, local = ?local, error = %e, "connecting to the server failed");
                     }
-                    self.state.send_replace(LinkState::Down {
-                        error: e.to_string(),
-                        refused,
-                    });
+                    if !self.conn.alive() {
+                        self.state.send_replace(LinkState::Down {
+                            error: e.to_string(),
+                            refused,
+                        });
+                    }
                     failures = failures.saturating_add(1);
                 }
             }
-            tokio::time::sleep(backoff(failures)).await;
+            let wait = backoff(failures);
+            // A path of a bundle is redialed sooner: the other paths carry the traffic
+            // meanwhile, and a path that returns should be used again within seconds.
+            let wait = if multipath {
+                wait.min(PATH_BACKOFF_MAX)
+            } else {
+                wait
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 
-    async fn connect_once(&self) -> Result<Arc<Conn>, ClientError> {
-        let conn = self.dialer.dial().await?;
+    async fn connect_once(&self, index: usize) -> Result<Connection, ClientError> {
+        let conn = self.dialers[index].dial().await?;
         let auth = async {
             let (mut send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
             let req = Frame::AuthRequest {
@@ -267,7 +342,18 @@ impl<D: Dialer> Link<D> {
                 token: self.cfg.token.clone(),
                 features: FEATURE_UDP,
             };
-            transport::write_frame(&mut send, Some(proto::STREAM_AUTH), &req).await?;
+            let mut b = BytesMut::new();
+            proto::put_varint(&mut b, proto::STREAM_AUTH);
+            req.encode(&mut b);
+            if self.conn.multipath {
+                Frame::PathBind {
+                    bundle: self.conn.bundle_id,
+                    path_index: index as u64,
+                    scheduler: self.cfg.scheduler.code(),
+                }
+                .encode(&mut b);
+            }
+            send.write_all(&b).await.map_err(TransportError::from)?;
             let _ = send.finish();
             Ok::<_, ClientError>(FrameReader::new(recv).frame().await)
         };
@@ -294,17 +380,15 @@ impl<D: Dialer> Link<D> {
                 udp_idle_timeout_ms,
                 ..
             }) => {
-                debug!(features, udp_idle_timeout_ms, "authenticated");
-                let c = Arc::new(Conn {
-                    conn: conn.clone(),
-                    udp: features & FEATURE_UDP != 0,
-                    routes: Mutex::new(HashMap::new()),
-                    next_id: AtomicU32::new(1),
-                    _dispatch: OnceLock::new(),
-                });
-                let task = tokio::spawn(dispatch(Arc::downgrade(&c), conn).in_current_span());
-                let _ = c._dispatch.set(AbortOnDrop(task));
-                Ok(c)
+                debug!(features, udp_idle_timeout_ms, path = index, "authenticated");
+                if self.conn.multipath && features & FEATURE_MULTIPATH == 0 {
+                    conn.close(VarInt::from_u32(close::SHUTDOWN), b"multipath unsupported");
+                    return Err(ClientError::NoMultipath);
+                }
+                self.conn
+                    .udp
+                    .store(features & FEATURE_UDP != 0, Ordering::Relaxed);
+                Ok(conn)
             }
             Some(Frame::AuthResponse { status, .. }) => {
                 conn.close(VarInt::from_u32(close::SHUTDOWN), b"");
@@ -331,7 +415,8 @@ fn backoff(failures: u32) -> Duration {
     base.mul_f64(rand::random_range(0.5..1.5))
 }
 
-/// Routes DATAGRAMs from the server to the SOCKS clients of their sessions.
+/// Routes DATAGRAMs from the server on one path to the SOCKS clients of their sessions.
+/// Fragments of a packet always travel on one path, so reassembly is per path.
 async fn dispatch(c: std::sync::Weak<Conn>, conn: Connection) {
     let mut reassembly: HashMap<u32, Reassembler> = HashMap::new();
     let mut reassembly_bytes = 0usize;
@@ -365,6 +450,14 @@ async fn dispatch(c: std::sync::Weak<Conn>, conn: Connection) {
                 _ => continue,
             }
         };
+        if !route
+            .dup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accept(h.packet_id)
+        {
+            continue;
+        }
         let Some(to) = route.client.get() else {
             continue;
         };
@@ -386,22 +479,46 @@ pub struct Client<D = QuicDialer> {
 }
 
 impl Client<QuicDialer> {
-    /// Binds the listeners and prepares the QUIC endpoint (connecting starts in `run`).
+    /// Binds the listeners and prepares the QUIC endpoints, one per `--path` (connecting
+    /// starts in `run`).
     pub async fn bind(cfg: ClientConfig) -> Result<Self, ClientError> {
         let qc = tls::client_config(&cfg.verify)?;
-        let dialer = QuicDialer::new(
-            cfg.server.clone(),
-            cfg.server_name.clone(),
-            qc,
-            cfg.idle_timeout,
-        )?;
-        Client::with_dialer(cfg, dialer).await
+        let dialers = if cfg.paths.is_empty() {
+            vec![QuicDialer::new(
+                cfg.server.clone(),
+                cfg.server_name.clone(),
+                qc,
+                cfg.idle_timeout,
+            )?]
+        } else {
+            cfg.paths
+                .iter()
+                .map(|ip| {
+                    QuicDialer::for_path(
+                        cfg.server.clone(),
+                        cfg.server_name.clone(),
+                        qc.clone(),
+                        *ip,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        Client::with_dialers(cfg, dialers).await
     }
 }
 
 impl<D: Dialer> Client<D> {
     /// Binds the listeners; connections to the server come from `dialer`.
     pub async fn with_dialer(cfg: ClientConfig, dialer: D) -> Result<Self, ClientError> {
+        Self::with_dialers(cfg, vec![dialer]).await
+    }
+
+    /// Binds the listeners; path `i`'s connections come from `dialers[i]`. More than one
+    /// dialer (or any `cfg.paths`) makes a multipath client.
+    pub async fn with_dialers(cfg: ClientConfig, dialers: Vec<D>) -> Result<Self, ClientError> {
+        if dialers.is_empty() || dialers.len() > MAX_PATHS {
+            return Err(ClientError::Paths(dialers.len()));
+        }
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -413,11 +530,26 @@ impl<D: Dialer> Client<D> {
             None => None,
         };
         let (state, _) = watch::channel(LinkState::Connecting);
+        let multipath = dialers.len() > 1 || !cfg.paths.is_empty();
+        let conn = Arc::new(Conn {
+            paths: Arc::new(PathTable::new(cfg.scheduler)),
+            multipath,
+            bundle_id: rand::random(),
+            udp: AtomicBool::new(false),
+            routes: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            next_flow: AtomicU64::new(1),
+        });
+        if multipath {
+            conn.paths.detect_silence();
+            info!(paths = ?cfg.paths, scheduler = %cfg.scheduler, "multipath client");
+        }
         Ok(Client {
             socks,
             http,
             link: Arc::new(Link {
-                dialer,
+                dialers,
+                conn,
                 cfg: Arc::new(cfg),
                 state,
                 metrics: Arc::new(Metrics::default()),
@@ -442,6 +574,11 @@ impl<D: Dialer> Client<D> {
     /// The client's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.link.metrics.clone()
+    }
+
+    /// A handle to the health of the client's paths (RTT, loss, bytes, state).
+    pub fn paths(&self) -> PathsHandle {
+        PathsHandle(self.link.conn.paths.clone())
     }
 
     /// Serves until `shutdown` completes; every task is stopped on return.
@@ -489,12 +626,14 @@ impl<D: Dialer> Client<D> {
                 .instrument(span),
             );
         }
-        if let LinkState::Up(c) = &*self.link.state.borrow() {
-            c.conn
+        for p in self.link.conn.paths.all() {
+            p.conn
                 .close(VarInt::from_u32(close::SHUTDOWN), b"client shutting down");
         }
         tasks.shutdown().await;
-        self.link.dialer.finish().await;
+        for d in &self.link.dialers {
+            d.finish().await;
+        }
         info!("client stopped");
     }
 }
@@ -597,10 +736,10 @@ async fn serve_socks<D: Dialer>(
         socks::CMD_CONNECT => {
             inc(&link.metrics.tcp_connects);
             match open_connect(link, &req.addr).await {
-                Ok((send, reader)) => {
+                Ok(opened) => {
                     tcp.write_all(&socks::encode_reply(socks::REP_OK, socks::UNSPECIFIED))
                         .await?;
-                    splice_with(tcp, buf, send, reader).await
+                    splice_with(tcp, buf, opened).await
                 }
                 Err(status) => {
                     debug!(addr = %req.addr, ?status, "CONNECT refused");
@@ -622,13 +761,23 @@ async fn serve_socks<D: Dialer>(
     }
 }
 
-/// Sends bytes the client sent after its request, then splices.
-async fn splice_with(
-    tcp: TcpStream,
-    early: BytesMut,
-    mut send: SendStream,
-    reader: FrameReader,
-) -> Result<(), IngressError> {
+/// A server-side TCP connection, ready to carry bytes.
+enum Opened {
+    /// Single path: one CONNECT stream.
+    Stream(SendStream, FrameReader),
+    /// Multipath: a striped flow and the subflow it was opened on.
+    Flow(Arc<Conn>, u64, Subflow),
+}
+
+/// Sends bytes the client sent after its request, then splices (or runs the striped flow).
+async fn splice_with(tcp: TcpStream, early: BytesMut, opened: Opened) -> Result<(), IngressError> {
+    let (mut send, reader) = match opened {
+        Opened::Stream(send, reader) => (send, reader),
+        Opened::Flow(c, flow_id, first) => {
+            run_client_flow(tcp, c, flow_id, first, early.freeze()).await;
+            return Ok(());
+        }
+    };
     if !early.is_empty() && send.write_all(&early).await.is_err() {
         return Ok(());
     }
@@ -638,29 +787,119 @@ async fn splice_with(
     Ok(())
 }
 
-/// Opens a CONNECT stream and waits for the server's answer.
+/// Carries one TCP connection as a striped flow: opens a SUBFLOW on every other path, now
+/// and whenever a path (re)connects, while the flow runs.
+async fn run_client_flow(tcp: TcpStream, c: Arc<Conn>, flow_id: u64, first: Subflow, early: Bytes) {
+    let (more_tx, more_rx) = mpsc::channel(MAX_PATHS);
+    let first_id = c.paths.get(first.path).map(|p| p.conn.stable_id());
+    let opener = AbortOnDrop(tokio::spawn(
+        open_subflows(c.clone(), flow_id, first.path, first_id, more_tx).in_current_span(),
+    ));
+    match multipath::run_flow(tcp, c.paths.clone(), first, more_rx, early).await {
+        Ok((up, down)) => debug!(
+            flow = flow_id,
+            bytes_up = up,
+            bytes_down = down,
+            "flow done"
+        ),
+        Err(e) => debug!(flow = flow_id, error = %e, "flow failed"),
+    }
+    drop(opener);
+}
+
+async fn open_subflows(
+    c: Arc<Conn>,
+    flow_id: u64,
+    first_path: usize,
+    first_id: Option<usize>,
+    more: mpsc::Sender<Subflow>,
+) {
+    // The connection each path's subflow was opened on.
+    let mut opened: [Option<usize>; MAX_PATHS] = [None; MAX_PATHS];
+    opened[first_path] = first_id;
+    let mut changes = c.paths.subscribe();
+    loop {
+        for p in c.paths.all() {
+            let id = p.conn.stable_id();
+            if opened[p.index] == Some(id) || p.conn.close_reason().is_some() {
+                continue;
+            }
+            opened[p.index] = Some(id);
+            let open = async {
+                let (mut send, recv) = p.conn.open_bi().await.map_err(TransportError::from)?;
+                transport::write_frame(
+                    &mut send,
+                    Some(proto::STREAM_SUBFLOW),
+                    &Frame::Subflow { flow_id },
+                )
+                .await?;
+                Ok::<_, TransportError>((send, recv))
+            };
+            match open.await {
+                Ok((send, recv)) => {
+                    let sub = Subflow {
+                        path: p.index,
+                        send,
+                        recv,
+                        leftover: BytesMut::new(),
+                    };
+                    if more.send(sub).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    debug!(flow = flow_id, path = p.index, error = %e, "opening a subflow failed")
+                }
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens a CONNECT stream (a striped flow when multipath) and waits for the server's answer.
 async fn open_connect<D: Dialer>(
     link: &Link<D>,
     addr: &TargetAddr,
-) -> Result<(SendStream, FrameReader), ConnectStatus> {
+) -> Result<Opened, ConnectStatus> {
     let c = link.get().await.map_err(|e| {
         debug!(error = %e, "no server connection for CONNECT");
         ConnectStatus::GeneralFailure
     })?;
+    let path = c.paths.best().ok_or(ConnectStatus::GeneralFailure)?;
+    let flow_id = c.next_flow.fetch_add(1, Ordering::Relaxed);
     let attempt = async {
-        let (mut send, recv) = c.conn.open_bi().await.map_err(TransportError::from)?;
-        let req = Frame::ConnectRequest { addr: addr.clone() };
-        transport::write_frame(&mut send, Some(proto::STREAM_CONNECT_TCP), &req).await?;
+        let (mut send, recv) = path.conn.open_bi().await.map_err(TransportError::from)?;
+        if c.multipath {
+            let req = Frame::MpConnect {
+                flow_id,
+                addr: addr.clone(),
+            };
+            transport::write_frame(&mut send, Some(proto::STREAM_MP_CONNECT), &req).await?;
+        } else {
+            let req = Frame::ConnectRequest { addr: addr.clone() };
+            transport::write_frame(&mut send, Some(proto::STREAM_CONNECT_TCP), &req).await?;
+        }
         let mut r = FrameReader::new(recv);
         let resp = r.frame().await?;
         Ok::<_, TransportError>((send, r, resp))
     };
     match tokio::time::timeout(CONNECT_RESPONSE_TIMEOUT, attempt).await {
         Ok(Ok((send, r, Some(Frame::ConnectResponse { status, .. })))) => {
-            if status == ConnectStatus::Ok {
-                Ok((send, r))
-            } else {
+            if status != ConnectStatus::Ok {
                 Err(status)
+            } else if c.multipath {
+                let (recv, leftover) = r.into_parts();
+                let first = Subflow {
+                    path: path.index,
+                    send,
+                    recv,
+                    leftover,
+                };
+                Ok(Opened::Flow(c, flow_id, first))
+            } else {
+                Ok(Opened::Stream(send, r))
             }
         }
         Ok(Ok(_)) => Err(ConnectStatus::GeneralFailure),
@@ -701,10 +940,10 @@ async fn serve_http<D: Dialer>(mut tcp: TcpStream, link: &Link<D>) -> Result<(),
     };
     inc(&link.metrics.tcp_connects);
     match open_connect(link, &addr).await {
-        Ok((send, reader)) => {
+        Ok(opened) => {
             tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await?;
-            splice_with(tcp, buf, send, reader).await
+            splice_with(tcp, buf, opened).await
         }
         Err(status) => {
             let line: &[u8] = match status {
@@ -774,7 +1013,7 @@ async fn udp_associate<D: Dialer>(
             return Ok(());
         }
     };
-    if !conn.udp {
+    if !conn.udp() {
         debug!("server relays no UDP; UDP ASSOCIATE refused");
         tcp.write_all(&fail(socks::REP_COMMAND_NOT_SUPPORTED))
             .await?;
@@ -905,18 +1144,10 @@ impl<D: Dialer> Association<'_, D> {
         if e.refused_until.is_some() {
             return self.drop_packet("destination refused by the server");
         }
-        let Some(max) = e.conn.conn.max_datagram_size() else {
-            return self.drop_packet("server connection has no DATAGRAM support");
-        };
-        let frags = match proto::fragment(e.id, e.packet_id, pkt.payload, max) {
-            Ok(f) => f,
-            Err(_) => return self.drop_packet("too large"),
-        };
+        let pid = e.packet_id;
         e.packet_id = e.packet_id.wrapping_add(1);
-        for f in frags {
-            if e.conn.conn.send_datagram_wait(f).await.is_err() {
-                return self.drop_packet("connection lost");
-            }
+        if let Err(why) = e.conn.paths.send_packet(e.id, pid, pkt.payload).await {
+            self.drop_packet(why);
         }
     }
 
@@ -927,7 +1158,7 @@ impl<D: Dialer> Association<'_, D> {
         }
         if !self.conn.alive() {
             match self.link.get().await {
-                Ok(c) if c.udp => self.conn = c,
+                Ok(c) if c.udp() => self.conn = c,
                 _ => {
                     self.drop_packet("no server connection");
                     return false;
@@ -943,6 +1174,7 @@ impl<D: Dialer> Association<'_, D> {
                 socket: self.sender.clone(),
                 client: self.client.clone(),
                 header: header.freeze(),
+                dup: Arc::new(Mutex::new(DupFilter::default())),
             },
         );
         let m = &self.link.metrics;
@@ -984,59 +1216,89 @@ impl<D: Dialer> Association<'_, D> {
 }
 
 /// A UDP session's signalling stream: OPEN, RESP, then held open until either side ends it.
+/// When the stream dies with its path (multipath), the session is re-attached over another
+/// path (same id, flag ATTACH): the server keeps its socket, so the destination sees no change.
 /// Returns whether the server refused the session.
 async fn run_session(guard: RouteGuard, dest: TargetAddr, idle_ms: u64) -> bool {
     let id = guard.id;
-    let open = Frame::UdpOpen {
-        session_id: id,
-        flags: 0,
-        addr: dest.clone(),
-        idle_timeout_ms: idle_ms,
-    };
-    let start = async {
-        trace!(session = id, "opening stream");
-        let (mut send, recv) = guard
-            .conn
-            .conn
-            .open_bi()
-            .await
-            .map_err(TransportError::from)?;
-        trace!(session = id, "stream open");
-        transport::write_frame(&mut send, Some(proto::STREAM_UDP_SESSION), &open).await?;
-        Ok::<_, TransportError>((send, FrameReader::new(recv)))
-    };
-    let (_send, mut r) = match start.await {
-        Ok(x) => x,
-        Err(e) => {
-            debug!(session = id, error = %e, "opening UDP session failed");
-            return false;
-        }
-    };
-    match r.frame().await {
-        Ok(Some(Frame::UdpResp {
-            status: UdpStatus::Ok,
-            idle_timeout_ms,
-            remote,
-            ..
-        })) => debug!(session = id, %dest, ?remote, idle_timeout_ms, "UDP session open"),
-        Ok(Some(Frame::UdpResp { status, .. })) => {
-            debug!(session = id, %dest, ?status, "UDP session refused by the server");
-            return true;
-        }
-        other => {
-            debug!(session = id, ?other, "UDP session stream ended before RESP");
-            return false;
-        }
-    }
-    // Wait for UDP_CLOSE and the end of the stream. `_send` stays open until then: dropping it
-    // would finish the stream, which the server reads as the end of the session.
+    let c = guard.conn.clone();
+    let mut flags = 0;
+    let mut attempts = 0u32;
     loop {
-        match r.frame().await {
-            Ok(Some(Frame::UdpClose { reason, .. })) => {
-                debug!(session = id, ?reason, "UDP session closed by the server");
+        let Some(path) = c.paths.wait_best(CONNECT_WAIT).await else {
+            debug!(session = id, "no path to (re-)open the UDP session on");
+            return false;
+        };
+        let path_lost = || c.multipath && path.conn.close_reason().is_some();
+        let open = Frame::UdpOpen {
+            session_id: id,
+            flags,
+            addr: dest.clone(),
+            idle_timeout_ms: idle_ms,
+        };
+        let start = async {
+            let (mut send, recv) = path.conn.open_bi().await.map_err(TransportError::from)?;
+            transport::write_frame(&mut send, Some(proto::STREAM_UDP_SESSION), &open).await?;
+            Ok::<_, TransportError>((send, FrameReader::new(recv)))
+        };
+        let retry = |attempts: &mut u32| {
+            *attempts += 1;
+            *attempts <= 5
+        };
+        let (_send, mut r) = match start.await {
+            Ok(x) => x,
+            Err(e) if path_lost() && retry(&mut attempts) => {
+                debug!(session = id, error = %e, "path lost while opening the UDP session; retrying");
+                flags = UDP_FLAG_ATTACH;
+                continue;
             }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => return false,
+            Err(e) => {
+                debug!(session = id, error = %e, "opening UDP session failed");
+                return false;
+            }
+        };
+        match r.frame().await {
+            Ok(Some(Frame::UdpResp {
+                status: UdpStatus::Ok,
+                idle_timeout_ms,
+                remote,
+                ..
+            })) => {
+                attempts = 0;
+                debug!(session = id, %dest, ?remote, idle_timeout_ms, path = path.index, attach = flags != 0, "UDP session open")
+            }
+            Ok(Some(Frame::UdpResp { status, .. })) => {
+                debug!(session = id, %dest, ?status, "UDP session refused by the server");
+                return true;
+            }
+            _ if path_lost() && retry(&mut attempts) => {
+                flags = UDP_FLAG_ATTACH;
+                continue;
+            }
+            other => {
+                debug!(session = id, ?other, "UDP session stream ended before RESP");
+                return false;
+            }
+        }
+        // Wait for UDP_CLOSE and the end of the stream. `_send` stays open until then: dropping
+        // it would finish the stream, which the server reads as the end of the session.
+        loop {
+            match r.frame().await {
+                Ok(Some(Frame::UdpClose { reason, .. })) => {
+                    debug!(session = id, ?reason, "UDP session closed by the server");
+                }
+                Ok(Some(_)) => {}
+                Err(_) if path_lost() => {
+                    debug!(
+                        session = id,
+                        path = path.index,
+                        "UDP session lost its signalling path; re-attaching"
+                    );
+                    flags = UDP_FLAG_ATTACH;
+                    break;
+                }
+                Ok(None) | Err(_) => return false,
+            }
         }
     }
 }

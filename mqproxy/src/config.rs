@@ -384,6 +384,19 @@ pub struct ClientOpts {
         value_name = "EXPIRY:MAC"
     )]
     pub relay_token: Option<String>,
+    /// Multipath: reach the server from this local address as one path (repeat for each
+    /// network, e.g. --path 192.0.2.10 --path 198.51.100.7; at most 8). Each path is its own QUIC
+    /// connection; the server binds them together. TCP flows are striped over all paths and
+    /// UDP packets scheduled one by one, so traffic survives the loss of a path. Without
+    /// --path: one connection from any address.
+    #[arg(long = "path", value_name = "LOCAL_IP")]
+    pub path: Vec<std::net::IpAddr>,
+    /// How traffic is spread over the paths: minrtt (lowest RTT with room in its congestion
+    /// window), backup (the first path while it is alive), wlb (in proportion to measured
+    /// bandwidth), redundant (minrtt, and every UDP packet also sent on a second path)
+    /// [default: minrtt].
+    #[arg(long, value_name = "NAME")]
+    pub scheduler: Option<String>,
 }
 
 impl ClientOpts {
@@ -467,6 +480,35 @@ impl ClientOpts {
         }
         if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
             c.udp_idle_timeout = Some(positive_secs("--udp-idle-timeout", s)?);
+        }
+        let paths = if self.path.is_empty() {
+            file.path
+        } else {
+            self.path
+        };
+        if paths.len() > crate::paths::MAX_PATHS {
+            return Err(ConfigError::Invalid {
+                flag: "--path",
+                value: format!("{} addresses", paths.len()),
+                reason: format!("at most {} paths", crate::paths::MAX_PATHS),
+            });
+        }
+        for (i, p) in paths.iter().enumerate() {
+            if paths[..i].contains(p) {
+                return Err(ConfigError::Invalid {
+                    flag: "--path",
+                    value: p.to_string(),
+                    reason: "given twice; each path needs its own local address".into(),
+                });
+            }
+        }
+        c.paths = paths;
+        if let Some(s) = self.scheduler.or(file.scheduler) {
+            c.scheduler = s.parse().map_err(|reason| ConfigError::Invalid {
+                flag: "--scheduler",
+                value: s.clone(),
+                reason,
+            })?;
         }
         match (
             self.socks_user.or(file.socks_user),
@@ -645,5 +687,41 @@ mod tests {
             ..client
         });
         assert!(e.contains("--relay") && e.contains("HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn paths_and_scheduler() {
+        let base = ClientOpts {
+            server: Some("example.com:4433".into()),
+            token: Some("t".into()),
+            insecure: true,
+            ..Default::default()
+        };
+        let c = ClientOpts {
+            path: vec![
+                "198.18.0.1".parse().expect("lit"),
+                "100.64.0.1".parse().expect("lit"),
+            ],
+            scheduler: Some("backup".into()),
+            ..base.clone()
+        }
+        .resolve()
+        .expect("valid");
+        assert_eq!(c.paths.len(), 2);
+        assert_eq!(c.scheduler, crate::paths::Scheduler::Backup);
+        let err = ClientOpts {
+            scheduler: Some("fastest".into()),
+            ..base.clone()
+        }
+        .resolve()
+        .expect_err("unknown scheduler");
+        assert!(err.to_string().contains("--scheduler"), "{err}");
+        let err = ClientOpts {
+            path: vec!["198.18.0.1".parse().expect("lit"); 2],
+            ..base
+        }
+        .resolve()
+        .expect_err("duplicate path");
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 }

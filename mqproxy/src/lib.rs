@@ -1,5 +1,6 @@
 //! `mqproxy`: a QUIC proxy that carries SOCKS5 TCP CONNECT, HTTP CONNECT and SOCKS5 UDP
-//! ASSOCIATE over one QUIC connection (UDP as QUIC DATAGRAMs), after the original C mqproxy.
+//! ASSOCIATE over QUIC (UDP as QUIC DATAGRAMs), after the original C mqproxy: one connection,
+//! or one per network path with `--path` (multipath: TCP striped, UDP scheduled per packet).
 //!
 //! Modules:
 //! - [`proto`]: the wire format (control frames, the DATAGRAM header, fragmentation and
@@ -9,6 +10,10 @@
 //! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
 //! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions, destination policy.
 //! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
+//! - [`paths`]: multipath scheduling, the reorder and send buffers of striped TCP flows and
+//!   the UDP duplicate filter; pure.
+//! - [`multipath`]: the path table of a bundle (a QUIC connection per path, health
+//!   monitors), per-packet UDP scheduling and striped TCP flows.
 //! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
 //! - [`rendezvous`]: both roles through a `quic-relay` session (`--relay`, `--session`) for a
 //!   server with no open port: hole-punched direct path when possible, relayed otherwise.
@@ -23,6 +28,9 @@
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod multipath;
+pub mod paths;
 pub mod proto;
 #[cfg(feature = "runtime")]
 pub mod rendezvous;

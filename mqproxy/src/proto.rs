@@ -19,6 +19,10 @@ pub const STREAM_AUTH: u64 = 0x00;
 pub const STREAM_CONNECT_TCP: u64 = 0x01;
 /// Stream type of a UDP session's signalling stream (the original's value).
 pub const STREAM_UDP_SESSION: u64 = 0x02;
+/// Stream type of a multipath TCP CONNECT: MP_CONNECT, CONNECT_RESPONSE, then [`Record`]s.
+pub const STREAM_MP_CONNECT: u64 = 0x03;
+/// Stream type of a further subflow of a multipath TCP flow: SUBFLOW, then [`Record`]s.
+pub const STREAM_SUBFLOW: u64 = 0x04;
 
 /// Largest control-frame body accepted. The largest real frame is an AUTH_REQUEST with a
 /// [`MAX_TOKEN_LEN`] token plus a client id and padding; anything bigger is an attack or a bug.
@@ -30,6 +34,13 @@ pub const MAX_TEXT_LEN: usize = 512;
 
 /// Feature bit 0: the server relays UDP (the original's bit assignment).
 pub const FEATURE_UDP: u64 = 1;
+/// Feature bit 1: the server bound this connection into a multipath bundle (PATH_BIND).
+pub const FEATURE_MULTIPATH: u64 = 2;
+/// UDP_SESSION_OPEN flag bit 0: re-attach the signalling of an existing session of the bundle
+/// (its previous stream died with its path); the session keeps its socket.
+pub const UDP_FLAG_ATTACH: u64 = 1;
+/// Length of a bundle id.
+pub const BUNDLE_ID_LEN: usize = 16;
 
 /// Size of the DATAGRAM header.
 pub const DATAGRAM_HEADER_LEN: usize = 9;
@@ -548,9 +559,9 @@ pub enum Frame {
     },
     /// Client → server, first frame on a UDP_SESSION stream.
     UdpOpen {
-        /// Connection-unique id chosen by the client; DATAGRAMs carry it.
+        /// Connection- (multipath: bundle-) unique id chosen by the client; DATAGRAMs carry it.
         session_id: u32,
-        /// Reserved, 0.
+        /// Bit 0: [`UDP_FLAG_ATTACH`] (multipath); the others reserved, 0.
         flags: u64,
         /// Destination.
         addr: TargetAddr,
@@ -575,6 +586,28 @@ pub enum Frame {
         /// Why.
         reason: CloseReason,
     },
+    /// Client → server, second frame on the auth stream: this connection is path
+    /// `path_index` of bundle `bundle`.
+    PathBind {
+        /// Random id the client picked for all its paths.
+        bundle: [u8; BUNDLE_ID_LEN],
+        /// The path's position in the client's list (0: primary).
+        path_index: u64,
+        /// The scheduler the client runs, so the server schedules its direction the same way.
+        scheduler: u64,
+    },
+    /// Client → server, first frame on an MP_CONNECT stream.
+    MpConnect {
+        /// Bundle-unique flow id chosen by the client.
+        flow_id: u64,
+        /// Destination.
+        addr: TargetAddr,
+    },
+    /// Client → server, first frame on a SUBFLOW stream.
+    Subflow {
+        /// The flow (from MP_CONNECT) this stream carries chunks of.
+        flow_id: u64,
+    },
     /// A frame type this implementation does not know; skipped.
     Unknown {
         /// Its type.
@@ -589,6 +622,9 @@ const FT_CONNECT_RESPONSE: u64 = 0x04;
 const FT_UDP_OPEN: u64 = 0x05;
 const FT_UDP_RESP: u64 = 0x06;
 const FT_UDP_CLOSE: u64 = 0x07;
+const FT_PATH_BIND: u64 = 0x08;
+const FT_MP_CONNECT: u64 = 0x09;
+const FT_SUBFLOW: u64 = 0x0a;
 
 impl Frame {
     /// Encodes the frame with `padding` bytes of zero padding.
@@ -656,6 +692,25 @@ impl Frame {
                 body.put_u32(*session_id);
                 put_varint(&mut body, reason.code());
                 FT_UDP_CLOSE
+            }
+            Frame::PathBind {
+                bundle,
+                path_index,
+                scheduler,
+            } => {
+                body.put_slice(bundle);
+                put_varint(&mut body, *path_index);
+                put_varint(&mut body, *scheduler);
+                FT_PATH_BIND
+            }
+            Frame::MpConnect { flow_id, addr } => {
+                put_varint(&mut body, *flow_id);
+                addr.encode(&mut body);
+                FT_MP_CONNECT
+            }
+            Frame::Subflow { flow_id } => {
+                put_varint(&mut body, *flow_id);
+                FT_SUBFLOW
             }
             Frame::Unknown { frame_type } => *frame_type,
         };
@@ -744,6 +799,21 @@ impl Frame {
             FT_UDP_CLOSE => Frame::UdpClose {
                 session_id: c.u32("session id")?,
                 reason: CloseReason::from_code(c.varint("reason")?),
+            },
+            FT_PATH_BIND => Frame::PathBind {
+                bundle: c
+                    .bytes(BUNDLE_ID_LEN, "bundle id")?
+                    .try_into()
+                    .expect("BUNDLE_ID_LEN bytes"),
+                path_index: c.varint("path index")?,
+                scheduler: c.varint("scheduler")?,
+            },
+            FT_MP_CONNECT => Frame::MpConnect {
+                flow_id: c.varint("flow id")?,
+                addr: take_addr(&mut c)?,
+            },
+            FT_SUBFLOW => Frame::Subflow {
+                flow_id: c.varint("flow id")?,
             },
             other => return Ok(Some((Frame::Unknown { frame_type: other }, total))),
         };
@@ -999,6 +1069,121 @@ impl Reassembler {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Records on multipath TCP subflow streams.
+
+/// Largest DATA record payload. Chunks are what the scheduler places on a path and what is
+/// retransmitted on another one when a path dies: small enough to spread one flow over paths
+/// finely, large enough that the 2-10 byte header costs nothing.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+const REC_DATA: u8 = 0x00;
+const REC_ACK: u8 = 0x01;
+const REC_FIN: u8 = 0x02;
+
+/// One record on a subflow stream (after its MP_CONNECT/SUBFLOW frame). Both directions carry
+/// them: DATA for the sender's byte stream, ACK and FIN about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Bytes `offset..offset + data.len()` of the sender's byte stream.
+    Data {
+        /// Byte offset in the flow (not in this subflow).
+        offset: u64,
+        /// 1..=[`MAX_CHUNK`] bytes.
+        data: Bytes,
+    },
+    /// The receiver has delivered every byte before `delivered` to its TCP socket: the sender
+    /// may forget them (cumulative, end to end, over all paths).
+    Ack {
+        /// Bytes delivered in order.
+        delivered: u64,
+    },
+    /// The sender's byte stream ends at `offset` (its TCP side sent FIN).
+    Fin {
+        /// Total length of the byte stream.
+        offset: u64,
+    },
+}
+
+impl Record {
+    /// Appends the encoding.
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Record::Data { offset, data } => {
+                out.put_u8(REC_DATA);
+                put_varint(out, *offset);
+                put_varint(out, data.len() as u64);
+                out.put_slice(data);
+            }
+            Record::Ack { delivered } => {
+                out.put_u8(REC_ACK);
+                put_varint(out, *delivered);
+            }
+            Record::Fin { offset } => {
+                out.put_u8(REC_FIN);
+                put_varint(out, *offset);
+            }
+        }
+    }
+
+    /// Encoded size of a DATA record's header (what precedes its payload).
+    pub fn data_header(offset: u64, len: usize) -> BytesMut {
+        let mut b = BytesMut::with_capacity(17);
+        b.put_u8(REC_DATA);
+        put_varint(&mut b, offset);
+        put_varint(&mut b, len as u64);
+        b
+    }
+
+    /// Decodes the first record of `buf` (splitting it off), `Ok(None)` while more bytes are
+    /// needed. DATA payloads are split off without copying.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Record>, DecodeError> {
+        let Some(&ty) = buf.first() else {
+            return Ok(None);
+        };
+        let rest = &buf[1..];
+        let Some((a, n1)) = get_varint(rest) else {
+            return Ok(None);
+        };
+        let r = match ty {
+            REC_DATA => {
+                let Some((len, n2)) = get_varint(&rest[n1..]) else {
+                    return Ok(None);
+                };
+                if len == 0 || len > MAX_CHUNK as u64 {
+                    return Err(DecodeError::TooLong {
+                        field: "chunk",
+                        len,
+                        limit: MAX_CHUNK,
+                    });
+                }
+                if a.checked_add(len).is_none_or(|end| end > VARINT_MAX) {
+                    return Err(DecodeError::Invalid("chunk offset"));
+                }
+                let head = 1 + n1 + n2;
+                if buf.len() < head + len as usize {
+                    return Ok(None);
+                }
+                let _ = buf.split_to(head);
+                Record::Data {
+                    offset: a,
+                    data: buf.split_to(len as usize).freeze(),
+                }
+            }
+            REC_ACK | REC_FIN => {
+                let _ = buf.split_to(1 + n1);
+                if ty == REC_ACK {
+                    Record::Ack { delivered: a }
+                } else {
+                    Record::Fin { offset: a }
+                }
+            }
+            _ => return Err(DecodeError::Invalid("record type")),
+        };
+        Ok(Some(r))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1213,6 +1398,16 @@ mod tests {
                 session_id: id,
                 reason: CloseReason::from_code(r)
             }),
+            (any::<[u8; BUNDLE_ID_LEN]>(), 0..VARINT_MAX, 0..VARINT_MAX).prop_map(
+                |(bundle, path_index, scheduler)| Frame::PathBind {
+                    bundle,
+                    path_index,
+                    scheduler
+                }
+            ),
+            (0..VARINT_MAX, arb_addr())
+                .prop_map(|(flow_id, addr)| Frame::MpConnect { flow_id, addr }),
+            (0..VARINT_MAX).prop_map(|flow_id| Frame::Subflow { flow_id }),
         ]
     }
 
@@ -1305,6 +1500,67 @@ mod tests {
                 prop_assert!(r.buffered_bytes() <= REASSEMBLY_SLOTS * MAX_PACKET);
                 prop_assert!(r.slots.len() <= REASSEMBLY_SLOTS);
             }
+        }
+    }
+
+    fn arb_record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            (
+                0..VARINT_MAX - MAX_CHUNK as u64,
+                prop::collection::vec(any::<u8>(), 1..2000)
+            )
+                .prop_map(|(offset, d)| Record::Data {
+                    offset,
+                    data: Bytes::from(d)
+                }),
+            (0..VARINT_MAX).prop_map(|delivered| Record::Ack { delivered }),
+            (0..VARINT_MAX).prop_map(|offset| Record::Fin { offset }),
+        ]
+    }
+
+    #[test]
+    fn record_snapshots() {
+        let mut b = BytesMut::new();
+        Record::Data {
+            offset: 64,
+            data: Bytes::from_static(b"hi"),
+        }
+        .encode(&mut b);
+        Record::Ack { delivered: 5 }.encode(&mut b);
+        Record::Fin { offset: 66 }.encode(&mut b);
+        assert_eq!(hex::encode(&b), "0040400268690105024042");
+        let mut bad = BytesMut::from(&b"\x00\x00\x00"[..]);
+        assert!(Record::decode(&mut bad).is_err(), "empty chunk");
+        let mut bad = BytesMut::from(&b"\x07\x00"[..]);
+        assert!(Record::decode(&mut bad).is_err(), "unknown type");
+    }
+
+    proptest! {
+        #[test]
+        fn record_round_trip(rs in prop::collection::vec(arb_record(), 1..8)) {
+            let mut b = BytesMut::new();
+            for r in &rs {
+                r.encode(&mut b);
+            }
+            let whole = b.clone();
+            for r in &rs {
+                let got = Record::decode(&mut b).expect("valid");
+                prop_assert_eq!(got.as_ref(), Some(r));
+            }
+            prop_assert!(b.is_empty());
+            // A strict prefix asks for more bytes and consumes nothing.
+            for cut in 0..whole.len().min(40) {
+                let mut p = BytesMut::from(&whole[..cut]);
+                if let Ok(None) = Record::decode(&mut p) {
+                    prop_assert_eq!(p.len(), cut);
+                }
+            }
+        }
+
+        #[test]
+        fn record_decode_never_panics(raw in prop::collection::vec(any::<u8>(), 0..256)) {
+            let mut b = BytesMut::from(&raw[..]);
+            while let Ok(Some(_)) = Record::decode(&mut b) {}
         }
     }
 }

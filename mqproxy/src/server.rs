@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,9 +20,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::multipath::{self, PathTable, Subflow};
+use crate::paths::{Scheduler, MAX_PATHS};
 use crate::proto::{
     self, AuthStatus, CloseReason, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler,
-    TargetAddr, UdpStatus, FEATURE_UDP,
+    TargetAddr, UdpStatus, BUNDLE_ID_LEN, FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
 use crate::tls::{self, ServerCert, TlsError};
 use crate::transport::{self, close, FrameReader, TransportError};
@@ -50,6 +52,11 @@ const UDP_BATCH: usize = 64;
 /// Session open/close notices queued from stream tasks to the connection loop; a notice per
 /// session event, so the session cap bounds what can be outstanding.
 const EVENT_QUEUE: usize = crate::udp::DEFAULT_MAX_SESSIONS;
+/// How long a multipath bundle outlives its last path: a client whose every path dropped at
+/// once (a flapping uplink) gets its UDP sessions and TCP flows back if a path returns in time.
+pub const BUNDLE_GRACE: Duration = Duration::from_secs(10);
+/// Striped TCP flows per bundle (each holds two [`multipath::FLOW_WINDOW`] buffers at most).
+pub const MAX_FLOWS: usize = 1024;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -141,6 +148,12 @@ pub struct Metrics {
     pub udp_packets_out: AtomicU64,
     /// UDP packets relayed destination → client.
     pub udp_packets_in: AtomicU64,
+    /// Connections that joined a multipath bundle (PATH_BIND).
+    pub paths_bound: AtomicU64,
+    /// Striped (multipath) TCP flows served.
+    pub tcp_flows: AtomicU64,
+    /// UDP packets that arrived twice (over two paths) and were delivered once.
+    pub udp_duplicates: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -152,6 +165,10 @@ fn dec(c: &AtomicU64) {
 }
 
 pub(crate) struct Ctx {
+    /// Multipath bundles by id; an entry lives while a path connection (or the grace period
+    /// after the last one) holds it, and dead entries are pruned on every insert, so the map
+    /// is bounded by the authenticated connections.
+    bundles: Mutex<HashMap<[u8; BUNDLE_ID_LEN], std::sync::Weak<Bundle>>>,
     cfg: ServerConfig,
     /// SHA-256 of the token, so comparison time does not depend on where tokens differ or on
     /// their lengths.
@@ -188,6 +205,7 @@ impl Ctx {
         }
         let token_digest = Sha256::digest(&cfg.token).into();
         let ctx = Arc::new(Ctx {
+            bundles: Mutex::new(HashMap::new()),
             unauthenticated: Arc::new(Semaphore::new(cfg.max_conns)),
             cfg,
             token_digest,
@@ -310,6 +328,8 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 struct Authenticated {
     client_id: String,
+    /// PATH_BIND: (bundle id, path index, scheduler).
+    bind: Option<([u8; BUNDLE_ID_LEN], usize, Scheduler)>,
 }
 
 async fn authenticate(conn: &Connection, ctx: &Ctx) -> Result<Authenticated, AuthFailure> {
@@ -327,6 +347,20 @@ async fn authenticate(conn: &Connection, ctx: &Ctx) -> Result<Authenticated, Aut
     else {
         return Err(AuthFailure::Protocol("expected AUTH_REQUEST"));
     };
+    // A multipath client follows with PATH_BIND; older clients finish the stream instead.
+    let bind = match r.frame().await? {
+        Some(Frame::PathBind {
+            bundle,
+            path_index,
+            scheduler,
+        }) => {
+            if path_index >= MAX_PATHS as u64 {
+                return Err(AuthFailure::Protocol("path index out of range"));
+            }
+            Some((bundle, path_index as usize, Scheduler::from_code(scheduler)))
+        }
+        _ => None,
+    };
     let digest: [u8; 32] = Sha256::digest(&token).into();
     let status = if version != proto::VERSION {
         AuthStatus::BadVersion
@@ -335,16 +369,20 @@ async fn authenticate(conn: &Connection, ctx: &Ctx) -> Result<Authenticated, Aut
     } else {
         AuthStatus::Ok
     };
+    let mut features = if ctx.cfg.udp_enabled { FEATURE_UDP } else { 0 };
+    if bind.is_some() {
+        features |= FEATURE_MULTIPATH;
+    }
     let resp = Frame::AuthResponse {
         status,
-        features: if ctx.cfg.udp_enabled { FEATURE_UDP } else { 0 },
+        features,
         udp_idle_timeout_ms: ctx.cfg.udp_idle_timeout.as_millis() as u64,
         max_udp_sessions: ctx.cfg.max_udp_sessions as u64,
     };
     transport::write_frame(&mut send, None, &resp).await?;
     let _ = send.finish();
     if status == AuthStatus::Ok {
-        return Ok(Authenticated { client_id });
+        return Ok(Authenticated { client_id, bind });
     }
     // Let the response reach the client before the close discards it.
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
@@ -401,8 +439,8 @@ pub(crate) async fn serve_established(
         _ = drop_datagrams(&conn, &m) => return,
     };
     drop(permit);
-    let client_id = match auth {
-        Ok(Ok(a)) => a.client_id,
+    let (client_id, bind) = match auth {
+        Ok(Ok(a)) => (a.client_id, a.bind),
         Ok(Err(AuthFailure::Refused { status, client_id })) => {
             inc(&m.auth_failures);
             warn!(%client_id, ?status, "authentication refused: wrong token or version; closing the connection");
@@ -437,10 +475,129 @@ pub(crate) async fn serve_established(
     };
     inc(&m.authenticated);
     inc(&m.connections_open);
-    info!(%client_id, "client authenticated");
-    let reason = ConnLoop::new(conn, ctx.clone()).run().await;
+    let (bundle, index) = match bind {
+        Some((id, index, scheduler)) => {
+            inc(&m.paths_bound);
+            let b = ctx.bundle(id);
+            b.paths.set_scheduler(scheduler);
+            b.paths.detect_silence();
+            info!(%client_id, path = index, %scheduler, bundle = %hex_id(&id), "client authenticated (multipath)");
+            (b, index)
+        }
+        None => {
+            info!(%client_id, "client authenticated");
+            (Arc::new(Bundle::new(None, &ctx)), 0)
+        }
+    };
+    let _holder = Holder::new(bundle.clone());
+    let (_, monitor) = bundle.paths.insert(index, conn.clone());
+    bundle.spawn(monitor);
+    let reason = ConnLoop::new(conn.clone(), ctx.clone(), bundle.clone(), index)
+        .run()
+        .await;
+    bundle.paths.remove(index, &conn);
     dec(&m.connections_open);
-    info!(%client_id, %reason, "connection closed");
+    info!(%client_id, path = index, %reason, "connection closed");
+    if bundle.id.is_some() && bundle.paths.live_count() == 0 {
+        // Keep the bundle (its sessions and flows) a while for a path to come back.
+        let mut changes = bundle.paths.subscribe();
+        let back = async {
+            while changes.changed().await.is_ok() {
+                if bundle.paths.live_count() > 0 {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(BUNDLE_GRACE, back).await;
+    }
+}
+
+/// One path connection's hold on its bundle. The bundle's tasks hold the bundle too (a
+/// cycle), so when the last holder goes (its connection and grace period over, or the server
+/// shutting down and aborting it) the tasks are aborted, which frees the bundle.
+struct Holder(Arc<Bundle>);
+
+impl Holder {
+    fn new(b: Arc<Bundle>) -> Self {
+        b.holders.fetch_add(1, Ordering::Relaxed);
+        Holder(b)
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if self.0.holders.fetch_sub(1, Ordering::Relaxed) == 1 {
+            locked(&self.0.tasks).abort_all();
+        }
+    }
+}
+
+fn hex_id(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Everything one client has on the server: its paths (one connection each; a single-path
+/// client is a bundle of one), UDP sessions and striped TCP flows. Session and flow tasks
+/// belong to the bundle, not to the connection whose stream started them, so they survive
+/// the loss of that path; dropping the bundle aborts them.
+struct Bundle {
+    id: Option<[u8; BUNDLE_ID_LEN]>,
+    paths: Arc<PathTable>,
+    table: Arc<SessionTable>,
+    tasks: Mutex<JoinSet<()>>,
+    /// Striped flows: where SUBFLOW streams of each go.
+    flows: Mutex<HashMap<u64, mpsc::Sender<Subflow>>>,
+    /// UDP sessions: where a re-attached signalling stream goes.
+    attach: Mutex<HashMap<u32, mpsc::Sender<(SendStream, FrameReader)>>>,
+    /// Each path loop's session-event queue (pre-OPEN delivery and reassembly cleanup).
+    events: Mutex<Vec<mpsc::Sender<SessionEvent>>>,
+    /// Live [`Holder`]s.
+    holders: std::sync::atomic::AtomicUsize,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single map or set call: a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Bundle {
+    fn new(id: Option<[u8; BUNDLE_ID_LEN]>, ctx: &Ctx) -> Self {
+        Bundle {
+            id,
+            paths: Arc::new(PathTable::new(Scheduler::default())),
+            table: Arc::new(SessionTable::new(ctx.cfg.max_udp_sessions)),
+            tasks: Mutex::new(JoinSet::new()),
+            flows: Mutex::new(HashMap::new()),
+            attach: Mutex::new(HashMap::new()),
+            events: Mutex::new(Vec::new()),
+            holders: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+        let mut t = locked(&self.tasks);
+        while t.try_join_next().is_some() {}
+        t.spawn(f.in_current_span());
+    }
+
+    fn broadcast(&self, ev: impl Fn() -> SessionEvent) {
+        locked(&self.events)
+            .retain(|tx| !matches!(tx.try_send(ev()), Err(mpsc::error::TrySendError::Closed(_))));
+    }
+}
+
+impl Ctx {
+    /// The bundle `id`, created on first use.
+    fn bundle(&self, id: [u8; BUNDLE_ID_LEN]) -> Arc<Bundle> {
+        let mut map = locked(&self.bundles);
+        if let Some(b) = map.get(&id).and_then(|w| w.upgrade()) {
+            return b;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let b = Arc::new(Bundle::new(Some(id), self));
+        map.insert(id, Arc::downgrade(&b));
+        b
+    }
 }
 
 /// Open/close notices from UDP session tasks to their connection loop.
@@ -455,10 +612,13 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; proto::MAX_PACKET]);
 }
 
-/// One authenticated connection: accepts streams and dispatches DATAGRAMs.
+/// One authenticated connection (one path of its bundle): accepts streams and dispatches
+/// DATAGRAMs. Fragments of a packet always travel on one path, so reassembly is per path.
 struct ConnLoop {
     conn: Connection,
     ctx: Arc<Ctx>,
+    bundle: Arc<Bundle>,
+    index: usize,
     table: Arc<SessionTable>,
     reassembly: HashMap<u32, Reassembler>,
     reassembly_bytes: usize,
@@ -466,9 +626,11 @@ struct ConnLoop {
 }
 
 impl ConnLoop {
-    fn new(conn: Connection, ctx: Arc<Ctx>) -> Self {
+    fn new(conn: Connection, ctx: Arc<Ctx>, bundle: Arc<Bundle>, index: usize) -> Self {
         ConnLoop {
-            table: Arc::new(SessionTable::new(ctx.cfg.max_udp_sessions)),
+            table: bundle.table.clone(),
+            bundle,
+            index,
             conn,
             ctx,
             reassembly: HashMap::new(),
@@ -478,20 +640,20 @@ impl ConnLoop {
     }
 
     async fn run(mut self) -> String {
-        let mut streams = JoinSet::new();
         let (events_tx, mut events_rx) = mpsc::channel(EVENT_QUEUE);
+        locked(&self.bundle.events).push(events_tx);
         loop {
             let pre_open_deadline = self.pre_open.next_deadline();
             tokio::select! {
                 r = self.conn.accept_bi() => match r {
                     Ok((send, recv)) => {
                         let stream = StreamCtx {
-                            conn: self.conn.clone(),
                             ctx: self.ctx.clone(),
-                            table: self.table.clone(),
-                            events: events_tx.clone(),
+                            bundle: self.bundle.clone(),
+                            index: self.index,
                         };
-                        streams.spawn(stream.serve(send, recv).in_current_span());
+                        // Owned by the bundle: a UDP session or striped flow outlives this path.
+                        self.bundle.spawn(stream.serve(send, recv));
                     }
                     Err(e) => return e.to_string(),
                 },
@@ -516,7 +678,6 @@ impl ConnLoop {
                     let n = self.pre_open.expire(Instant::now());
                     self.ctx.metrics.datagrams_dropped.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Some(_) = streams.join_next(), if !streams.is_empty() => {}
             }
         }
     }
@@ -562,6 +723,10 @@ impl ConnLoop {
                 }
             }
         };
+        if !locked(&session.dup).accept(h.packet_id) {
+            inc(&m.udp_duplicates);
+            return;
+        }
         match session.sender.send(payload) {
             Ok(_) => inc(&m.udp_packets_out),
             // Full socket buffer: UDP is lossy; dropping beats stalling every session.
@@ -582,10 +747,10 @@ async fn sleep_until_opt(t: Option<Instant>) {
 
 /// What a stream task needs.
 struct StreamCtx {
-    conn: Connection,
     ctx: Arc<Ctx>,
-    table: Arc<SessionTable>,
-    events: mpsc::Sender<SessionEvent>,
+    bundle: Arc<Bundle>,
+    /// The path the stream arrived on.
+    index: usize,
 }
 
 impl StreamCtx {
@@ -606,6 +771,8 @@ impl StreamCtx {
         let res = match ty {
             proto::STREAM_CONNECT_TCP => self.tcp_connect(send, r).await,
             proto::STREAM_UDP_SESSION => self.udp_session(send, r).await,
+            proto::STREAM_MP_CONNECT if self.bundle.id.is_some() => self.mp_connect(send, r).await,
+            proto::STREAM_SUBFLOW if self.bundle.id.is_some() => self.subflow(send, r).await,
             other => {
                 debug!(stream_type = other, "unknown stream type; resetting");
                 let _ = send.reset(VarInt::from_u32(0));
@@ -719,14 +886,14 @@ impl StreamCtx {
         mut r: FrameReader,
     ) -> Result<(), TransportError> {
         let m = &self.ctx.metrics;
-        let (session_id, addr, requested_ms) =
+        let (session_id, addr, requested_ms, flags) =
             match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
                 Ok(Ok(Some(Frame::UdpOpen {
                     session_id,
                     addr,
                     idle_timeout_ms,
-                    ..
-                }))) => (session_id, addr, idle_timeout_ms),
+                    flags,
+                }))) => (session_id, addr, idle_timeout_ms, flags),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(TransportError::Timeout("UDP_SESSION_OPEN")),
                 Ok(Ok(_)) => {
@@ -742,6 +909,20 @@ impl StreamCtx {
         } else {
             requested_ms.min(limit_ms)
         };
+        if flags & UDP_FLAG_ATTACH != 0 && self.bundle.id.is_some() {
+            // The session's signalling stream died with its path: hand this one to the
+            // session task. A session that has meanwhile ended is opened afresh below.
+            let tx = locked(&self.bundle.attach).get(&session_id).cloned();
+            if let Some(tx) = tx {
+                debug!(
+                    session = session_id,
+                    path = self.index,
+                    "UDP session re-attached"
+                );
+                let _ = tx.send((send, r)).await;
+                return Ok(());
+            }
+        }
         let opened = self.open_socket(session_id, &addr).await;
         let (status, socket, remote) = match opened {
             Ok((s, sender, remote)) => (UdpStatus::Ok, Some((s, sender)), Some(remote)),
@@ -760,7 +941,7 @@ impl StreamCtx {
             let _ = send.finish();
             return Ok(());
         };
-        let session = match self.table.insert(session_id, socket, sender) {
+        let session = match self.bundle.table.insert(session_id, socket, sender) {
             Ok(s) => s,
             Err(status) => {
                 inc(&m.udp_sessions_refused);
@@ -776,27 +957,42 @@ impl StreamCtx {
             }
         };
         // From here the guard undoes the registration however the task ends (including abort).
+        let (attach_tx, mut attach_rx) = mpsc::channel(1);
+        locked(&self.bundle.attach).insert(session_id, attach_tx);
         let _guard = SessionGuard {
             id: session_id,
-            table: self.table.clone(),
+            bundle: self.bundle.clone(),
             metrics: m.clone(),
-            events: self.events.clone(),
         };
         inc(&m.udp_sessions_open);
         inc(&m.udp_sessions_total);
         debug!(session = session_id, %addr, idle_ms, "UDP session open");
         transport::write_frame(&mut send, None, &resp).await?;
-        let _ = self.events.send(SessionEvent::Opened(session_id)).await;
+        self.bundle.broadcast(|| SessionEvent::Opened(session_id));
         let idle = Duration::from_millis(idle_ms);
         let mut packet_id: u16 = 0;
+        let multipath = self.bundle.id.is_some();
+        let mut stream = Some((send, r));
         let reason = loop {
             let deadline = session.activity.idle_deadline(idle);
             tokio::select! {
-                f = r.frame() => match f {
+                f = next_frame(&mut stream) => match f {
                     Ok(Some(_)) => continue,
+                    // The stream died with its path: a multipath session lives on and waits
+                    // for the client to re-attach it over another path.
+                    Err(e) if multipath && connection_lost(&e) => {
+                        debug!(session = session_id, "UDP session lost its signalling path");
+                        stream = None;
+                    }
                     // The client finished or reset the stream: the session is over.
                     Ok(None) | Err(_) => break None,
                 },
+                Some((mut s2, r2)) = attach_rx.recv() => {
+                    let resp = Frame::UdpResp { session_id, status: UdpStatus::Ok, idle_timeout_ms: idle_ms, remote };
+                    if transport::write_frame(&mut s2, None, &resp).await.is_ok() {
+                        stream = Some((s2, r2));
+                    }
+                }
                 ready = session.socket.readable() => {
                     if let Err(e) = ready {
                         debug!(error = %e, "UDP socket failed");
@@ -812,7 +1008,7 @@ impl StreamCtx {
             }
         };
         debug!(session = session_id, ?reason, "UDP session closed");
-        if let Some(reason) = reason {
+        if let (Some(reason), Some((mut send, _))) = (reason, stream) {
             let _ =
                 transport::write_frame(&mut send, None, &Frame::UdpClose { session_id, reason })
                     .await;
@@ -821,43 +1017,134 @@ impl StreamCtx {
         Ok(())
     }
 
-    /// Forwards up to [`UDP_BATCH`] waiting packets from the destination to the client.
+    /// A striped TCP flow: MP_CONNECT, CONNECT_RESPONSE, then records on this stream and on
+    /// SUBFLOW streams the client opens on its other paths.
+    async fn mp_connect(
+        &self,
+        mut send: SendStream,
+        mut r: FrameReader,
+    ) -> Result<(), TransportError> {
+        let (flow_id, addr) = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
+            Ok(Ok(Some(Frame::MpConnect { flow_id, addr }))) => (flow_id, addr),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(TransportError::Timeout("MP_CONNECT")),
+            Ok(Ok(_)) => {
+                let _ = send.reset(VarInt::from_u32(0));
+                return Err(TransportError::Decode(proto::DecodeError::Invalid(
+                    "first frame of an MP_CONNECT stream",
+                )));
+            }
+        };
+        inc(&self.ctx.metrics.tcp_flows);
+        let (mut status, tcp) = match self.connect_target(&addr).await {
+            Ok(tcp) => (ConnectStatus::Ok, Some(tcp)),
+            Err(status) => (status, None),
+        };
+        let (more_tx, more_rx) = mpsc::channel(MAX_PATHS);
+        if tcp.is_some() {
+            let mut flows = locked(&self.bundle.flows);
+            if flows.len() >= MAX_FLOWS || flows.contains_key(&flow_id) {
+                status = ConnectStatus::GeneralFailure;
+            } else {
+                flows.insert(flow_id, more_tx);
+            }
+        }
+        let remote = tcp.as_ref().and_then(|t| t.peer_addr().ok());
+        debug!(%addr, flow = flow_id, ?status, "MP_CONNECT");
+        transport::write_frame(&mut send, None, &Frame::ConnectResponse { status, remote }).await?;
+        let (Some(tcp), ConnectStatus::Ok) = (tcp, status) else {
+            let _ = send.finish();
+            return Ok(());
+        };
+        struct Unregister<'a>(&'a Bundle, u64);
+        impl Drop for Unregister<'_> {
+            fn drop(&mut self) {
+                locked(&self.0.flows).remove(&self.1);
+            }
+        }
+        let _unregister = Unregister(&self.bundle, flow_id);
+        let (recv, leftover) = r.into_parts();
+        let first = Subflow {
+            path: self.index,
+            send,
+            recv,
+            leftover,
+        };
+        match multipath::run_flow(tcp, self.bundle.paths.clone(), first, more_rx, Bytes::new())
+            .await
+        {
+            Ok((up, down)) => {
+                debug!(%addr, flow = flow_id, bytes_from_target = up, bytes_to_target = down, "flow done")
+            }
+            Err(e) => debug!(%addr, flow = flow_id, error = %e, "flow failed"),
+        }
+        Ok(())
+    }
+
+    /// A further subflow of a striped flow, on the path this stream arrived on.
+    async fn subflow(&self, send: SendStream, mut r: FrameReader) -> Result<(), TransportError> {
+        let flow_id = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
+            Ok(Ok(Some(Frame::Subflow { flow_id }))) => flow_id,
+            Ok(Err(e)) => return Err(e),
+            _ => return Err(TransportError::Timeout("SUBFLOW")),
+        };
+        let tx = locked(&self.bundle.flows).get(&flow_id).cloned();
+        let (recv, leftover) = r.into_parts();
+        let sub = Subflow {
+            path: self.index,
+            send,
+            recv,
+            leftover,
+        };
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(sub).await;
+            }
+            None => {
+                // Finished, not reset: a subflow that arrives just after its flow completed
+                // must not look like an abort to the client.
+                debug!(
+                    flow = flow_id,
+                    "SUBFLOW for an unknown (ended) flow; finishing it"
+                );
+                let mut sub = sub;
+                let _ = sub.send.finish();
+                let _ = sub.recv.stop(VarInt::from_u32(0));
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards up to [`UDP_BATCH`] waiting packets from the destination to the client, each
+    /// on the path the scheduler picks.
     async fn forward_replies(&self, id: u32, session: &crate::udp::Session, packet_id: &mut u16) {
         let m = &self.ctx.metrics;
+        let mut buf = SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        if buf.len() < proto::MAX_PACKET {
+            buf = vec![0; proto::MAX_PACKET];
+        }
         for _ in 0..UDP_BATCH {
-            let Some(max) = self.conn.max_datagram_size() else {
-                return;
-            };
-            let frags = SCRATCH.with(|b| {
-                let mut b = b.borrow_mut();
-                session
-                    .socket
-                    .try_recv(&mut b)
-                    .map(|n| proto::fragment(id, *packet_id, &b[..n], max))
-            });
-            let frags = match frags {
-                Ok(Ok(f)) => f,
-                Ok(Err(e)) => {
-                    inc(&m.datagrams_dropped);
-                    debug!(error = %e, "reply not relayed");
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            let n = match session.socket.try_recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 // ICMP errors (port unreachable) surface on connected sockets: not fatal.
                 Err(e) => {
                     trace!(error = %e, "UDP receive error");
                     continue;
                 }
             };
+            let pid = *packet_id;
             *packet_id = packet_id.wrapping_add(1);
             session.activity.touch(Instant::now());
-            inc(&m.udp_packets_in);
-            for f in frags {
-                if self.conn.send_datagram_wait(f).await.is_err() {
-                    return;
+            match self.bundle.paths.send_packet(id, pid, &buf[..n]).await {
+                Ok(()) => inc(&m.udp_packets_in),
+                Err(why) => {
+                    inc(&m.datagrams_dropped);
+                    trace!(why, "reply not relayed");
                 }
             }
         }
+        SCRATCH.with(|b| *b.borrow_mut() = buf);
     }
 
     async fn open_socket(
@@ -868,7 +1155,7 @@ impl StreamCtx {
         if !self.ctx.cfg.udp_enabled {
             return Err(UdpStatus::UdpDisabled);
         }
-        self.table.precheck(id)?;
+        self.bundle.table.precheck(id)?;
         // Policy and DNS first: no socket exists for a destination that is refused.
         let target = self.resolve(addr).await?[0];
         let bind: SocketAddr = if target.is_ipv4() {
@@ -889,20 +1176,41 @@ impl StreamCtx {
     }
 }
 
-/// Removes a session from its table and metrics when its task ends.
+/// Removes a session from its bundle and metrics when its task ends.
 struct SessionGuard {
     id: u32,
-    table: Arc<SessionTable>,
+    bundle: Arc<Bundle>,
     metrics: Arc<Metrics>,
-    events: mpsc::Sender<SessionEvent>,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.table.remove(self.id);
+        self.bundle.table.remove(self.id);
+        locked(&self.bundle.attach).remove(&self.id);
         dec(&self.metrics.udp_sessions_open);
-        let _ = self.events.try_send(SessionEvent::Closed(self.id));
+        let id = self.id;
+        self.bundle.broadcast(|| SessionEvent::Closed(id));
     }
+}
+
+/// The next frame of an optional signalling stream (pending without one).
+async fn next_frame(
+    stream: &mut Option<(SendStream, FrameReader)>,
+) -> Result<Option<Frame>, TransportError> {
+    match stream {
+        Some((_, r)) => r.frame().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether a stream error means the connection (the path) is gone, not the stream.
+fn connection_lost(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Connection(_)
+            | TransportError::Read(quinn::ReadError::ConnectionLost(_))
+            | TransportError::Write(quinn::WriteError::ConnectionLost(_))
+    )
 }
 
 /// Destinations refused unless `--allow-private`: loopback, private, link-local, shared

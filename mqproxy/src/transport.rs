@@ -74,7 +74,8 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
-    /// Binding the local UDP socket failed.
+    /// Binding the local UDP socket failed (for a `--path`, the address must be one of this
+    /// host's).
     #[error("binding the client UDP socket: {0}")]
     Bind(std::io::Error),
     /// The peer took too long.
@@ -102,6 +103,17 @@ pub fn transport_config(idle_timeout: Duration, keepalive: bool) -> TransportCon
     t.send_window(u64::from(CONNECTION_WINDOW));
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t
+}
+
+/// Transport parameters of one path of a multipath client: keepalives every
+/// [`PATH_KEEPALIVE`](crate::multipath::PATH_KEEPALIVE) and a
+/// [`PATH_IDLE_TIMEOUT`](crate::multipath::PATH_IDLE_TIMEOUT), so a dead path is noticed and
+/// dropped within about a second (the server's longer idle timeout does not matter: the
+/// smaller of both sides' applies).
+pub fn path_transport_config() -> TransportConfig {
+    let mut t = transport_config(crate::multipath::PATH_IDLE_TIMEOUT, true);
+    t.keep_alive_interval(Some(crate::multipath::PATH_KEEPALIVE));
     t
 }
 
@@ -213,6 +225,28 @@ impl QuicDialer {
             Ok(SocketAddr::V6(_)) => "[::]:0".parse().expect("literal"),
             Err(_) => "0.0.0.0:0".parse().expect("literal"),
         };
+        Self::with_bind(server, server_name, config, bind)
+    }
+
+    /// A dialer for one path of a multipath client: its UDP socket is bound to `local` (an
+    /// address of the interface the path leaves through) and it uses the path transport
+    /// parameters ([`path_transport_config`]).
+    pub fn for_path(
+        server: String,
+        server_name: String,
+        mut config: quinn::ClientConfig,
+        local: std::net::IpAddr,
+    ) -> Result<Self, TransportError> {
+        config.transport_config(Arc::new(path_transport_config()));
+        Self::with_bind(server, server_name, config, SocketAddr::new(local, 0))
+    }
+
+    fn with_bind(
+        server: String,
+        server_name: String,
+        config: quinn::ClientConfig,
+        bind: SocketAddr,
+    ) -> Result<Self, TransportError> {
         let endpoint = endpoint(bind, None).map_err(TransportError::Bind)?;
         Ok(QuicDialer {
             endpoint,

@@ -1,4 +1,4 @@
-//! The server's UDP state for one QUIC connection: the session table (one connected UDP socket
+//! The server's UDP state for one client (one connection, or the bundle of a multipath client): the session table (one connected UDP socket
 //! per session, capped), the bounded pre-OPEN buffer for DATAGRAMs that overtake their
 //! UDP_SESSION_OPEN, and idle timing. The buffer and activity clock are pure; the socket loop
 //! that uses them lives in [`crate::server`].
@@ -133,6 +133,8 @@ pub struct Session {
     pub sender: std::net::UdpSocket,
     /// Last packet either way.
     pub activity: Activity,
+    /// Packet ids already delivered towards the destination (copies over a second path).
+    pub dup: Mutex<crate::paths::DupFilter>,
 }
 
 /// Sessions of one connection, capped.
@@ -188,6 +190,7 @@ impl SessionTable {
             socket,
             sender,
             activity: Activity::new(self.epoch),
+            dup: Mutex::new(crate::paths::DupFilter::default()),
         });
         m.insert(id, s.clone());
         Ok(s)

@@ -143,6 +143,42 @@ pub struct Lab {
 /// Per-process counter that makes each lab's prefix unique among labs of the same process.
 static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
+/// A fresh lab prefix (`nl<pid>x<n>`); the first call of a process also removes leftovers of
+/// labs whose process has died.
+pub(crate) fn new_prefix() -> String {
+    static STALE: Once = Once::new();
+    STALE.call_once(|| {
+        if let Err(e) = cleanup::remove_stale(false) {
+            warn!(error = %e, "could not remove stale lab namespaces");
+        }
+    });
+    format!(
+        "{NAME_PREFIX}{}x{}",
+        std::process::id(),
+        NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates namespace `name` (the caller records it for removal, then calls
+/// [`configure_namespace`]).
+pub(crate) fn create_namespace(t: &Tools, name: &str) -> Result<()> {
+    run(&t.ip, &["netns", "add", name]).map(drop)
+}
+
+/// Turns IPv6 off and loopback up in a new namespace.
+pub(crate) fn configure_namespace(t: &Tools, name: &str) -> Result<()> {
+    // IPv6 off before any interface exists: no router solicitations or MLD reports, so the
+    // lab carries only the IPv4 traffic tests send, all inside 198.18.0.0/15 and 100.64.0.0/10.
+    write_sysctls(
+        name,
+        &[
+            ("net/ipv6/conf/all/disable_ipv6", "1"),
+            ("net/ipv6/conf/default/disable_ipv6", "1"),
+        ],
+    )?;
+    ip(t, name, "link set lo up")
+}
+
 impl Lab {
     /// Builds a lab. Takes about a tenth of a second; needs root and the tools named in
     /// [`DEBIAN_PACKAGES`](crate::DEBIAN_PACKAGES) (start tests with
@@ -153,17 +189,7 @@ impl Lab {
         if let Some(reason) = tools::lab_unavailable() {
             bail!("netlab cannot run here: {reason}");
         }
-        static STALE: Once = Once::new();
-        STALE.call_once(|| {
-            if let Err(e) = cleanup::remove_stale(false) {
-                warn!(error = %e, "could not remove stale lab namespaces");
-            }
-        });
-        let prefix = format!(
-            "{NAME_PREFIX}{}x{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
-        );
+        let prefix = new_prefix();
         let (probe_opts, filter_rounds) = probe_patience(config.shape);
         let mut lab = Lab {
             config,
@@ -281,18 +307,9 @@ impl Lab {
     }
 
     fn add_ns(&mut self, t: &Tools, name: &str) -> Result<()> {
-        run(&t.ip, &["netns", "add", name])?;
+        create_namespace(t, name)?;
         self.namespaces.push(name.to_owned());
-        // IPv6 off before any interface exists: no router solicitations or MLD reports, so the
-        // lab carries only the IPv4 traffic tests send, all inside 198.18.0.0/15 and 100.64.0.0/10.
-        write_sysctls(
-            name,
-            &[
-                ("net/ipv6/conf/all/disable_ipv6", "1"),
-                ("net/ipv6/conf/default/disable_ipv6", "1"),
-            ],
-        )?;
-        ip(t, name, "link set lo up")
+        configure_namespace(t, name)
     }
 
     /// (Re)loads router `side`'s rules from its current [`RouterState`].
@@ -885,7 +902,7 @@ where
 }
 
 /// `ip -n NS ARGS`, with `args` split at spaces (lab names and addresses have none).
-fn ip(t: &Tools, ns: &str, args: &str) -> Result<()> {
+pub(crate) fn ip(t: &Tools, ns: &str, args: &str) -> Result<()> {
     let mut full = vec!["-n", ns];
     full.extend(args.split_ascii_whitespace());
     run(&t.ip, &full).map(drop)
@@ -907,14 +924,14 @@ fn netns_exec(
 
 /// Creates a TAP interface inside namespace `ns` (the device belongs to the namespace of the
 /// thread that opens it).
-fn open_tap_in(ns: &str, ifname: &str) -> Result<std::fs::File> {
+pub(crate) fn open_tap_in(ns: &str, ifname: &str) -> Result<std::fs::File> {
     run_in_netns(ns, || sys::open_tap(ifname))?.with_context(|| format!("TAP {ifname} in {ns}"))
 }
 
 /// Writes `/proc/sys/<key>` as seen from inside namespace `ns` (the `net` sysctls are per
 /// namespace, resolved for the thread that opens them). Missing keys (no IPv6 in this kernel)
 /// are skipped.
-fn write_sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn write_sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
     run_in_netns(ns, || -> Result<()> {
         for (key, value) in settings {
             let path = std::path::Path::new("/proc/sys").join(key);

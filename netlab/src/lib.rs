@@ -23,6 +23,8 @@
 //! Modules:
 //! - [`lab`]: building a topology ([`Lab`], [`LabConfig`]), running code and processes in it, the
 //!   NAT self-checks, rebinding and link control.
+//! - [`multipath`]: a client with several shaped paths to one server ([`MultipathLab`]), for
+//!   multipath tests and benchmarks.
 //! - [`nat`]: the NAT types and the nftables rules behind each.
 //! - [`probe`]: the probe servers on the relay host and the client side of the self-checks, usable
 //!   on a test's own sockets.
@@ -34,6 +36,7 @@
 
 pub mod cleanup;
 pub mod lab;
+pub mod multipath;
 pub mod nat;
 pub mod probe;
 mod sys;
@@ -41,6 +44,7 @@ mod tools;
 pub mod wire;
 
 pub use lab::{run_in_netns, Expected, Lab, LabConfig, NatReport, Side, UdpReport};
+pub use multipath::MultipathLab;
 pub use nat::NatType;
 pub use probe::{
     FilteringKind, MappingKind, ProbeOptions, PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,

@@ -62,6 +62,9 @@ pub struct Opts {
     pub allow_private: bool,
     pub max_conns: usize,
     pub http: bool,
+    /// Multipath: the client's local addresses, one path each.
+    pub paths: Vec<std::net::IpAddr>,
+    pub scheduler: mqproxy::paths::Scheduler,
 }
 
 impl Default for Opts {
@@ -74,6 +77,8 @@ impl Default for Opts {
             allow_private: true,
             max_conns: 256,
             http: false,
+            paths: Vec::new(),
+            scheduler: Default::default(),
         }
     }
 }
@@ -85,6 +90,7 @@ pub struct Harness {
     pub http: Option<SocketAddr>,
     pub server: Arc<mqproxy::server::Metrics>,
     pub client: Arc<mqproxy::client::Metrics>,
+    pub paths: mqproxy::client::PathsHandle,
     pub dir: PathBuf,
     _tasks: Vec<AbortOnDrop<()>>,
 }
@@ -131,7 +137,10 @@ pub async fn start(o: Opts) -> Harness {
     if o.http {
         cc.http = Some("127.0.0.1:0".parse().expect("literal"));
     }
+    cc.paths = o.paths.clone();
+    cc.scheduler = o.scheduler;
     let client = Client::bind(cc).await.expect("client binds");
+    let paths = client.paths();
     let socks = client.socks_addr();
     let http = client.http_addr();
     let client_metrics = client.metrics();
@@ -143,9 +152,33 @@ pub async fn start(o: Opts) -> Harness {
         http,
         server: server_metrics,
         client: client_metrics,
+        paths,
         dir,
         _tasks: vec![st, ct],
     }
+}
+
+/// SOCKS5 CONNECT (no authentication) through `proxy` to `target`.
+pub async fn socks_connect(proxy: SocketAddr, target: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect proxy");
+    s.write_all(&[5, 1, 0]).await.expect("greeting");
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).await.expect("method");
+    assert_eq!(r, [5, 0]);
+    let SocketAddr::V4(t) = target else {
+        panic!("IPv4 targets only")
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&t.ip().octets());
+    req.extend_from_slice(&t.port().to_be_bytes());
+    s.write_all(&req).await.expect("request");
+    let mut rep = [0u8; 10];
+    s.read_exact(&mut rep).await.expect("reply");
+    assert_eq!(rep[1], 0, "SOCKS reply code");
+    s
 }
 
 /// A UDP echo server on loopback.

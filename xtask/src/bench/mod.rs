@@ -5,6 +5,7 @@ mod load;
 mod metrics;
 mod mqproxy;
 mod multiaddr;
+mod multipath;
 mod relay;
 mod sys;
 pub mod table;
@@ -22,6 +23,8 @@ Targets:
            (`cargo xtask bench mqproxy --help`)
   uot      udp-over-tcp: loss at 100,000/s, highest rate, round trip, against direct UDP
            (`cargo xtask bench uot --help`)
+  multipath  mqproxy over two shaped 100 Mbit/s paths against one, in the netns lab
+           (`cargo xtask bench multipath --help`)
 ";
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -29,6 +32,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some((t, rest)) if t == "relay" => relay::run(rest),
         Some((t, rest)) if t == "mqproxy" => mqproxy::run(rest),
         Some((t, rest)) if t == "uot" => uot::run(rest),
+        Some((t, rest)) if t == "multipath" => multipath::run(rest),
         None => {
             print!("{HELP}");
             Ok(())
