@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
-use crate::multipath::{self, PathReport, PathTable, Subflow};
+use crate::multipath::{self, FlowError, PathReport, PathTable, Subflow};
 use crate::paths::{DupFilter, Scheduler, MAX_PATHS};
 use crate::proto::{
     self, AuthStatus, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler, TargetAddr,
@@ -285,11 +285,11 @@ impl<D: Dialer> Link<D> {
                     failures = 0;
                     inc(&self.metrics.connections);
                     info!(server = %self.cfg.server, path = index, local = ?local, udp = self.conn.udp(), "connected and authenticated");
-                    let (_, monitor) = self.conn.paths.insert(index, c.clone());
+                    let (path, monitor) = self.conn.paths.insert(index, c.clone());
                     self.state.send_replace(LinkState::Up);
                     let disp = dispatch(Arc::downgrade(&self.conn), c.clone());
                     tokio::join!(monitor, disp);
-                    self.conn.paths.remove(index, &c);
+                    self.conn.paths.remove(&path);
                     let e = c.closed().await;
                     if multipath {
                         warn!(path = index, local = ?local, error = %e, "path lost; redialing it");
@@ -791,7 +791,7 @@ async fn splice_with(tcp: TcpStream, early: BytesMut, opened: Opened) -> Result<
 /// and whenever a path (re)connects, while the flow runs.
 async fn run_client_flow(tcp: TcpStream, c: Arc<Conn>, flow_id: u64, first: Subflow, early: Bytes) {
     let (more_tx, more_rx) = mpsc::channel(MAX_PATHS);
-    let first_id = c.paths.get(first.path).map(|p| p.conn.stable_id());
+    let first_id = c.paths.get(first.path).map(|p| p.generation);
     let opener = AbortOnDrop(tokio::spawn(
         open_subflows(c.clone(), flow_id, first.path, first_id, more_tx).in_current_span(),
     ));
@@ -802,7 +802,11 @@ async fn run_client_flow(tcp: TcpStream, c: Arc<Conn>, flow_id: u64, first: Subf
             bytes_down = down,
             "flow done"
         ),
-        Err(e) => debug!(flow = flow_id, error = %e, "flow failed"),
+        // The application ending its side is ordinary; the proxy giving up on a flow is not.
+        Err(e @ (FlowError::Tcp(_) | FlowError::PeerReset)) => {
+            debug!(flow = flow_id, error = %e, "flow ended by one side")
+        }
+        Err(e) => warn!(flow = flow_id, error = %e, "flow failed; its TCP connection was reset"),
     }
     drop(opener);
 }
@@ -811,16 +815,16 @@ async fn open_subflows(
     c: Arc<Conn>,
     flow_id: u64,
     first_path: usize,
-    first_id: Option<usize>,
+    first_id: Option<u64>,
     more: mpsc::Sender<Subflow>,
 ) {
-    // The connection each path's subflow was opened on.
-    let mut opened: [Option<usize>; MAX_PATHS] = [None; MAX_PATHS];
+    // The connection (generation) each path's subflow was opened on.
+    let mut opened: [Option<u64>; MAX_PATHS] = [None; MAX_PATHS];
     opened[first_path] = first_id;
     let mut changes = c.paths.subscribe();
     loop {
         for p in c.paths.all() {
-            let id = p.conn.stable_id();
+            let id = p.generation;
             if opened[p.index] == Some(id) || p.conn.close_reason().is_some() {
                 continue;
             }

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
@@ -79,6 +79,11 @@ pub struct PathReport {
 pub struct Path {
     /// Position in the client's `--path` list.
     pub index: usize,
+    /// Unique per insertion into the table. Not `Connection::stable_id`: that is the
+    /// connection's heap address, which a redialed connection may reuse once the lost one is
+    /// freed, so a flow would take the new connection for the old one and never open a
+    /// subflow on it.
+    pub generation: u64,
     /// The path's QUIC connection.
     pub conn: Connection,
     addr: SocketAddr,
@@ -145,6 +150,8 @@ pub struct PathTable {
     /// Bumped whenever a path comes, goes, or changes usability: flows re-plan then.
     changed: watch::Sender<u64>,
     scheduler: Mutex<Scheduler>,
+    /// Source of [`Path::generation`].
+    generations: AtomicU64,
     /// Whether silence makes a path unusable. Only paths with [`PATH_KEEPALIVE`] are never
     /// silent while alive; a single ordinary connection may be quiet for seconds.
     detect_silence: std::sync::atomic::AtomicBool,
@@ -157,6 +164,7 @@ impl PathTable {
             slots: Mutex::new(Default::default()),
             changed: watch::Sender::new(0),
             scheduler: Mutex::new(scheduler),
+            generations: AtomicU64::new(0),
             detect_silence: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -202,6 +210,7 @@ impl PathTable {
     ) {
         let path = Arc::new(Path {
             index,
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
             addr: conn.remote_address(),
             conn,
             usable: AtomicBool::new(true),
@@ -220,12 +229,13 @@ impl PathTable {
         (path, async move { monitor(table, p).await })
     }
 
-    /// Removes path `index` if it still holds `conn`.
-    pub fn remove(&self, index: usize, conn: &Connection) {
+    /// Removes path `index` if it still holds `path` (not a newer connection of that path).
+    pub fn remove(&self, path: &Path) {
+        let index = path.index;
         let mut slots = self.lock();
         if slots[index]
             .as_ref()
-            .is_some_and(|p| p.conn.stable_id() == conn.stable_id())
+            .is_some_and(|p| p.generation == path.generation)
         {
             slots[index] = None;
             drop(slots);
@@ -382,7 +392,7 @@ async fn monitor(table: std::sync::Weak<PathTable>, path: Arc<Path>) {
         warn!(path = r.index, addr = %r.addr, reason = ?path.conn.close_reason(), lost = r.lost_packets,
             tx_bytes = r.tx_bytes, rx_bytes = r.rx_bytes, "path down");
         path.usable.store(false, Ordering::Relaxed);
-        table.remove(path.index, &path.conn);
+        table.remove(&path);
     }
 }
 
@@ -454,7 +464,7 @@ pub async fn run_flow(
     early: Bytes,
 ) -> Result<(u64, u64), FlowError> {
     let _ = tcp.set_nodelay(true);
-    let (tr, tw) = tcp.into_split();
+    let (mut tr, tw) = tcp.into_split();
     let mut f = Flow {
         table: table.clone(),
         changes: table.subscribe(),
@@ -476,17 +486,29 @@ pub async fn run_flow(
     let (ev_tx, ev_rx) = mpsc::channel(FLOW_EVENTS);
     f.events_tx = Some(ev_tx.clone());
     let (tcp_tx, tcp_rx) = mpsc::unbounded_channel::<Bytes>();
-    f.tasks.spawn(tcp_writer(tw, tcp_rx, ev_tx.clone()));
+    let (abort_tx, abort_rx) = oneshot::channel();
+    let mut tcp_task = crate::AbortOnDrop(tokio::spawn(tcp_writer(
+        tw,
+        tcp_rx,
+        ev_tx.clone(),
+        abort_rx,
+    )));
     f.add_subflow(first);
     if !early.is_empty() {
         f.pending = Some(early);
     }
-    let r = f.run(tr, more, ev_rx, tcp_tx).await;
+    let r = f.run(&mut tr, more, ev_rx, tcp_tx).await;
     f.release();
     if r.is_err() {
         for w in f.writers.iter().flatten() {
             let _ = w.send(WriterMsg::Reset);
         }
+        // The application must not take a cut-short stream for a complete one: close its
+        // connection with a reset, not the FIN an ordinary close (or dropping the write half)
+        // would send. The TCP writer lets go of its half without shutting it down first.
+        let _ = abort_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut tcp_task.0).await;
+        let _ = tr.as_ref().set_zero_linger();
     }
     // Let the writers flush the last records (our final ACK and FIN) and finish their streams;
     // readers and the TCP writer are aborted with `tasks`.
@@ -706,7 +728,7 @@ impl Flow {
 
     async fn run(
         &mut self,
-        mut tr: tokio::net::tcp::OwnedReadHalf,
+        tr: &mut tokio::net::tcp::OwnedReadHalf,
         mut more: mpsc::Receiver<Subflow>,
         mut events: mpsc::Receiver<Event>,
         tcp_tx: mpsc::UnboundedSender<Bytes>,
@@ -889,15 +911,34 @@ async fn subflow_reader(
     }
 }
 
-/// Writes in-order bytes to the TCP side, reporting progress (which becomes ACKs).
+/// Writes in-order bytes to the TCP side, reporting progress (which becomes ACKs). On `abort`
+/// (the flow failed) it drops its half without the FIN, so the flow can reset the connection.
 async fn tcp_writer(
     mut tw: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     ev: mpsc::Sender<Event>,
+    mut abort: oneshot::Receiver<()>,
 ) {
     let mut total = 0u64;
-    while let Some(b) = rx.recv().await {
-        if let Err(e) = tw.write_all(&b).await {
+    loop {
+        let b = tokio::select! {
+            biased;
+            _ = &mut abort => {
+                tw.forget();
+                return;
+            }
+            b = rx.recv() => b,
+        };
+        let Some(b) = b else { break };
+        let written = tokio::select! {
+            biased;
+            _ = &mut abort => {
+                tw.forget();
+                return;
+            }
+            r = tw.write_all(&b) => r,
+        };
+        if let Err(e) = written {
             // The application closed or reset its socket: the flow is over.
             debug!(error = %e, "TCP write failed; aborting the flow");
             let _ = ev.send(Event::TcpWriteDone(false)).await;

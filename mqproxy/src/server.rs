@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
-use crate::multipath::{self, PathTable, Subflow};
+use crate::multipath::{self, FlowError, PathTable, Subflow};
 use crate::paths::{Scheduler, MAX_PATHS};
 use crate::proto::{
     self, AuthStatus, CloseReason, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler,
@@ -490,12 +490,12 @@ pub(crate) async fn serve_established(
         }
     };
     let _holder = Holder::new(bundle.clone());
-    let (_, monitor) = bundle.paths.insert(index, conn.clone());
+    let (path, monitor) = bundle.paths.insert(index, conn.clone());
     bundle.spawn(monitor);
     let reason = ConnLoop::new(conn.clone(), ctx.clone(), bundle.clone(), index)
         .run()
         .await;
-    bundle.paths.remove(index, &conn);
+    bundle.paths.remove(&path);
     dec(&m.connections_open);
     info!(%client_id, path = index, %reason, "connection closed");
     if bundle.id.is_some() && bundle.paths.live_count() == 0 {
@@ -1076,7 +1076,12 @@ impl StreamCtx {
             Ok((up, down)) => {
                 debug!(%addr, flow = flow_id, bytes_from_target = up, bytes_to_target = down, "flow done")
             }
-            Err(e) => debug!(%addr, flow = flow_id, error = %e, "flow failed"),
+            Err(e @ (FlowError::Tcp(_) | FlowError::PeerReset)) => {
+                debug!(%addr, flow = flow_id, error = %e, "flow ended by one side")
+            }
+            Err(e) => {
+                warn!(%addr, flow = flow_id, error = %e, "flow failed; its TCP connection was reset")
+            }
         }
         Ok(())
     }
