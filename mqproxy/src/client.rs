@@ -318,6 +318,13 @@ impl<D: Dialer> Link<D> {
                         });
                     }
                     failures = failures.saturating_add(1);
+                    if multipath && is_timeout(&e) {
+                        // The server did not answer: the path is still cut. The attempt itself
+                        // took about a second, so try again right away; a healed path is
+                        // then back within about a second (each attempt costs a few packets).
+                        tokio::time::sleep(BACKOFF_MIN.mul_f64(rand::random_range(0.5..1.0))).await;
+                        continue;
+                    }
                 }
             }
             let wait = backoff(failures);
@@ -403,6 +410,14 @@ impl<D: Dialer> Link<D> {
             }
         }
     }
+}
+
+/// Whether a dial failed because the server never answered (rather than refusing or erroring).
+fn is_timeout(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Transport(TransportError::Connection(quinn::ConnectionError::TimedOut))
+    )
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -114,8 +114,17 @@ pub fn transport_config(idle_timeout: Duration, keepalive: bool) -> TransportCon
 pub fn path_transport_config() -> TransportConfig {
     let mut t = transport_config(crate::multipath::PATH_IDLE_TIMEOUT, true);
     t.keep_alive_interval(Some(crate::multipath::PATH_KEEPALIVE));
+    // A handshake gives up after three probe timeouts, and before the first RTT sample the
+    // probe timeout follows this estimate: with the RFC 9002 default (333 ms) each redial of a
+    // lost path takes ~3 s to fail, so a path that heals meanwhile waits that long to be used
+    // again. 100 ms makes an attempt fail (and the next start) within ~1 s; a slower path
+    // still connects, its first retransmissions are merely early.
+    t.initial_rtt(PATH_INITIAL_RTT);
     t
 }
+
+/// Initial RTT estimate of path connections (see [`path_transport_config`]).
+pub const PATH_INITIAL_RTT: Duration = Duration::from_millis(100);
 
 /// Kernel buffer asked for on the QUIC UDP socket, each way. The default (~208 KiB) overflows
 /// under a burst of GSO-sized sends at Gbit/s rates, and every overflow is a loss that halves

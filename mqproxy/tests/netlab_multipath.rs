@@ -113,14 +113,15 @@ fn start_server(lab: &MultipathLab, dir: &std::path::Path) -> Result<(Proc, Stri
 }
 
 /// Starts a client in the client namespace with SOCKS5 on `socks`, over `paths` (none: one
-/// ordinary connection, which leaves through path 0).
+/// ordinary connection, which leaves through path 0). Its log is passed through to stderr;
+/// the receiver gets each path (re)connection the log reports, with the time it was seen.
 fn start_client(
     lab: &MultipathLab,
     fingerprint: &str,
     socks: &str,
     paths: &[usize],
     scheduler: &str,
-) -> Result<Proc> {
+) -> Result<(Proc, std::sync::mpsc::Receiver<(usize, Instant)>)> {
     let mut client = Command::new(env!("CARGO_BIN_EXE_mqproxy"));
     client
         .args(["client", "--server"])
@@ -137,8 +138,46 @@ fn start_client(
     for &i in paths {
         client.arg("--path").arg(lab.client_ip(i).to_string());
     }
-    client.stdout(Stdio::null());
-    Ok(Proc(lab.spawn(&lab.client_ns(), client)?))
+    // The path events below are read from the client's info-level log.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    client
+        .env("RUST_LOG", format!("{filter},mqproxy::client=info"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = lab.spawn(&lab.client_ns(), client)?;
+    let stderr = child.stderr.take().context("client stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if let Some(path) = path_connected(&line) {
+                let _ = tx.send((path, Instant::now()));
+            }
+        }
+    });
+    Ok((Proc(child), rx))
+}
+
+/// The path of a client log line reporting a connected path.
+fn path_connected(line: &str) -> Option<usize> {
+    // Drop colour escapes (`ESC [ ... m`) so fields read `path=1`.
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    if !plain.contains("connected and authenticated") {
+        return None;
+    }
+    let rest = &plain[plain.find(" path=")? + " path=".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// SOCKS5 CONNECT from the client namespace (blocking).
@@ -185,7 +224,7 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let echo_sources = start_targets(&lab, data.clone(), stop.clone())?;
     let (_server, fp) = start_server(&lab, &dir)?;
-    let _client = start_client(&lab, &fp, SOCKS, &[0, 1], "minrtt")?;
+    let (_client, connected) = start_client(&lab, &fp, SOCKS, &[0, 1], "minrtt")?;
     let source = SocketAddr::from((lab.server_ip(), SOURCE_PORT));
     let echo = SocketAddr::from((lab.server_ip(), ECHO_PORT));
 
@@ -248,9 +287,25 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     let cut1 = t0.elapsed();
     lab.set_path(1, false)?;
     std::thread::sleep(Duration::from_millis(2500));
+    while connected.try_recv().is_ok() {}
     lab.set_path(1, true)?;
-    // Give the client time to redial path 1, then cut the other one.
-    std::thread::sleep(Duration::from_millis(4000));
+    let healed = Instant::now();
+    // Cut the other path once the client has redialed path 1.
+    let readded = loop {
+        let (path, at) = connected
+            .recv_timeout(Duration::from_secs(10))
+            .context("path 1 was not redialed within 10 s of healing")?;
+        if path == 1 {
+            break at - healed;
+        }
+    };
+    eprintln!("path 1 re-added {readded:?} after its link came back");
+    // The redial gives up on a cut path after ~1 s and tries again at once, so a healed path
+    // is back within about a second; the bound has slack for a loaded CI machine.
+    assert!(
+        readded < Duration::from_secs(4),
+        "path 1 took {readded:?} to be re-added"
+    );
     let cut0 = t0.elapsed();
     lab.set_path(0, false)?;
     std::thread::sleep(Duration::from_millis(2500));
@@ -464,7 +519,7 @@ fn bench_multipath() -> Result<()> {
         for (k, (name, paths, sched)) in configs.iter().enumerate() {
             port += 1;
             let socks = format!("127.0.0.1:{port}");
-            let _client = start_client(&lab, &fp, &socks, paths, sched)?;
+            let (_client, _) = start_client(&lab, &fp, &socks, paths, sched)?;
             wait_ready(&lab, &socks)?;
             let one = tcp_download(&lab, &socks, 1, tcp_len)?;
             let many = tcp_download(&lab, &socks, 16, tcp_len)?;
@@ -482,7 +537,7 @@ fn bench_multipath() -> Result<()> {
     for _ in 0..reps {
         port += 1;
         let socks = format!("127.0.0.1:{port}");
-        let _client = start_client(&lab, &fp, &socks, &[0, 1], "backup")?;
+        let (_client, _) = start_client(&lab, &fp, &socks, &[0, 1], "backup")?;
         wait_ready(&lab, &socks)?;
         let before: Vec<(u64, u64)> = (0..2)
             .map(|i| lab.client_if_bytes(i))
