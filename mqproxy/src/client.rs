@@ -308,8 +308,11 @@ impl<D: Dialer> Link<D> {
                         matches!(e, ClientError::AuthRefused(_) | ClientError::NoMultipath);
                     if refused {
                         tracing::error!(server = %self.cfg.server, path = index, error = %e, "authentication refused");
+                    } else if multipath && failures > 0 && failures % 30 != 0 {
+                        // A cut path is retried every second or so: say so once, then now and then.
+                        debug!(server = %self.cfg.server, path = index, local = ?local, error = %e, failures, "connecting to the server failed again");
                     } else {
-                        warn!(server = %self.cfg.server, path = index, local = ?local, error = %e, "connecting to the server failed");
+                        warn!(server = %self.cfg.server, path = index, local = ?local, error = %e, failures, "connecting to the server failed");
                     }
                     if !self.conn.alive() {
                         self.state.send_replace(LinkState::Down {

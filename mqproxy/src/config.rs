@@ -229,7 +229,8 @@ pub struct ServerOpts {
     /// Reach clients through this quic-relay instead of listening on --listen: for a server behind
     /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
     /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
-    /// otherwise. Needs --session.
+    /// otherwise. Needs --session. Given together with --listen, the server does both: a
+    /// multipath client (--path ... --relay ...) then uses the relay session as one more path.
     #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
     pub relay: Option<String>,
     /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
@@ -269,12 +270,13 @@ impl ServerOpts {
             self.relay_token.or(file.relay_token),
         )?;
         let listen = self.listen.or(file.listen);
-        if relay.is_some() && listen.is_some() {
-            return Err(ConfigError::Conflict("--listen", "--relay"));
-        }
+        // --relay alone: the relay session only. With --listen as well: both front ends, so
+        // a multipath client's direct paths and its relay path join one bundle.
+        let also_listen = relay.is_some() && listen.is_some();
         let listen = listen.unwrap_or_else(|| "0.0.0.0:4433".parse().expect("literal"));
         let mut c = ServerConfig::new(listen, token, cert);
         c.relay = relay;
+        c.also_listen = also_listen;
         if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
             c.udp_idle_timeout = positive_secs("--udp-idle-timeout", s)?;
         }
@@ -369,7 +371,8 @@ pub struct ClientOpts {
     /// Reach the server through this quic-relay instead of --server: for a server behind
     /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
     /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
-    /// otherwise. Needs --session.
+    /// otherwise. Needs --session. With --server and --path, the relay session is one more
+    /// path of the multipath bundle (the server runs --listen and --relay together).
     #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
     pub relay: Option<String>,
     /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
@@ -408,8 +411,20 @@ impl ClientOpts {
             self.session.or(file.session),
             self.relay_token.or(file.relay_token),
         )?;
+        let paths = if self.path.is_empty() {
+            file.path
+        } else {
+            self.path
+        };
         let server = match (self.server.or(file.server), &relay) {
-            (Some(_), Some(_)) => return Err(ConfigError::Conflict("--server", "--relay")),
+            // Multipath: the --path paths go to --server, the relay session is one more path.
+            (Some(s), Some(_)) if !paths.is_empty() => s,
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "--server",
+                    "--relay (together only with --path: the relay session then joins the direct paths)",
+                ))
+            }
             (Some(s), None) => s,
             // Only names the server in logs.
             (None, Some(r)) => format!("session {} at relay {}", r.session, r.relay),
@@ -420,7 +435,7 @@ impl ClientOpts {
             }
         };
         let host = match server.rsplit_once(':') {
-            _ if relay.is_some() => String::new(),
+            _ if relay.is_some() && paths.is_empty() => String::new(),
             Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
                 h.trim_start_matches('[').trim_end_matches(']').to_owned()
             }
@@ -481,16 +496,20 @@ impl ClientOpts {
         if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
             c.udp_idle_timeout = Some(positive_secs("--udp-idle-timeout", s)?);
         }
-        let paths = if self.path.is_empty() {
-            file.path
-        } else {
-            self.path
-        };
-        if paths.len() > crate::paths::MAX_PATHS {
+        let relay_path = usize::from(c.relay.is_some() && !paths.is_empty());
+        if paths.len() + relay_path > crate::paths::MAX_PATHS {
             return Err(ConfigError::Invalid {
                 flag: "--path",
                 value: format!("{} addresses", paths.len()),
-                reason: format!("at most {} paths", crate::paths::MAX_PATHS),
+                reason: format!(
+                    "at most {} paths{}",
+                    crate::paths::MAX_PATHS,
+                    if relay_path == 1 {
+                        ", the relay session counting as one"
+                    } else {
+                        ""
+                    }
+                ),
             });
         }
         for (i, p) in paths.iter().enumerate() {
@@ -632,7 +651,33 @@ mod tests {
             server: Some("example.com:4433".into()),
             ..client.clone()
         });
-        assert!(e.contains("--server") && e.contains("--relay"), "{e}");
+        assert!(
+            e.contains("--server") && e.contains("--relay") && e.contains("--path"),
+            "{e}"
+        );
+        // With --path, --server and --relay together: direct paths plus the relay path.
+        let c = ClientOpts {
+            relay: relay_flag.clone(),
+            session: Some(S.into()),
+            server: Some("198.18.0.1:4433".into()),
+            path: vec!["198.18.10.2".parse().expect("lit")],
+            ..client.clone()
+        }
+        .resolve()
+        .expect("valid");
+        assert_eq!(c.server, "198.18.0.1:4433");
+        assert_eq!(c.paths.len(), 1);
+        assert!(c.relay.is_some());
+        let e = err(ClientOpts {
+            relay: relay_flag.clone(),
+            session: Some(S.into()),
+            server: Some("198.18.0.1:4433".into()),
+            path: (1..=8u8)
+                .map(|i| std::net::IpAddr::from([198, 18, 10, i]))
+                .collect(),
+            ..client.clone()
+        });
+        assert!(e.contains("relay session counting as one"), "{e}");
         let c = ClientOpts {
             relay: relay_flag.clone(),
             session: Some(S.into()),
@@ -646,7 +691,7 @@ mod tests {
         assert_eq!(r.session.to_string(), S);
         assert_eq!(r.token.expect("token").expiry, 1_700_000_000);
 
-        // The server: the same keys from a config file; --listen excludes --relay.
+        // The server: the same keys from a config file.
         let dir = std::env::temp_dir().join(format!("mqproxy-relay-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let f = dir.join("server.toml");
@@ -662,14 +707,16 @@ mod tests {
         };
         let c = server.clone().resolve().expect("valid");
         assert_eq!(c.relay.expect("relay set").relay, relay);
-        let e = ServerOpts {
-            listen: Some("0.0.0.0:4433".parse().expect("lit")),
+        assert!(!c.also_listen);
+        // --listen with --relay: both front ends.
+        let c = ServerOpts {
+            listen: Some("198.18.0.1:4433".parse().expect("lit")),
             ..server
         }
         .resolve()
-        .expect_err("conflict")
-        .to_string();
-        assert!(e.contains("--listen") && e.contains("--relay"), "{e}");
+        .expect("valid");
+        assert!(c.also_listen && c.relay.is_some());
+        assert_eq!(c.listen, "198.18.0.1:4433".parse().expect("lit"));
 
         // Names resolve (localhost: no network needed); junk is refused with the flag named.
         let c = ClientOpts {

@@ -19,7 +19,7 @@ use tracing::{info, warn, Instrument};
 use crate::client::{Client, ClientConfig, ClientError, BACKOFF_MAX, BACKOFF_MIN};
 use crate::server::{self, Ctx, ServerConfig, ServerError};
 use crate::tls::{self, ClientVerify};
-use crate::transport::{self, close, Dialer, TransportError};
+use crate::transport::{self, close, Dialer, QuicDialer, TransportError};
 use crate::AbortOnDrop;
 
 /// How long a client waits for the server to be registered in the session before the attempt
@@ -213,6 +213,15 @@ impl RelayDialer {
         })
     }
 
+    /// A dialer for the relay path of a multipath client: the path transport parameters
+    /// (short keepalive and idle timeout, see [`transport::path_transport_config`]), so a
+    /// relay path that dies is dropped as fast as a direct one.
+    pub fn for_path(target: RelayTarget, verify: &ClientVerify) -> Result<Self, ClientError> {
+        let mut d = RelayDialer::new(target, verify, crate::multipath::PATH_IDLE_TIMEOUT)?;
+        d.transport = Arc::new(transport::path_transport_config());
+        Ok(d)
+    }
+
     /// Which path carries the connection.
     pub fn metrics(&self) -> Arc<PathMetrics> {
         self.metrics.clone()
@@ -283,6 +292,58 @@ impl Client<RelayDialer> {
     }
 }
 
+/// One path of a multipath client: dialed straight from a local address (`--path`), or
+/// through the relay session (`--relay` next to `--path`).
+#[derive(Debug)]
+pub enum PathDialer {
+    /// `--path LOCAL_IP` to `--server`.
+    Direct(QuicDialer),
+    /// The relay session: hole-punched or relayed, as peer-sdk finds.
+    Relay(Box<RelayDialer>),
+}
+
+impl Dialer for PathDialer {
+    async fn dial(&self) -> Result<quinn::Connection, TransportError> {
+        match self {
+            PathDialer::Direct(d) => d.dial().await,
+            PathDialer::Relay(d) => d.dial().await,
+        }
+    }
+
+    async fn finish(&self) {
+        match self {
+            PathDialer::Direct(d) => d.finish().await,
+            PathDialer::Relay(d) => d.finish().await,
+        }
+    }
+}
+
+impl Client<PathDialer> {
+    /// Binds the listeners for a multipath client whose `--path`s reach `cfg.server` directly
+    /// and whose last path goes through `cfg.relay` (the server runs `--listen` and `--relay`
+    /// together). The relay path is one more path of the bundle: scheduled on like the others,
+    /// and what remains when every direct path is cut.
+    pub async fn bind_paths_with_relay(cfg: ClientConfig) -> Result<Self, ClientError> {
+        let target = cfg.relay.clone().ok_or(ClientError::NotConnected(
+            "no relay configured (--relay)".into(),
+        ))?;
+        let qc = tls::client_config(&cfg.verify)?;
+        let mut dialers = cfg
+            .paths
+            .iter()
+            .map(|ip| {
+                QuicDialer::for_path(cfg.server.clone(), cfg.server_name.clone(), qc.clone(), *ip)
+                    .map(PathDialer::Direct)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        dialers.push(PathDialer::Relay(Box::new(RelayDialer::for_path(
+            target,
+            &cfg.verify,
+        )?)));
+        Client::with_dialers(cfg, dialers).await
+    }
+}
+
 /// Errors of the relay front end of the server.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -331,6 +392,30 @@ impl RelayServer {
             transport,
             fingerprint,
             peer_id,
+            first: None,
+            metrics: Arc::new(PathMetrics::default()),
+        };
+        s.first = Some(s.register().await?);
+        Ok(s)
+    }
+
+    /// The relay front end of a server that also listens (`--listen` with `--relay`): it
+    /// shares the listener's state, so a multipath client's relay path joins the bundle of its
+    /// direct paths. Registers with the relay.
+    pub(crate) async fn beside(
+        ctx: Arc<Ctx>,
+        tls: Arc<rustls::ServerConfig>,
+        fingerprint: peer_sdk::Fingerprint,
+    ) -> Result<Self, RelayServerError> {
+        let target = ctx.cfg().relay.clone().ok_or(RelayServerError::NoRelay)?;
+        let transport = Arc::new(transport::transport_config(ctx.cfg().idle_timeout, true));
+        let mut s = RelayServer {
+            ctx,
+            target,
+            tls,
+            transport,
+            fingerprint,
+            peer_id: rand::random::<u64>() | 1,
             first: None,
             metrics: Arc::new(PathMetrics::default()),
         };

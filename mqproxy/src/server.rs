@@ -82,6 +82,9 @@ pub struct ServerConfig {
     /// Wait for clients in this relay session instead of listening on `listen` (see
     /// [`crate::rendezvous::RelayServer`]).
     pub relay: Option<crate::rendezvous::RelayTarget>,
+    /// With `relay`: listen on `listen` as well, both front ends sharing one state (see
+    /// [`Server::relay_front`]).
+    pub also_listen: bool,
 }
 
 impl ServerConfig {
@@ -98,6 +101,7 @@ impl ServerConfig {
             allow_private: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             relay: None,
+            also_listen: false,
         }
     }
 }
@@ -183,6 +187,8 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     ctx: Arc<Ctx>,
     fingerprint: peer_sdk::tls::Fingerprint,
+    /// The TLS configuration, for a relay front end beside the listener.
+    tls: Arc<rustls::ServerConfig>,
 }
 
 impl Ctx {
@@ -241,7 +247,8 @@ impl Server {
     pub fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
         let (ctx, cert) = Ctx::new(cfg)?;
         let fingerprint = cert.fingerprint;
-        let mut sc = tls::server_config(cert)?;
+        let rustls = tls::rustls_server_config(cert)?;
+        let mut sc = tls::server_config_from(rustls.clone())?;
         sc.transport_config(Arc::new(transport::transport_config(
             ctx.cfg.idle_timeout,
             false,
@@ -256,7 +263,18 @@ impl Server {
             endpoint,
             ctx,
             fingerprint,
+            tls: rustls,
         })
+    }
+
+    /// Also waits for clients in the configured relay session (`--listen` with `--relay`):
+    /// registers with the relay and returns that front end, which shares this server's
+    /// state (a multipath client's relay path joins its direct paths' bundle). Run both.
+    pub async fn relay_front(
+        &self,
+    ) -> Result<crate::rendezvous::RelayServer, crate::rendezvous::RelayServerError> {
+        crate::rendezvous::RelayServer::beside(self.ctx.clone(), self.tls.clone(), self.fingerprint)
+            .await
     }
 
     /// The bound address.

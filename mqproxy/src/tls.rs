@@ -145,8 +145,14 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), TlsError> {
 
 /// The quinn server configuration for a loaded certificate.
 pub fn server_config(cert: LoadedCert) -> Result<quinn::ServerConfig, TlsError> {
-    let quic = QuicServerConfig::try_from(rustls_server_config(cert)?)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    server_config_from(rustls_server_config(cert)?)
+}
+
+/// The quinn server configuration over an existing rustls one (shared with a relay front end).
+pub fn server_config_from(
+    rustls: Arc<rustls::ServerConfig>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let quic = QuicServerConfig::try_from(rustls).map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
 

@@ -21,6 +21,7 @@ const TOKEN: &str = "lab-token";
 const SERVER_PORT: u16 = 4433;
 const SOURCE_PORT: u16 = 5001;
 const ECHO_PORT: u16 = 5002;
+const RELAY_PORT: u16 = 3478;
 const SOCKS: &str = "127.0.0.1:1080";
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -97,6 +98,15 @@ impl Drop for Proc {
 
 /// Starts the server in the server namespace; returns it and the certificate fingerprint.
 fn start_server(lab: &MultipathLab, dir: &std::path::Path) -> Result<(Proc, String)> {
+    start_server_with(lab, dir, &[])
+}
+
+/// [`start_server`] with extra flags.
+fn start_server_with(
+    lab: &MultipathLab,
+    dir: &std::path::Path,
+    extra: &[String],
+) -> Result<(Proc, String)> {
     let cert =
         mqproxy::tls::load_server_cert(&mqproxy::tls::ServerCert::SelfSigned(dir.to_owned()))?;
     let mut server = Command::new(env!("CARGO_BIN_EXE_mqproxy"));
@@ -105,6 +115,7 @@ fn start_server(lab: &MultipathLab, dir: &std::path::Path) -> Result<(Proc, Stri
         .arg(format!("{}:{SERVER_PORT}", lab.server_ip()))
         .args(["--token", TOKEN, "--state-dir"])
         .arg(dir)
+        .args(extra)
         .stdout(Stdio::null());
     Ok((
         Proc(lab.spawn(&lab.server_ns(), server)?),
@@ -122,6 +133,30 @@ fn start_client(
     paths: &[usize],
     scheduler: &str,
 ) -> Result<(Proc, std::sync::mpsc::Receiver<(usize, Instant)>)> {
+    let (proc, lines) = start_client_with(lab, fingerprint, socks, paths, scheduler, &[])?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (line, at) in lines {
+            if let Some(path) = path_connected(&line) {
+                if tx.send((path, at)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok((proc, rx))
+}
+
+/// [`start_client`] with extra flags; the receiver gets every log line (colour codes removed)
+/// with the time it was read.
+fn start_client_with(
+    lab: &MultipathLab,
+    fingerprint: &str,
+    socks: &str,
+    paths: &[usize],
+    scheduler: &str,
+    extra: &[String],
+) -> Result<(Proc, std::sync::mpsc::Receiver<(String, Instant)>)> {
     let mut client = Command::new(env!("CARGO_BIN_EXE_mqproxy"));
     client
         .args(["client", "--server"])
@@ -138,6 +173,7 @@ fn start_client(
     for &i in paths {
         client.arg("--path").arg(lab.client_ip(i).to_string());
     }
+    client.args(extra);
     // The path events below are read from the client's info-level log.
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     client
@@ -152,17 +188,15 @@ fn start_client(
         for line in std::io::BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             eprintln!("{line}");
-            if let Some(path) = path_connected(&line) {
-                let _ = tx.send((path, Instant::now()));
-            }
+            // A receiver that stopped listening just leaves the passing through.
+            let _ = tx.send((plain(&line), Instant::now()));
         }
     });
     Ok((Proc(child), rx))
 }
 
-/// The path of a client log line reporting a connected path.
-fn path_connected(line: &str) -> Option<usize> {
-    // Drop colour escapes (`ESC [ ... m`) so fields read `path=1`.
+/// A log line without its colour escapes (`ESC [ ... m`), so fields read `path=1`.
+fn plain(line: &str) -> String {
     let mut plain = String::with_capacity(line.len());
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -172,6 +206,11 @@ fn path_connected(line: &str) -> Option<usize> {
             plain.push(c);
         }
     }
+    plain
+}
+
+/// The path of a client log line reporting a connected path.
+fn path_connected(plain: &str) -> Option<usize> {
     if !plain.contains("connected and authenticated") {
         return None;
     }
@@ -355,6 +394,134 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
         "the UDP session was re-created: {sources:?}"
     );
     Ok(())
+}
+
+/// A multipath client with one direct path (path 1's link) and the relay session as its
+/// second path, to a server that listens and waits in the relay session at once. Direct UDP
+/// from the client to anything but the proxy and relay ports is dropped in the server's
+/// namespace, so the relay path cannot be hole-punched: it really goes through the relay
+/// (which sits beside the server, reached over path 0's link). The direct path is cut during a
+/// download: the download completes byte exact on the relay path.
+#[test]
+fn relay_session_joins_the_direct_paths() -> Result<()> {
+    netlab::require_lab!(Ok(()));
+    common::init_tracing();
+    let shape = LinkShape {
+        delay_ms: 25,
+        loss_pct: 0.0,
+        rate_mbit: Some(100.0),
+    };
+    let lab = MultipathLab::new(2, shape)?;
+    // No direct path from the client's relay-session socket to the server's.
+    let nft = format!(
+        "table inet mplab {{\n chain input {{\n type filter hook input priority 0; policy accept;\n \
+         ip saddr 198.18.10.0/23 udp dport != {{ {SERVER_PORT}, {RELAY_PORT} }} drop\n }}\n}}\n"
+    );
+    let mut cmd = Command::new("nft");
+    cmd.args(["-f", "-"]).stdin(Stdio::piped());
+    let mut child = lab.spawn(&lab.server_ns(), cmd)?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(nft.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "nft refused the lab's rules");
+
+    let relay_addr = SocketAddr::from((lab.server_ip(), RELAY_PORT));
+    let _relay = lab.run_in(&lab.server_ns(), move || {
+        quic_relay::server::Server::bind(
+            relay_addr,
+            quic_relay::sessions::RelayConfig::default(),
+            4 << 20,
+        )?
+        .spawn()
+    })??;
+    let dir = common::temp_dir("mprelay");
+    let data = Arc::new(pattern(16 << 20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_targets = StopOnDrop(stop.clone());
+    start_targets(&lab, data.clone(), stop)?;
+    let session = "6f1d2c3b-4a59-4e8d-9c7b-0a1b2c3d4e5f";
+    let relay_flags: Vec<String> = ["--relay", &relay_addr.to_string(), "--session", session]
+        .map(str::to_owned)
+        .to_vec();
+    let (_server, fp) = start_server_with(&lab, &dir, &relay_flags)?;
+    let (_client, lines) = start_client_with(&lab, &fp, SOCKS, &[1], "minrtt", &relay_flags)?;
+    // Path 0 is the direct one (--path on link 1), path 1 the relay session.
+    let (mut direct_up, mut relay_up, mut relayed) = (false, false, false);
+    while !(direct_up && relay_up && relayed) {
+        let (line, _) = lines
+            .recv_timeout(Duration::from_secs(20))
+            .context("the client did not bring up both paths within 20 s")?;
+        match path_connected(&line) {
+            Some(0) => direct_up = true,
+            Some(1) => relay_up = true,
+            _ => {}
+        }
+        if line.contains("reached the server through the relay session") {
+            anyhow::ensure!(
+                line.contains("(relay path)"),
+                "the relay path was hole-punched despite the filter: {line}"
+            );
+            relayed = true;
+        }
+    }
+
+    let t0 = Instant::now();
+    let source = SocketAddr::from((lab.server_ip(), SOURCE_PORT));
+    let downloader =
+        lab.spawn_thread(&lab.client_ns(), move || -> Result<(Vec<u8>, Duration)> {
+            let mut s = socks_connect(SOCKS, source)?;
+            s.write_all(&(16u64 << 20).to_be_bytes())?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut got = Vec::with_capacity(16 << 20);
+            let mut buf = vec![0u8; 1 << 16];
+            while got.len() < 16 << 20 {
+                let n = s.read(&mut buf).context("download stalled")?;
+                anyhow::ensure!(n > 0, "download ended early at {}", got.len());
+                got.extend_from_slice(&buf[..n]);
+                // At most 2 MiB/s, so the download spans the cut.
+                let due = Duration::from_secs_f64(got.len() as f64 / f64::from(2 << 20));
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            Ok((got, t0.elapsed()))
+        })?;
+    std::thread::sleep(Duration::from_millis(2000));
+    let before_cut = lab.client_if_bytes(0)?.0;
+    lab.set_path(1, false)?;
+    let cut = t0.elapsed();
+    let (got, done_at) = downloader
+        .join()
+        .map_err(|_| anyhow::anyhow!("downloader panicked"))??;
+    lab.set_path(1, true)?;
+    assert_eq!(got.len(), data.len());
+    assert!(
+        Sha256::digest(&got) == Sha256::digest(&data[..]),
+        "download byte exact"
+    );
+    let after_cut = lab.client_if_bytes(0)?.0 - before_cut;
+    eprintln!(
+        "16 MiB (read at 2 MiB/s) byte exact by {done_at:?}; direct path cut at {cut:?}; \
+         {after_cut} bytes arrived over the relay path's link after the cut"
+    );
+    assert!(done_at > cut, "the download should span the cut");
+    // What remained after the cut came over the relay path (link 0).
+    assert!(
+        after_cut > 4 << 20,
+        "only {after_cut} bytes came over the relay path after the direct one was cut"
+    );
+    Ok(())
+}
+
+/// Sets a flag when dropped (stops the lab's target threads however the test ends).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Downloads `len` bytes from the TCP source through `socks` in `flows` parallel connections

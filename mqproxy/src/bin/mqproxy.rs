@@ -55,7 +55,28 @@ fn main() -> anyhow::Result<()> {
         match cli.role {
             Role::Server(opts) => {
                 let cfg = opts.resolve().context("server configuration")?;
-                if cfg.relay.is_some() {
+                if cfg.also_listen {
+                    let server =
+                        mqproxy::server::Server::bind(cfg).context("starting the server")?;
+                    let relay = server
+                        .relay_front()
+                        .await
+                        .context("registering with the relay")?;
+                    // One signal stops both front ends.
+                    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    };
+                    let signal = async {
+                        shutdown_signal().await;
+                        let _ = stop_tx.send(true);
+                    };
+                    tokio::join!(
+                        signal,
+                        server.run(stopped(stop_rx.clone())),
+                        relay.run(stopped(stop_rx))
+                    );
+                } else if cfg.relay.is_some() {
                     let server = mqproxy::rendezvous::RelayServer::bind(cfg)
                         .await
                         .context("starting the server in the relay session")?;
@@ -68,7 +89,12 @@ fn main() -> anyhow::Result<()> {
             }
             Role::Client(opts) => {
                 let cfg = opts.resolve().context("client configuration")?;
-                if cfg.relay.is_some() {
+                if cfg.relay.is_some() && !cfg.paths.is_empty() {
+                    let client = mqproxy::client::Client::bind_paths_with_relay(cfg)
+                        .await
+                        .context("starting the client")?;
+                    client.run(shutdown_signal()).await;
+                } else if cfg.relay.is_some() {
                     let client = mqproxy::client::Client::bind_relay(cfg)
                         .await
                         .context("starting the client")?;
