@@ -35,10 +35,13 @@ pub const PATH_IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// scheduling: ~20 ms at 100 Mbit/s, so a busy path spills onto the next one instead of
 /// building a queue.
 pub const DATAGRAM_QUEUE_TARGET: u64 = 256 * 1024;
-/// Unacknowledged bytes per striped flow and direction (the peer's reorder window). Two
-/// 100 Mbit/s paths with 50 ms RTT carry ~1.3 MB in flight; reordering between paths and the
-/// end-to-end acknowledgement add about as much again.
-pub const FLOW_WINDOW: usize = 6 << 20;
+/// Unacknowledged bytes per striped flow and direction (the peer's reorder window). It must
+/// cover the aggregate rate times the slowest path's round trip *with its queue* plus the
+/// end-to-end acknowledgement: two 100 Mbit/s, 50 ms paths whose 1,000-packet queues fill reach
+/// ~200 ms, ~5 MB, and a loss on one path holds the reorder buffer for another round trip.
+/// At 6 MiB one flow reached 1.79x a single path, at 16 MiB 1.88x. Memory stays bounded by
+/// the paths anyway: all flows together keep at most ~2 congestion windows per path in flight.
+pub const FLOW_WINDOW: usize = 16 << 20;
 /// Extra room over twice the congestion window that TCP chunks may occupy on a path, so a
 /// small window still admits whole chunks.
 const ROOM_SLACK: u64 = 256 * 1024;
@@ -47,6 +50,9 @@ pub const FLOW_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often a flow with data waiting for room looks at the paths again (room also frees when
 /// acknowledgements arrive, which wakes it at once).
 const ROOM_POLL: Duration = Duration::from_millis(2);
+/// Bytes received in order between ACKs sent for receipt alone: the sender's paths see the
+/// room within a fraction of [`ROOM_SLACK`].
+const RECEIVED_ACK_EVERY: u64 = 64 * 1024;
 /// Events queued from subflow readers to their flow: each carries at most one chunk and the
 /// reorder window bounds the chunks outstanding.
 const FLOW_EVENTS: usize = 256;
@@ -261,17 +267,21 @@ impl PathTable {
             .count()
     }
 
-    /// The usable path with the lowest RTT (for signalling streams); any open one if none is
-    /// usable.
+    /// The usable path with the lowest RTT, or with `backup` the first usable one (for
+    /// signalling streams); any open one if none is usable.
     pub fn best(&self) -> Option<Arc<Path>> {
         let all = self.all();
         let open = |p: &&Arc<Path>| p.conn.close_reason().is_none();
-        all.iter()
+        let mut usable = all
+            .iter()
             .filter(open)
-            .filter(|p| p.usable.load(Ordering::Relaxed))
-            .min_by_key(|p| p.conn.rtt())
-            .or_else(|| all.iter().find(open))
-            .cloned()
+            .filter(|p| p.usable.load(Ordering::Relaxed));
+        let pick = if self.scheduler() == Scheduler::Backup {
+            usable.next()
+        } else {
+            usable.min_by_key(|p| p.conn.rtt())
+        };
+        pick.or_else(|| all.iter().find(open)).cloned()
     }
 
     /// Waits up to `timeout` for an open path.
@@ -482,6 +492,7 @@ pub async fn run_flow(
         pending: None,
         events_tx: None,
         written: 0,
+        acked_received: 0,
     };
     let (ev_tx, ev_rx) = mpsc::channel(FLOW_EVENTS);
     f.events_tx = Some(ev_tx.clone());
@@ -543,6 +554,8 @@ struct Flow {
     pending: Option<Bytes>,
     events_tx: Option<mpsc::Sender<Event>>,
     written: u64,
+    /// The `received` of our last ACK.
+    acked_received: u64,
 }
 
 impl Flow {
@@ -571,13 +584,9 @@ impl Flow {
             rec.extend_from_slice(&data);
             self.write_to(path, rec.freeze());
         }
-        if self.written > 0 {
-            self.write_to(
-                path,
-                Self::record(&Record::Ack {
-                    delivered: self.written,
-                }),
-            );
+        if self.reorder.delivered() > 0 {
+            let ack = self.ack();
+            self.write_to(path, ack);
         }
         if let Some((off, _)) = self.fin_sent {
             self.write_to(path, Self::record(&Record::Fin { offset: off }));
@@ -639,12 +648,16 @@ impl Flow {
             .collect()
     }
 
-    /// Any usable subflow path, best first (for ACK and FIN records and rerouting).
+    /// The usable subflow path for ACK and FIN records and rerouting: the lowest RTT, or with
+    /// `backup` the first usable one (a backup path carries nothing while the primary lives).
     fn any_path(&self) -> Option<usize> {
         let views = self.views();
-        (0..MAX_PATHS)
-            .filter(|&i| views[i].usable)
-            .min_by_key(|&i| views[i].srtt)
+        let mut usable = (0..MAX_PATHS).filter(|&i| views[i].usable);
+        if self.table.scheduler() == Scheduler::Backup {
+            usable.next()
+        } else {
+            usable.min_by_key(|&i| views[i].srtt)
+        }
     }
 
     /// Places the pending chunk if a path has room; `true` if it went.
@@ -666,6 +679,23 @@ impl Flow {
             self.reroute_dead();
         }
         true
+    }
+
+    /// Our acknowledgement as it stands: received in order, and written to TCP.
+    fn ack(&mut self) -> Bytes {
+        self.acked_received = self.reorder.delivered();
+        Self::record(&Record::Ack {
+            delivered: self.written,
+            received: self.acked_received,
+        })
+    }
+
+    /// Sends [`Self::ack`] on the best path.
+    fn send_ack(&mut self) {
+        if let Some(p) = self.any_path() {
+            let ack = self.ack();
+            self.write_to(p, ack);
+        }
     }
 
     fn record(r: &Record) -> Bytes {
@@ -711,13 +741,9 @@ impl Flow {
                 lost = true;
             }
         }
-        if lost && self.written > 0 {
-            self.write_to(
-                to,
-                Self::record(&Record::Ack {
-                    delivered: self.written,
-                }),
-            );
+        if lost && self.reorder.delivered() > 0 {
+            let ack = self.ack();
+            self.write_to(to, ack);
         }
         self.sync_in_flight();
     }
@@ -784,12 +810,17 @@ impl Flow {
                                     let _ = t.send(b);
                                 }
                             }
+                            // Receipt frees the sender's paths even while our TCP side is not
+                            // taking the bytes (its writes produce the delivered ACKs).
+                            if self.reorder.delivered() - self.acked_received >= RECEIVED_ACK_EVERY {
+                                self.send_ack();
+                            }
                             if self.reorder.finished() {
                                 tcp_tx = None;
                             }
                         }
-                        Event::Record(Record::Ack { delivered }) => {
-                            if !self.send.ack(delivered) {
+                        Event::Record(Record::Ack { delivered, received }) => {
+                            if !self.send.ack(delivered, received) {
                                 return Err(FlowError::Protocol("ack beyond the data sent".into()));
                             }
                             self.sync_in_flight();
@@ -808,9 +839,7 @@ impl Flow {
                         }
                         Event::Written(n) => {
                             self.written = n;
-                            if let Some(p) = self.any_path() {
-                                self.write_to(p, Self::record(&Record::Ack { delivered: n }));
-                            }
+                            self.send_ack();
                         }
                         Event::PeerFinished => {
                             peer_finished.get_or_insert_with(Instant::now);
@@ -822,9 +851,7 @@ impl Flow {
                         Event::TcpWriteDone(true) => {
                             self.peer_done = true;
                             // Acknowledge the end so the peer can finish.
-                            if let Some(p) = self.any_path() {
-                                self.write_to(p, Self::record(&Record::Ack { delivered: self.written }));
-                            }
+                            self.send_ack();
                         }
                     }
                 }

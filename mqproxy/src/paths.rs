@@ -291,10 +291,15 @@ struct Sent {
 }
 
 /// The sending side of one direction of a striped flow: every chunk stays here until the peer
-/// acknowledges delivering it, at most `cap` bytes (the peer's reorder window).
+/// acknowledges receiving it (it may have to be resent on another path until then), and the
+/// window of `cap` bytes (the peer's reorder window) stays taken until the peer acknowledges
+/// delivering the bytes to its TCP socket.
 #[derive(Debug)]
 pub struct SendBuffer {
+    /// Delivered by the peer (frees the window).
     acked: u64,
+    /// Received by the peer (frees the chunks and their paths' in-flight count).
+    received: u64,
     next: u64,
     chunks: VecDeque<Sent>,
     per_path: [u64; MAX_PATHS],
@@ -306,6 +311,7 @@ impl SendBuffer {
     pub fn new(cap: usize) -> Self {
         SendBuffer {
             acked: 0,
+            received: 0,
             next: 0,
             chunks: VecDeque::new(),
             per_path: [0; MAX_PATHS],
@@ -342,13 +348,16 @@ impl SendBuffer {
         offset
     }
 
-    /// Forgets chunks wholly below `delivered`; `false` if the ack is beyond what was sent.
-    pub fn ack(&mut self, delivered: u64) -> bool {
-        if delivered > self.next {
+    /// Takes an acknowledgement: forgets chunks wholly below `received` and frees the window
+    /// below `delivered`. Acks may arrive out of order over different paths; older ones change
+    /// nothing. `false` if the ack is beyond what was sent (or delivered exceeds received).
+    pub fn ack(&mut self, delivered: u64, received: u64) -> bool {
+        if received > self.next || delivered > received {
             return false;
         }
+        self.received = self.received.max(received);
         while let Some(c) = self.chunks.front() {
-            if c.offset + c.data.len() as u64 > delivered {
+            if c.offset + c.data.len() as u64 > self.received {
                 break;
             }
             self.per_path[c.path] -= c.data.len() as u64;
@@ -370,9 +379,9 @@ impl SendBuffer {
         out
     }
 
-    /// Whether everything sent has been acknowledged.
+    /// Whether everything sent has been delivered to the peer's TCP socket.
     pub fn all_acked(&self) -> bool {
-        self.chunks.is_empty()
+        self.acked == self.next
     }
 }
 
@@ -561,10 +570,20 @@ mod tests {
         let again = s.reroute(1, 0);
         assert_eq!(again, vec![(4, Bytes::from_static(b"efg"))]);
         assert_eq!((s.in_flight(0), s.in_flight(1)), (7, 0));
-        assert!(s.ack(4));
+        assert!(s.ack(4, 4));
         assert_eq!(s.in_flight(0), 3);
-        assert!(!s.ack(100), "ack beyond what was sent");
-        assert!(s.ack(7));
+        assert!(!s.ack(100, 100), "ack beyond what was sent");
+        assert!(!s.ack(5, 4), "delivered beyond received");
+        // Received but not yet delivered (the peer's application is not reading): nothing is
+        // left to resend and the paths are free, but the window stays taken.
+        assert!(s.ack(4, 7));
+        assert_eq!((s.in_flight(0), s.in_flight(1)), (0, 0));
+        assert!(s.reroute(0, 1).is_empty(), "nothing to resend");
+        assert_eq!(s.room(), 7);
+        assert!(!s.all_acked());
+        assert!(s.ack(2, 5), "an older ack changes nothing");
+        assert_eq!(s.room(), 7);
+        assert!(s.ack(7, 7));
         assert!(s.all_acked());
         assert_eq!(s.room(), 10);
     }
@@ -634,12 +653,17 @@ mod tests {
             for (op, n, p) in ops {
                 match op {
                     0 if s.room() >= n => { s.push(Bytes::from(vec![0; n]), p); }
-                    1 => { let to = s.acked() + n as u64; s.ack(to.min(s.next_offset())); }
+                    1 => {
+                        let rx = (s.received + n as u64).min(s.next_offset());
+                        let to = (s.acked() + (n as u64) / 2).min(rx);
+                        prop_assert!(s.ack(to, rx));
+                    }
                     _ => { s.reroute(p, (p + 1) % 3); }
                 }
                 let total: u64 = (0..3).map(|i| s.in_flight(i)).sum();
                 let unacked: u64 = s.chunks.iter().map(|c| c.data.len() as u64).sum();
                 prop_assert_eq!(total, unacked);
+                prop_assert!(s.chunks.iter().all(|c| c.offset + c.data.len() as u64 > s.received));
                 prop_assert!(s.next_offset() - s.acked() <= 500);
             }
         }

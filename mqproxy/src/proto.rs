@@ -1092,11 +1092,15 @@ pub enum Record {
         /// 1..=[`MAX_CHUNK`] bytes.
         data: Bytes,
     },
-    /// The receiver has delivered every byte before `delivered` to its TCP socket: the sender
-    /// may forget them (cumulative, end to end, over all paths).
+    /// The receiver has every byte before `received` and has written every byte before
+    /// `delivered` to its TCP socket (both cumulative, end to end, over all paths).
+    /// `received` ends the sender's resend duty and frees the paths' room; `delivered` frees
+    /// the flow window, so an application that stops reading holds only its own flow.
     Ack {
-        /// Bytes delivered in order.
+        /// Bytes written to TCP in order.
         delivered: u64,
+        /// Bytes received in order (at least `delivered`).
+        received: u64,
     },
     /// The sender's byte stream ends at `offset` (its TCP side sent FIN).
     Fin {
@@ -1115,9 +1119,13 @@ impl Record {
                 put_varint(out, data.len() as u64);
                 out.put_slice(data);
             }
-            Record::Ack { delivered } => {
+            Record::Ack {
+                delivered,
+                received,
+            } => {
                 out.put_u8(REC_ACK);
                 put_varint(out, *delivered);
+                put_varint(out, *received);
             }
             Record::Fin { offset } => {
                 out.put_u8(REC_FIN);
@@ -1170,13 +1178,22 @@ impl Record {
                     data: buf.split_to(len as usize).freeze(),
                 }
             }
-            REC_ACK | REC_FIN => {
-                let _ = buf.split_to(1 + n1);
-                if ty == REC_ACK {
-                    Record::Ack { delivered: a }
-                } else {
-                    Record::Fin { offset: a }
+            REC_ACK => {
+                let Some((received, n2)) = get_varint(&rest[n1..]) else {
+                    return Ok(None);
+                };
+                if received < a {
+                    return Err(DecodeError::Invalid("ack received below delivered"));
                 }
+                let _ = buf.split_to(1 + n1 + n2);
+                Record::Ack {
+                    delivered: a,
+                    received,
+                }
+            }
+            REC_FIN => {
+                let _ = buf.split_to(1 + n1);
+                Record::Fin { offset: a }
             }
             _ => return Err(DecodeError::Invalid("record type")),
         };
@@ -1513,7 +1530,10 @@ mod tests {
                     offset,
                     data: Bytes::from(d)
                 }),
-            (0..VARINT_MAX).prop_map(|delivered| Record::Ack { delivered }),
+            (0..VARINT_MAX, 0..VARINT_MAX).prop_map(|(a, b)| Record::Ack {
+                delivered: a.min(b),
+                received: a.max(b),
+            }),
             (0..VARINT_MAX).prop_map(|offset| Record::Fin { offset }),
         ]
     }
@@ -1526,9 +1546,18 @@ mod tests {
             data: Bytes::from_static(b"hi"),
         }
         .encode(&mut b);
-        Record::Ack { delivered: 5 }.encode(&mut b);
+        Record::Ack {
+            delivered: 5,
+            received: 66,
+        }
+        .encode(&mut b);
         Record::Fin { offset: 66 }.encode(&mut b);
-        assert_eq!(hex::encode(&b), "0040400268690105024042");
+        assert_eq!(hex::encode(&b), "00404002686901054042024042");
+        let mut bad = BytesMut::from(&b"\x01\x05\x04"[..]);
+        assert!(
+            Record::decode(&mut bad).is_err(),
+            "received below delivered"
+        );
         let mut bad = BytesMut::from(&b"\x00\x00\x00"[..]);
         assert!(Record::decode(&mut bad).is_err(), "empty chunk");
         let mut bad = BytesMut::from(&b"\x07\x00"[..]);
