@@ -87,6 +87,8 @@ pub struct ClientConfig {
     pub paths: Vec<std::net::IpAddr>,
     /// How traffic is spread over the paths.
     pub scheduler: Scheduler,
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -106,6 +108,7 @@ impl ClientConfig {
             relay: None,
             paths: Vec::new(),
             scheduler: Scheduler::default(),
+            metrics: None,
         }
     }
 }
@@ -240,6 +243,79 @@ struct Link<D> {
 }
 
 impl<D: Dialer> Link<D> {
+    /// The client's Prometheus page: counters, per-path health, relay-session paths.
+    fn render_metrics(&self) -> String {
+        use crate::metrics::{Exposition, Kind};
+        let m = &self.metrics;
+        let mut e = Exposition::default();
+        e.single(
+            "mqproxy_client_connections_total",
+            Kind::Counter,
+            "Connections to the server that authenticated (each path's, each redial).",
+            &m.connections,
+        );
+        e.single(
+            "mqproxy_client_udp_associations",
+            Kind::Gauge,
+            "SOCKS5 UDP associations open.",
+            &m.associations_open,
+        );
+        e.single(
+            "mqproxy_client_udp_sessions",
+            Kind::Gauge,
+            "UDP sessions open.",
+            &m.udp_sessions_open,
+        );
+        e.single(
+            "mqproxy_client_udp_sessions_total",
+            Kind::Counter,
+            "UDP sessions opened.",
+            &m.udp_sessions_total,
+        );
+        e.single(
+            "mqproxy_client_udp_dropped_total",
+            Kind::Counter,
+            "UDP packets dropped (bad SOCKS header, fragments, foreign source, limits, too large).",
+            &m.udp_dropped,
+        );
+        e.single(
+            "mqproxy_client_tcp_connects_total",
+            Kind::Counter,
+            "TCP CONNECTs (SOCKS5 and HTTP) requested.",
+            &m.tcp_connects,
+        );
+        let paths: Vec<_> = self
+            .conn
+            .paths
+            .reports()
+            .into_iter()
+            .map(|r| {
+                let local = self
+                    .cfg
+                    .paths
+                    .get(r.index)
+                    .map_or_else(|| "relay-session".to_owned(), |ip| ip.to_string());
+                let local = if self.cfg.paths.is_empty() && self.cfg.relay.is_none() {
+                    "any".to_owned()
+                } else {
+                    local
+                };
+                (vec![("path", r.index.to_string()), ("local", local)], r)
+            })
+            .collect();
+        e.paths(&paths);
+        let relay: Vec<_> = self
+            .dialers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.path_metrics().map(|m| (i.to_string(), m)))
+            .collect();
+        if !relay.is_empty() {
+            e.relay_paths(&relay);
+        }
+        e.finish()
+    }
+
     async fn get(&self) -> Result<Arc<Conn>, ClientError> {
         let mut rx = self.state.subscribe();
         let wait = async {
@@ -493,6 +569,7 @@ async fn dispatch(c: std::sync::Weak<Conn>, conn: Connection) {
 pub struct Client<D = QuicDialer> {
     socks: TcpListener,
     http: Option<TcpListener>,
+    metrics: Option<TcpListener>,
     link: Arc<Link<D>>,
 }
 
@@ -547,6 +624,10 @@ impl<D: Dialer> Client<D> {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
+        let metrics = match cfg.metrics {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
         let (state, _) = watch::channel(LinkState::Connecting);
         let multipath = dialers.len() > 1 || !cfg.paths.is_empty();
         let conn = Arc::new(Conn {
@@ -565,6 +646,7 @@ impl<D: Dialer> Client<D> {
         Ok(Client {
             socks,
             http,
+            metrics,
             link: Arc::new(Link {
                 dialers,
                 conn,
@@ -589,6 +671,11 @@ impl<D: Dialer> Client<D> {
             .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
+    /// The address of the `--metrics` page, if one is served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The client's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.link.metrics.clone()
@@ -600,10 +687,18 @@ impl<D: Dialer> Client<D> {
     }
 
     /// Serves until `shutdown` completes; every task is stopped on return.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut tasks = JoinSet::new();
         tasks.spawn(self.link.clone().supervise().in_current_span());
+        if let Some(l) = self.metrics.take() {
+            if let Ok(a) = l.local_addr() {
+                info!(metrics = %a, "serving Prometheus metrics at /metrics");
+            }
+            let link = self.link.clone();
+            let render = Arc::new(move || link.render_metrics());
+            tasks.spawn(crate::metrics::serve(l, render, std::future::pending()).in_current_span());
+        }
         let slots = Arc::new(Semaphore::new(MAX_INGRESS_CONNECTIONS));
         info!(socks5 = %self.socks_addr(), http = ?self.http_addr(), server = %self.link.cfg.server, "client running");
         loop {

@@ -185,6 +185,11 @@ pub struct ServerOpts {
     /// UDP address the QUIC server listens on [default: 0.0.0.0:4433].
     #[arg(long, env = "MQPROXY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
+    /// packets sent and lost, bytes) at http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by
+    /// default; the page is unauthenticated, so keep it on a private address.
+    #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Shared secret clients must present (prefer --token-file: command lines are visible to
     /// other local users).
     #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
@@ -277,6 +282,7 @@ impl ServerOpts {
         let mut c = ServerConfig::new(listen, token, cert);
         c.relay = relay;
         c.also_listen = also_listen;
+        c.metrics = self.metrics.or(file.metrics);
         if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
             c.udp_idle_timeout = positive_secs("--udp-idle-timeout", s)?;
         }
@@ -328,6 +334,11 @@ pub struct ClientOpts {
     /// The mqproxy server, HOST:PORT.
     #[arg(long, env = "MQPROXY_SERVER")]
     pub server: Option<String>,
+    /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
+    /// packets sent and lost, bytes) at http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by
+    /// default; the page is unauthenticated, so keep it on a private address.
+    #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Shared secret (prefer --token-file: command lines are visible to other local users).
     #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -486,6 +497,7 @@ impl ClientOpts {
         let mut c = ClientConfig::new(server, token, verify);
         c.server_name = server_name;
         c.relay = relay;
+        c.metrics = self.metrics.or(file.metrics);
         if let Some(a) = self.socks5.or(file.socks5) {
             c.socks5 = a;
         }

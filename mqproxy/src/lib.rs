@@ -19,6 +19,7 @@
 //!   server with no open port: hole-punched direct path when possible, relayed otherwise.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
+//! - [`metrics`]: Prometheus text of the counters and per-path health (`--metrics ADDR`).
 //! - [`uot`]: UDP over TCP: the `udp-over-tcp` tool's framings and socket loops, and sing-box
 //!   UoT (server side and [`uot::create_udp_proxy`]).
 //!
@@ -28,6 +29,8 @@
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+#[cfg(feature = "runtime")]
+pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod multipath;
 pub mod paths;

@@ -279,6 +279,10 @@ impl Dialer for RelayDialer {
             .await;
         }
     }
+
+    fn path_metrics(&self) -> Option<Arc<PathMetrics>> {
+        Some(self.metrics.clone())
+    }
 }
 
 impl Client<RelayDialer> {
@@ -314,6 +318,13 @@ impl Dialer for PathDialer {
         match self {
             PathDialer::Direct(d) => d.finish().await,
             PathDialer::Relay(d) => d.finish().await,
+        }
+    }
+
+    fn path_metrics(&self) -> Option<Arc<PathMetrics>> {
+        match self {
+            PathDialer::Direct(d) => d.path_metrics(),
+            PathDialer::Relay(d) => d.path_metrics(),
         }
     }
 }
@@ -374,6 +385,8 @@ pub struct RelayServer {
     /// fails at start.
     first: Option<Peer>,
     metrics: Arc<PathMetrics>,
+    /// `--metrics`, when this front end serves the page (not beside a listener).
+    scrape: Option<std::net::TcpListener>,
 }
 
 impl RelayServer {
@@ -394,7 +407,9 @@ impl RelayServer {
             peer_id,
             first: None,
             metrics: Arc::new(PathMetrics::default()),
+            scrape: None,
         };
+        s.scrape = server::bind_metrics(s.ctx.cfg().metrics)?;
         s.first = Some(s.register().await?);
         Ok(s)
     }
@@ -418,6 +433,7 @@ impl RelayServer {
             peer_id: rand::random::<u64>() | 1,
             first: None,
             metrics: Arc::new(PathMetrics::default()),
+            scrape: None,
         };
         s.first = Some(s.register().await?);
         Ok(s)
@@ -453,6 +469,9 @@ impl RelayServer {
 
     /// Serves one client after another until `shutdown` completes.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let _scrape = self
+            .ctx
+            .serve_metrics(self.scrape.take(), Some(self.metrics.clone()));
         tokio::pin!(shutdown);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut failures = 0u32;

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     /// With `relay`: listen on `listen` as well, both front ends sharing one state (see
     /// [`Server::relay_front`]).
     pub also_listen: bool,
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -102,6 +104,7 @@ impl ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             relay: None,
             also_listen: false,
+            metrics: None,
         }
     }
 }
@@ -185,6 +188,7 @@ pub(crate) struct Ctx {
 #[derive(Debug)]
 pub struct Server {
     endpoint: quinn::Endpoint,
+    metrics: Option<std::net::TcpListener>,
     ctx: Arc<Ctx>,
     fingerprint: peer_sdk::tls::Fingerprint,
     /// The TLS configuration, for a relay front end beside the listener.
@@ -236,6 +240,180 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// The server's Prometheus page: counters, and the health of every multipath bundle's
+    /// paths; `relay` adds the relay-session path gauges.
+    pub(crate) fn render_metrics(
+        &self,
+        relay: Option<&Arc<crate::rendezvous::PathMetrics>>,
+    ) -> String {
+        use crate::metrics::{Exposition, Kind};
+        let m = &self.metrics;
+        let mut e = Exposition::default();
+        let c = Kind::Counter;
+        let counters: [(&str, Kind, &str, &AtomicU64); 16] = [
+            (
+                "mqproxy_server_connections_total",
+                c,
+                "Connections accepted for handshake.",
+                &m.connections,
+            ),
+            (
+                "mqproxy_server_refused_max_conns_total",
+                c,
+                "Connections refused because --max-conns were authenticating.",
+                &m.refused_max_conns,
+            ),
+            (
+                "mqproxy_server_authenticated_total",
+                c,
+                "Connections that authenticated.",
+                &m.authenticated,
+            ),
+            (
+                "mqproxy_server_auth_failures_total",
+                c,
+                "Connections refused for a wrong token or version.",
+                &m.auth_failures,
+            ),
+            (
+                "mqproxy_server_connections",
+                Kind::Gauge,
+                "Connections open.",
+                &m.connections_open,
+            ),
+            (
+                "mqproxy_server_tcp_streams_total",
+                c,
+                "TCP CONNECT streams served.",
+                &m.tcp_streams,
+            ),
+            (
+                "mqproxy_server_udp_sessions",
+                Kind::Gauge,
+                "UDP sessions open (one UDP socket each).",
+                &m.udp_sessions_open,
+            ),
+            (
+                "mqproxy_server_udp_sessions_total",
+                c,
+                "UDP sessions opened.",
+                &m.udp_sessions_total,
+            ),
+            (
+                "mqproxy_server_udp_sessions_refused_total",
+                c,
+                "UDP sessions refused.",
+                &m.udp_sessions_refused,
+            ),
+            (
+                "mqproxy_server_datagrams_before_auth_total",
+                c,
+                "DATAGRAMs dropped before authentication.",
+                &m.datagrams_before_auth,
+            ),
+            (
+                "mqproxy_server_datagrams_dropped_total",
+                c,
+                "DATAGRAMs dropped: malformed, unknown session, full buffers.",
+                &m.datagrams_dropped,
+            ),
+            (
+                "mqproxy_server_udp_packets_out_total",
+                c,
+                "UDP packets relayed client to destination.",
+                &m.udp_packets_out,
+            ),
+            (
+                "mqproxy_server_udp_packets_in_total",
+                c,
+                "UDP packets relayed destination to client.",
+                &m.udp_packets_in,
+            ),
+            (
+                "mqproxy_server_paths_bound_total",
+                c,
+                "Connections that joined a multipath bundle.",
+                &m.paths_bound,
+            ),
+            (
+                "mqproxy_server_tcp_flows_total",
+                c,
+                "Striped (multipath) TCP flows served.",
+                &m.tcp_flows,
+            ),
+            (
+                "mqproxy_server_udp_duplicates_total",
+                c,
+                "UDP packets that arrived over two paths and were delivered once.",
+                &m.udp_duplicates,
+            ),
+        ];
+        for (name, kind, help, v) in counters {
+            e.single(name, kind, help, v);
+        }
+        let bundles: Vec<(String, Arc<Bundle>)> = locked(&self.bundles)
+            .iter()
+            .filter_map(|(id, w)| w.upgrade().map(|b| (hex_id(&id[..4]), b)))
+            .collect();
+        let paths: Vec<_> = bundles
+            .iter()
+            .flat_map(|(id, b)| {
+                b.paths.reports().into_iter().map(move |r| {
+                    let labels = vec![
+                        ("bundle", id.clone()),
+                        ("path", r.index.to_string()),
+                        ("remote", r.addr.to_string()),
+                    ];
+                    (labels, r)
+                })
+            })
+            .collect();
+        e.paths(&paths);
+        if let Some(r) = relay {
+            e.relay_paths(&[("relay-session".to_owned(), r.clone())]);
+        }
+        e.finish()
+    }
+
+    /// Serves the metrics page on `--metrics`, if set, until the returned task is dropped.
+    pub(crate) fn serve_metrics(
+        self: &Arc<Self>,
+        listener: Option<std::net::TcpListener>,
+        relay: Option<Arc<crate::rendezvous::PathMetrics>>,
+    ) -> Option<crate::AbortOnDrop<()>> {
+        let l = listener?;
+        let l = match l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "metrics listener unusable");
+                return None;
+            }
+        };
+        if let Ok(a) = l.local_addr() {
+            info!(metrics = %a, "serving Prometheus metrics at /metrics");
+        }
+        let ctx = self.clone();
+        let render = Arc::new(move || ctx.render_metrics(relay.as_ref()));
+        Some(crate::AbortOnDrop(tokio::spawn(
+            crate::metrics::serve(l, render, std::future::pending()).in_current_span(),
+        )))
+    }
+}
+
+/// Binds `--metrics` at start, so a taken port fails there.
+pub(crate) fn bind_metrics(
+    addr: Option<SocketAddr>,
+) -> Result<Option<std::net::TcpListener>, ServerError> {
+    addr.map(|a| {
+        std::net::TcpListener::bind(a).map_err(|source| ServerError::Bind { addr: a, source })
+    })
+    .transpose()
+}
+
 impl std::fmt::Debug for Ctx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ctx").finish_non_exhaustive()
@@ -259,8 +437,10 @@ impl Server {
                 addr: listen,
                 source,
             })?;
+        let metrics = bind_metrics(ctx.cfg.metrics)?;
         Ok(Server {
             endpoint,
+            metrics,
             ctx,
             fingerprint,
             tls: rustls,
@@ -284,6 +464,11 @@ impl Server {
             .expect("a bound endpoint has an address")
     }
 
+    /// The address of the `--metrics` page, if one is served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// SHA-256 fingerprint of the certificate.
     pub fn fingerprint(&self) -> peer_sdk::tls::Fingerprint {
         self.fingerprint
@@ -295,7 +480,8 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then closes every connection.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let _metrics = self.ctx.serve_metrics(self.metrics.take(), None);
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         info!(listen = %self.local_addr(), udp = self.ctx.cfg.udp_enabled, "server running");

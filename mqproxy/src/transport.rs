@@ -207,6 +207,11 @@ pub trait Dialer: Send + Sync + 'static {
     fn finish(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+
+    /// Which path a relay-session connection uses, for dialers that go through one.
+    fn path_metrics(&self) -> Option<Arc<crate::rendezvous::PathMetrics>> {
+        None
+    }
 }
 
 /// Dials the server directly over one local UDP socket.

@@ -226,3 +226,77 @@ async fn wlb_striped_download_is_byte_exact() {
     assert_eq!(got.len(), down.len() + 32);
     assert!(got[..down.len()] == down[..], "byte exact");
 }
+
+/// Fetches a `--metrics` page.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut page = String::new();
+    s.read_to_string(&mut page).await.expect("page");
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    page
+}
+
+/// The value of the sample that starts with `prefix` (name and labels).
+fn sample(page: &str, prefix: &str) -> Option<f64> {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pages_show_each_paths_health() {
+    let h = start(Opts {
+        metrics: true,
+        ..two_paths(Scheduler::MinRtt)
+    })
+    .await;
+    both_paths_up(&h).await;
+    let down = pattern(4 << 20, 13);
+    let (target, _srv) = tcp_source(down.clone()).await;
+    let mut s = socks_connect(h.socks, target).await;
+    s.shutdown().await.expect("fin");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.expect("download");
+    assert_eq!(got.len(), down.len() + 32);
+
+    let client = scrape(h.client_metrics_addr.expect("client page")).await;
+    assert_eq!(
+        sample(&client, "mqproxy_client_tcp_connects_total "),
+        Some(1.0)
+    );
+    let mut rx = 0.0;
+    for (i, ip) in ["127.0.0.1", "127.0.0.2"].iter().enumerate() {
+        let labels = format!("{{path=\"{i}\",local=\"{ip}\"}}");
+        assert_eq!(
+            sample(&client, &format!("mqproxy_path_usable{labels}")),
+            Some(1.0),
+            "{client}"
+        );
+        let rtt = sample(&client, &format!("mqproxy_path_rtt_seconds{labels}")).expect("rtt");
+        assert!(rtt > 0.0 && rtt < 1.0, "rtt {rtt}");
+        rx += sample(&client, &format!("mqproxy_path_rx_bytes_total{labels}")).expect("rx");
+    }
+    assert!(
+        rx >= down.len() as f64,
+        "the paths received the download: {rx}"
+    );
+
+    let server = scrape(h.server_metrics_addr.expect("server page")).await;
+    assert_eq!(
+        sample(&server, "mqproxy_server_paths_bound_total "),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&server, "mqproxy_server_tcp_flows_total "),
+        Some(1.0)
+    );
+    let server_paths = server
+        .lines()
+        .filter(|l| l.starts_with("mqproxy_path_tx_bytes_total{bundle="))
+        .count();
+    assert_eq!(server_paths, 2, "{server}");
+}

@@ -65,6 +65,8 @@ pub struct Opts {
     /// Multipath: the client's local addresses, one path each.
     pub paths: Vec<std::net::IpAddr>,
     pub scheduler: mqproxy::paths::Scheduler,
+    /// Serve both `--metrics` pages (on loopback, any port).
+    pub metrics: bool,
 }
 
 impl Default for Opts {
@@ -79,6 +81,7 @@ impl Default for Opts {
             http: false,
             paths: Vec::new(),
             scheduler: Default::default(),
+            metrics: false,
         }
     }
 }
@@ -91,6 +94,9 @@ pub struct Harness {
     pub server: Arc<mqproxy::server::Metrics>,
     pub client: Arc<mqproxy::client::Metrics>,
     pub paths: mqproxy::client::PathsHandle,
+    /// The `--metrics` pages, with [`Opts::metrics`].
+    pub client_metrics_addr: Option<SocketAddr>,
+    pub server_metrics_addr: Option<SocketAddr>,
     pub dir: PathBuf,
     _tasks: Vec<AbortOnDrop<()>>,
 }
@@ -106,6 +112,9 @@ pub fn server_config(o: &Opts, dir: &std::path::Path) -> ServerConfig {
     sc.idle_timeout = o.server_idle_timeout;
     sc.allow_private = o.allow_private;
     sc.max_conns = o.max_conns;
+    if o.metrics {
+        sc.metrics = Some("127.0.0.1:0".parse().expect("literal"));
+    }
     sc
 }
 
@@ -127,6 +136,7 @@ pub async fn start(o: Opts) -> Harness {
     let server_addr = server.local_addr();
     let fp = server.fingerprint();
     let server_metrics = server.metrics();
+    let server_metrics_addr = server.metrics_addr();
     let st = AbortOnDrop(tokio::spawn(server.run(std::future::pending())));
     let mut cc = ClientConfig::new(
         server_addr.to_string(),
@@ -139,7 +149,11 @@ pub async fn start(o: Opts) -> Harness {
     }
     cc.paths = o.paths.clone();
     cc.scheduler = o.scheduler;
+    if o.metrics {
+        cc.metrics = Some("127.0.0.1:0".parse().expect("literal"));
+    }
     let client = Client::bind(cc).await.expect("client binds");
+    let client_metrics_addr = client.metrics_addr();
     let paths = client.paths();
     let socks = client.socks_addr();
     let http = client.http_addr();
@@ -153,6 +167,8 @@ pub async fn start(o: Opts) -> Harness {
         server: server_metrics,
         client: client_metrics,
         paths,
+        client_metrics_addr,
+        server_metrics_addr,
         dir,
         _tasks: vec![st, ct],
     }
