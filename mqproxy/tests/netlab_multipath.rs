@@ -304,24 +304,7 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     let t0 = Instant::now();
     // The reader takes at most 4 MiB/s, so the download spans both cuts (the proxy's windows
     // and TCP flow control hold the rest back, across both paths).
-    let downloader =
-        lab.spawn_thread(&lab.client_ns(), move || -> Result<(Vec<u8>, Duration)> {
-            let mut s = socks_connect(SOCKS, source)?;
-            s.write_all(&(48u64 << 20).to_be_bytes())?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut got = Vec::with_capacity(48 << 20);
-            let mut buf = vec![0u8; 1 << 16];
-            while got.len() < 48 << 20 {
-                let n = s.read(&mut buf).context("download stalled")?;
-                anyhow::ensure!(n > 0, "download ended early at {}", got.len());
-                got.extend_from_slice(&buf[..n]);
-                let due = Duration::from_secs_f64(got.len() as f64 / f64::from(4 << 20));
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            Ok((got, t0.elapsed()))
-        })?;
+    let downloader = paced_download(&lab, source, 48 << 20, 4 << 20, t0)?;
     std::thread::sleep(Duration::from_millis(1500));
     let cut1 = t0.elapsed();
     lab.set_path(1, false)?;
@@ -469,25 +452,8 @@ fn relay_session_joins_the_direct_paths() -> Result<()> {
 
     let t0 = Instant::now();
     let source = SocketAddr::from((lab.server_ip(), SOURCE_PORT));
-    let downloader =
-        lab.spawn_thread(&lab.client_ns(), move || -> Result<(Vec<u8>, Duration)> {
-            let mut s = socks_connect(SOCKS, source)?;
-            s.write_all(&(40u64 << 20).to_be_bytes())?;
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut got = Vec::with_capacity(40 << 20);
-            let mut buf = vec![0u8; 1 << 16];
-            while got.len() < 40 << 20 {
-                let n = s.read(&mut buf).context("download stalled")?;
-                anyhow::ensure!(n > 0, "download ended early at {}", got.len());
-                got.extend_from_slice(&buf[..n]);
-                // At most 5 MiB/s, so the download spans the cut.
-                let due = Duration::from_secs_f64(got.len() as f64 / f64::from(5 << 20));
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(wait);
-                }
-            }
-            Ok((got, t0.elapsed()))
-        })?;
+    // At most 5 MiB/s, so the download spans the cut.
+    let downloader = paced_download(&lab, source, 40 << 20, 5 << 20, t0)?;
     std::thread::sleep(Duration::from_millis(2000));
     let before_cut = lab.client_if_bytes(0)?.0;
     lab.set_path(1, false)?;
@@ -578,6 +544,37 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
     stalled.read_exact(&mut first)?;
     assert!(first[..] == data[..1 << 20], "stalled flow byte exact");
     Ok(())
+}
+
+/// A download thread: the bytes and when they were complete.
+type Download = std::thread::JoinHandle<Result<(Vec<u8>, Duration)>>;
+
+/// Downloads `len` bytes from the TCP source through [`SOCKS`] on a thread in the client
+/// namespace, reading at most `rate` bytes/s from `t0`; returns the data and when it completed.
+fn paced_download(
+    lab: &MultipathLab,
+    source: SocketAddr,
+    len: usize,
+    rate: u32,
+    t0: Instant,
+) -> Result<Download> {
+    lab.spawn_thread(&lab.client_ns(), move || -> Result<(Vec<u8>, Duration)> {
+        let mut s = socks_connect(SOCKS, source)?;
+        s.write_all(&(len as u64).to_be_bytes())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut got = Vec::with_capacity(len);
+        let mut buf = vec![0u8; 1 << 16];
+        while got.len() < len {
+            let n = s.read(&mut buf).context("download stalled")?;
+            anyhow::ensure!(n > 0, "download ended early at {}", got.len());
+            got.extend_from_slice(&buf[..n]);
+            let due = Duration::from_secs_f64(got.len() as f64 / f64::from(rate));
+            if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok((got, t0.elapsed()))
+    })
 }
 
 /// Sets a flag when dropped (stops the lab's target threads however the test ends).
