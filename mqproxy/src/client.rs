@@ -575,7 +575,8 @@ pub struct Client<D = QuicDialer> {
 
 impl Client<QuicDialer> {
     /// Binds the listeners and prepares the QUIC endpoints, one per `--path` (connecting
-    /// starts in `run`).
+    /// starts in `run`). `cfg.relay` is not used here: see [`Client::bind_relay`] and
+    /// [`Client::bind_paths_with_relay`].
     pub async fn bind(cfg: ClientConfig) -> Result<Self, ClientError> {
         let qc = tls::client_config(&cfg.verify)?;
         let dialers = if cfg.paths.is_empty() {
