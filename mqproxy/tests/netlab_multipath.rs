@@ -86,6 +86,16 @@ fn start_targets(
     Ok(sources)
 }
 
+/// Holds the lab for one test: the tests in this file run one after another. Each pushes
+/// tens of MB/s through user-space shaped links and three proxy processes; on two cores two of
+/// them at once starve each other long enough for healthy paths to hit their 1 s idle timeout,
+/// and the timings these tests check (UDP gaps, redials) would measure the overload instead.
+fn one_lab_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it leaves nothing behind to protect.
+    LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A process started in the lab, killed (by its own handle) when dropped.
 struct Proc(std::process::Child);
 
@@ -251,6 +261,7 @@ fn socks_connect(socks: &str, target: SocketAddr) -> Result<TcpStream> {
 #[test]
 fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     netlab::require_lab!(Ok(()));
+    let _one_lab = one_lab_at_a_time();
     common::init_tracing();
     let shape = LinkShape {
         delay_ms: 25,
@@ -388,6 +399,7 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
 #[test]
 fn relay_session_joins_the_direct_paths() -> Result<()> {
     netlab::require_lab!(Ok(()));
+    let _one_lab = one_lab_at_a_time();
     common::init_tracing();
     let shape = LinkShape {
         delay_ms: 25,
@@ -489,6 +501,7 @@ fn relay_session_joins_the_direct_paths() -> Result<()> {
 #[test]
 fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
     netlab::require_lab!(Ok(()));
+    let _one_lab = one_lab_at_a_time();
     common::init_tracing();
     let shape = LinkShape {
         delay_ms: 25,
@@ -717,6 +730,7 @@ fn wait_ready(lab: &MultipathLab, socks: &str) -> Result<()> {
 #[ignore = "a benchmark: run by `cargo xtask bench multipath`"]
 fn bench_multipath() -> Result<()> {
     netlab::require_lab!(Ok(()));
+    let _one_lab = one_lab_at_a_time();
     common::init_tracing();
     let reps: usize = std::env::var("MQPROXY_BENCH_REPS")
         .ok()
