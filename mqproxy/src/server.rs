@@ -189,6 +189,8 @@ pub(crate) struct Ctx {
 pub struct Server {
     endpoint: quinn::Endpoint,
     metrics: Option<std::net::TcpListener>,
+    /// The relay front end's path gauges, when one runs beside (for the metrics page).
+    relay_paths: Option<Arc<crate::rendezvous::PathMetrics>>,
     ctx: Arc<Ctx>,
     fingerprint: peer_sdk::tls::Fingerprint,
     /// The TLS configuration, for a relay front end beside the listener.
@@ -441,6 +443,7 @@ impl Server {
         Ok(Server {
             endpoint,
             metrics,
+            relay_paths: None,
             ctx,
             fingerprint,
             tls: rustls,
@@ -451,10 +454,16 @@ impl Server {
     /// registers with the relay and returns that front end, which shares this server's
     /// state (a multipath client's relay path joins its direct paths' bundle). Run both.
     pub async fn relay_front(
-        &self,
+        &mut self,
     ) -> Result<crate::rendezvous::RelayServer, crate::rendezvous::RelayServerError> {
-        crate::rendezvous::RelayServer::beside(self.ctx.clone(), self.tls.clone(), self.fingerprint)
-            .await
+        let front = crate::rendezvous::RelayServer::beside(
+            self.ctx.clone(),
+            self.tls.clone(),
+            self.fingerprint,
+        )
+        .await?;
+        self.relay_paths = Some(front.path_metrics());
+        Ok(front)
     }
 
     /// The bound address.
@@ -481,7 +490,9 @@ impl Server {
 
     /// Serves until `shutdown` completes, then closes every connection.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
-        let _metrics = self.ctx.serve_metrics(self.metrics.take(), None);
+        let _metrics = self
+            .ctx
+            .serve_metrics(self.metrics.take(), self.relay_paths.take());
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         info!(listen = %self.local_addr(), udp = self.ctx.cfg.udp_enabled, "server running");

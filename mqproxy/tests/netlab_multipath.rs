@@ -22,6 +22,8 @@ const SERVER_PORT: u16 = 4433;
 const SOURCE_PORT: u16 = 5001;
 const ECHO_PORT: u16 = 5002;
 const RELAY_PORT: u16 = 3478;
+/// Where both roles serve `--metrics` (each on its namespace's loopback).
+const METRICS: &str = "127.0.0.1:9464";
 const SOCKS: &str = "127.0.0.1:1080";
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -440,8 +442,14 @@ fn relay_session_joins_the_direct_paths() -> Result<()> {
     let relay_flags: Vec<String> = ["--relay", &relay_addr.to_string(), "--session", session]
         .map(str::to_owned)
         .to_vec();
-    let (_server, fp) = start_server_with(&lab, &dir, &relay_flags)?;
-    let (_client, lines) = start_client_with(&lab, &fp, SOCKS, &[1], "minrtt", &relay_flags)?;
+    let server_flags = [
+        relay_flags.clone(),
+        vec!["--metrics".into(), METRICS.into()],
+    ]
+    .concat();
+    let (_server, fp) = start_server_with(&lab, &dir, &server_flags)?;
+    let client_flags = [relay_flags, vec!["--metrics".into(), METRICS.into()]].concat();
+    let (_client, lines) = start_client_with(&lab, &fp, SOCKS, &[1], "minrtt", &client_flags)?;
     // Path 0 is the direct one (--path on link 1), path 1 the relay session.
     let (mut direct_up, mut relay_up, mut relayed) = (false, false, false);
     while !(direct_up && relay_up && relayed) {
@@ -460,6 +468,28 @@ fn relay_session_joins_the_direct_paths() -> Result<()> {
             );
             relayed = true;
         }
+    }
+    // Both metrics pages show the relay session as a path, and that it is relayed.
+    let client_page = lab.run_in(&lab.client_ns(), || scrape(METRICS))??;
+    for want in [
+        "mqproxy_path_usable{path=\"1\",local=\"relay-session\"} 1",
+        "mqproxy_path_usable{path=\"0\",local=\"198.18.11.2\"} 1",
+        "mqproxy_relay_session_relayed{path=\"1\"} 1",
+    ] {
+        anyhow::ensure!(
+            client_page.contains(want),
+            "client page lacks {want}:\n{client_page}"
+        );
+    }
+    let server_page = lab.run_in(&lab.server_ns(), || scrape(METRICS))??;
+    for want in [
+        "mqproxy_server_paths_bound_total 2",
+        "mqproxy_relay_session_relayed{path=\"relay-session\"} 1",
+    ] {
+        anyhow::ensure!(
+            server_page.contains(want),
+            "server page lacks {want}:\n{server_page}"
+        );
     }
 
     let t0 = Instant::now();
@@ -557,6 +587,19 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
     stalled.read_exact(&mut first)?;
     assert!(first[..] == data[..1 << 20], "stalled flow byte exact");
     Ok(())
+}
+
+/// Fetches the `--metrics` page at `addr` (from the caller's namespace).
+fn scrape(addr: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr).context("metrics page")?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+    let mut page = String::new();
+    s.read_to_string(&mut page)?;
+    anyhow::ensure!(
+        page.starts_with("HTTP/1.1 200 OK"),
+        "metrics answer: {page}"
+    );
+    Ok(page)
 }
 
 /// A download thread: the bytes and when they were complete.

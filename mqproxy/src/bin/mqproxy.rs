@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
             Role::Server(opts) => {
                 let cfg = opts.resolve().context("server configuration")?;
                 if cfg.also_listen {
-                    let server =
+                    let mut server =
                         mqproxy::server::Server::bind(cfg).context("starting the server")?;
                     let relay = server
                         .relay_front()
