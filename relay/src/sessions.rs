@@ -376,6 +376,9 @@ const SWEEP_SLICES: usize = (SWEEP_PERIOD.as_millis() / TICK.as_millis()) as usi
 pub struct Relay {
     cfg: RelayConfig,
     epoch: Instant,
+    /// The `now` last passed in and its distance from `epoch` in microseconds: the server
+    /// passes one `now` per batch, so the conversion runs once per batch, not per datagram.
+    clock: (Instant, u64),
     /// Wall-clock Unix seconds at the last `set_wall_clock`, for token expiry.
     unix_now: u64,
     sessions: Vec<Session>,
@@ -408,6 +411,7 @@ impl Relay {
         Relay {
             cfg,
             epoch: now,
+            clock: (now, 0),
             unix_now: 0,
             sessions: Vec::new(),
             free: Vec::new(),
@@ -439,15 +443,17 @@ impl Relay {
         self.by_id.len()
     }
 
-    fn secs(&self, now: Instant) -> u32 {
+    fn secs(&mut self, now: Instant) -> u32 {
         // u32 seconds last 136 years; saturate rather than wrap.
-        now.saturating_duration_since(self.epoch)
-            .as_secs()
-            .min(u32::MAX as u64) as u32
+        (self.micros(now) / 1_000_000).min(u32::MAX as u64) as u32
     }
 
-    fn micros(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_micros() as u64
+    fn micros(&mut self, now: Instant) -> u64 {
+        if now != self.clock.0 {
+            let us = now.saturating_duration_since(self.epoch).as_micros();
+            self.clock = (now, us.min(u128::from(u64::MAX)) as u64);
+        }
+        self.clock.1
     }
 
     /// Processes one datagram from `src`.
@@ -681,7 +687,8 @@ impl Relay {
         let interval = 1_000_000 / u64::from(l.reg_rate_per_ip).max(1);
         let tolerance = interval * u64::from(l.reg_burst_per_ip.max(1) - 1);
         let now_us = self.micros(now);
-        if !self.rate.contains_key(&ip) && self.rate.len() >= MAX_RATE_ENTRIES {
+        // The length first: the lookup is needed only when the table is full.
+        if self.rate.len() >= MAX_RATE_ENTRIES && !self.rate.contains_key(&ip) {
             if now_us >= self.next_rate_sweep.saturating_sub(900_000) {
                 self.sweep_rate(now_us);
             }

@@ -829,3 +829,137 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fast parser against the obvious one
+// ---------------------------------------------------------------------------------------------
+
+/// The registration grammar written the obvious way (the relay's first parser): the relay's
+/// parser scans words eight bytes at a time and must accept and refuse exactly the same.
+fn reference_parse(datagram: &[u8], needs_reply_room: bool) -> Result<Registration, ParseError> {
+    let rest = &datagram[REG_PREFIX.len()..];
+    if datagram.len() > MAX_REG_LEN {
+        return Err(ParseError::TooLong);
+    }
+    if !rest.iter().all(|&b| b.is_ascii_graphic() || is_space(b)) {
+        return Err(ParseError::NotAscii);
+    }
+    let mut words = rest.split(|&b| is_space(b)).filter(|w| !w.is_empty());
+    let session = words
+        .next()
+        .and_then(|w| Uuid::try_parse_ascii(w).ok())
+        .ok_or(ParseError::BadUuid)?;
+    let mut ext: Option<Extended> = None;
+    for word in words {
+        let eq = word
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or(ParseError::BadParam)?;
+        let (key, value) = (&word[..eq], &word[eq + 1..]);
+        if key.is_empty()
+            || key.len() > MAX_KEY_LEN
+            || !key
+                .iter()
+                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ParseError::BadParam);
+        }
+        let e = ext.get_or_insert_with(Extended::default);
+        match key {
+            b"p" => {
+                if e.peer.is_some() {
+                    return Err(ParseError::DuplicateParam);
+                }
+                e.peer = Some(parse_peer_id(value)?);
+            }
+            b"t" => {
+                if e.token.is_some() {
+                    return Err(ParseError::DuplicateParam);
+                }
+                e.token = Some(parse_token(value)?);
+            }
+            _ => {}
+        }
+    }
+    if needs_reply_room && ext.is_some() && datagram.len() < MAX_REPLY_LEN {
+        return Err(ParseError::TooShortForReply);
+    }
+    Ok(Registration {
+        session,
+        extended: ext,
+    })
+}
+
+/// Registration bodies built from the bytes that matter to the parser: every kind of space,
+/// hex digits, `=`, `-`, `:`, and now and then a control or non-ASCII byte.
+fn arb_body_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let byte = prop_oneof![
+        8 => prop::sample::select(b" \t\r\n".to_vec()),
+        20 => prop::sample::select(b"0123456789abcdefABCDEF".to_vec()),
+        4 => prop::sample::select(b"=-:ptz{}".to_vec()),
+        1 => prop::sample::select(vec![0u8, 0x08, 0x0b, 0x0c, 0x1f, b'!', b'~', 0x7f, 0x80, 0xa0, 0xff]),
+    ];
+    prop::collection::vec(byte, 0..140)
+}
+
+#[test]
+fn find_space_finds_every_kind_of_space_at_every_position() {
+    for len in 0..40 {
+        let word = vec![b'a'; len];
+        assert_eq!(find_space(&word), len, "no space in {len} bytes");
+        for at in 0..len {
+            for space in [b' ', b'\t', b'\r', b'\n'] {
+                let mut w = word.clone();
+                w[at] = space;
+                // A second space later must not win over the first.
+                if at + 1 < len {
+                    w[len - 1] = b' ';
+                }
+                assert_eq!(find_space(&w), at, "{:?}", String::from_utf8_lossy(&w));
+            }
+        }
+    }
+    // The bytes on either side of a space's value are no spaces.
+    assert_eq!(find_space(b"!!!!!!!!~~~~~~~~!"), 17);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn parser_agrees_with_the_reference(body in arb_body_bytes(), reply_room in any::<bool>()) {
+        let mut dgram = REG_PREFIX.to_vec();
+        dgram.extend(&body);
+        prop_assert_eq!(parse_body(&dgram, reply_room), reference_parse(&dgram, reply_room));
+    }
+
+    #[test]
+    fn parser_agrees_with_the_reference_on_reg_like_datagrams(dgram in arb_reg_like()) {
+        prop_assert_eq!(parse_body(&dgram, true), reference_parse(&dgram, true));
+        prop_assert_eq!(parse_body(&dgram, false), reference_parse(&dgram, false));
+    }
+
+    #[test]
+    fn parser_agrees_with_the_reference_on_any_bytes(
+        tail in prop::collection::vec(any::<u8>(), 0..600),
+    ) {
+        let mut dgram = REG_PREFIX.to_vec();
+        dgram.extend(&tail);
+        prop_assert_eq!(parse_body(&dgram, true), reference_parse(&dgram, true));
+    }
+}
+
+#[test]
+fn original_ack_is_the_original_bytes() {
+    let ack = Reply::Ack {
+        observed: None,
+        peer: None,
+    };
+    assert_eq!(ack.encode().as_bytes(), b"ACK\n");
+    // A peer without an observed address is still the original form.
+    let ack = Reply::Ack {
+        observed: None,
+        peer: Some(sa("198.18.0.1:1")),
+    };
+    assert_eq!(ack.encode().as_bytes(), b"ACK\n");
+}

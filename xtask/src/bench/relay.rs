@@ -933,8 +933,10 @@ struct Flood {
     reg: RegReport,
     flow: LoadReport,
     drops: String,
-    /// CPU time of the process under test during the flood, per REG sent to it (µs): with
-    /// `busy`, tells a server that is the limit from one that waits for REGs.
+    /// CPU time of the process under test during the flood, per REG it answered (µs): with
+    /// `busy`, tells a server that is the limit from one that waits for REGs. Per REG answered,
+    /// not per REG sent: a REG the kernel dropped at a full socket cost the server nothing, so
+    /// dividing by REGs sent would flatter a server that falls behind.
     cpu_us_per_reg: f64,
     /// That CPU time as a fraction of the flood's wall time (1.0 = one core saturated).
     busy: f64,
@@ -967,7 +969,7 @@ fn flood(
     let (flow, reg, cpu) = (flow?, reg?, cpu?);
     // The CPU was read before the first REG and after the replies went quiet; the flow
     // (20k/s) is a small share of it at these rates.
-    let cpu_us_per_reg = cpu.as_secs_f64() * 1e6 / reg.first_sent.max(1) as f64;
+    let cpu_us_per_reg = cpu.as_secs_f64() * 1e6 / reg.first_acked.max(1) as f64;
     let busy = cpu.as_secs_f64() / reg.first_active_secs.max(1e-9);
     Ok(Flood {
         cpu_us_per_reg,
@@ -982,7 +984,7 @@ fn flood(
 
 fn describe_flood(f: &Flood) -> String {
     let mut s = format!(
-        "offered {}/s ({} REGs in {:.2} s), ACKed {} in {:.2} s = {}/s; CPU {:.2} us/REG ({:.0} % busy); flow {}; socket drops: {}",
+        "offered {}/s ({} REGs in {:.2} s), ACKed {} in {:.2} s = {}/s; CPU {:.2} us/REG ACKed ({:.0} % busy); flow {}; socket drops: {}",
         si(f.offered_rate),
         f.reg.first_sent,
         f.reg.first_send_secs,
