@@ -782,7 +782,7 @@ fn bench_multipath() -> Result<()> {
         .max(1);
     let quick = std::env::var("MQPROXY_BENCH_QUICK").is_ok_and(|v| v == "1");
     let (tcp_len, udp_secs) = if quick {
-        (24 << 20, 2.0)
+        (48 << 20, 3.0)
     } else {
         (96 << 20, 4.0)
     };

@@ -29,7 +29,7 @@ is byte exact, the UDP session survived and the gap stayed under 1.5 s), and a r
 joining a direct path (the download finishes through the relay after the direct path is cut).
 
 Options:
-  --quick     one repetition of short transfers
+  --quick     one repetition of shorter transfers (48 MiB instead of 96, UDP for 3 s)
   --reps N    repetitions (default 3; medians are reported)
   -h, --help  this text
 ";
