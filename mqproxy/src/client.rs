@@ -304,6 +304,7 @@ impl<D: Dialer> Link<D> {
             })
             .collect();
         e.paths(&paths);
+        e.unwritten();
         let relay: Vec<_> = self
             .dialers
             .iter()

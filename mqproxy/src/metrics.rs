@@ -176,6 +176,18 @@ impl Exposition {
         }
     }
 
+    /// Bytes striped flows hold for applications that are not reading.
+    pub fn unwritten(&mut self) {
+        let name = "mqproxy_flow_unwritten_bytes";
+        self.family(
+            name,
+            Kind::Gauge,
+            "Bytes striped flows received and have not written to their TCP sockets yet \
+             (applications not reading); receipt is no longer acknowledged above 128 MiB.",
+        );
+        self.sample(name, &[], crate::multipath::unwritten_bytes() as f64);
+    }
+
     /// The text.
     pub fn finish(self) -> String {
         self.out

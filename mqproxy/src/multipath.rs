@@ -53,6 +53,30 @@ const ROOM_POLL: Duration = Duration::from_millis(2);
 /// Bytes received in order between ACKs sent for receipt alone: the sender's paths see the
 /// room within a fraction of [`ROOM_SLACK`].
 const RECEIVED_ACK_EVERY: u64 = 64 * 1024;
+/// Bytes all striped flows of this process may hold received but not yet written to their TCP
+/// sockets (applications not reading). Below it, receipt is acknowledged at once, so a paused
+/// download does not hold the paths; above it, only what is written is, so the senders' path
+/// room fills and they wait: memory stays bounded at the price of head-of-line blocking.
+pub const RECEIVE_BUDGET: u64 = 128 << 20;
+/// Bytes held received and not yet written, over all flows of the process (see
+/// [`RECEIVE_BUDGET`]).
+static UNWRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes striped flows of this process hold received and not yet written to TCP.
+pub fn unwritten_bytes() -> u64 {
+    UNWRITTEN.load(Ordering::Relaxed)
+}
+
+/// The `received` an ACK reports: everything received in order while the process is within
+/// its [`RECEIVE_BUDGET`], else no more than was written (or reported before: an ACK never
+/// takes back what an earlier one said).
+fn received_to_ack(in_order: u64, written: u64, last: u64, unwritten: u64) -> u64 {
+    if unwritten <= RECEIVE_BUDGET {
+        in_order
+    } else {
+        last.max(written)
+    }
+}
 /// Events queued from subflow readers to their flow: each carries at most one chunk and the
 /// reorder window bounds the chunks outstanding.
 const FLOW_EVENTS: usize = 256;
@@ -510,6 +534,11 @@ pub async fn run_flow(
     }
     let r = f.run(&mut tr, more, ev_rx, tcp_tx).await;
     f.release();
+    // What this flow received and never wrote no longer counts against the budget.
+    UNWRITTEN.fetch_sub(
+        f.reorder.delivered().saturating_sub(f.written),
+        Ordering::Relaxed,
+    );
     if r.is_err() {
         for w in f.writers.iter().flatten() {
             let _ = w.send(WriterMsg::Reset);
@@ -683,7 +712,12 @@ impl Flow {
 
     /// Our acknowledgement as it stands: received in order, and written to TCP.
     fn ack(&mut self) -> Bytes {
-        self.acked_received = self.reorder.delivered();
+        self.acked_received = received_to_ack(
+            self.reorder.delivered(),
+            self.written,
+            self.acked_received,
+            UNWRITTEN.load(Ordering::Relaxed),
+        );
         Self::record(&Record::Ack {
             delivered: self.written,
             received: self.acked_received,
@@ -806,13 +840,16 @@ impl Flow {
                         Event::Record(Record::Data { offset, data }) => {
                             self.reorder.insert(offset, data).map_err(|e| FlowError::Protocol(e.to_string()))?;
                             while let Some(b) = self.reorder.pop() {
+                                UNWRITTEN.fetch_add(b.len() as u64, Ordering::Relaxed);
                                 if let Some(t) = &tcp_tx {
                                     let _ = t.send(b);
                                 }
                             }
                             // Receipt frees the sender's paths even while our TCP side is not
                             // taking the bytes (its writes produce the delivered ACKs).
-                            if self.reorder.delivered() - self.acked_received >= RECEIVED_ACK_EVERY {
+                            if self.reorder.delivered() - self.acked_received >= RECEIVED_ACK_EVERY
+                                && UNWRITTEN.load(Ordering::Relaxed) <= RECEIVE_BUDGET
+                            {
                                 self.send_ack();
                             }
                             if self.reorder.finished() {
@@ -838,6 +875,7 @@ impl Flow {
                             self.reroute_dead();
                         }
                         Event::Written(n) => {
+                            UNWRITTEN.fetch_sub(n.saturating_sub(self.written), Ordering::Relaxed);
                             self.written = n;
                             self.send_ack();
                         }
@@ -978,4 +1016,20 @@ async fn tcp_writer(
     }
     let _ = tw.shutdown().await;
     let _ = ev.send(Event::TcpWriteDone(true)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipt_is_acknowledged_only_within_the_budget() {
+        // Within the budget: everything received in order, whatever was written.
+        assert_eq!(received_to_ack(900, 100, 500, 0), 900);
+        assert_eq!(received_to_ack(900, 100, 500, RECEIVE_BUDGET), 900);
+        // Over it: no more than written, and never less than an earlier ACK said.
+        assert_eq!(received_to_ack(900, 100, 500, RECEIVE_BUDGET + 1), 500);
+        assert_eq!(received_to_ack(900, 700, 500, RECEIVE_BUDGET + 1), 700);
+        assert_eq!(received_to_ack(900, 0, 0, u64::MAX), 0);
+    }
 }

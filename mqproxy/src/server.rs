@@ -372,6 +372,7 @@ impl Ctx {
             })
             .collect();
         e.paths(&paths);
+        e.unwritten();
         if let Some(r) = relay {
             e.relay_paths(&[("relay-session".to_owned(), r.clone())]);
         }

@@ -545,7 +545,8 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
     let data = Arc::new(pattern(64 << 20));
     start_targets(&lab, data.clone(), stop)?;
     let (_server, fp) = start_server(&lab, &dir)?;
-    let (_client, _) = start_client(&lab, &fp, SOCKS, &[0, 1], "minrtt")?;
+    let metrics = ["--metrics".to_owned(), METRICS.to_owned()];
+    let (_client, _) = start_client_with(&lab, &fp, SOCKS, &[0, 1], "minrtt", &metrics)?;
     wait_ready(&lab, SOCKS)?;
     let source = SocketAddr::from((lab.server_ip(), SOURCE_PORT));
     // Opened, asked for 64 MiB, and never read.
@@ -565,6 +566,18 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The client holds what arrived for it (beyond the socket buffers), and says so.
+    let page = lab.run_in(&lab.client_ns(), || scrape(METRICS))??;
+    let held: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("mqproxy_flow_unwritten_bytes "))
+        .and_then(|v| v.parse().ok())
+        .context("no unwritten-bytes gauge")?;
+    eprintln!("the client holds {held} bytes for the unread flow");
+    assert!(
+        held > f64::from(4 << 20) && held <= mqproxy::multipath::FLOW_WINDOW as f64,
+        "unwritten bytes {held}"
+    );
     // A second download through the same paths completes meanwhile.
     let t = Instant::now();
     let got = lab.run_in(&lab.client_ns(), || -> Result<Vec<u8>> {
