@@ -130,8 +130,8 @@ pub struct Lab {
     prefix: String,
     /// Every namespace created so far, in creation order; deleted in reverse on drop.
     namespaces: Vec<String>,
-    /// Process groups of spawned children, killed on drop.
-    children: Mutex<Vec<u32>>,
+    /// Spawned children, killed on drop.
+    children: Children,
     /// Per side: how the router's rules are set now (they are regenerated on changes).
     routers: Mutex<[RouterState; 2]>,
     servers: Option<ProbeServers>,
@@ -145,6 +145,56 @@ static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh lab prefix (`nl<pid>x<n>`); the first call of a process also removes leftovers of
 /// labs whose process has died.
+/// Processes a lab spawned into its namespaces: each leads its own process group, which the
+/// lab kills when it is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Children(Mutex<Vec<u32>>);
+
+impl Children {
+    /// Spawns `cmd` inside namespace `ns` (entered between fork and exec), as a process-group
+    /// leader, and remembers it.
+    pub(crate) fn spawn(&self, ns: &str, mut cmd: Command) -> Result<Child> {
+        let fd = sys::open_netns(ns)?;
+        sys::enter_netns_on_exec(&mut cmd, fd);
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {:?} in {ns}", cmd.get_program()))?;
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
+        Ok(child)
+    }
+
+    /// Kills every process group spawned so far.
+    pub(crate) fn kill_all(&mut self) {
+        for pgid in std::mem::take(self.0.get_mut().unwrap_or_else(|p| p.into_inner())) {
+            sys::kill_group(pgid);
+        }
+    }
+}
+
+/// Starts `f` on a new thread that has entered namespace `ns`.
+pub(crate) fn spawn_thread_in<T, F>(ns: &str, f: F) -> Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let fd = sys::open_netns(ns)?;
+    let ns_owned = ns.to_owned();
+    std::thread::Builder::new()
+        .name(format!("netns-{ns}"))
+        .spawn(move || {
+            if let Err(e) = sys::setns_net(fd.as_fd()) {
+                panic!("cannot enter namespace {ns_owned}: {e}");
+            }
+            drop(fd);
+            f()
+        })
+        .context("spawn thread")
+}
+
 pub(crate) fn new_prefix() -> String {
     static STALE: Once = Once::new();
     STALE.call_once(|| {
@@ -195,7 +245,7 @@ impl Lab {
             config,
             prefix,
             namespaces: Vec::new(),
-            children: Mutex::new(Vec::new()),
+            children: Children::default(),
             routers: Mutex::new([RouterState::default(); 2]),
             servers: None,
             wires: Vec::new(),
@@ -445,18 +495,7 @@ impl Lab {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let fd = sys::open_netns(ns)?;
-        let ns_owned = ns.to_owned();
-        std::thread::Builder::new()
-            .name(format!("netns-{ns}"))
-            .spawn(move || {
-                if let Err(e) = sys::setns_net(fd.as_fd()) {
-                    panic!("cannot enter namespace {ns_owned}: {e}");
-                }
-                drop(fd);
-                f()
-            })
-            .context("spawn thread")
+        spawn_thread_in(ns, f)
     }
 
     /// Spawns `cmd` inside namespace `ns`, keeping everything set on it (arguments, environment,
@@ -465,18 +504,8 @@ impl Lab {
     ///
     /// The child enters the namespace between fork and exec (like `ip netns exec`, without the
     /// `/sys` remount, which nothing here needs); it becomes a process-group leader.
-    pub fn spawn(&self, ns: &str, mut cmd: Command) -> Result<Child> {
-        let fd = sys::open_netns(ns)?;
-        sys::enter_netns_on_exec(&mut cmd, fd);
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {:?} in {ns}", cmd.get_program()))?;
-        self.children
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(child.id());
-        Ok(child)
+    pub fn spawn(&self, ns: &str, cmd: Command) -> Result<Child> {
+        self.children.spawn(ns, cmd)
     }
 
     /// Empties router `side`'s connection tracking table (`conntrack -F`): every NAT mapping is
@@ -673,10 +702,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let children = std::mem::take(self.children.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for pgid in children {
-            sys::kill_group(pgid);
-        }
+        self.children.kill_all();
         // Threads first: they hold TAP devices and sockets of the namespaces.
         self.servers = None;
         self.wires.clear();

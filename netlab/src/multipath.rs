@@ -13,18 +13,17 @@
 //! Everything is inside 198.18.0.0/15; the namespaces have no link to the host's network.
 
 use std::net::Ipv4Addr;
-use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command};
-use std::sync::Mutex;
 
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 
 use crate::lab::{
-    configure_namespace, create_namespace, ip, new_prefix, open_tap_in, run_in_netns, write_sysctls,
+    configure_namespace, create_namespace, ip, new_prefix, open_tap_in, run_in_netns,
+    spawn_thread_in, write_sysctls, Children,
 };
 use crate::wire::{LinkShape, Wire};
-use crate::{cleanup, sys, tools};
+use crate::{cleanup, tools};
 
 /// Most paths a multipath lab builds.
 pub const MAX_LAB_PATHS: usize = 8;
@@ -40,7 +39,7 @@ pub struct MultipathLab {
     paths: usize,
     shape: LinkShape,
     namespaces: Vec<String>,
-    children: Mutex<Vec<u32>>,
+    children: Children,
     wires: Vec<Wire>,
 }
 
@@ -59,7 +58,7 @@ impl MultipathLab {
             paths,
             shape,
             namespaces: Vec::new(),
-            children: Mutex::new(Vec::new()),
+            children: Children::default(),
             wires: Vec::new(),
         };
         lab.build()
@@ -203,43 +202,18 @@ impl MultipathLab {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let fd = sys::open_netns(ns)?;
-        let ns_owned = ns.to_owned();
-        std::thread::Builder::new()
-            .name(format!("netns-{ns}"))
-            .spawn(move || {
-                use std::os::fd::AsFd as _;
-                if let Err(e) = sys::setns_net(fd.as_fd()) {
-                    panic!("cannot enter namespace {ns_owned}: {e}");
-                }
-                drop(fd);
-                f()
-            })
-            .context("spawn thread")
+        spawn_thread_in(ns, f)
     }
 
     /// Spawns `cmd` inside namespace `ns`; killed with its process group when the lab drops.
-    pub fn spawn(&self, ns: &str, mut cmd: Command) -> Result<Child> {
-        let fd = sys::open_netns(ns)?;
-        sys::enter_netns_on_exec(&mut cmd, fd);
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {:?} in {ns}", cmd.get_program()))?;
-        self.children
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(child.id());
-        Ok(child)
+    pub fn spawn(&self, ns: &str, cmd: Command) -> Result<Child> {
+        self.children.spawn(ns, cmd)
     }
 }
 
 impl Drop for MultipathLab {
     fn drop(&mut self) {
-        let children = std::mem::take(self.children.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for pgid in children {
-            sys::kill_group(pgid);
-        }
+        self.children.kill_all();
         self.wires.clear();
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = cleanup::remove_ns(&ns) {
