@@ -1009,14 +1009,7 @@ async fn open_connect<D: Dialer>(
             if status != ConnectStatus::Ok {
                 Err(status)
             } else if c.multipath {
-                let (recv, leftover) = r.into_parts();
-                let first = Subflow {
-                    path: path.index,
-                    send,
-                    recv,
-                    leftover,
-                };
-                Ok(Opened::Flow(c, flow_id, first))
+                Ok(Opened::Flow(c, flow_id, Subflow::new(path.index, send, r)))
             } else {
                 Ok(Opened::Stream(send, r))
             }

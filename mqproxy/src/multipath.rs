@@ -443,6 +443,19 @@ pub struct Subflow {
     pub leftover: BytesMut,
 }
 
+impl Subflow {
+    /// A subflow on `path` from a stream whose opening frames `r` has read.
+    pub fn new(path: usize, send: SendStream, r: crate::transport::FrameReader) -> Self {
+        let (recv, leftover) = r.into_parts();
+        Subflow {
+            path,
+            send,
+            recv,
+            leftover,
+        }
+    }
+}
+
 enum Event {
     Record(Record),
     /// A subflow (path, generation) ended: its stream failed or broke the protocol.

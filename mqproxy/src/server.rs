@@ -1279,13 +1279,7 @@ impl StreamCtx {
             }
         }
         let _unregister = Unregister(&self.bundle, flow_id);
-        let (recv, leftover) = r.into_parts();
-        let first = Subflow {
-            path: self.index,
-            send,
-            recv,
-            leftover,
-        };
+        let first = Subflow::new(self.index, send, r);
         match multipath::run_flow(tcp, self.bundle.paths.clone(), first, more_rx, Bytes::new())
             .await
         {
@@ -1310,13 +1304,7 @@ impl StreamCtx {
             _ => return Err(TransportError::Timeout("SUBFLOW")),
         };
         let tx = locked(&self.bundle.flows).get(&flow_id).cloned();
-        let (recv, leftover) = r.into_parts();
-        let sub = Subflow {
-            path: self.index,
-            send,
-            recv,
-            leftover,
-        };
+        let sub = Subflow::new(self.index, send, r);
         match tx {
             Some(tx) => {
                 let _ = tx.send(sub).await;
