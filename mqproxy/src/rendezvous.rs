@@ -171,6 +171,16 @@ struct Live {
 }
 
 impl Live {
+    /// Stops watching, counts the connection's datagrams per path, and closes it with
+    /// `reason`, waiting (at most a second) until the other end has been told.
+    async fn close(self, metrics: &PathMetrics, reason: &'static [u8]) {
+        let Live { _watch, conn } = self;
+        drop(_watch);
+        metrics.finished(&conn);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), conn.close(close::SHUTDOWN, reason)).await;
+    }
+
     fn new(conn: PeerConnection, metrics: &Arc<PathMetrics>) -> Live {
         let path = conn.path();
         metrics.connected(path);
@@ -269,14 +279,8 @@ impl Dialer for RelayDialer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(Live { _watch, conn }) = live {
-            drop(_watch);
-            self.metrics.finished(&conn);
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                conn.close(close::SHUTDOWN, b"client shutting down"),
-            )
-            .await;
+        if let Some(live) = live {
+            live.close(&self.metrics, b"client shutting down").await;
         }
     }
 
@@ -557,15 +561,7 @@ impl RelayServer {
                 }
             }
         }
-        let Live { _watch, conn: pc } = live;
-        drop(_watch);
-        self.metrics.finished(&pc);
-        // Waits (at most a second) until the client has been told.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            pc.close(close::SHUTDOWN, b"connection over"),
-        )
-        .await;
+        live.close(&self.metrics, b"connection over").await;
         Ok(())
     }
 }
