@@ -16,18 +16,6 @@ use mqproxy::udpsocks::UdpAssociation;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A TCP server that sends `down` bytes, reads everything the client sends, and replies with
 /// the SHA-256 of what it read.
 async fn tcp_source(down: Vec<u8>) -> (SocketAddr, mqproxy::AbortOnDrop<()>) {

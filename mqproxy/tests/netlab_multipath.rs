@@ -27,15 +27,19 @@ const METRICS: &str = "127.0.0.1:9464";
 const SOCKS: &str = "127.0.0.1:1080";
 
 fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pattern(len, 0x9e37_79b9_7f4a_7c15)
+}
+
+/// The lab every test here uses: two paths, each 100 Mbit/s with 25 ms one way.
+fn two_path_lab() -> Result<MultipathLab> {
+    MultipathLab::new(
+        2,
+        LinkShape {
+            delay_ms: 25,
+            loss_pct: 0.0,
+            rate_mbit: Some(100.0),
+        },
+    )
 }
 
 /// The server side: a TCP source (each connection sends a `u64` length, big-endian, and gets
@@ -265,12 +269,7 @@ fn path_cut_during_tcp_download_and_udp_pings() -> Result<()> {
     netlab::require_lab!(Ok(()));
     let _one_lab = one_lab_at_a_time();
     common::init_tracing();
-    let shape = LinkShape {
-        delay_ms: 25,
-        loss_pct: 0.0,
-        rate_mbit: Some(100.0),
-    };
-    let lab = MultipathLab::new(2, shape)?;
+    let lab = two_path_lab()?;
     let dir = common::temp_dir("mplab");
     let data = Arc::new(pattern(48 << 20));
     let stop = Arc::new(AtomicBool::new(false));
@@ -403,12 +402,7 @@ fn relay_session_joins_the_direct_paths() -> Result<()> {
     netlab::require_lab!(Ok(()));
     let _one_lab = one_lab_at_a_time();
     common::init_tracing();
-    let shape = LinkShape {
-        delay_ms: 25,
-        loss_pct: 0.0,
-        rate_mbit: Some(100.0),
-    };
-    let lab = MultipathLab::new(2, shape)?;
+    let lab = two_path_lab()?;
     // No direct path from the client's relay-session socket to the server's.
     let nft = format!(
         "table inet mplab {{\n chain input {{\n type filter hook input priority 0; policy accept;\n \
@@ -533,12 +527,7 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
     netlab::require_lab!(Ok(()));
     let _one_lab = one_lab_at_a_time();
     common::init_tracing();
-    let shape = LinkShape {
-        delay_ms: 25,
-        loss_pct: 0.0,
-        rate_mbit: Some(100.0),
-    };
-    let lab = MultipathLab::new(2, shape)?;
+    let lab = two_path_lab()?;
     let dir = common::temp_dir("mpstall");
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_targets = StopOnDrop(stop.clone());
@@ -799,12 +788,7 @@ fn bench_multipath() -> Result<()> {
     } else {
         (96 << 20, 4.0)
     };
-    let shape = LinkShape {
-        delay_ms: 25,
-        loss_pct: 0.0,
-        rate_mbit: Some(100.0),
-    };
-    let lab = MultipathLab::new(2, shape)?;
+    let lab = two_path_lab()?;
     let dir = common::temp_dir("mpbench");
     let stop = Arc::new(AtomicBool::new(false));
     let _echo_sources = start_targets(&lab, Arc::new(pattern(tcp_len)), stop.clone())?;

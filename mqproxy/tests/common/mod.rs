@@ -261,3 +261,17 @@ pub async fn output(mut cmd: Command) -> std::process::Output {
         .expect("blocking task")
         .unwrap_or_else(|e| panic!("running {what}: {e}"))
 }
+
+/// `len` pseudo-random bytes (xorshift from `seed`): test data that is cheap to make and
+/// unlikely to match by accident.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
