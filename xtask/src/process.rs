@@ -121,3 +121,31 @@ pub fn pin_this_thread(cpu: usize) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Puts the calling thread's CPU affinity back as it was when dropped.
+#[derive(Debug)]
+pub struct AffinityGuard {
+    saved: libc::cpu_set_t,
+}
+
+impl Drop for AffinityGuard {
+    fn drop(&mut self) {
+        // SAFETY: a set the kernel filled in, of the stated size; pid 0 is the calling thread.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.saved) };
+    }
+}
+
+/// Like [`pin_this_thread`], until the returned guard is dropped (threads started meanwhile
+/// keep the pin).
+pub fn pin_this_thread_for_now(cpu: usize) -> std::io::Result<AffinityGuard> {
+    // SAFETY: cpu_set_t is plain old data; the kernel fills it in.
+    let mut saved: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a writable set of the stated size; pid 0 is the calling thread.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut saved) }
+        != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    pin_this_thread(cpu)?;
+    Ok(AffinityGuard { saved })
+}
