@@ -871,23 +871,22 @@ fn part_latency(ctx: &Ctx) -> Result<Vec<Row>> {
         let (d50, r50, f50) = (med(0, false), med(1, false), med(2, false));
         let (d99, r99, f99) = (med(0, true), med(1, true), med(2, true));
         let added = r50 - d50;
+        // Judged where the comparison is like for like (see Placement); the other placement
+        // is shown for what a scheduler does with it.
+        let (target, verdict) = match placement {
+            Placement::OneCpu => (
+                format!("added <= {LATENCY_ADDED_TARGET_US} µs"),
+                Verdict::of(added <= LATENCY_ADDED_TARGET_US),
+            ),
+            Placement::Scheduler => ("-".to_owned(), Verdict::Info),
+        };
         rows.push(Row {
             metric: format!("RTT median, {} ({rounds} ping-pongs)", placement.label(ctx)),
             relay: format!("{r50:.1} µs ({added:+.1})"),
             baseline: format!("{d50:.1} µs direct, {f50:.1} µs fwd ({:+.1})", f50 - d50),
             ratio: format!("{} / {}", ratio(r50, d50), ratio(r50, f50)),
-            target: if placement == Placement::OneCpu {
-                format!("added <= {LATENCY_ADDED_TARGET_US} µs")
-            } else {
-                "-".to_owned()
-            },
-            // Judged where the comparison is like for like (see Placement); the other
-            // placement is shown for what a scheduler does with it.
-            verdict: if placement == Placement::OneCpu {
-                Verdict::of(added <= LATENCY_ADDED_TARGET_US)
-            } else {
-                Verdict::Info
-            },
+            target,
+            verdict,
         });
         rows.push(Row {
             metric: format!("RTT p99, {}", placement.label(ctx)),
