@@ -17,8 +17,11 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// With no feature at all the crate is empty (it still compiles, so `--no-default-features`
+// is a valid starting point for picking features).
 #[cfg(feature = "proto")]
 pub mod frame;
+#[cfg(feature = "proto")]
 pub mod proto;
 
 #[cfg(feature = "server")]
