@@ -70,7 +70,8 @@ fn golden(framing: Framing, src: SocketAddr, payload: &[u8]) -> Vec<u8> {
         Framing::Plain => v.extend_from_slice(&(payload.len() as u32).to_le_bytes()),
         Framing::Mullvad => v.extend_from_slice(&(payload.len() as u16).to_be_bytes()),
         Framing::Flow => {
-            v.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            // The fork's length counts the 18-byte source address and the payload.
+            v.extend_from_slice(&(18 + payload.len() as u32).to_le_bytes());
             v.extend_from_slice(&src.port().to_le_bytes());
             v.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
             let SocketAddr::V4(s4) = src else {

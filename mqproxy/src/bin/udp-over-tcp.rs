@@ -41,7 +41,8 @@ struct Args {
     #[arg(short = 'p', long, value_name = "ADDR")]
     udp_sendto: String,
     /// Wire format: plain (u32 LE length; the original udp-over-tcp), flow (the per-flow fork:
-    /// u32 LE length + source port + source IP) or mullvad (u16 BE length; udp2tcp/tcp2udp).
+    /// u32 LE length of source port + source IP + payload, then those) or mullvad (u16 BE
+    /// length; udp2tcp/tcp2udp).
     /// Both sides must agree.
     #[arg(long, default_value = "plain", env = "UDP_OVER_TCP_FRAMING")]
     framing: Framing,

@@ -3,12 +3,14 @@
 //! | framing | frame |
 //! | --- | --- |
 //! | [`Framing::Plain`] | `u32 LE length \| payload` (the port-preserving original, 0.1.x) |
-//! | [`Framing::Flow`] | `u32 LE length \| u16 LE source port \| 16-byte source IP \| payload` (its per-flow fork, 0.2.x; IPv4 as `::ffff:a.b.c.d`; the length counts the payload only) |
+//! | [`Framing::Flow`] | `u32 LE length \| u16 LE source port \| 16-byte source IP \| payload` (its per-flow fork, 0.2.x; IPv4 as `::ffff:a.b.c.d`; the length counts the 18-byte address **and** the payload, as the fork's `UdpPacketWithSource::serialize` builds address + payload and then writes that buffer's length) |
 //! | [`Framing::Mullvad`] | `u16 BE length \| payload` (Mullvad's udp2tcp/tcp2udp) |
 //!
 //! Lengths are bounded by [`MAX_DATAGRAM`]: the originals trusted a peer's 32-bit length and grew
 //! their buffer without limit; a longer length here is an error that ends the TCP connection
-//! (a byte stream cannot resynchronise after a bad length).
+//! (a byte stream cannot resynchronise after a bad length). A flow frame whose length cannot
+//! even hold the 18-byte address is an error too: the peer is not speaking the fork's format
+//! (typically it runs `--framing plain`).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
@@ -18,8 +20,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// at 65,507 bytes over IPv4 and 65,527 over IPv6; the codec accepts what any framing can carry.)
 pub const MAX_DATAGRAM: usize = 65_535;
 
-/// Bytes in a flow frame's source address (u16 port + 16-byte IP).
-const FLOW_ADDR_LEN: usize = 18;
+/// Bytes in a flow frame's source address (u16 port + 16-byte IP). The fork's length field
+/// counts them.
+pub const FLOW_ADDR_LEN: usize = 18;
 
 /// Which framing a tunnel speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -27,13 +30,22 @@ pub enum Framing {
     /// `u32 LE length | payload`: byte-compatible with the original udp-over-tcp.
     #[default]
     Plain,
-    /// `u32 LE length | u16 LE port | 16-byte IP | payload`: the per-flow fork's format.
+    /// `u32 LE length | u16 LE port | 16-byte IP | payload`: the per-flow fork's format, where
+    /// the length counts the address and the payload (`18 + payload`).
     Flow,
     /// `u16 BE length | payload`: Mullvad's udp2tcp/tcp2udp.
     Mullvad,
 }
 
 impl Framing {
+    /// Bytes of the length field.
+    const fn prefix_len(self) -> usize {
+        match self {
+            Framing::Plain | Framing::Flow => 4,
+            Framing::Mullvad => 2,
+        }
+    }
+
     /// Bytes before the payload.
     pub const fn header_len(self) -> usize {
         match self {
@@ -90,6 +102,17 @@ pub enum FrameError {
         /// The limit.
         max: usize,
     },
+    /// A flow frame's length is shorter than its 18-byte source address: the peer does not
+    /// speak the per-flow fork's format.
+    #[error(
+        "flow frame length {len} is shorter than its {min}-byte source address: is the peer using `--framing plain` rather than `flow`?"
+    )]
+    TooShort {
+        /// The length announced.
+        len: usize,
+        /// The least a flow frame's length can be.
+        min: usize,
+    },
 }
 
 /// The largest payload a framing can carry.
@@ -127,7 +150,9 @@ pub fn encode_header(
     match framing {
         Framing::Plain => out.put_u32_le(len as u32),
         Framing::Flow => {
-            out.put_u32_le(len as u32);
+            // The fork's length counts the address too (`serialize()` builds address + payload
+            // and then writes that buffer's length).
+            out.put_u32_le((FLOW_ADDR_LEN + len) as u32);
             out.put_u16_le(source.port());
             out.put_slice(&to_v6(source.ip()).octets());
         }
@@ -178,14 +203,23 @@ pub fn check(framing: Framing, buf: &[u8]) -> Result<Option<usize>, FrameError> 
             u16::from_be_bytes([h[0], h[1]]) as usize
         }
     };
-    if len > MAX_DATAGRAM {
+    let total = framing.prefix_len() + checked_body(framing, len)?;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// Bounds a frame's declared length (what follows the length field) for `framing`.
+fn checked_body(framing: Framing, len: usize) -> Result<usize, FrameError> {
+    let addr = framing.header_len() - framing.prefix_len();
+    if len < addr {
+        return Err(FrameError::TooShort { len, min: addr });
+    }
+    if len - addr > MAX_DATAGRAM {
         return Err(FrameError::TooLong {
             len,
-            max: MAX_DATAGRAM,
+            max: addr + MAX_DATAGRAM,
         });
     }
-    let total = framing.header_len() + len;
-    Ok((buf.len() >= total).then_some(total))
+    Ok(len)
 }
 
 /// Incremental decoder: feed it whatever the TCP stream delivered (any split), take frames out.
@@ -230,8 +264,8 @@ impl Decoder {
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let Some(total) = check(self.framing, &self.buf)? else {
             // Make room for the rest of this frame in one allocation (`check` bounded it).
-            if self.buf.len() >= self.framing.header_len() {
-                let want = self.framing.header_len() + self.declared_len();
+            if self.buf.len() >= self.framing.prefix_len() {
+                let want = self.framing.prefix_len() + self.declared_len();
                 self.buf.reserve(want.saturating_sub(self.buf.len()));
             }
             return Ok(None);
@@ -298,11 +332,11 @@ mod tests {
         // The fork: u32 LE length | u16 LE port | IPv4-mapped IPv6 | payload.
         assert_eq!(
             enc(Framing::Flow, "127.0.0.1:5000", b"hi"),
-            "02000000881300000000000000000000ffff7f0000016869"
+            "14000000881300000000000000000000ffff7f0000016869"
         );
         assert_eq!(
             enc(Framing::Flow, "[2001:db8::1]:53", b""),
-            "00000000350020010db8000000000000000000000001"
+            "12000000350020010db8000000000000000000000001"
         );
         // Mullvad: u16 BE length.
         assert_eq!(enc(Framing::Mullvad, "127.0.0.1:1", b"hi"), "00026869");
@@ -316,13 +350,13 @@ mod tests {
             (Framing::Plain, "00000000", None, b""),
             (
                 Framing::Flow,
-                "02000000881300000000000000000000ffff7f0000016869",
+                "14000000881300000000000000000000ffff7f0000016869",
                 Some("127.0.0.1:5000"),
                 b"hi",
             ),
             (
                 Framing::Flow,
-                "00000000350020010db8000000000000000000000001",
+                "12000000350020010db8000000000000000000000001",
                 Some("[2001:db8::1]:53"),
                 b"",
             ),
@@ -347,6 +381,49 @@ mod tests {
                 assert_eq!(d.pending(), 0);
             }
         }
+    }
+
+    /// Frames the per-flow fork itself wrote (captured from its binary by
+    /// `tests/data/capture_flow_fork.py`; CI cannot fetch or build the fork, which is on no
+    /// registry, so the capture is committed). Our encoder must write the same bytes, and our
+    /// decoder must read them fed one byte per write.
+    #[test]
+    fn flow_vectors_from_the_fork() {
+        let vectors = include_str!("../../tests/data/flow-fork-vectors.txt");
+        let mut seen = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
+            let mut cols = line.split_whitespace();
+            let (Some(src), Some(payload), Some(wire)) = (cols.next(), cols.next(), cols.next())
+            else {
+                panic!("malformed vector line {line:?}");
+            };
+            let src = a(src);
+            let payload = if payload == "-" {
+                Vec::new()
+            } else {
+                hex::decode(payload).expect("hex")
+            };
+            let wire = hex::decode(wire).expect("hex");
+            let mut out = BytesMut::new();
+            encode(Framing::Flow, src, &payload, &mut out).expect("fits");
+            assert_eq!(hex::encode(&out), hex::encode(&wire), "encoding {line}");
+            let mut d = Decoder::new(Framing::Flow);
+            let mut got = None;
+            for (i, b) in wire.iter().enumerate() {
+                d.feed(std::slice::from_ref(b));
+                let f = d.next_frame().expect("the fork's frames are valid");
+                if i + 1 < wire.len() {
+                    assert_eq!(f, None, "complete before its last byte: {line}");
+                } else {
+                    got = f;
+                }
+            }
+            let f = got.expect("complete at its last byte");
+            assert_eq!(f.source, Some(src), "{line}");
+            assert_eq!(&f.payload[..], &payload[..], "{line}");
+            seen += 1;
+        }
+        assert_eq!(seen, 6, "IPv4 and IPv6, three sizes each");
     }
 
     #[test]
@@ -379,9 +456,31 @@ mod tests {
             })
         );
         assert!(d.buffer().capacity() < 1 << 20);
+        // The fork's length counts the 18-byte address: 18 + 65,535 is the longest flow frame.
         let mut d = Decoder::new(Framing::Flow);
-        d.feed(&0x1_0000u32.to_le_bytes());
-        assert!(d.next_frame().is_err());
+        d.feed(&((FLOW_ADDR_LEN + MAX_DATAGRAM + 1) as u32).to_le_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TooLong {
+                len: FLOW_ADDR_LEN + MAX_DATAGRAM + 1,
+                max: FLOW_ADDR_LEN + MAX_DATAGRAM
+            })
+        );
+        // A flow length too short for the address (a plain-framing peer's) is refused, naming
+        // the likely cause.
+        for short in [0u32, 5, 17] {
+            let mut d = Decoder::new(Framing::Flow);
+            d.feed(&short.to_le_bytes());
+            let e = d.next_frame().expect_err("shorter than the address");
+            assert_eq!(
+                e,
+                FrameError::TooShort {
+                    len: short as usize,
+                    min: FLOW_ADDR_LEN
+                }
+            );
+            assert!(e.to_string().contains("--framing plain"), "{e}");
+        }
     }
 
     #[test]
