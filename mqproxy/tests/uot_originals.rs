@@ -255,12 +255,20 @@ async fn exchange(a: &UdpSocket, b: &UdpSocket, label: &str) {
         let out = pattern(size, 1);
         a.send_to(&out, sa(HOST_X, pb)).await.expect("send");
         let (got, from) = recv(b, &format!("{label}: {size} B A->B")).await;
-        assert!(got == out, "{label}: {size} B A->B arrived altered ({} B)", got.len());
+        assert!(
+            got == out,
+            "{label}: {size} B A->B arrived altered ({} B)",
+            got.len()
+        );
         assert_eq!(from, sa(HOST_Y, pa), "{label}: A's port preserved");
         let back = pattern(size, 2);
         b.send_to(&back, sa(HOST_Y, pa)).await.expect("send");
         let (got, from) = recv(a, &format!("{label}: {size} B B->A")).await;
-        assert!(got == back, "{label}: {size} B B->A arrived altered ({} B)", got.len());
+        assert!(
+            got == back,
+            "{label}: {size} B B->A arrived altered ({} B)",
+            got.len()
+        );
         assert_eq!(from, sa(HOST_X, pb), "{label}: B's port preserved");
     }
 }
@@ -274,7 +282,10 @@ async fn apps() -> (UdpSocket, UdpSocket) {
 /// The program listens (host Y), ours connects (host X).
 async fn program_listens(p: &Program) {
     let (a, b) = apps().await;
-    let (pa, pb) = (a.local_addr().expect("a").port(), b.local_addr().expect("b").port());
+    let (pa, pb) = (
+        a.local_addr().expect("a").port(),
+        b.local_addr().expect("b").port(),
+    );
     let mut prog = Running::spawn(
         p,
         &[
@@ -303,7 +314,10 @@ async fn program_listens(p: &Program) {
 /// Ours listens (host Y), the program connects (host X).
 async fn program_connects(p: &Program) {
     let (a, b) = apps().await;
-    let (pa, pb) = (a.local_addr().expect("a").port(), b.local_addr().expect("b").port());
+    let (pa, pb) = (
+        a.local_addr().expect("a").port(),
+        b.local_addr().expect("b").port(),
+    );
     let ours = ours(
         TcpRole::Listen(sa(HOST_Y, 0)),
         sa(HOST_Y, pa),

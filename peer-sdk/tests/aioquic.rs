@@ -61,7 +61,9 @@ async fn aioquic_client_reaches_an_sdk_listener_through_the_relay() {
     opts.register_timeout = WAIT;
     opts.peer_timeout = WAIT;
     // Registered before the client starts, so the client's registration pairs the session.
-    let listener = peer_sdk::Peer::bind(opts).await.expect("listener registers");
+    let listener = peer_sdk::Peer::bind(opts)
+        .await
+        .expect("listener registers");
     let server = tokio::spawn(async move {
         let conn = listener
             .accept(ServerTls::Identity(id))

@@ -11,7 +11,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_quic-relay");
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/aioquic_peers.py");
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/clients/aioquic_peers.py"
+);
 /// Handshake and 2 MiB in pure-Python QUIC, on a shared 2-core machine: seconds, not minutes.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -74,7 +77,12 @@ fn start_relay() -> (Relay, SocketAddr) {
             .then(|| line.split("local_addr=").nth(1))
             .flatten()
         {
-            let addr = rest.split(' ').next().expect("field").parse().expect("addr");
+            let addr = rest
+                .split(' ')
+                .next()
+                .expect("field")
+                .parse()
+                .expect("addr");
             // Keep draining the log so the relay never blocks on a full pipe.
             std::thread::spawn(move || for _ in rx {});
             return (relay, addr);
