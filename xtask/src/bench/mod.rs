@@ -7,6 +7,7 @@ mod mqproxy;
 mod multiaddr;
 mod multipath;
 mod relay;
+mod sdk;
 mod sys;
 pub mod table;
 mod uot;
@@ -25,6 +26,8 @@ Targets:
            (`cargo xtask bench uot --help`)
   multipath  mqproxy over two shaped 100 Mbit/s paths against one, in the netns lab
            (`cargo xtask bench multipath --help`)
+  sdk      peer-sdk: bulk QUIC through the relay against direct, connect times, ratio
+           (`cargo xtask bench sdk --help`)
 ";
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -33,6 +36,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some((t, rest)) if t == "mqproxy" => mqproxy::run(rest),
         Some((t, rest)) if t == "uot" => uot::run(rest),
         Some((t, rest)) if t == "multipath" => multipath::run(rest),
+        Some((t, rest)) if t == "sdk" => sdk::run(rest),
         None => {
             print!("{HELP}");
             Ok(())
