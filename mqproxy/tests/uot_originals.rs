@@ -11,7 +11,8 @@
 //!   With a binary built from its source at `target/interop-tools/bin/udp-over-tcp-flow-fork` (or
 //!   `UOT_FLOW_FORK_BIN`), this test runs it too.
 //! - Mullvad's `udp2tcp`/`tcp2udp` (`--framing mullvad`) is `publish = false` and on no
-//!   registry either; `uot_tunnel.rs` plays its `u16 BE length` format byte for byte.
+//!   registry either; `framing::tests::mullvad_vectors_from_udp2tcp` replays frames captured
+//!   from its binary, and `uot_tunnel.rs` plays its `u16 BE length` format byte for byte.
 //!
 //! Port preservation needs two hosts; loopback gives two addresses: application A and the
 //! connecting tunnel on 127.0.0.1, application B and the listening tunnel on 127.0.0.2. Each

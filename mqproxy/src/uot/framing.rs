@@ -426,6 +426,42 @@ mod tests {
         assert_eq!(seen, 6, "IPv4 and IPv6, three sizes each");
     }
 
+    /// Frames Mullvad's udp2tcp itself wrote (captured from its binary by
+    /// `tests/data/capture_mullvad.py`; the crate is `publish = false`, on no registry CI
+    /// reaches, so the capture is committed), encoded and decoded one byte per write.
+    #[test]
+    fn mullvad_vectors_from_udp2tcp() {
+        let vectors = include_str!("../../tests/data/mullvad-vectors.txt");
+        let mut seen = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
+            let (payload, wire) = line.split_once(' ').expect("two columns");
+            let payload = if payload == "-" {
+                Vec::new()
+            } else {
+                hex::decode(payload).expect("hex")
+            };
+            let wire = hex::decode(wire).expect("hex");
+            let mut out = BytesMut::new();
+            encode(Framing::Mullvad, a("127.0.0.1:1"), &payload, &mut out).expect("fits");
+            assert_eq!(hex::encode(&out), hex::encode(&wire), "encoding {line}");
+            let mut d = Decoder::new(Framing::Mullvad);
+            let mut got = None;
+            for (i, b) in wire.iter().enumerate() {
+                d.feed(std::slice::from_ref(b));
+                let f = d.next_frame().expect("udp2tcp's frames are valid");
+                if i + 1 < wire.len() {
+                    assert_eq!(f, None, "complete before its last byte: {line}");
+                } else {
+                    got = f;
+                }
+            }
+            let f = got.expect("complete at its last byte");
+            assert_eq!((f.source, &f.payload[..]), (None, &payload[..]), "{line}");
+            seen += 1;
+        }
+        assert_eq!(seen, 3);
+    }
+
     #[test]
     fn largest_datagram_and_limits() {
         for framing in [Framing::Plain, Framing::Flow, Framing::Mullvad] {
