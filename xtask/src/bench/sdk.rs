@@ -202,10 +202,10 @@ pub fn run(args: &[String]) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "What limits it: every relayed packet crosses one more user-space process (the relay's \
-         recvmmsg/sendmmsg loop and two more kernel socket passes) that competes with both \
-         QUIC endpoints for the same cores; QUIC's crypto and Quinn's per-packet work dominate \
-         both paths, so the ratio stays near 1 while a core is free for the relay."
+        "What limits it: each relayed packet takes one more hop through a user-space process \
+         (the relay's recvmmsg/sendmmsg loop: two more socket passes per packet), and the \
+         relay's CPU (above) comes from the cores both QUIC endpoints need; with a spare core \
+         the ratio nears 1, on a busy machine it drops by roughly the relay's share."
     );
     Ok(())
 }
