@@ -203,9 +203,11 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     println!(
         "What limits it: each relayed packet takes one more hop through a user-space process \
-         (the relay's recvmmsg/sendmmsg loop: two more socket passes per packet), and the \
-         relay's CPU (above) comes from the cores both QUIC endpoints need; with a spare core \
-         the ratio nears 1, on a busy machine it drops by roughly the relay's share."
+         (the relay's recvmmsg/sendmmsg loop: two more socket passes per packet). Its CPU \
+         (above) comes from the cores both QUIC endpoints need, and each packet also waits for \
+         the relay to be scheduled, which lengthens the round trip Quinn's congestion control \
+         and flow-control windows see; both grow with the machine's load. With a spare core \
+         the ratio nears 1."
     );
     Ok(())
 }
