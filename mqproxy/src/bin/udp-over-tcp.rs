@@ -70,13 +70,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mqproxy::logging::init(level);
     let tcp = match (&a.tcp_listen, &a.tcp_connect) {
         (Some(l), None) => TcpRole::Listen(
             tunnel::parse_endpoint(l, std::net::Ipv4Addr::UNSPECIFIED.into())
