@@ -921,7 +921,9 @@ async fn run_client_flow(tcp: TcpStream, c: Arc<Conn>, flow_id: u64, first: Subf
         Err(e @ (FlowError::Tcp(_) | FlowError::PeerReset)) => {
             debug!(flow = flow_id, error = %crate::logging::Escaped(&e), "flow ended by one side")
         }
-        Err(e) => warn!(flow = flow_id, error = %crate::logging::Escaped(&e), "flow failed; its TCP connection was reset"),
+        Err(e) => {
+            warn!(flow = flow_id, error = %crate::logging::Escaped(&e), "flow failed; its TCP connection was reset")
+        }
     }
     drop(opener);
 }

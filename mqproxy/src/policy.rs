@@ -216,9 +216,24 @@ mod tests {
         /// In the local-use NAT64 prefix a refused IPv4 address is refused at every prefix
         /// length the operator may have chosen.
         #[test]
-        fn local_use_nat64_refuses_at_every_length(v4 in any::<u32>(), noise in any::<[u8; 16]>()) {
-            let v4 = Ipv4Addr::from(v4);
-            prop_assume!(is_forbidden(IpAddr::V4(v4)));
+        fn local_use_nat64_refuses_at_every_length(
+            range in 0usize..8,
+            low in any::<u32>(),
+            noise in any::<[u8; 16]>(),
+        ) {
+            // A refused IPv4 address: a refused range's prefix, random host bits.
+            let (net, bits) = [
+                (0x0a00_0000u32, 8),
+                (0x7f00_0000, 8),
+                (0xac10_0000, 12),
+                (0xc0a8_0000, 16),
+                (0xa9fe_0000, 16),
+                (0x6440_0000, 10),
+                (0xe000_0000, 4),
+                (0, 8),
+            ][range];
+            let v4 = Ipv4Addr::from(net | (low >> bits));
+            prop_assert!(is_forbidden(IpAddr::V4(v4)), "{}", v4);
             let mut p = noise;
             p[..6].copy_from_slice(&[0, 0x64, 0xff, 0x9b, 0, 1]);
             for at in [[6, 7, 9, 10], [7, 9, 10, 11], [9, 10, 11, 12], [12, 13, 14, 15]] {

@@ -722,7 +722,11 @@ pub(crate) async fn serve_established(
         Ok(Ok(a)) => (a.client_id, a.bind),
         Ok(Err(AuthFailure::Refused { status, client_id })) => {
             inc(&m.auth_failures);
-            warn!(?client_id, ?status, "authentication refused: wrong token or version; closing the connection");
+            warn!(
+                ?client_id,
+                ?status,
+                "authentication refused: wrong token or version; closing the connection"
+            );
             conn.close(
                 VarInt::from_u32(close::AUTH_FAILED),
                 b"authentication failed",

@@ -385,7 +385,10 @@ mod tests {
         assert_eq!(b.in_use(), 5);
         held.clear();
         assert_eq!(b.in_use(), 0);
-        assert!(b.state.lock().expect("lock").1.is_empty(), "entries go at zero");
+        assert!(
+            b.state.lock().expect("lock").1.is_empty(),
+            "entries go at zero"
+        );
         assert!(b.acquire(a).is_ok());
     }
 

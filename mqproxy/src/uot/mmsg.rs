@@ -120,11 +120,7 @@ struct Cmsg([u8; 32]);
 /// GSO at once, so nothing is lost. Only a kernel or device without GSO turns it off, and
 /// then for [`GSO_REPROBE`]; a refusal that belongs to these datagrams (segments over the
 /// route's MTU: `EINVAL`/`EMSGSIZE`) costs this batch one extra call and later batches keep GSO.
-fn send_some(
-    sock: &UdpSocket,
-    d: &[(SocketAddr, Bytes)],
-    st: &mut SendStats,
-) -> io::Result<usize> {
+fn send_some(sock: &UdpSocket, d: &[(SocketAddr, Bytes)], st: &mut SendStats) -> io::Result<usize> {
     let off_until = GSO_OFF_UNTIL_MS.load(Ordering::Relaxed);
     let gso = off_until == 0 || now_ms() >= off_until;
     match send_some_with(sock, d, gso, st) {
@@ -138,10 +134,8 @@ fn send_some(
         {
             st.gso_fallbacks += 1;
             if matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOPROTOOPT)) {
-                GSO_OFF_UNTIL_MS.store(
-                    now_ms() + GSO_REPROBE.as_millis() as u64,
-                    Ordering::Relaxed,
-                );
+                GSO_OFF_UNTIL_MS
+                    .store(now_ms() + GSO_REPROBE.as_millis() as u64, Ordering::Relaxed);
                 tracing::debug!(error = %e, reprobe_in = ?GSO_REPROBE, "UDP GSO unavailable; plain sends until the next probe");
             } else {
                 tracing::debug!(error = %e, "UDP GSO refused for this batch; sent it without GSO");
@@ -316,7 +310,10 @@ mod tests {
         let st = send_all_counted(&tx, &batch(1)).await;
         assert_eq!((st.sent, st.failed), (20, 0), "{st:?}");
         assert_eq!(st.gso_messages, 0, "{st:?}");
-        assert!(st.gso_fallbacks >= 1, "the refused GSO batch was resent: {st:?}");
+        assert!(
+            st.gso_fallbacks >= 1,
+            "the refused GSO batch was resent: {st:?}"
+        );
         expect_all(&rx, 1).await;
         set_no_check(&tx, 0);
         let st = send_all_counted(&tx, &batch(2)).await;

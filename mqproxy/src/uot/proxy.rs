@@ -281,7 +281,9 @@ impl AsyncFnMutPacket for AddressedSink<'_> {
         *self.activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let Some(addr) = p.addr else { return };
         let dest = match &addr {
-            TargetAddr::Ip(a) if crate::policy::allowed(a.ip(), self.policy.allow_private) => Some(*a),
+            TargetAddr::Ip(a) if crate::policy::allowed(a.ip(), self.policy.allow_private) => {
+                Some(*a)
+            }
             TargetAddr::Ip(_) => None,
             TargetAddr::Domain(h, port) => {
                 let fresh = self
