@@ -217,7 +217,8 @@ pub struct ServerOpts {
     #[arg(long, env = "MQPROXY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Most connections allowed between handshake and authentication (a cap on
-    /// unauthenticated clients) [default: 256].
+    /// unauthenticated clients) [default: 256]. Only clients whose address a QUIC Retry has
+    /// validated count, so Initials from spoofed or silent sources take no slot.
     #[arg(long, value_name = "N")]
     pub max_conns: Option<usize>,
     /// Most UDP sessions per client connection [default: 1024].
@@ -233,7 +234,9 @@ pub struct ServerOpts {
     #[arg(long, value_name = "N")]
     pub max_udp_sessions_total: Option<usize>,
     /// Allow loopback, private (RFC 1918, ULA), link-local and CGNAT destinations. Off by
-    /// default so the proxy cannot be used to reach the server's own network (SSRF).
+    /// default so the proxy cannot be used to reach the server's own network (SSRF); IPv4
+    /// addresses inside IPv6 ones (NAT64, 6to4, Teredo, IPv4-mapped/-compatible) are judged
+    /// as IPv4.
     #[arg(long)]
     pub allow_private: bool,
     /// QUIC idle timeout in seconds: a client silent this long is disconnected and its

@@ -45,7 +45,10 @@ pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default QUIC idle timeout (the client keeps it alive at a third of this).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `--max-conns`: connections between handshake and authentication.
+/// Default `--max-conns`: connections between handshake and authentication. Only connections
+/// from validated addresses (after a QUIC Retry) take a slot, so a flood of Initials from
+/// spoofed or silent sources cannot fill them; 256 leaves room for many clients
+/// reconnecting at once after a server restart.
 pub const DEFAULT_MAX_CONNS: usize = 256;
 /// UDP packets one session forwards per wake-up before yielding to the others.
 const UDP_BATCH: usize = 64;
