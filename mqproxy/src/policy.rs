@@ -71,9 +71,9 @@ pub fn embedded_ipv4(v6: Ipv6Addr) -> Vec<Ipv4Addr> {
     let b = v6.octets();
     let s = v6.segments();
     let last = v4_at(&b, [12, 13, 14, 15]);
-    if s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0) {
-        vec![last]
-    } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    let mapped_or_compatible = s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0);
+    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    if mapped_or_compatible || nat64 {
         vec![last]
     } else if s[..3] == [0x64, 0xff9b, 1] {
         vec![

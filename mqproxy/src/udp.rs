@@ -254,7 +254,7 @@ pub fn derive_total_cap() -> (usize, u64) {
                     lim.rlim_cur = lim.rlim_max;
                 }
             }
-            lim.rlim_cur as u64
+            lim.rlim_cur
         }
     };
     (total_cap_for(nofile), nofile)
