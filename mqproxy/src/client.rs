@@ -1018,7 +1018,7 @@ async fn open_connect<D: Dialer>(
         }
         Ok(Ok(_)) => Err(ConnectStatus::GeneralFailure),
         Ok(Err(e)) => {
-            debug!(error = %e, "CONNECT stream failed");
+            debug!(error = %crate::logging::Escaped(&e), "CONNECT stream failed");
             Err(ConnectStatus::GeneralFailure)
         }
         Err(_) => Err(ConnectStatus::TtlExpired),
@@ -1362,12 +1362,12 @@ async fn run_session(guard: RouteGuard, dest: TargetAddr, idle_ms: u64) -> bool 
         let (_send, mut r) = match start.await {
             Ok(x) => x,
             Err(e) if path_lost() && retry(&mut attempts) => {
-                debug!(session = id, error = %e, "path lost while opening the UDP session; retrying");
+                debug!(session = id, error = %crate::logging::Escaped(&e), "path lost while opening the UDP session; retrying");
                 flags = UDP_FLAG_ATTACH;
                 continue;
             }
             Err(e) => {
-                debug!(session = id, error = %e, "opening UDP session failed");
+                debug!(session = id, error = %crate::logging::Escaped(&e), "opening UDP session failed");
                 return false;
             }
         };
