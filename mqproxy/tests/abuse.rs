@@ -312,26 +312,38 @@ async fn connect_works(socks: SocketAddr, echo: SocketAddr) -> bool {
         .unwrap_or(false)
 }
 
-/// The first QUIC Initial a real client sends (captured on a socket that never answers).
-async fn captured_initial() -> Vec<u8> {
+/// `n` QUIC Initials of distinct connections (distinct connection ids, as a server keys
+/// new connections by them), made by a real Quinn client towards a socket that never answers.
+async fn captured_initials(n: usize) -> Vec<Vec<u8>> {
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let (_socks, _task) = client_to(
-        &sink.local_addr().expect("addr").to_string(),
-        ClientVerify::Insecure,
-        "capture",
-        None,
-    )
-    .await;
+    let to = sink.local_addr().expect("addr");
+    let mut ep =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal")).expect("endpoint");
+    ep.set_default_client_config(
+        mqproxy::tls::client_config(&ClientVerify::Insecure).expect("client config"),
+    );
+    let _pending: Vec<quinn::Connecting> = (0..n)
+        .map(|_| ep.connect(to, "localhost").expect("connect"))
+        .collect();
+    let mut by_dcid = std::collections::HashMap::new();
     let mut buf = vec![0u8; 2048];
-    let (n, _) = tokio::time::timeout(WAIT, sink.recv_from(&mut buf))
-        .await
-        .expect("the client sends an Initial")
-        .expect("recv");
-    assert!(n >= 1200 && buf[0] & 0xf0 == 0xc0, "a long-header Initial");
-    buf.truncate(n);
-    buf
+    let deadline = Instant::now() + WAIT;
+    while by_dcid.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (len, _) = tokio::time::timeout(left, sink.recv_from(&mut buf))
+            .await
+            .expect("the client sends its Initials")
+            .expect("recv");
+        let p = &buf[..len];
+        // Long header: flags, version (4), DCID length, DCID.
+        assert!(len >= 1200 && p[0] & 0xf0 == 0xc0, "a long-header Initial");
+        let dcid = p[6..6 + p[5] as usize].to_vec();
+        by_dcid.entry(dcid).or_insert_with(|| p.to_vec());
+    }
+    ep.close(0u32.into(), b"");
+    by_dcid.into_values().collect()
 }
 
 /// Issue 13, item 5: Initials from sources that never answer (each from its own socket, as
@@ -343,15 +355,15 @@ async fn initial_flood_does_not_lock_out_a_client() {
     const EVERY: Duration = Duration::from_millis(5);
     let (echo, _e) = tcp_echo().await;
     let s = server(&["--max-conns", "16", "--allow-private"], None).await;
-    let initial = captured_initial().await;
+    let initials = captured_initials(FLOOD).await;
     let to = s.addr;
     let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(0usize);
     let flood = tokio::task::spawn_blocking(move || {
         // Sockets stay open (and unread) until the flood ends: sources that never answer.
         let mut socks = Vec::with_capacity(FLOOD);
-        for i in 0..FLOOD {
+        for (i, initial) in initials.iter().enumerate() {
             let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-            u.send_to(&initial, to).expect("send");
+            u.send_to(initial, to).expect("send");
             socks.push(u);
             let _ = sent_tx.send(i + 1);
             std::thread::sleep(EVERY);
