@@ -318,6 +318,7 @@ mod tests {
         set_no_check(&tx, 0);
         let st = send_all_counted(&tx, &batch(2)).await;
         assert_eq!((st.sent, st.failed), (20, 0), "{st:?}");
+        eprintln!("FIGURE GSO after a refused batch: next batch {st:?}");
         assert!(st.gso_messages >= 1, "GSO is used again: {st:?}");
         expect_all(&rx, 2).await;
     }
