@@ -369,9 +369,9 @@ impl<D: Dialer> Link<D> {
                     self.conn.paths.remove(&path);
                     let e = c.closed().await;
                     if multipath {
-                        warn!(path = index, local = ?local, error = %e, "path lost; redialing it");
+                        warn!(path = index, local = ?local, error = %crate::logging::Escaped(&e), "path lost; redialing it");
                     } else {
-                        warn!(error = %e, "connection to the server lost; reconnecting");
+                        warn!(error = %crate::logging::Escaped(&e), "connection to the server lost; reconnecting");
                     }
                     if !self.conn.alive() {
                         self.state.send_replace(LinkState::Down {
@@ -384,12 +384,12 @@ impl<D: Dialer> Link<D> {
                     let refused =
                         matches!(e, ClientError::AuthRefused(_) | ClientError::NoMultipath);
                     if refused {
-                        tracing::error!(server = %self.cfg.server, path = index, error = %e, "authentication refused");
+                        tracing::error!(server = %self.cfg.server, path = index, error = %crate::logging::Escaped(&e), "authentication refused");
                     } else if multipath && failures > 0 && failures % 30 != 0 {
                         // A cut path is retried every second or so: say so once, then now and then.
-                        debug!(server = %self.cfg.server, path = index, local = ?local, error = %e, failures, "connecting to the server failed again");
+                        debug!(server = %self.cfg.server, path = index, local = ?local, error = %crate::logging::Escaped(&e), failures, "connecting to the server failed again");
                     } else {
-                        warn!(server = %self.cfg.server, path = index, local = ?local, error = %e, failures, "connecting to the server failed");
+                        warn!(server = %self.cfg.server, path = index, local = ?local, error = %crate::logging::Escaped(&e), failures, "connecting to the server failed");
                     }
                     if !self.conn.alive() {
                         self.state.send_replace(LinkState::Down {
@@ -735,7 +735,7 @@ impl<D: Dialer> Client<D> {
                         serve_socks(tcp, peer, &link).await
                     };
                     if let Err(e) = r {
-                        debug!(error = %e, "client connection ended");
+                        debug!(error = %crate::logging::Escaped(&e), "client connection ended");
                     }
                 }
                 .instrument(span),
@@ -919,9 +919,11 @@ async fn run_client_flow(tcp: TcpStream, c: Arc<Conn>, flow_id: u64, first: Subf
         ),
         // The application ending its side is ordinary; the proxy giving up on a flow is not.
         Err(e @ (FlowError::Tcp(_) | FlowError::PeerReset)) => {
-            debug!(flow = flow_id, error = %e, "flow ended by one side")
+            debug!(flow = flow_id, error = %crate::logging::Escaped(&e), "flow ended by one side")
         }
-        Err(e) => warn!(flow = flow_id, error = %e, "flow failed; its TCP connection was reset"),
+        Err(e) => {
+            warn!(flow = flow_id, error = %crate::logging::Escaped(&e), "flow failed; its TCP connection was reset")
+        }
     }
     drop(opener);
 }
@@ -967,7 +969,7 @@ async fn open_subflows(
                     }
                 }
                 Err(e) => {
-                    debug!(flow = flow_id, path = p.index, error = %e, "opening a subflow failed")
+                    debug!(flow = flow_id, path = p.index, error = %crate::logging::Escaped(&e), "opening a subflow failed")
                 }
             }
         }
@@ -1016,7 +1018,7 @@ async fn open_connect<D: Dialer>(
         }
         Ok(Ok(_)) => Err(ConnectStatus::GeneralFailure),
         Ok(Err(e)) => {
-            debug!(error = %e, "CONNECT stream failed");
+            debug!(error = %crate::logging::Escaped(&e), "CONNECT stream failed");
             Err(ConnectStatus::GeneralFailure)
         }
         Err(_) => Err(ConnectStatus::TtlExpired),
@@ -1360,12 +1362,12 @@ async fn run_session(guard: RouteGuard, dest: TargetAddr, idle_ms: u64) -> bool 
         let (_send, mut r) = match start.await {
             Ok(x) => x,
             Err(e) if path_lost() && retry(&mut attempts) => {
-                debug!(session = id, error = %e, "path lost while opening the UDP session; retrying");
+                debug!(session = id, error = %crate::logging::Escaped(&e), "path lost while opening the UDP session; retrying");
                 flags = UDP_FLAG_ATTACH;
                 continue;
             }
             Err(e) => {
-                debug!(session = id, error = %e, "opening UDP session failed");
+                debug!(session = id, error = %crate::logging::Escaped(&e), "opening UDP session failed");
                 return false;
             }
         };

@@ -217,14 +217,26 @@ pub struct ServerOpts {
     #[arg(long, env = "MQPROXY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Most connections allowed between handshake and authentication (a cap on
-    /// unauthenticated clients) [default: 256].
+    /// unauthenticated clients) [default: 256]. Only clients whose address a QUIC Retry has
+    /// validated count, so Initials from spoofed or silent sources take no slot.
     #[arg(long, value_name = "N")]
     pub max_conns: Option<usize>,
     /// Most UDP sessions per client connection [default: 1024].
     #[arg(long, value_name = "N")]
     pub max_udp_sessions: Option<usize>,
+    /// Most UDP sessions of all connections from one client address (an IPv6 /64) together
+    /// [default: 2048].
+    #[arg(long, value_name = "N")]
+    pub max_udp_sessions_per_client: Option<usize>,
+    /// Most UDP sessions of the whole server; each holds two file descriptors. Further opens
+    /// are refused with SESSION_LIMIT [default: a quarter of the open-file limit, which the
+    /// server first raises to its hard limit: half the descriptors, at most 65536 sessions].
+    #[arg(long, value_name = "N")]
+    pub max_udp_sessions_total: Option<usize>,
     /// Allow loopback, private (RFC 1918, ULA), link-local and CGNAT destinations. Off by
-    /// default so the proxy cannot be used to reach the server's own network (SSRF).
+    /// default so the proxy cannot be used to reach the server's own network (SSRF); IPv4
+    /// addresses inside IPv6 ones (NAT64, 6to4, Teredo, IPv4-mapped/-compatible) are judged
+    /// as IPv4.
     #[arg(long)]
     pub allow_private: bool,
     /// QUIC idle timeout in seconds: a client silent this long is disconnected and its
@@ -296,6 +308,15 @@ impl ServerOpts {
         }
         if let Some(n) = self.max_udp_sessions.or(file.max_udp_sessions) {
             c.max_udp_sessions = at_least_one("--max-udp-sessions", n)?;
+        }
+        if let Some(n) = self
+            .max_udp_sessions_per_client
+            .or(file.max_udp_sessions_per_client)
+        {
+            c.max_udp_sessions_per_client = at_least_one("--max-udp-sessions-per-client", n)?;
+        }
+        if let Some(n) = self.max_udp_sessions_total.or(file.max_udp_sessions_total) {
+            c.max_udp_sessions_total = Some(at_least_one("--max-udp-sessions-total", n)?);
         }
         Ok(c)
     }

@@ -8,7 +8,8 @@
 //! - [`socks`]: SOCKS5 (RFC 1928, RFC 1929) and HTTP CONNECT parsing; pure.
 //! - [`transport`]: the seam between the proxy and QUIC (dialing, frame IO on streams).
 //! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
-//! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions, destination policy.
+//! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions.
+//! - [`policy`]: the destination policy every server-side front end applies; pure.
 //! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
 //! - [`paths`]: multipath scheduling, the reorder and send buffers of striped TCP flows and
 //!   the UDP duplicate filter; pure.
@@ -19,21 +20,26 @@
 //!   server with no open port: hole-punched direct path when possible, relayed otherwise.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
+//! - [`logging`]: the binaries' log setup (colours only to a terminal, `NO_COLOR`) and
+//!   escaping of peer-chosen text.
 //! - [`metrics`]: Prometheus text of the counters and per-path health (`--metrics ADDR`).
 //! - [`uot`]: UDP over TCP: the `udp-over-tcp` tool's framings and socket loops, and sing-box
 //!   UoT (server side and [`uot::create_udp_proxy`]).
 //!
-//! Everything but `proto`, `socks` and the pure `uot` codecs needs the default `runtime` feature.
+//! Everything but `proto`, `socks`, `policy` and the pure `uot` codecs needs the default `runtime` feature.
 
 #[cfg(feature = "runtime")]
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
 #[cfg(feature = "runtime")]
+pub mod logging;
+#[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod multipath;
 pub mod paths;
+pub mod policy;
 pub mod proto;
 #[cfg(feature = "runtime")]
 pub mod rendezvous;

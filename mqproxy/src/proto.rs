@@ -292,6 +292,11 @@ impl std::fmt::Display for TargetAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TargetAddr::Ip(a) => a.fmt(f),
+            // A client-supplied name: escaped when it holds control characters (or the
+            // escape character itself), so it cannot forge or colour a log line.
+            TargetAddr::Domain(d, p) if d.chars().any(|c| c.is_control() || c == '\\') => {
+                write!(f, "{}:{p}", d.escape_debug())
+            }
             TargetAddr::Domain(d, p) => write!(f, "{d}:{p}"),
         }
     }

@@ -45,7 +45,10 @@ pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default QUIC idle timeout (the client keeps it alive at a third of this).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `--max-conns`: connections between handshake and authentication.
+/// Default `--max-conns`: connections between handshake and authentication. Only connections
+/// from validated addresses (after a QUIC Retry) take a slot, so a flood of Initials from
+/// spoofed or silent sources cannot fill them; 256 leaves room for many clients
+/// reconnecting at once after a server restart.
 pub const DEFAULT_MAX_CONNS: usize = 256;
 /// UDP packets one session forwards per wake-up before yielding to the others.
 const UDP_BATCH: usize = 64;
@@ -75,6 +78,11 @@ pub struct ServerConfig {
     pub max_conns: usize,
     /// UDP sessions per connection.
     pub max_udp_sessions: usize,
+    /// UDP sessions of the whole process; `None` derives it from `RLIMIT_NOFILE` (see
+    /// [`crate::udp::derive_total_cap`]).
+    pub max_udp_sessions_total: Option<usize>,
+    /// UDP sessions of all connections from one client address (an IPv6 /64).
+    pub max_udp_sessions_per_client: usize,
     /// Allow loopback, private and link-local destinations.
     pub allow_private: bool,
     /// QUIC idle timeout.
@@ -100,6 +108,8 @@ impl ServerConfig {
             cert,
             max_conns: DEFAULT_MAX_CONNS,
             max_udp_sessions: crate::udp::DEFAULT_MAX_SESSIONS,
+            max_udp_sessions_total: None,
+            max_udp_sessions_per_client: crate::udp::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             allow_private: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             relay: None,
@@ -133,6 +143,8 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Connections refused because `--max-conns` were authenticating.
     pub refused_max_conns: AtomicU64,
+    /// QUIC Initials answered with a Retry (address not validated yet); they hold no slot.
+    pub retries: AtomicU64,
     /// Connections that authenticated.
     pub authenticated: AtomicU64,
     /// Connections refused for a wrong token or version.
@@ -147,6 +159,11 @@ pub struct Metrics {
     pub udp_sessions_total: AtomicU64,
     /// UDP sessions refused (any status).
     pub udp_sessions_refused: AtomicU64,
+    /// UDP sessions refused with SESSION_LIMIT: the connection's, the client's or the
+    /// process-wide cap was reached.
+    pub udp_sessions_refused_limit: AtomicU64,
+    /// Gauge: the process-wide UDP session cap in force.
+    pub udp_sessions_limit: AtomicU64,
     /// DATAGRAMs dropped before authentication.
     pub datagrams_before_auth: AtomicU64,
     /// DATAGRAMs dropped: malformed, unknown session, full buffers.
@@ -182,6 +199,8 @@ pub(crate) struct Ctx {
     token_digest: [u8; 32],
     metrics: Arc<Metrics>,
     unauthenticated: Arc<Semaphore>,
+    /// UDP sessions across connections: process-wide and per client address.
+    udp_budget: Arc<crate::udp::UdpBudget>,
 }
 
 /// A bound server.
@@ -216,12 +235,31 @@ impl Ctx {
             }
         }
         let token_digest = Sha256::digest(&cfg.token).into();
+        let max_total = match cfg.max_udp_sessions_total {
+            Some(n) => n,
+            None => {
+                let (n, nofile) = crate::udp::derive_total_cap();
+                info!(
+                    max_udp_sessions_total = n,
+                    nofile, "UDP session cap derived from the descriptor limit"
+                );
+                n
+            }
+        };
+        let metrics = Arc::new(Metrics::default());
+        metrics
+            .udp_sessions_limit
+            .store(max_total as u64, Ordering::Relaxed);
         let ctx = Arc::new(Ctx {
+            udp_budget: Arc::new(crate::udp::UdpBudget::new(
+                max_total,
+                cfg.max_udp_sessions_per_client,
+            )),
             bundles: Mutex::new(HashMap::new()),
             unauthenticated: Arc::new(Semaphore::new(cfg.max_conns)),
             cfg,
             token_digest,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
         });
         Ok((ctx, cert))
     }
@@ -253,7 +291,7 @@ impl Ctx {
         let m = &self.metrics;
         let mut e = Exposition::default();
         let c = Kind::Counter;
-        let counters: [(&str, Kind, &str, &AtomicU64); 16] = [
+        let counters: [(&str, Kind, &str, &AtomicU64); 19] = [
             (
                 "mqproxy_server_connections_total",
                 c,
@@ -265,6 +303,12 @@ impl Ctx {
                 c,
                 "Connections refused because --max-conns were authenticating.",
                 &m.refused_max_conns,
+            ),
+            (
+                "mqproxy_server_retries_total",
+                c,
+                "QUIC Initials answered with a Retry to validate the client's address.",
+                &m.retries,
             ),
             (
                 "mqproxy_server_authenticated_total",
@@ -307,6 +351,18 @@ impl Ctx {
                 c,
                 "UDP sessions refused.",
                 &m.udp_sessions_refused,
+            ),
+            (
+                "mqproxy_server_udp_sessions_refused_limit_total",
+                c,
+                "UDP sessions refused with SESSION_LIMIT (per connection, per client or process-wide cap).",
+                &m.udp_sessions_refused_limit,
+            ),
+            (
+                "mqproxy_server_udp_sessions_limit",
+                Kind::Gauge,
+                "Process-wide cap on UDP sessions.",
+                &m.udp_sessions_limit,
             ),
             (
                 "mqproxy_server_datagrams_before_auth_total",
@@ -504,6 +560,16 @@ impl Server {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let remote = incoming.remote_address();
+                    // Address validation first: an Initial from an address that has not
+                    // echoed a Retry token gets a stateless Retry and no slot, so Initials
+                    // from spoofed or silent sources cannot hold --max-conns slots.
+                    if !incoming.remote_address_validated() && incoming.may_retry() {
+                        inc(&self.ctx.metrics.retries);
+                        if let Err(e) = incoming.retry() {
+                            debug!(%remote, error = %e, "sending a Retry failed");
+                        }
+                        continue;
+                    }
                     match self.ctx.unauthenticated.clone().try_acquire_owned() {
                         Ok(permit) => {
                             inc(&self.ctx.metrics.connections);
@@ -624,14 +690,14 @@ async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<Ctx>, permit: Owne
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            debug!(error = %e, "handshake failed");
+            debug!(error = %crate::logging::Escaped(&e), "handshake failed");
             return;
         }
     };
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            debug!(error = %e, "handshake failed");
+            debug!(error = %crate::logging::Escaped(&e), "handshake failed");
             return;
         }
         Err(_) => {
@@ -659,7 +725,11 @@ pub(crate) async fn serve_established(
         Ok(Ok(a)) => (a.client_id, a.bind),
         Ok(Err(AuthFailure::Refused { status, client_id })) => {
             inc(&m.auth_failures);
-            warn!(%client_id, ?status, "authentication refused: wrong token or version; closing the connection");
+            warn!(
+                ?client_id,
+                ?status,
+                "authentication refused: wrong token or version; closing the connection"
+            );
             conn.close(
                 VarInt::from_u32(close::AUTH_FAILED),
                 b"authentication failed",
@@ -676,7 +746,7 @@ pub(crate) async fn serve_established(
             return;
         }
         Ok(Err(AuthFailure::Transport(e))) => {
-            debug!(error = %e, "connection ended during authentication");
+            debug!(error = %crate::logging::Escaped(&e), "connection ended during authentication");
             return;
         }
         Err(_) => {
@@ -697,11 +767,11 @@ pub(crate) async fn serve_established(
             let b = ctx.bundle(id);
             b.paths.set_scheduler(scheduler);
             b.paths.detect_silence();
-            info!(%client_id, path = index, %scheduler, bundle = %hex_id(&id), "client authenticated (multipath)");
+            info!(?client_id, path = index, %scheduler, bundle = %hex_id(&id), "client authenticated (multipath)");
             (b, index)
         }
         None => {
-            info!(%client_id, "client authenticated");
+            info!(?client_id, "client authenticated");
             (Arc::new(Bundle::new(None, &ctx)), 0)
         }
     };
@@ -713,7 +783,7 @@ pub(crate) async fn serve_established(
         .await;
     bundle.paths.remove(&path);
     dec(&m.connections_open);
-    info!(%client_id, path = index, %reason, "connection closed");
+    info!(?client_id, path = index, ?reason, "connection closed");
     if bundle.id.is_some() && bundle.paths.live_count() == 0 {
         // Keep the bundle (its sessions and flows) a while for a path to come back.
         let mut changes = bundle.paths.subscribe();
@@ -867,6 +937,7 @@ impl ConnLoop {
                             ctx: self.ctx.clone(),
                             bundle: self.bundle.clone(),
                             index: self.index,
+                            client: self.conn.remote_address().ip(),
                         };
                         // Owned by the bundle: a UDP session or striped flow outlives this path.
                         self.bundle.spawn(stream.serve(send, recv));
@@ -967,6 +1038,8 @@ struct StreamCtx {
     bundle: Arc<Bundle>,
     /// The path the stream arrived on.
     index: usize,
+    /// The address of that path's client, for the per-client UDP session cap.
+    client: IpAddr,
 }
 
 impl StreamCtx {
@@ -975,7 +1048,7 @@ impl StreamCtx {
         let ty = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.stream_type()).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                debug!(error = %e, "stream ended before its type");
+                debug!(error = %crate::logging::Escaped(&e), "stream ended before its type");
                 return;
             }
             Err(_) => {
@@ -997,7 +1070,7 @@ impl StreamCtx {
             }
         };
         if let Err(e) = res {
-            debug!(error = %e, "stream failed");
+            debug!(error = %crate::logging::Escaped(&e), "stream failed");
         }
     }
 
@@ -1085,10 +1158,7 @@ impl StreamCtx {
         if all.is_empty() {
             return Err(UdpStatus::DnsFailed);
         }
-        let allowed: Vec<SocketAddr> = all
-            .into_iter()
-            .filter(|a| self.ctx.cfg.allow_private || !is_forbidden(a.ip()))
-            .collect();
+        let allowed = crate::policy::filter(all, self.ctx.cfg.allow_private);
         if allowed.is_empty() {
             debug!(%addr, "destination refused by policy");
             return Err(UdpStatus::PolicyDenied);
@@ -1141,7 +1211,7 @@ impl StreamCtx {
         }
         let opened = self.open_socket(session_id, &addr).await;
         let (status, socket, remote) = match opened {
-            Ok((s, sender, remote)) => (UdpStatus::Ok, Some((s, sender)), Some(remote)),
+            Ok((s, sender, remote, slot)) => (UdpStatus::Ok, Some((s, sender, slot)), Some(remote)),
             Err(status) => (status, None, None),
         };
         let resp = Frame::UdpResp {
@@ -1150,8 +1220,11 @@ impl StreamCtx {
             idle_timeout_ms: idle_ms,
             remote,
         };
-        let Some((socket, sender)) = socket else {
+        let Some((socket, sender, _slot)) = socket else {
             inc(&m.udp_sessions_refused);
+            if status == UdpStatus::SessionLimit {
+                inc(&m.udp_sessions_refused_limit);
+            }
             debug!(session = session_id, %addr, ?status, "UDP session refused");
             transport::write_frame(&mut send, None, &resp).await?;
             let _ = send.finish();
@@ -1161,6 +1234,9 @@ impl StreamCtx {
             Ok(s) => s,
             Err(status) => {
                 inc(&m.udp_sessions_refused);
+                if status == UdpStatus::SessionLimit {
+                    inc(&m.udp_sessions_refused_limit);
+                }
                 let resp = Frame::UdpResp {
                     session_id,
                     status,
@@ -1287,10 +1363,10 @@ impl StreamCtx {
                 debug!(%addr, flow = flow_id, bytes_from_target = up, bytes_to_target = down, "flow done")
             }
             Err(e @ (FlowError::Tcp(_) | FlowError::PeerReset)) => {
-                debug!(%addr, flow = flow_id, error = %e, "flow ended by one side")
+                debug!(%addr, flow = flow_id, error = %crate::logging::Escaped(&e), "flow ended by one side")
             }
             Err(e) => {
-                warn!(%addr, flow = flow_id, error = %e, "flow failed; its TCP connection was reset")
+                warn!(%addr, flow = flow_id, error = %crate::logging::Escaped(&e), "flow failed; its TCP connection was reset")
             }
         }
         Ok(())
@@ -1360,11 +1436,24 @@ impl StreamCtx {
         &self,
         id: u32,
         addr: &TargetAddr,
-    ) -> Result<(Arc<UdpSocket>, std::net::UdpSocket, SocketAddr), UdpStatus> {
+    ) -> Result<
+        (
+            Arc<UdpSocket>,
+            std::net::UdpSocket,
+            SocketAddr,
+            crate::udp::BudgetSlot,
+        ),
+        UdpStatus,
+    > {
         if !self.ctx.cfg.udp_enabled {
             return Err(UdpStatus::UdpDisabled);
         }
         self.bundle.table.precheck(id)?;
+        // The process-wide and per-client caps, before any descriptor is taken.
+        let slot = self.ctx.udp_budget.acquire(self.client).map_err(|why| {
+            debug!(session = id, client = %self.client, ?why, "UDP session refused: session cap reached");
+            UdpStatus::SessionLimit
+        })?;
         // Policy and DNS first: no socket exists for a destination that is refused.
         let target = self.resolve(addr).await?[0];
         let bind: SocketAddr = if target.is_ipv4() {
@@ -1381,7 +1470,7 @@ impl StreamCtx {
         sock.set_nonblocking(true).map_err(failed)?;
         let sender = sock.try_clone().map_err(failed)?;
         let sock = UdpSocket::from_std(sock).map_err(failed)?;
-        Ok((Arc::new(sock), sender, target))
+        Ok((Arc::new(sock), sender, target, slot))
     }
 }
 
@@ -1422,34 +1511,8 @@ fn connection_lost(e: &TransportError) -> bool {
     )
 }
 
-/// Destinations refused unless `--allow-private`: loopback, private, link-local, shared
-/// (CGNAT), unspecified, broadcast and multicast; IPv4-mapped IPv6 is judged as IPv4.
-pub fn is_forbidden(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || o[0] == 0
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_forbidden(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-        }
-    }
-}
+/// The destination policy moved to [`crate::policy`]; kept here for existing callers.
+pub use crate::policy::is_forbidden;
 
 /// Default directory for the kept self-signed certificate: systemd's `$STATE_DIRECTORY`,
 /// else `$XDG_STATE_HOME/mqproxy`, else `~/.local/state/mqproxy`, else `./mqproxy-state`.
@@ -1469,37 +1532,6 @@ pub fn default_state_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn policy() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.1.1",
-            "100.64.0.1",
-            "0.0.0.0",
-            "255.255.255.255",
-            "224.0.0.1",
-            "::1",
-            "::",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(is_forbidden(ip.parse().expect("literal")), "{ip}");
-        }
-        for ip in [
-            "8.8.8.8",
-            "1.1.1.1",
-            "2001:4860::8888",
-            "::ffff:8.8.8.8",
-            "100.128.0.1",
-        ] {
-            assert!(!is_forbidden(ip.parse().expect("literal")), "{ip}");
-        }
-    }
 
     #[test]
     fn constant_time_compare() {

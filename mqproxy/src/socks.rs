@@ -62,8 +62,9 @@ pub enum SocksError {
     /// The HTTP request is not a valid CONNECT.
     #[error("bad HTTP CONNECT request: {0}")]
     Http(&'static str),
-    /// The HTTP method is not CONNECT (reply 405).
-    #[error("HTTP method {0} is not CONNECT")]
+    /// The HTTP method is not CONNECT (reply 405). The method is the client's text, so it
+    /// is shown escaped (it reaches log lines).
+    #[error("HTTP method {} is not CONNECT", .0.escape_debug())]
     HttpMethod(String),
 }
 

@@ -16,6 +16,20 @@ use crate::proto::UdpStatus;
 /// UDP sessions per connection (the original's limit): a client behind one SOCKS listener
 /// rarely talks to more destinations at once, and each costs a socket on the server.
 pub const DEFAULT_MAX_SESSIONS: usize = 1024;
+/// Default `--max-udp-sessions-per-client`: sessions all connections from one client address
+/// (an IPv6 /64) may hold together. Two connections' worth of [`DEFAULT_MAX_SESSIONS`]: a
+/// multipath client or a reconnect overlapping its old connection fits, ten connections do not.
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 2 * DEFAULT_MAX_SESSIONS;
+/// File descriptors one UDP session holds: its socket and the clone the dispatcher sends on.
+pub const FDS_PER_SESSION: u64 = 2;
+/// Share of `RLIMIT_NOFILE` the default process-wide session cap may use: half, so the QUIC
+/// socket, TCP CONNECT streams (one descriptor each) and the metrics page keep the other half
+/// and a client opening sessions cannot make the server's own `socket()` or `accept()` fail.
+pub const SESSION_FD_SHARE_DIVISOR: u64 = 2;
+/// Upper bound of the derived process-wide cap, whatever `RLIMIT_NOFILE` allows: each session
+/// also costs a task and kernel socket buffers (about 200 KiB of receive buffer at the
+/// default `rmem_default`), so an unlimited descriptor table must not mean unlimited memory.
+pub const MAX_SESSIONS_TOTAL_CEILING: usize = 65_536;
 /// Pre-OPEN buffer: packets held per connection (the original's 16).
 pub const PRE_OPEN_PACKETS: usize = 16;
 /// Pre-OPEN buffer: bytes held per connection (the original's 32 KiB).
@@ -217,9 +231,174 @@ impl SessionTable {
     }
 }
 
+/// The default process-wide UDP session cap: raises the soft `RLIMIT_NOFILE` to the hard
+/// limit (sessions are descriptors; a soft limit of 1,024 is a distribution default, not a
+/// choice), then gives sessions [`SESSION_FD_SHARE_DIVISOR`]'s share of it, at most
+/// [`MAX_SESSIONS_TOTAL_CEILING`] and at least 1. Returns (cap, the descriptor limit used).
+pub fn derive_total_cap() -> (usize, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write or read the one struct passed.
+    let nofile = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            1024
+        } else {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            lim.rlim_cur
+        }
+    };
+    (total_cap_for(nofile), nofile)
+}
+
+/// The process-wide session cap for a descriptor limit (see [`derive_total_cap`]).
+pub fn total_cap_for(nofile: u64) -> usize {
+    let n = nofile / SESSION_FD_SHARE_DIVISOR / FDS_PER_SESSION;
+    (n.min(MAX_SESSIONS_TOTAL_CEILING as u64) as usize).max(1)
+}
+
+/// Why [`UdpBudget::acquire`] refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetRefusal {
+    /// The process-wide cap (`--max-udp-sessions-total`).
+    Total,
+    /// The per-client cap (`--max-udp-sessions-per-client`).
+    Client,
+}
+
+/// UDP sessions across all connections: a process-wide cap (descriptors are the server's, not
+/// one connection's) and a cap per client address (an IPv6 /64, which one host usually holds,
+/// as for the relay's per-IP limits). The per-connection cap is [`SessionTable`]'s.
+#[derive(Debug)]
+pub struct UdpBudget {
+    max_total: usize,
+    max_per_client: usize,
+    /// (sessions in total, sessions per client key); an entry goes when its count reaches
+    /// zero, so the map is bounded by `max_total`.
+    state: Mutex<(usize, HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One session's place in a [`UdpBudget`], given back on drop.
+#[derive(Debug)]
+pub struct BudgetSlot {
+    budget: Arc<UdpBudget>,
+    key: std::net::IpAddr,
+}
+
+/// The per-client key of an address: IPv4 as is (IPv4-mapped IPv6 as IPv4), IPv6 by /64.
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => {
+                let b = u128::from(v6) & !((1u128 << 64) - 1);
+                std::net::Ipv6Addr::from(b).into()
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl UdpBudget {
+    /// A budget of `max_total` sessions, at most `max_per_client` for one client address.
+    pub fn new(max_total: usize, max_per_client: usize) -> Self {
+        UdpBudget {
+            max_total,
+            max_per_client,
+            state: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// The process-wide cap.
+    pub fn max_total(&self) -> usize {
+        self.max_total
+    }
+
+    /// Sessions held now.
+    pub fn in_use(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// A slot for a new session from `client`, or why not.
+    pub fn acquire(
+        self: &Arc<Self>,
+        client: std::net::IpAddr,
+    ) -> Result<BudgetSlot, BudgetRefusal> {
+        let key = client_key(client);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.0 >= self.max_total {
+            return Err(BudgetRefusal::Total);
+        }
+        let n = st.1.entry(key).or_insert(0);
+        if *n >= self.max_per_client {
+            if *n == 0 {
+                st.1.remove(&key);
+            }
+            return Err(BudgetRefusal::Client);
+        }
+        *n += 1;
+        st.0 += 1;
+        Ok(BudgetSlot {
+            budget: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for BudgetSlot {
+    fn drop(&mut self) {
+        let mut st = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 -= 1;
+        if let Some(n) = st.1.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.1.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_caps_total_and_per_client_and_gives_back() {
+        let b = Arc::new(UdpBudget::new(5, 3));
+        let a: std::net::IpAddr = "198.18.0.1".parse().expect("lit");
+        let c: std::net::IpAddr = "2001:db8:1:2::1".parse().expect("lit");
+        let c_same64: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().expect("lit");
+        let mut held: Vec<BudgetSlot> = (0..3).map(|_| b.acquire(a).expect("slot")).collect();
+        assert_eq!(b.acquire(a).err(), Some(BudgetRefusal::Client));
+        held.push(b.acquire(c).expect("other client"));
+        held.push(b.acquire(c_same64).expect("same /64, under its cap"));
+        assert_eq!(b.acquire(c).err(), Some(BudgetRefusal::Total));
+        assert_eq!(b.in_use(), 5);
+        held.clear();
+        assert_eq!(b.in_use(), 0);
+        assert!(
+            b.state.lock().expect("lock").1.is_empty(),
+            "entries go at zero"
+        );
+        assert!(b.acquire(a).is_ok());
+    }
+
+    #[test]
+    fn derived_cap_uses_half_the_descriptors() {
+        assert_eq!(total_cap_for(1024), 256);
+        assert_eq!(total_cap_for(20_000), 5_000);
+        assert_eq!(total_cap_for(1 << 30), MAX_SESSIONS_TOTAL_CEILING);
+        assert_eq!(total_cap_for(0), 1);
+    }
 
     #[test]
     fn pre_open_bounds() {

@@ -33,13 +33,7 @@ enum Role {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mqproxy::logging::init("info");
     let rt = match cli.threads.map_or(1, std::num::NonZeroUsize::get) {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {

@@ -48,7 +48,8 @@ struct Args {
     framing: Framing,
     /// Pre-shared key, the same on both sides: a challenge/response (HMAC-SHA256) at connection
     /// start, so nobody without the key can replace the tunnel. Without it the wire is exactly
-    /// the original's. Prefer the environment variable to keep the key out of `ps`.
+    /// the original's. Pending handshakes: 64, 4 per source address; a newcomer closes the
+    /// oldest. Prefer the environment variable to keep the key out of `ps`.
     #[arg(long, env = "UDP_OVER_TCP_PSK", hide_env_values = true)]
     psk: Option<String>,
     /// Close a per-flow socket (--udp-bind auto) after this many seconds without traffic.
@@ -71,13 +72,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mqproxy::logging::init(level);
     let tcp = match (&a.tcp_listen, &a.tcp_connect) {
         (Some(l), None) => TcpRole::Listen(
             tunnel::parse_endpoint(l, std::net::Ipv4Addr::UNSPECIFIED.into())

@@ -54,13 +54,7 @@ fn payload(seq: u32, len: usize) -> Vec<u8> {
 
 fn main() -> anyhow::Result<ExitCode> {
     let a = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mqproxy::logging::init("warn");
     anyhow::ensure!(
         (8..=65_507).contains(&a.send),
         "--send {}: must be between 8 and 65507 bytes",

@@ -7,7 +7,9 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::Interest;
@@ -22,33 +24,68 @@ const GSO_MAX_BYTES: usize = 60_000;
 /// `UDP_SEGMENT` (linux/udp.h), not in every libc version.
 const UDP_SEGMENT: libc::c_int = 103;
 
-/// Cleared the first time the kernel refuses a GSO send (no support): plain sends from then on.
-static GSO: AtomicBool = AtomicBool::new(true);
+/// How long GSO stays off after the kernel said it has none (`ENOPROTOOPT`: no `UDP_SEGMENT`;
+/// `EIO`: the route's device cannot checksum segments). A route can change (another
+/// interface, a new device), so it is probed again after this; a failed probe costs one
+/// refused `sendmmsg` per interval, nothing measurable.
+pub const GSO_REPROBE: Duration = Duration::from_secs(30);
+
+/// Milliseconds since [`epoch`] before which GSO is not tried (0: try it).
+static GSO_OFF_UNTIL_MS: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    // +1 so that 0 always means "on".
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+/// What [`send_all_counted`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SendStats {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams the kernel refused (skipped).
+    pub failed: u64,
+    /// GSO messages sent (each carrying several datagrams).
+    pub gso_messages: u64,
+    /// Batches whose GSO send the kernel refused and that went again without GSO.
+    pub gso_fallbacks: u64,
+}
 
 /// Sends `datagrams` (destination, payload) from `sock`, waiting for room as needed. Returns
 /// (sent, failed): a datagram the kernel refuses (an ICMP error pending, no route) is skipped
 /// and counted, like a failed `send_to`.
 pub async fn send_all(sock: &UdpSocket, datagrams: &[(SocketAddr, Bytes)]) -> (u64, u64) {
-    let (mut sent, mut failed) = (0u64, 0u64);
+    let s = send_all_counted(sock, datagrams).await;
+    (s.sent, s.failed)
+}
+
+/// [`send_all`], also saying how GSO fared.
+pub async fn send_all_counted(sock: &UdpSocket, datagrams: &[(SocketAddr, Bytes)]) -> SendStats {
+    let mut st = SendStats::default();
     let mut rest = datagrams;
     while !rest.is_empty() {
         match sock
-            .async_io(Interest::WRITABLE, || send_some(sock, rest))
+            .async_io(Interest::WRITABLE, || send_some(sock, rest, &mut st))
             .await
         {
             Ok(n) => {
-                sent += n as u64;
+                st.sent += n as u64;
                 rest = &rest[n..];
             }
             Err(_) => {
                 // The first message failed (its error is what this call reports): skip its
                 // first datagram and carry on.
-                failed += 1;
+                st.failed += 1;
                 rest = &rest[1..];
             }
         }
     }
-    (sent, failed)
+    st
 }
 
 /// How many datagrams from the front of `d` one message carries, and its segment size.
@@ -78,27 +115,49 @@ fn group(d: &[(SocketAddr, Bytes)], gso: bool) -> (usize, usize) {
 #[repr(C, align(8))]
 struct Cmsg([u8; 32]);
 
-/// One non-blocking `sendmmsg`: how many datagrams from the front of `d` went out.
-fn send_some(sock: &UdpSocket, d: &[(SocketAddr, Bytes)]) -> io::Result<usize> {
-    let gso = GSO.load(Ordering::Relaxed);
-    match send_some_with(sock, d, gso) {
+/// One non-blocking `sendmmsg`: how many datagrams from the front of `d` went out. When the
+/// kernel refuses the first message and it was a GSO one, the same datagrams go again without
+/// GSO at once, so nothing is lost. Only a kernel or device without GSO turns it off, and
+/// then for [`GSO_REPROBE`]; a refusal that belongs to these datagrams (segments over the
+/// route's MTU: `EINVAL`/`EMSGSIZE`) costs this batch one extra call and later batches keep GSO.
+fn send_some(sock: &UdpSocket, d: &[(SocketAddr, Bytes)], st: &mut SendStats) -> io::Result<usize> {
+    let off_until = GSO_OFF_UNTIL_MS.load(Ordering::Relaxed);
+    let gso = off_until == 0 || now_ms() >= off_until;
+    match send_some_with(sock, d, gso, st) {
         Err(e)
             if gso
+                && group(d, true).0 > 1
                 && matches!(
                     e.raw_os_error(),
-                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                    Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE | libc::ENOPROTOOPT)
                 ) =>
         {
-            // No GSO here (or not for this route): plain sends from now on.
-            GSO.store(false, Ordering::Relaxed);
-            tracing::debug!(error = %e, "UDP GSO refused; sending datagrams one by one");
-            send_some_with(sock, d, false)
+            st.gso_fallbacks += 1;
+            if matches!(e.raw_os_error(), Some(libc::EIO | libc::ENOPROTOOPT)) {
+                GSO_OFF_UNTIL_MS
+                    .store(now_ms() + GSO_REPROBE.as_millis() as u64, Ordering::Relaxed);
+                tracing::debug!(error = %e, reprobe_in = ?GSO_REPROBE, "UDP GSO unavailable; plain sends until the next probe");
+            } else {
+                tracing::debug!(error = %e, "UDP GSO refused for this batch; sent it without GSO");
+            }
+            send_some_with(sock, d, false, st)
         }
-        r => r,
+        r => {
+            if gso && off_until != 0 && r.is_ok() {
+                // A probe after GSO_REPROBE went through: on again.
+                GSO_OFF_UNTIL_MS.store(0, Ordering::Relaxed);
+            }
+            r
+        }
     }
 }
 
-fn send_some_with(sock: &UdpSocket, d: &[(SocketAddr, Bytes)], gso: bool) -> io::Result<usize> {
+fn send_some_with(
+    sock: &UdpSocket,
+    d: &[(SocketAddr, Bytes)],
+    gso: bool,
+    st: &mut SendStats,
+) -> io::Result<usize> {
     // Plan the messages: (first datagram index, count, segment size).
     let mut plan = Vec::with_capacity(BATCH);
     let mut at = 0;
@@ -159,7 +218,9 @@ fn send_some_with(sock: &UdpSocket, d: &[(SocketAddr, Bytes)], gso: bool) -> io:
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(plan[..sent as usize].iter().map(|&(_, n, _)| n).sum())
+    let done = &plan[..sent as usize];
+    st.gso_messages += done.iter().filter(|&&(_, n, _)| n > 1).count() as u64;
+    Ok(done.iter().map(|&(_, n, _)| n).sum())
 }
 
 #[cfg(test)]
@@ -200,6 +261,66 @@ mod tests {
         .await;
         let mixed: Vec<usize> = (0..300).map(|i| (i * 37) % 1500).collect();
         check(&mixed).await;
+    }
+
+    async fn expect_all(rx: &UdpSocket, tag: u8) {
+        let mut buf = vec![0u8; 2000];
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            let (n, _) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv_from(&mut buf))
+                    .await
+                    .expect("every datagram arrives")
+                    .expect("recv");
+            got.push(buf[..n].to_vec());
+        }
+        let want: Vec<Vec<u8>> = (0..20u8).map(|i| vec![tag ^ i; 1200]).collect();
+        assert_eq!(got, want);
+    }
+
+    /// A GSO send the kernel refuses (here through `SO_NO_CHECK`, which makes every GSO send
+    /// fail with `EINVAL`, as segments over the route's MTU do) is sent again without GSO,
+    /// every datagram arrives, and the next batch uses GSO again.
+    #[tokio::test]
+    async fn a_refused_gso_batch_is_resent_and_gso_stays_on() {
+        const SO_NO_CHECK: libc::c_int = 11;
+        let set_no_check = |sock: &UdpSocket, on: libc::c_int| {
+            // SAFETY: setsockopt reads one c_int from the pointer for its length.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_NO_CHECK,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+        };
+        let rx = crate::uot::tunnel::bind_udp("127.0.0.1:0".parse().expect("lit"), 8 << 20)
+            .expect("bind");
+        let tx = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let to = rx.local_addr().expect("addr");
+        let batch = |tag: u8| -> Vec<(SocketAddr, Bytes)> {
+            (0..20u8)
+                .map(|i| (to, Bytes::from(vec![tag ^ i; 1200])))
+                .collect()
+        };
+        set_no_check(&tx, 1);
+        let st = send_all_counted(&tx, &batch(1)).await;
+        assert_eq!((st.sent, st.failed), (20, 0), "{st:?}");
+        assert_eq!(st.gso_messages, 0, "{st:?}");
+        assert!(
+            st.gso_fallbacks >= 1,
+            "the refused GSO batch was resent: {st:?}"
+        );
+        expect_all(&rx, 1).await;
+        set_no_check(&tx, 0);
+        let st = send_all_counted(&tx, &batch(2)).await;
+        assert_eq!((st.sent, st.failed), (20, 0), "{st:?}");
+        eprintln!("FIGURE GSO after a refused batch: next batch {st:?}");
+        assert!(st.gso_messages >= 1, "GSO is used again: {st:?}");
+        expect_all(&rx, 2).await;
     }
 
     #[test]

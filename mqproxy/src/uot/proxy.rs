@@ -17,7 +17,7 @@ use tracing::{debug, trace};
 
 use super::singbox::{self, Mode, PacketDecoder, Request, Version};
 use crate::proto::{DecodeError, TargetAddr};
-use crate::{server::is_forbidden, socks, AbortOnDrop};
+use crate::{socks, AbortOnDrop};
 
 /// The v2 request must arrive within this time after the CONNECT.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,10 +80,7 @@ async fn resolve(addr: &TargetAddr, policy: &Policy) -> Result<Vec<SocketAddr>, 
             }
         }
     };
-    let ok: Vec<SocketAddr> = all
-        .into_iter()
-        .filter(|a| policy.allow_private || !is_forbidden(a.ip()))
-        .collect();
+    let ok = crate::policy::filter(all, policy.allow_private);
     if ok.is_empty() {
         debug!(%addr, "UoT destination refused by policy or DNS");
         return Err(UotError::Destination(addr.clone()));
@@ -284,7 +281,9 @@ impl AsyncFnMutPacket for AddressedSink<'_> {
         *self.activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let Some(addr) = p.addr else { return };
         let dest = match &addr {
-            TargetAddr::Ip(a) if self.policy.allow_private || !is_forbidden(a.ip()) => Some(*a),
+            TargetAddr::Ip(a) if crate::policy::allowed(a.ip(), self.policy.allow_private) => {
+                Some(*a)
+            }
             TargetAddr::Ip(_) => None,
             TargetAddr::Domain(h, port) => {
                 let fresh = self
@@ -545,7 +544,7 @@ pub async fn serve_mqproxy_stream(
     let (recv, leftover) = r.into_parts();
     match serve(version, recv, send, leftover, policy).await {
         Ok(()) => debug!(?version, "UoT stream done"),
-        Err(e) => debug!(?version, error = %e, "UoT stream ended"),
+        Err(e) => debug!(?version, error = %crate::logging::Escaped(&e), "UoT stream ended"),
     }
     Ok(())
 }

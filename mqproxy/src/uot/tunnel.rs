@@ -49,8 +49,15 @@ const FLOW_SWEEP: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A `--psk` handshake must finish within this time, so strangers cannot hold slots.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Concurrent `--psk` handshakes on the listener; more connections are closed at once.
-const MAX_HANDSHAKES: usize = 16;
+/// Concurrent `--psk` handshakes on the listener. A newcomer over the cap evicts the oldest
+/// pending one instead of being refused, so idle connections cannot keep the real peer out:
+/// its handshake takes one round trip, and 64 newer connections would have to arrive within
+/// it to evict it. Each pending handshake is a task and a socket, a few KiB.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Pending `--psk` handshakes per source address (an IPv6 /64); a fifth from the same address
+/// evicts that address's oldest. Loopback tests and a NATed peer share one address, so this
+/// is not 1; 4 leaves room for a reconnect overlapping a dying attempt.
+pub const MAX_HANDSHAKES_PER_IP: usize = 4;
 /// Reconnect backoff: first delay, then doubling up to the cap.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -203,6 +210,8 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Connections refused by the `--psk` handshake (or that failed during it).
     pub auth_failures: AtomicU64,
+    /// Pending `--psk` handshakes closed to make room for a newer connection.
+    pub handshakes_evicted: AtomicU64,
     /// Failed connect attempts.
     pub connect_failures: AtomicU64,
     /// Gauge: per-flow sockets open.
@@ -533,9 +542,56 @@ async fn connect_loop(sh: Arc<Shared>, egress: Arc<tokio::sync::Mutex<Egress>>) 
     }
 }
 
+/// Pending listener handshakes in arrival order: which to evict for a newcomer. Pure.
+#[derive(Debug, Default)]
+pub struct PendingHandshakes {
+    q: std::collections::VecDeque<(u64, std::net::IpAddr)>,
+    next: u64,
+}
+
+impl PendingHandshakes {
+    /// Admits a connection from `ip`: its id, and the id of the pending handshake to close to
+    /// make room (that address's oldest when it has [`MAX_HANDSHAKES_PER_IP`], else the
+    /// oldest of all when there are [`MAX_HANDSHAKES`]).
+    pub fn admit(&mut self, ip: std::net::IpAddr) -> (u64, Option<u64>) {
+        let key = crate::udp::client_key(ip);
+        let mine = self.q.iter().filter(|(_, k)| *k == key).count();
+        let victim = if mine >= MAX_HANDSHAKES_PER_IP {
+            self.q.iter().position(|(_, k)| *k == key)
+        } else if self.q.len() >= MAX_HANDSHAKES {
+            Some(0)
+        } else {
+            None
+        };
+        let evicted = victim.and_then(|i| self.q.remove(i)).map(|(id, _)| id);
+        let id = self.next;
+        self.next += 1;
+        self.q.push_back((id, key));
+        (id, evicted)
+    }
+
+    /// A handshake ended (either way).
+    pub fn done(&mut self, id: u64) {
+        self.q.retain(|(i, _)| *i != id);
+    }
+
+    /// Handshakes pending.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// Whether none is pending.
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+}
+
 async fn listen_loop(l: TcpListener, sh: Arc<Shared>, egress: Arc<tokio::sync::Mutex<Egress>>) {
     let m = &sh.metrics;
-    let mut handshakes: JoinSet<Option<(TcpStream, SocketAddr)>> = JoinSet::new();
+    let mut handshakes: JoinSet<(u64, Option<(TcpStream, SocketAddr)>)> = JoinSet::new();
+    let mut pending = PendingHandshakes::default();
+    let mut aborts: std::collections::HashMap<u64, tokio::task::AbortHandle> =
+        std::collections::HashMap::new();
     let mut current: Option<AbortOnDrop<()>> = None;
     loop {
         tokio::select! {
@@ -549,13 +605,16 @@ async fn listen_loop(l: TcpListener, sh: Arc<Shared>, egress: Arc<tokio::sync::M
                         continue;
                     }
                 };
-                if handshakes.len() >= MAX_HANDSHAKES {
-                    debug!(%peer, "too many handshakes in progress; closing");
-                    continue;
+                let (id, evicted) = pending.admit(peer.ip());
+                if let Some(old) = evicted.and_then(|old| aborts.remove(&old)) {
+                    old.abort();
+                    inc(&m.handshakes_evicted);
+                    debug!(%peer, "handshake slots full; closed the oldest pending handshake");
                 }
                 let psk = sh.cfg.psk.clone();
                 let sh2 = sh.clone();
-                handshakes.spawn(async move {
+                let abort = handshakes.spawn(async move {
+                    (id, async move {
                     let mut s = s;
                     if let Err(e) = configure_tcp(&s) {
                         debug!(%peer, error = %e, "TCP_NODELAY failed");
@@ -576,10 +635,16 @@ async fn listen_loop(l: TcpListener, sh: Arc<Shared>, egress: Arc<tokio::sync::M
                         }
                     }
                     Some((s, peer))
+                    }.await)
                 });
+                aborts.insert(id, abort);
             }
             Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
-                let Ok(Some((s, peer))) = done else { continue };
+                // An aborted (evicted) handshake was already removed from both tables.
+                let Ok((id, done)) = done else { continue };
+                pending.done(id);
+                aborts.remove(&id);
+                let Some((s, peer)) = done else { continue };
                 if current.take().is_some() {
                     info!(%peer, "a new connection replaces the tunnel");
                 } else {
@@ -800,6 +865,44 @@ fn expire_flows(egress: &mut Egress, sh: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_handshakes_evict_the_oldest_instead_of_refusing() {
+        let mut p = PendingHandshakes::default();
+        let a: std::net::IpAddr = "198.18.0.1".parse().expect("lit");
+        let ids: Vec<u64> = (0..MAX_HANDSHAKES_PER_IP)
+            .map(|_| {
+                let (id, ev) = p.admit(a);
+                assert_eq!(ev, None);
+                id
+            })
+            .collect();
+        // A further one from the same address evicts that address's oldest.
+        let (_, ev) = p.admit(a);
+        assert_eq!(ev, Some(ids[0]));
+        assert_eq!(p.len(), MAX_HANDSHAKES_PER_IP);
+        // Many addresses: the total cap evicts the oldest of all.
+        let others: Vec<u64> = (0..MAX_HANDSHAKES - MAX_HANDSHAKES_PER_IP)
+            .map(|i| p.admit(std::net::IpAddr::from([198, 18, 1, i as u8])).0)
+            .collect();
+        assert_eq!(p.len(), MAX_HANDSHAKES);
+        let (newest, ev) = p.admit("198.18.2.1".parse().expect("lit"));
+        assert_eq!(ev, Some(ids[1]));
+        assert_eq!(p.len(), MAX_HANDSHAKES);
+        // One /64 is one address.
+        let v6 = |s: &str| -> std::net::IpAddr { s.parse().expect("lit") };
+        for i in 0..MAX_HANDSHAKES_PER_IP {
+            p.admit(v6(&format!("2001:db8::{}", i + 1)));
+        }
+        let before = p.len();
+        let (_, ev) = p.admit(v6("2001:db8::ffff"));
+        assert!(ev.is_some());
+        assert_eq!(p.len(), before);
+        for id in others.into_iter().chain([newest]) {
+            p.done(id);
+        }
+        assert!(p.len() < MAX_HANDSHAKES);
+    }
 
     #[test]
     fn endpoints_follow_the_original_defaults() {
