@@ -739,6 +739,11 @@ impl Relay {
             }
             self.young.pop_front();
         }
+        // After a burst of registrations that all paired, give the memory back: idle paired
+        // sessions should cost what the table needs, not the peak of this queue.
+        if self.young.capacity() > 4 * self.young.len() + 1024 {
+            self.young.shrink_to(2 * self.young.len());
+        }
     }
 
     /// Most entries `young` holds before it is compacted: twice the live ones it can name, so
