@@ -739,6 +739,14 @@ impl Relay {
             }
             self.young.pop_front();
         }
+        // One unpaired session at the front pins every stale entry behind it: compact when
+        // stale entries dominate. Live entries are at most the unpaired sessions, so this runs
+        // at most once per that many creations.
+        let unpaired = self.stats.sessions_unpaired as usize;
+        if self.young.len() > 2 * unpaired + 1024 {
+            let sessions = &self.sessions;
+            self.young.retain(|&e| evictable(sessions, e));
+        }
         // After a burst of registrations that all paired, give the memory back: idle paired
         // sessions should cost what the table needs, not the peak of this queue.
         if self.young.capacity() > 4 * self.young.len() + 1024 {
