@@ -22,6 +22,14 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The attacks run one at a time: each floods loopback and the CPUs, and its figures (memory,
+/// bystanders' loss) are about the relay under that attack, not under another test's.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn relay_bin() -> String {
     std::env::var("QUIC_RELAY_ABUSE_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_quic-relay").to_string())
@@ -272,6 +280,7 @@ fn raw_socket(test: &str) -> Option<Socket> {
 /// memory goes back when the connections close.
 #[test]
 fn non_reading_tcp_members_fed_maximum_datagrams_cannot_balloon_the_relay() {
+    let _serial = serial();
     const MEMBERS: usize = 64;
     /// Maximum-size datagrams sent to each non-reading member (~6.5 MB each, 420 MB in all).
     const PER_MEMBER: usize = 100;
@@ -367,6 +376,7 @@ fn non_reading_tcp_members_fed_maximum_datagrams_cannot_balloon_the_relay() {
 /// registering within 2 s is paired and forwards, and an existing pair loses nothing.
 #[test]
 fn a_registration_flood_does_not_lock_out_new_pairs_or_disturb_existing_ones() {
+    let _serial = serial();
     let Some(raw) = raw_socket("the registration flood") else {
         return;
     };
@@ -492,6 +502,7 @@ fn spoofed(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
 /// it echoed the cookie that only its real address received.
 #[test]
 fn a_spoofed_registration_does_not_turn_the_relay_into_a_reflector() {
+    let _serial = serial();
     let Some(raw) = raw_socket("the reflection test") else {
         return;
     };
@@ -547,6 +558,7 @@ fn a_spoofed_registration_does_not_turn_the_relay_into_a_reflector() {
 /// not take over the first one's membership.
 #[test]
 fn tcp_connections_cannot_hoard_the_listener_or_steal_a_membership() {
+    let _serial = serial();
     let relay = Relay::start(
         "0.0.0.0",
         &[
