@@ -94,6 +94,7 @@ impl Driver {
             extended: Some(Extended {
                 peer: Some(PeerId(cfg.peer_id)),
                 token: cfg.token,
+                cookie: None,
             }),
         };
         let (status, rx) = watch::channel(Status {
@@ -196,6 +197,24 @@ impl Driver {
         self.candidates.clear();
         self.next_probe = None;
         self.set_path(Path::RelayTcp);
+    }
+
+    /// Sends our registration again with the relay's cookie in it, on the path the ACK came by.
+    async fn echo_cookie(&mut self, cookie: quic_relay::proto::Cookie) {
+        let echo = Registration {
+            session: self.cfg.session,
+            extended: Some(Extended {
+                peer: Some(PeerId(self.cfg.peer_id)),
+                token: self.cfg.token,
+                cookie: Some(cookie),
+            }),
+        }
+        .encode();
+        if self.tcp.is_some() {
+            self.socket.send_tcp(&echo);
+        } else {
+            self.send(self.socket.relay(), &echo).await;
+        }
     }
 
     async fn register(&mut self, now: Instant) {
@@ -335,7 +354,16 @@ impl Driver {
     async fn on_control(&mut self, c: Control) {
         let now = Instant::now();
         match c {
-            Control::Relay(Reply::Ack { observed, peer }) => {
+            Control::Relay(Reply::Ack {
+                observed,
+                peer,
+                cookie,
+            }) => {
+                if let Some(c) = cookie {
+                    // The relay forwards nothing to us before we prove our address by echoing
+                    // its cookie (relay PROTOCOL.md §12): at once, before anything else.
+                    self.echo_cookie(c).await;
+                }
                 if !self.acked {
                     debug!(relay = %self.socket.relay(), ?observed, "registered with the relay");
                 }

@@ -99,6 +99,18 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub tcp_write_queue: u32,
 
+    /// Bytes queued for one TCP connection before more frames are dropped (a frame can be
+    /// 64 KiB, so the frame count alone does not bound memory).
+    #[arg(long, env = "QUIC_RELAY_TCP_WRITE_QUEUE_BYTES", default_value_t = defaults::TCP_WRITE_QUEUE_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub tcp_write_queue_bytes: u64,
+
+    /// Bytes queued for all TCP connections together before more frames are dropped: the
+    /// bound on the relay's memory for TCP, however many connections are open.
+    #[arg(long, env = "QUIC_RELAY_TCP_QUEUE_BUDGET_BYTES", default_value_t = defaults::TCP_QUEUE_BUDGET_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(65_536..))]
+    pub tcp_queue_budget_bytes: u64,
+
     /// Socket send and receive buffer size in bytes. Above net.core.rmem_max it needs root
     /// (CAP_NET_ADMIN); otherwise the kernel caps it and the relay warns.
     #[arg(long, env = "QUIC_RELAY_SOCKET_BUFFER_BYTES", default_value_t = defaults::SOCKET_BUFFER_BYTES)]
@@ -146,6 +158,8 @@ impl Args {
             handshake_timeout: Duration::from_secs(self.tcp_handshake_timeout_secs),
             idle_timeout: Duration::from_secs(self.tcp_idle_timeout_secs),
             write_queue: self.tcp_write_queue as usize,
+            write_queue_bytes: usize::try_from(self.tcp_write_queue_bytes).unwrap_or(usize::MAX),
+            queue_budget_bytes: usize::try_from(self.tcp_queue_budget_bytes).unwrap_or(usize::MAX),
         })
     }
 
@@ -165,6 +179,7 @@ impl Args {
                 reg_burst_per_ip: self.reg_burst_per_ip,
             },
             secrets,
+            ..RelayConfig::default()
         })
     }
 }

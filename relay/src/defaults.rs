@@ -45,3 +45,23 @@ pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Frames queued for one TCP connection before further ones are dropped: about 300 KB of
 /// 1,200-byte QUIC packets, a few round trips of a fast flow; QUIC reacts to the loss.
 pub const TCP_WRITE_QUEUE: usize = 256;
+
+/// Bytes queued for one TCP connection before further frames are dropped. A frame can be
+/// 65,509 bytes, so the frame count alone let one non-reading connection hold 16 MiB; 512 KiB
+/// is the 256 QUIC-sized frames above with room to spare, and 8 maximum-size datagrams.
+pub const TCP_WRITE_QUEUE_BYTES: usize = 512 << 10;
+
+/// Bytes queued for all TCP connections together before further frames are dropped: bounds
+/// the relay's memory whatever the number of connections (64 non-reading members from one IP
+/// could otherwise hold 64 x 512 KiB). 32 MiB is 3% of a 1 GiB box, and 64 connections each
+/// with a full round trip of a 40 Mbit/s flow in flight.
+pub const TCP_QUEUE_BUDGET_BYTES: usize = 32 << 20;
+
+/// How often the relay logs that the TCP byte budget is exhausted, at most: once is enough to
+/// tell the operator, every drop would flood the log during exactly the attack it reports.
+pub const TCP_BUDGET_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a return-routability cookie is valid (PROTOCOL.md §12): the relay accepts the
+/// cookie of this period and of the previous one. Clients echo it at once, so a minute is
+/// generous; short enough that a leaked cookie soon stops working.
+pub const COOKIE_PERIOD: Duration = Duration::from_secs(60);

@@ -30,6 +30,8 @@ pub struct IoCounters {
     pub gso_batches: AtomicU64,
     /// Datagrams sent inside GSO batches.
     pub gso_datagrams: AtomicU64,
+    /// GSO batches the kernel refused (sent again datagram by datagram).
+    pub gso_failures: AtomicU64,
 }
 
 /// Counters of the TCP listener (PROTOCOL.md §11), kept by its thread.
@@ -53,12 +55,18 @@ pub struct TcpCounters {
     pub closed_idle: AtomicU64,
     /// Connections closed because the relay shut down.
     pub closed_shutdown: AtomicU64,
+    /// Non-member connections closed to make room for a new one at `--tcp-max-connections`.
+    pub closed_evicted: AtomicU64,
     /// Frames received from TCP members and peers.
     pub frames_in: AtomicU64,
     /// Frames written to TCP connections.
     pub frames_out: AtomicU64,
     /// Frames to a TCP connection dropped because its write queue was full.
     pub dropped_queue_full: AtomicU64,
+    /// Frames dropped because all TCP write queues together held `--tcp-queue-budget-bytes`.
+    pub dropped_budget: AtomicU64,
+    /// Bytes queued for all TCP connections now (gauge).
+    pub queued_bytes: AtomicU64,
     /// Datagrams from a TCP member to a UDP member that the UDP socket would not take.
     pub udp_send_errors: AtomicU64,
 }
@@ -81,6 +89,9 @@ pub struct Metrics {
     sessions_paired: AtomicU64,
     sessions_unpaired: AtomicU64,
     tcp_left: AtomicU64,
+    dropped_unverified: AtomicU64,
+    cookies_rejected: AtomicU64,
+    evicted_unconfirmed: AtomicU64,
     /// Counted by the socket loop itself.
     pub io: IoCounters,
     /// Counted by the TCP listener.
@@ -108,6 +119,9 @@ impl Metrics {
         set(&self.sessions_paired, s.sessions_paired);
         set(&self.sessions_unpaired, s.sessions_unpaired);
         set(&self.tcp_left, s.tcp_left);
+        set(&self.dropped_unverified, s.dropped_unverified);
+        set(&self.cookies_rejected, s.cookies_rejected);
+        set(&self.evicted_unconfirmed, s.evicted_unconfirmed);
     }
 
     /// A copy of the last published state-machine counters.
@@ -133,6 +147,9 @@ impl Metrics {
             sessions_paired: get(&self.sessions_paired),
             sessions_unpaired: get(&self.sessions_unpaired),
             tcp_left: get(&self.tcp_left),
+            dropped_unverified: get(&self.dropped_unverified),
+            cookies_rejected: get(&self.cookies_rejected),
+            evicted_unconfirmed: get(&self.evicted_unconfirmed),
         }
     }
 
@@ -194,6 +211,7 @@ impl Metrics {
             &[
                 ("reason=\"unknown_source\"", s.dropped_unknown_source),
                 ("reason=\"unpaired\"", s.dropped_unpaired),
+                ("reason=\"unverified\"", s.dropped_unverified),
                 ("reason=\"truncated\"", io(&self.io.truncated)),
                 ("reason=\"send_error\"", io(&self.io.send_errors)),
             ],
@@ -214,6 +232,12 @@ impl Metrics {
             ],
         );
         family(
+            "quic_relay_cookies_rejected_total",
+            "counter",
+            "Extended registrations whose echoed cookie was wrong or stale.",
+            &[("", s.cookies_rejected)],
+        );
+        family(
             "quic_relay_rate_table_full_total",
             "counter",
             "Registrations let through unmetered because the rate-limit table was full.",
@@ -228,6 +252,7 @@ impl Metrics {
                 ("how=\"bye_ignored\"", s.byes_ignored),
                 ("how=\"stale_replaced\"", s.stale_replaced),
                 ("how=\"tcp_closed\"", s.tcp_left),
+                ("how=\"evicted_unconfirmed\"", s.evicted_unconfirmed),
             ],
         );
         let t = &self.tcp;
@@ -253,6 +278,7 @@ impl Metrics {
                 ),
                 ("event=\"closed_idle\"", io(&t.closed_idle)),
                 ("event=\"closed_shutdown\"", io(&t.closed_shutdown)),
+                ("event=\"closed_evicted\"", io(&t.closed_evicted)),
             ],
         );
         family(
@@ -264,8 +290,15 @@ impl Metrics {
                 ("dir=\"in\"", io(&t.frames_in)),
                 ("dir=\"out\"", io(&t.frames_out)),
                 ("dir=\"dropped_queue_full\"", io(&t.dropped_queue_full)),
+                ("dir=\"dropped_budget\"", io(&t.dropped_budget)),
                 ("dir=\"udp_send_error\"", io(&t.udp_send_errors)),
             ],
+        );
+        family(
+            "quic_relay_tcp_queued_bytes",
+            "gauge",
+            "Bytes waiting in the write queues of all TCP connections.",
+            &[("", io(&t.queued_bytes))],
         );
         family(
             "quic_relay_gso_batches_total",
@@ -274,6 +307,7 @@ impl Metrics {
             &[
                 ("unit=\"batches\"", io(&self.io.gso_batches)),
                 ("unit=\"datagrams\"", io(&self.io.gso_datagrams)),
+                ("unit=\"failed_batches\"", io(&self.io.gso_failures)),
             ],
         );
         family(

@@ -38,6 +38,14 @@ pub const MAX_REG_LEN: usize = 512;
 /// that no reply is ever larger than the request that caused it (no amplification).
 pub const MAX_REPLY_LEN: usize = 100;
 
+/// What a return-routability cookie adds to an ACK: `" c="` and 16 hex digits (PROTOCOL.md §12).
+pub const COOKIE_PARAM_LEN: usize = 3 + 16;
+
+/// The longest ACK that carries a cookie. Extended registrations are padded to this length by
+/// [`Registration::encode`], so that the relay can always fit the cookie into its reply without
+/// answering with more bytes than it was sent.
+pub const MAX_COOKIE_REPLY_LEN: usize = MAX_REPLY_LEN + COOKIE_PARAM_LEN;
+
 /// Longest parameter key; keys are short lowercase words.
 const MAX_KEY_LEN: usize = 16;
 
@@ -45,6 +53,14 @@ const MAX_KEY_LEN: usize = 16;
 /// apart, and recognise a peer after its NAT moved it to a new port (`p=` parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerId(pub u64);
+
+/// The relay's return-routability cookie (`c=<16 hex digits>`): a keyed hash of the session, the
+/// member's address and the time, sent in an ACK to an extended member that has not proved its
+/// address yet. The member echoes it in its next registration; only then does the relay forward
+/// datagrams to it. A spoofed registration never sees the cookie, so it cannot make the relay
+/// send traffic to an address that did not ask for it (PROTOCOL.md §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cookie(pub u64);
 
 /// A per-session credential (`t=<expiry>:<mac>`): `mac = HMAC-SHA256(secret, "<uuid>:<expiry>")`
 /// with the UUID in lowercase hyphenated form and `expiry` in Unix seconds (TURN REST style).
@@ -131,6 +147,8 @@ pub struct Extended {
     pub peer: Option<PeerId>,
     /// `t=`: the session token, required when the relay runs with `--secret-file`.
     pub token: Option<Token>,
+    /// `c=`: the cookie of the relay's last ACK, echoed to prove the address (PROTOCOL.md §12).
+    pub cookie: Option<Cookie>,
 }
 
 /// Why a datagram that starts with `REG:` is not a valid registration.
@@ -285,6 +303,12 @@ fn parse_body(datagram: &[u8], needs_reply_room: bool) -> Result<Registration, P
                 }
                 e.token = Some(parse_token(value)?);
             }
+            b"c" => {
+                if e.cookie.is_some() {
+                    return Err(ParseError::DuplicateParam);
+                }
+                e.cookie = Some(Cookie(parse_hex_u64(value).ok_or(ParseError::BadParam)?));
+            }
             _ => {} // forward compatibility: unknown parameters (and `pad=`) are ignored
         }
     }
@@ -387,7 +411,8 @@ impl Registration {
     }
 
     /// Encodes the registration. Extended registrations are padded (with a `pad=` parameter) to
-    /// at least [`MAX_REPLY_LEN`] bytes, as the relay requires.
+    /// at least [`MAX_COOKIE_REPLY_LEN`] bytes: the relay requires [`MAX_REPLY_LEN`], and the
+    /// rest leaves room for a cookie in its ACK.
     pub fn encode(&self) -> Vec<u8> {
         let mut s = String::with_capacity(MAX_REPLY_LEN + 8);
         s.push_str("REG:");
@@ -400,8 +425,11 @@ impl Registration {
             if let Some(t) = &ext.token {
                 let _ = write!(s, " t={}:{}", t.expiry, hex::encode(t.mac));
             }
+            if let Some(Cookie(c)) = ext.cookie {
+                let _ = write!(s, " c={c:016x}");
+            }
             // Unknown parameters are ignored by the relay; `pad=` fills up to the reply size.
-            let missing = MAX_REPLY_LEN.saturating_sub(s.len() + 1);
+            let missing = MAX_COOKIE_REPLY_LEN.saturating_sub(s.len() + 1);
             if missing > 0 {
                 s.push_str(" pad=");
                 let zeros = missing.saturating_sub(5);
@@ -477,6 +505,9 @@ pub enum Reply {
         observed: Option<SocketAddr>,
         /// The other member's public address, once paired.
         peer: Option<SocketAddr>,
+        /// Present until this member has proved its address: echo it in a registration
+        /// (`c=`, [`Extended::cookie`]) at once; the relay forwards nothing to it before.
+        cookie: Option<Cookie>,
     },
     /// Refused. The reason is `None` for a word this version does not know.
     Err(Option<ErrReason>),
@@ -485,7 +516,7 @@ pub enum Reply {
 /// A reply encoded into a fixed buffer: the relay's hot path never allocates.
 #[derive(Clone, Copy)]
 pub struct ReplyBuf {
-    buf: [u8; MAX_REPLY_LEN],
+    buf: [u8; MAX_COOKIE_REPLY_LEN],
     len: u8,
 }
 
@@ -502,7 +533,7 @@ impl std::fmt::Debug for ReplyBuf {
 impl ReplyBuf {
     /// `ACK\n`, the reply to almost every registration, built once at compile time.
     const ACK: ReplyBuf = {
-        let mut buf = [0; MAX_REPLY_LEN];
+        let mut buf = [0; MAX_COOKIE_REPLY_LEN];
         let mut i = 0;
         while i < ACK.len() {
             buf[i] = ACK[i];
@@ -530,7 +561,7 @@ struct ReplyWriter<'a>(&'a mut ReplyBuf);
 
 impl std::fmt::Write for ReplyWriter<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        if self.0.len as usize + s.len() > MAX_REPLY_LEN {
+        if self.0.len as usize + s.len() > MAX_COOKIE_REPLY_LEN {
             return Err(std::fmt::Error);
         }
         self.0.push(s.as_bytes());
@@ -547,7 +578,7 @@ impl Reply {
     /// Encodes the reply. `Ack` with neither address is the original `ACK\n`.
     pub fn encode(&self) -> ReplyBuf {
         let mut out = ReplyBuf {
-            buf: [0; MAX_REPLY_LEN],
+            buf: [0; MAX_COOKIE_REPLY_LEN],
             len: 0,
         };
         match *self {
@@ -555,12 +586,17 @@ impl Reply {
             Reply::Ack {
                 observed: Some(me),
                 peer,
+                cookie,
             } => {
                 let mut w = ReplyWriter(&mut out);
-                // Cannot fail: two socket addresses fit in MAX_REPLY_LEN by construction.
+                // Cannot fail: two socket addresses and a cookie fit in MAX_COOKIE_REPLY_LEN by
+                // construction.
                 let _ = write!(w, "ACK {}", canonical(me));
                 if let Some(p) = peer {
                     let _ = write!(w, " {}", canonical(p));
+                }
+                if let Some(Cookie(c)) = cookie {
+                    let _ = write!(w, " c={c:016x}");
                 }
                 out.push(b"\n");
             }
@@ -580,22 +616,37 @@ impl Reply {
             return Some(Reply::Ack {
                 observed: None,
                 peer: None,
+                cookie: None,
             });
         }
         if let Some(reason) = line.strip_prefix(b"ERR ") {
             return Some(Reply::Err(ErrReason::from_wire(reason)));
         }
         let addrs = std::str::from_utf8(line.strip_prefix(b"ACK ")?).ok()?;
-        let mut parts = addrs.split(' ');
+        let mut parts = addrs.split(' ').peekable();
         let observed = Some(parts.next()?.parse().ok()?);
-        let peer = match parts.next() {
+        let peer = match parts.next_if(|p| !p.starts_with("c=")) {
             Some(p) => Some(p.parse().ok()?),
+            None => None,
+        };
+        let cookie = match parts.next() {
+            Some(c) => {
+                let hex = c.strip_prefix("c=")?;
+                if hex.len() != 16 {
+                    return None;
+                }
+                Some(Cookie(parse_hex_u64(hex.as_bytes())?))
+            }
             None => None,
         };
         if parts.next().is_some() {
             return None;
         }
-        Some(Reply::Ack { observed, peer })
+        Some(Reply::Ack {
+            observed,
+            peer,
+            cookie,
+        })
     }
 }
 

@@ -474,6 +474,38 @@ mod linux {
     /// Most bytes in one GSO send: an IP packet's limit less headers, with margin.
     const MAX_GSO_BYTES: usize = 60_000;
 
+    /// After a GSO batch fails (e.g. `EMSGSIZE`: segments larger than the route's MTU), the
+    /// batch goes out datagram by datagram and GSO rests this long before the next batch tries
+    /// it again. One failed attempt per second costs one system call; losing GSO for good (as
+    /// before) made every later burst cost one send per datagram for the rest of the process.
+    pub(super) const GSO_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Whether forwarded bursts go out as GSO batches now.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Gso {
+        supported: bool,
+        paused_until: Option<Instant>,
+    }
+
+    impl Gso {
+        pub(super) fn new(supported: bool) -> Self {
+            Gso {
+                supported,
+                paused_until: None,
+            }
+        }
+
+        /// Whether to build GSO batches for a send at `now`.
+        pub(super) fn enabled(&self, now: Instant) -> bool {
+            self.supported && self.paused_until.is_none_or(|t| now >= t)
+        }
+
+        /// A GSO batch failed at `now`: rest for [`GSO_RETRY_AFTER`].
+        pub(super) fn failed(&mut self, now: Instant) {
+            self.paused_until = Some(now + GSO_RETRY_AFTER);
+        }
+    }
+
     /// Room for one `cmsghdr` + `u16`, aligned for `cmsghdr`.
     #[derive(Clone, Copy)]
     #[repr(C, align(8))]
@@ -622,6 +654,48 @@ mod linux {
         }
     }
 
+    /// Sends every message of `hdrs`. A message that fails is skipped (counted), except a GSO
+    /// batch, whose datagrams are then sent one by one; returns that batch's error, if any.
+    pub(super) fn send_all(
+        fd: libc::c_int,
+        hdrs: &mut [libc::mmsghdr],
+        io: &crate::metrics::IoCounters,
+    ) -> Option<std::io::Error> {
+        let count = hdrs.len();
+        let mut gso_error = None;
+        let mut off = 0;
+        while off < count {
+            // SAFETY: hdrs[off..count] describe valid buffers and addresses.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    hdrs.as_mut_ptr().add(off),
+                    (count - off) as libc::c_uint,
+                    0,
+                )
+            };
+            if r >= 0 {
+                off += r as usize;
+                continue;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if hdrs[off].msg_hdr.msg_controllen != 0 {
+                // A GSO batch the kernel or the device would not take (EMSGSIZE for segments
+                // above the MTU, EIO without checksum offload): its datagrams go one by one.
+                send_separately(fd, &hdrs[off].msg_hdr, &io.send_errors);
+                gso_error = Some(err);
+            } else {
+                // This datagram cannot go (firewall, no route, ...): skip it, keep the rest.
+                io.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            off += 1;
+        }
+        gso_error
+    }
+
     pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         // The default 50 us timer slack would stretch the 20 us coalescing wait to ~70 us.
         // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and affects only this thread.
@@ -653,8 +727,8 @@ mod linux {
         let mut send_hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; MAX_SENDS];
         let mut sends: Vec<(Payload, PeerAddr)> = Vec::with_capacity(MAX_SENDS);
         let mut send_cmsgs: Vec<CmsgBuf> = vec![CmsgBuf([0; 4]); MAX_SENDS];
-        let mut gso = gso_supported(fd);
-        tracing::debug!(gso, "UDP segmentation offload for forwarded bursts");
+        let mut gso = Gso::new(gso_supported(fd));
+        tracing::debug!(?gso, "UDP segmentation offload for forwarded bursts");
         let mut replies: Vec<ReplyBuf> = Vec::with_capacity(2 * BATCH);
         let metrics = server.metrics.clone();
         let io = &metrics.io;
@@ -741,7 +815,7 @@ mod linux {
                 &mut bufs,
                 &replies,
                 v6,
-                gso,
+                gso.enabled(now),
                 &mut send_names,
                 &mut send_iovs,
                 &mut send_cmsgs,
@@ -754,36 +828,13 @@ mod linux {
                         .fetch_add(h.msg_hdr.msg_iovlen as u64, Ordering::Relaxed);
                 }
             }
-            let mut off = 0;
-            while off < count {
-                // SAFETY: send_hdrs[off..count] describe valid buffers and addresses.
-                let r = unsafe {
-                    libc::sendmmsg(
-                        fd,
-                        send_hdrs.as_mut_ptr().add(off),
-                        (count - off) as libc::c_uint,
-                        0,
-                    )
-                };
-                if r >= 0 {
-                    off += r as usize;
-                    continue;
+            if let Some(err) = send_all(fd, &mut send_hdrs[..count], io) {
+                gso.failed(now);
+                let failures = io.gso_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures.is_power_of_two() {
+                    warn!(error = %err, failures, retry_after = ?GSO_RETRY_AFTER,
+                        "UDP GSO send failed; sent that burst datagram by datagram");
                 }
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                if send_hdrs[off].msg_hdr.msg_controllen != 0 {
-                    // A GSO batch the kernel or the device would not take: never try GSO again,
-                    // and send this batch's datagrams one by one.
-                    warn!(error = %err, "UDP GSO send failed; sending datagrams one by one from now on");
-                    gso = false;
-                    send_separately(fd, &send_hdrs[off].msg_hdr, &io.send_errors);
-                } else {
-                    // This datagram cannot go (firewall, no route, ...): skip it, keep the rest.
-                    io.send_errors.fetch_add(1, Ordering::Relaxed);
-                }
-                off += 1;
             }
             // Under load, datagrams trickle in while a batch is processed; waking for each
             // handful costs more than the datagrams themselves. After a partial batch of
@@ -793,6 +844,126 @@ mod linux {
             if (2..BATCH).contains(&(n as usize)) {
                 std::thread::sleep(COALESCE);
             }
+        }
+    }
+    #[cfg(test)]
+    mod tests {
+        //! GSO recovery on real loopback sockets. `SO_NO_CHECK` makes the kernel refuse every
+        //! UDP GSO send on that socket (`EINVAL`, net/ipv4/udp.c) while plain sends work: a
+        //! stand-in for the `EMSGSIZE` of a route whose MTU is below the segment size, which
+        //! loopback (MTU 64 KiB) cannot produce.
+
+        use std::net::UdpSocket;
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+
+        use super::*;
+        use crate::metrics::IoCounters;
+
+        fn set_no_check(s: &UdpSocket, on: bool) {
+            let v: libc::c_int = on.into();
+            // SAFETY: a valid fd and a pointer to a c_int of the stated size.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NO_CHECK,
+                    (&v as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "SO_NO_CHECK: {}", std::io::Error::last_os_error());
+        }
+
+        /// Sends `n` datagrams of `len` bytes from `tx` to `rx` the way the relay loop does,
+        /// as one GSO batch when `gso`; returns the batch's error and the sizes `rx` got.
+        fn burst(
+            tx: &UdpSocket,
+            rx: &UdpSocket,
+            n: usize,
+            len: usize,
+            gso: bool,
+            io: &IoCounters,
+        ) -> (Option<std::io::Error>, Vec<usize>) {
+            let mut bufs = vec![7u8; crate::defaults::BATCH * MAX_DATAGRAM];
+            let dst = PeerAddr::from(rx.local_addr().expect("rx addr"));
+            let sends: Vec<(Payload, PeerAddr)> = (0..n)
+                .map(|index| (Payload::Received { index, len }, dst))
+                .collect();
+            // SAFETY: all-zero is a valid value for these plain C structs.
+            let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; n];
+            let mut iovs = vec![
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0
+                };
+                n
+            ];
+            let mut cmsgs = vec![CmsgBuf([0; 4]); n];
+            // SAFETY: as above.
+            let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; n];
+            let count = build_sends(
+                &sends,
+                &mut bufs,
+                &[],
+                false,
+                gso,
+                &mut names,
+                &mut iovs,
+                &mut cmsgs,
+                &mut hdrs,
+            );
+            assert_eq!(count, if gso { 1 } else { n }, "messages built");
+            let err = send_all(tx.as_raw_fd(), &mut hdrs[..count], io);
+            rx.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            while got.len() < n {
+                match rx.recv(&mut buf) {
+                    Ok(k) => got.push(k),
+                    Err(_) => break,
+                }
+            }
+            (err, got)
+        }
+
+        #[test]
+        fn a_refused_gso_batch_is_resent_one_by_one_and_gso_resumes() {
+            let tx = UdpSocket::bind("127.0.0.1:0").expect("bind tx");
+            let rx = UdpSocket::bind("127.0.0.1:0").expect("bind rx");
+            if !gso_supported(tx.as_raw_fd()) {
+                eprintln!("SKIP: this kernel has no UDP GSO");
+                return;
+            }
+            let io = IoCounters::default();
+            set_no_check(&tx, true);
+            let (err, got) = burst(&tx, &rx, 8, 1200, true, &io);
+            assert!(
+                err.is_some(),
+                "the kernel took a GSO batch with SO_NO_CHECK set"
+            );
+            assert_eq!(
+                got,
+                vec![1200; 8],
+                "the refused batch arrives whole, datagram by datagram"
+            );
+            assert_eq!(io.send_errors.load(Ordering::Relaxed), 0);
+
+            // The loop pauses GSO after the failure, and only for GSO_RETRY_AFTER.
+            let t0 = Instant::now();
+            let mut gso = Gso::new(true);
+            assert!(gso.enabled(t0));
+            gso.failed(t0);
+            assert!(!gso.enabled(t0 + GSO_RETRY_AFTER / 2));
+            assert!(gso.enabled(t0 + GSO_RETRY_AFTER));
+
+            // Later bursts go as GSO batches again once the kernel takes them.
+            set_no_check(&tx, false);
+            let (err, got) = burst(&tx, &rx, 8, 1200, gso.enabled(t0 + GSO_RETRY_AFTER), &io);
+            assert!(err.is_none(), "GSO batch refused: {err:?}");
+            assert_eq!(got, vec![1200; 8], "the GSO batch arrives as 8 datagrams");
         }
     }
 }

@@ -20,14 +20,30 @@ use crate::proto::{self, ErrReason, PeerId, Registration, Reply, ReplyBuf, Token
 /// A member's address: a socket address plus the transport it came over.
 ///
 /// IPv4 is stored IPv4-mapped, so one relay socket bound to `[::]` and one bound to `0.0.0.0`
-/// see the same key for the same peer. A TCP member (PROTOCOL.md §11) is keyed by its TCP
-/// connection's remote address *and* the TCP tag, so a UDP datagram from the same IP and port
-/// number is a different address: nobody can speak for a TCP member except its connection.
+/// see the same key for the same peer. A TCP member (PROTOCOL.md §11) is keyed by its whole
+/// connection: the remote address *and* which of the relay's local addresses it reached (a
+/// small index, see [`PeerAddr::tcp_via`]), so a UDP datagram from the same IP and port number,
+/// or a second connection from the same IP and port to another relay address, is a different
+/// address: nobody can speak for a TCP member except its connection.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PeerAddr {
     ip: [u8; 16],
     port: u16,
-    tcp: bool,
+    /// 0 for UDP; for TCP, 1 + the index of the relay's local address the connection reached.
+    tcp: u8,
+}
+
+/// The key the per-IP limits count under: the IP itself for IPv4 (stored IPv4-mapped), the /64
+/// for IPv6, since one host or subscriber is routinely given a whole /64 and can send from any
+/// of its 2^64 addresses without spoofing.
+pub fn ip_limit_key(ip: [u8; 16]) -> [u8; 16] {
+    if Ipv6Addr::from(ip).to_ipv4_mapped().is_some() {
+        ip
+    } else {
+        let mut k = ip;
+        k[8..].fill(0);
+        k
+    }
 }
 
 impl PeerAddr {
@@ -40,25 +56,29 @@ impl PeerAddr {
         PeerAddr {
             ip: ip.octets(),
             port,
-            tcp: false,
+            tcp: 0,
         }
     }
 
-    /// Builds the key for the TCP connection whose remote end is `a`.
+    /// Builds the key for the TCP connection whose remote end is `a` (on the relay's first
+    /// local address; see [`PeerAddr::tcp_via`]).
     pub fn tcp(a: SocketAddr) -> Self {
+        Self::tcp_via(0, a)
+    }
+
+    /// Builds the key for the TCP connection whose remote end is `a` and whose local end is
+    /// the relay's local address number `local` (numbered by the TCP listener as it sees
+    /// them; a host has few).
+    pub fn tcp_via(local: u8, a: SocketAddr) -> Self {
         PeerAddr {
-            tcp: true,
+            tcp: local.saturating_add(1),
             ..PeerAddr::new(a.ip(), a.port())
         }
     }
 
     /// Builds the UDP key from a 16-byte IPv6 (or IPv4-mapped) address, as sockets report it.
     pub fn from_octets(ip: [u8; 16], port: u16) -> Self {
-        PeerAddr {
-            ip,
-            port,
-            tcp: false,
-        }
+        PeerAddr { ip, port, tcp: 0 }
     }
 
     /// The IP as the 16-byte IPv6 (IPv4-mapped) form.
@@ -73,7 +93,7 @@ impl PeerAddr {
 
     /// Whether this member is a TCP connection rather than a UDP source address.
     pub fn is_tcp(&self) -> bool {
-        self.tcp
+        self.tcp != 0
     }
 
     /// The canonical socket address (IPv4 peers as IPv4). For a TCP member, its connection's
@@ -97,7 +117,7 @@ impl std::fmt::Debug for PeerAddr {
 
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.tcp {
+        if self.is_tcp() {
             write!(f, "tcp:{}", self.to_socket_addr())
         } else {
             write!(f, "{}", self.to_socket_addr())
@@ -143,6 +163,9 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// When non-empty, every registration must carry a token minted with one of these.
     pub secrets: Vec<Vec<u8>>,
+    /// Key of the return-routability cookies (PROTOCOL.md §12). Random per process by
+    /// default: a restart only makes clients echo a fresh cookie.
+    pub cookie_key: [u8; 32],
 }
 
 impl Default for RelayConfig {
@@ -152,8 +175,35 @@ impl Default for RelayConfig {
             unpaired_timeout: crate::defaults::UNPAIRED_TIMEOUT,
             limits: Limits::default(),
             secrets: Vec::new(),
+            cookie_key: random_key(),
         }
     }
+}
+
+/// 32 bytes from the operating system's random source. The cookie key must be unpredictable:
+/// whoever knows it can forge cookies for addresses they do not hold.
+fn random_key() -> [u8; 32] {
+    use std::io::Read as _;
+    let mut key = [0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .is_err()
+    {
+        // No /dev/urandom (an unusual sandbox): std's hasher keys are random per process.
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in key.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(unix_nanos());
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    key
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// What the server loop must do with a datagram after [`Relay::handle`].
@@ -175,6 +225,9 @@ pub enum DropReason {
     UnknownSource,
     /// The sender's session has no second member yet.
     Unpaired,
+    /// The other member registered in the extended form and has not echoed its cookie yet
+    /// (PROTOCOL.md §12): its address may be spoofed.
+    Unverified,
 }
 
 /// A reply the server loop must send.
@@ -266,6 +319,13 @@ pub struct Stats {
     pub stale_replaced: u64,
     /// TCP members removed because their connection closed.
     pub tcp_left: u64,
+    /// Datagrams not forwarded because the destination had not echoed its cookie.
+    pub dropped_unverified: u64,
+    /// Extended registrations whose echoed cookie was wrong or stale.
+    pub cookies_rejected: u64,
+    /// Unpaired sessions that never heard a second registration, removed to make room when the
+    /// table was full.
+    pub evicted_unconfirmed: u64,
     /// Sessions now paired (gauge).
     pub sessions_paired: u64,
     /// Sessions now waiting for a second member (gauge).
@@ -282,16 +342,22 @@ impl Stats {
 const SLOT_USED: u8 = 1;
 const SLOT_EXTENDED: u8 = 2;
 const SLOT_HAS_PEER_ID: u8 = 4;
-/// The member is a TCP connection (its address is the connection's remote end).
-const SLOT_TCP: u8 = 8;
+/// The member proved its address: it echoed its cookie, or it is a TCP connection (whose
+/// handshake proved it). Only such extended members are forwarded to.
+const SLOT_VERIFIED: u8 = 8;
+/// The member's session heard a second registration (a refresh, a rebind or the other peer's
+/// join): it is not flood debris, and is never evicted to make room.
+const SLOT_CONFIRMED: u8 = 16;
 
-/// One member of a session. 32 bytes: the address is stored as IP and port, its transport as
-/// [`SLOT_TCP`] in `flags` (a whole [`PeerAddr`] would pad the slot to 40 bytes).
+/// One member of a session. 32 bytes: the address is stored as IP and port, its transport in
+/// `tcp` (a whole [`PeerAddr`] would pad the slot to 40 bytes).
 #[derive(Clone, Copy)]
 struct Slot {
     ip: [u8; 16],
     port: u16,
     flags: u8,
+    /// [`PeerAddr`]'s `tcp`: 0 for UDP. Fills what would be padding.
+    tcp: u8,
     /// Seconds since the relay's epoch; breaks ties when two same-IP members could be rebinding.
     last_heard: u32,
     peer_id: u64,
@@ -301,6 +367,7 @@ const EMPTY_SLOT: Slot = Slot {
     ip: [0; 16],
     port: 0,
     flags: 0,
+    tcp: 0,
     last_heard: 0,
     peer_id: 0,
 };
@@ -310,8 +377,14 @@ impl Slot {
         PeerAddr {
             ip: self.ip,
             port: self.port,
-            tcp: self.flags & SLOT_TCP != 0,
+            tcp: self.tcp,
         }
+    }
+    fn is_tcp(&self) -> bool {
+        self.tcp != 0
+    }
+    fn verified(&self) -> bool {
+        self.flags & SLOT_VERIFIED != 0
     }
     fn used(&self) -> bool {
         self.flags & SLOT_USED != 0
@@ -331,7 +404,14 @@ struct Session {
     slots: [Slot; 2],
     /// Seconds since the relay's epoch of the last forwarded datagram or registration.
     last_active: u32,
+    /// Creation number (wrapping), telling this session from an earlier one in the same
+    /// record in [`Relay::young`]. Fills what would be padding.
+    born: u32,
 }
+
+// The memory target (PROTOCOL.md §10) rests on these sizes: new fields go into padding.
+const _: () = assert!(std::mem::size_of::<Slot>() == 32);
+const _: () = assert!(std::mem::size_of::<Session>() == 88);
 
 impl Session {
     fn paired(&self) -> bool {
@@ -340,6 +420,16 @@ impl Session {
     fn live(&self) -> bool {
         self.slots[0].used() || self.slots[1].used()
     }
+}
+
+/// Whether `young` entry `(i, born)` still names an unpaired session that never heard a second
+/// registration.
+fn evictable(sessions: &[Session], (i, born): (u32, u32)) -> bool {
+    let s = &sessions[i as usize];
+    s.live()
+        && s.born == born
+        && !s.paired()
+        && s.slots.iter().all(|m| m.flags & SLOT_CONFIRMED == 0)
 }
 
 /// A reference from the address index into the slab: `session index << 1 | slot`.
@@ -385,7 +475,14 @@ pub struct Relay {
     free: Vec<u32>,
     by_id: HashMap<Uuid, u32>,
     by_addr: HashMap<PeerAddr, MemberRef>,
+    /// Memberships per [`ip_limit_key`].
     per_ip: HashMap<[u8; 16], u32>,
+    /// Sessions in order of creation, oldest first, as candidates for eviction when the table
+    /// is full: (record, [`Session::born`]). Entries go stale (the session paired, was
+    /// confirmed, or ended) and are skipped; compacted at [`Relay::young_cap`] entries.
+    young: VecDeque<(u32, u32)>,
+    /// The next [`Session::born`].
+    born: u32,
     /// GCRA state per source IP: the theoretical arrival time in microseconds since `epoch`.
     rate: HashMap<[u8; 16], u64>,
     next_rate_sweep: u64,
@@ -418,6 +515,8 @@ impl Relay {
             by_id: HashMap::new(),
             by_addr: HashMap::new(),
             per_ip: HashMap::new(),
+            young: VecDeque::new(),
+            born: 0,
             rate: HashMap::new(),
             next_rate_sweep: 0,
             sweep_cursor: 0,
@@ -569,6 +668,11 @@ impl Relay {
             self.stats.dropped_unpaired += 1;
             return Some(Outcome::Dropped(DropReason::Unpaired));
         }
+        if other.flags & (SLOT_EXTENDED | SLOT_VERIFIED) == SLOT_EXTENDED {
+            // Its address may be a spoofed registration's: sending there would reflect.
+            self.stats.dropped_unverified += 1;
+            return Some(Outcome::Dropped(DropReason::Unverified));
+        }
         s.last_active = t;
         s.slots[m.slot()].last_heard = t;
         self.stats.forwarded_packets += 1;
@@ -623,6 +727,58 @@ impl Relay {
         if us >= self.next_rate_sweep {
             self.sweep_rate(us);
         }
+        self.trim_young();
+    }
+
+    /// Drops stale entries from the front of `young`, so it does not hold every session ever
+    /// created.
+    fn trim_young(&mut self) {
+        while let Some(&e) = self.young.front() {
+            if evictable(&self.sessions, e) {
+                break;
+            }
+            self.young.pop_front();
+        }
+        // One unpaired session at the front pins every stale entry behind it: compact when
+        // stale entries dominate. Live entries are at most the unpaired sessions, so this runs
+        // at most once per that many creations.
+        let unpaired = self.stats.sessions_unpaired as usize;
+        if self.young.len() > 2 * unpaired + 1024 {
+            let sessions = &self.sessions;
+            self.young.retain(|&e| evictable(sessions, e));
+        }
+        // After a burst of registrations that all paired, give the memory back: idle paired
+        // sessions should cost what the table needs, not the peak of this queue.
+        if self.young.capacity() > 4 * self.young.len() + 1024 {
+            self.young.shrink_to(2 * self.young.len());
+        }
+    }
+
+    /// Most entries `young` holds before it is compacted: twice the live ones it can name, so
+    /// compaction (a pass over it) happens at most once per `max_sessions` creations.
+    fn young_cap(&self) -> usize {
+        2 * self.cfg.limits.max_sessions as usize + 1
+    }
+
+    /// Removes the oldest unpaired session that never heard a second registration (PROTOCOL.md
+    /// §7). Returns whether one was found. A flood of registrations for random sessions
+    /// consists of exactly such sessions; a peer waiting for its partner re-registers and is
+    /// confirmed, and a paired session never qualifies.
+    fn evict_unconfirmed(&mut self) -> bool {
+        while let Some(e) = self.young.pop_front() {
+            if evictable(&self.sessions, e) {
+                let i = e.0 as usize;
+                debug!(session = %self.sessions[i].id, "evicting an unconfirmed session to make room");
+                for slot in 0..2 {
+                    if self.sessions[i].slots[slot].used() {
+                        self.remove_member(i, slot);
+                    }
+                }
+                self.stats.evicted_unconfirmed += 1;
+                return true;
+            }
+        }
+        false
     }
 
     fn sweep_rate(&mut self, now_us: u64) {
@@ -666,7 +822,7 @@ impl Relay {
     }
 
     fn dec_ip(&mut self, ip: [u8; 16]) {
-        if let hashbrown::hash_map::Entry::Occupied(mut e) = self.per_ip.entry(ip) {
+        if let hashbrown::hash_map::Entry::Occupied(mut e) = self.per_ip.entry(ip_limit_key(ip)) {
             *e.get_mut() -= 1;
             if *e.get() == 0 {
                 e.remove();
@@ -674,12 +830,17 @@ impl Relay {
         }
     }
 
+    fn inc_ip(&mut self, ip: [u8; 16]) {
+        *self.per_ip.entry(ip_limit_key(ip)).or_insert(0) += 1;
+    }
+
     fn ip_count(&self, ip: &[u8; 16]) -> u32 {
-        self.per_ip.get(ip).copied().unwrap_or(0)
+        self.per_ip.get(&ip_limit_key(*ip)).copied().unwrap_or(0)
     }
 
     /// GCRA: allows `burst` registrations at once, then `rate` per second.
     fn rate_allows(&mut self, now: Instant, ip: [u8; 16]) -> bool {
+        let ip = ip_limit_key(ip);
         let l = &self.cfg.limits;
         if l.reg_rate_per_ip == 0 {
             return false;
@@ -707,7 +868,24 @@ impl Relay {
     }
 
     fn queue(&mut self, dst: PeerAddr, reply: Reply, request_len: usize) -> bool {
-        let payload = reply.encode();
+        let mut payload = reply.encode();
+        if let Reply::Ack {
+            observed,
+            peer,
+            cookie: Some(_),
+        } = reply
+        {
+            if payload.as_bytes().len() > request_len {
+                // An older client's registration, padded for addresses only: it gets its
+                // addresses but no cookie (and so stays unverified).
+                payload = Reply::Ack {
+                    observed,
+                    peer,
+                    cookie: None,
+                }
+                .encode();
+            }
+        }
         // The no-amplification rule: never answer with more bytes than were sent.
         if payload.as_bytes().len() > request_len {
             self.stats.replies_suppressed += 1;
@@ -734,13 +912,45 @@ impl Relay {
             return Reply::Ack {
                 observed: None,
                 peer: None,
+                cookie: None,
             };
         }
         let other = s.slots[1 - slot];
         Reply::Ack {
             observed: Some(me.addr().to_socket_addr()),
             peer: other.used().then(|| other.addr().to_socket_addr()),
+            cookie: (!me.verified()).then(|| self.cookie(s.id, me.addr(), self.cookie_epoch())),
         }
+    }
+
+    /// The current cookie period's number (cookies of this one and the previous are accepted).
+    fn cookie_epoch(&self) -> u64 {
+        self.clock.1 / crate::defaults::COOKIE_PERIOD.as_micros().max(1) as u64
+    }
+
+    /// The cookie for `addr` in `session` during period `epoch`: a keyed hash, so the relay
+    /// keeps no state per cookie, and only whoever receives the ACK at `addr` learns it.
+    fn cookie(&self, session: Uuid, addr: PeerAddr, epoch: u64) -> proto::Cookie {
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.cfg.cookie_key)
+            .expect("HMAC accepts keys of any length");
+        mac.update(session.as_bytes());
+        mac.update(&addr.ip);
+        mac.update(&addr.port.to_be_bytes());
+        mac.update(&[addr.tcp]);
+        mac.update(&epoch.to_be_bytes());
+        let out = mac.finalize().into_bytes();
+        proto::Cookie(u64::from_be_bytes(
+            out[..8].try_into().expect("SHA-256 is 32 bytes"),
+        ))
+    }
+
+    /// Whether `c` is the cookie of `addr` in `session` for this period or the previous one.
+    /// (A wrong guess is rejected with probability 1 - 2^-63.)
+    fn cookie_ok(&self, session: Uuid, addr: PeerAddr, c: proto::Cookie) -> bool {
+        let epoch = self.cookie_epoch();
+        self.cookie(session, addr, epoch) == c
+            || (epoch > 0 && self.cookie(session, addr, epoch - 1) == c)
     }
 
     /// Tells an extended other member of session `i` about a new or moved peer in `slot`.
@@ -779,13 +989,22 @@ impl Relay {
         if peer_id.is_some() {
             flags |= SLOT_HAS_PEER_ID;
         }
-        if src.tcp {
-            flags |= SLOT_TCP;
+        // A TCP connection's handshake proved its address; a UDP member proves it by echoing
+        // the cookie the relay sent there.
+        if src.is_tcp() {
+            flags |= SLOT_VERIFIED;
+        } else if let Some(c) = ext.and_then(|e| e.cookie) {
+            if self.cookie_ok(reg.session, src, c) {
+                flags |= SLOT_VERIFIED;
+            } else {
+                self.stats.cookies_rejected += 1;
+            }
         }
         let slot_value = Slot {
             ip: src.ip,
             port: src.port,
             flags,
+            tcp: src.tcp,
             last_heard: t,
             peer_id: peer_id.unwrap_or(0),
         };
@@ -804,7 +1023,12 @@ impl Relay {
                 return self.refuse(src, ErrReason::Full, request_len);
             }
             let s = &mut self.sessions[i];
-            s.slots[m.slot()] = slot_value;
+            // Same address: a proof given before still holds.
+            let kept = s.slots[m.slot()].flags & SLOT_VERIFIED;
+            s.slots[m.slot()] = Slot {
+                flags: slot_value.flags | kept | SLOT_CONFIRMED,
+                ..slot_value
+            };
             s.last_active = t;
             self.count(RegResult::Refresh);
             let ack = self.ack_for(i, m.slot());
@@ -826,8 +1050,8 @@ impl Relay {
                     m.used()
                         && m.peer_id().is_none()
                         && m.ip == src.ip
-                        && m.flags & SLOT_TCP == 0
-                        && !src.tcp
+                        && !m.is_tcp()
+                        && !src.is_tcp()
                 });
                 // Both members behind this IP: the one heard from least recently is the one whose
                 // NAT mapping went away.
@@ -838,7 +1062,7 @@ impl Relay {
         let held = u32::from(current.is_some());
         if let Some(k) = moving {
             let old = s.slots[k].addr();
-            if old.ip != src.ip
+            if ip_limit_key(old.ip) != ip_limit_key(src.ip)
                 && self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip
             {
                 return self.refuse(src, ErrReason::IpLimit, request_len);
@@ -848,10 +1072,13 @@ impl Relay {
             }
             self.by_addr.remove(&old);
             self.dec_ip(old.ip);
-            *self.per_ip.entry(src.ip).or_insert(0) += 1;
+            self.inc_ip(src.ip);
             self.by_addr.insert(src, MemberRef::new(idx, k));
             let s = &mut self.sessions[i];
-            s.slots[k] = slot_value;
+            s.slots[k] = Slot {
+                flags: slot_value.flags | SLOT_CONFIRMED,
+                ..slot_value
+            };
             s.last_active = t;
             self.count(RegResult::Rebind);
             debug!(session = %reg.session, from = %old, to = %src, "member rebound");
@@ -884,10 +1111,14 @@ impl Relay {
         if let Some(m) = current {
             self.remove_member(m.session(), m.slot());
         }
-        *self.per_ip.entry(src.ip).or_insert(0) += 1;
+        self.inc_ip(src.ip);
         self.by_addr.insert(src, MemberRef::new(idx, k));
         let s = &mut self.sessions[i];
-        s.slots[k] = slot_value;
+        s.slots[k] = Slot {
+            flags: slot_value.flags | SLOT_CONFIRMED,
+            ..slot_value
+        };
+        s.slots[1 - k].flags |= SLOT_CONFIRMED;
         s.last_active = t;
         self.stats.sessions_unpaired -= 1;
         self.stats.sessions_paired += 1;
@@ -907,21 +1138,29 @@ impl Relay {
         current: Option<MemberRef>,
         request_len: usize,
     ) {
-        if self.by_id.len() >= self.cfg.limits.max_sessions as usize {
-            return self.refuse(src, ErrReason::Capacity, request_len);
-        }
         let held = u32::from(current.is_some());
         if self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip {
             return self.refuse(src, ErrReason::IpLimit, request_len);
+        }
+        let mut current = current;
+        if self.by_id.len() >= self.cfg.limits.max_sessions as usize {
+            if !self.evict_unconfirmed() {
+                return self.refuse(src, ErrReason::Capacity, request_len);
+            }
+            // The evicted session may have been the one this address was a member of.
+            current = self.by_addr.get(&src).copied();
         }
         if let Some(m) = current {
             self.remove_member(m.session(), m.slot());
         }
         let t = self.secs(now);
+        let born = self.born;
+        self.born = self.born.wrapping_add(1);
         let record = Session {
             id,
             slots: [slot_value, EMPTY_SLOT],
             last_active: t,
+            born,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -934,8 +1173,15 @@ impl Relay {
             }
         };
         self.by_id.insert(id, idx);
+        if self.young.len() >= self.young_cap() {
+            // Stale entries pile up behind a live one at the front: compact. Live entries are
+            // fewer than max_sessions, so this leaves at least half the room free.
+            let sessions = &self.sessions;
+            self.young.retain(|&e| evictable(sessions, e));
+        }
+        self.young.push_back((idx, born));
         self.by_addr.insert(src, MemberRef::new(idx, 0));
-        *self.per_ip.entry(src.ip).or_insert(0) += 1;
+        self.inc_ip(src.ip);
         self.stats.sessions_unpaired += 1;
         self.count(RegResult::New);
         debug!(session = %id, peer = %src, "session created");
@@ -988,7 +1234,7 @@ impl Relay {
             for (k, slot) in s.slots.iter().enumerate() {
                 if slot.used() {
                     members += 1;
-                    *per_ip.entry(slot.addr().ip).or_default() += 1;
+                    *per_ip.entry(ip_limit_key(slot.addr().ip)).or_default() += 1;
                     assert!(
                         self.by_addr.get(&slot.addr()) == Some(&MemberRef::new(i as u32, k)),
                         "by_addr for {}",
@@ -1008,6 +1254,10 @@ impl Relay {
         for (ip, n) in per_ip {
             assert_eq!(self.per_ip.get(&ip), Some(&n), "per-IP count");
         }
+        assert!(
+            self.young.len() <= self.young_cap(),
+            "eviction queue over its cap"
+        );
         assert!(
             self.rate.len() <= MAX_RATE_ENTRIES,
             "rate table over its cap"

@@ -6,19 +6,25 @@
 //! connection ([`PeerAddr::tcp`]). TCP lives on a thread of its own with a small tokio runtime,
 //! so the UDP loop never waits on a TCP socket: the two share the table behind a mutex that the
 //! UDP loop takes once per batch, and datagrams for a TCP member go into that connection's
-//! bounded write queue, dropped (and counted) when it is full.
+//! write queue, bounded in frames and in bytes, with one byte budget for all queues together;
+//! a frame that does not fit is dropped (and counted).
+//!
+//! Fairness: a connection that is not a session member (not yet, or no longer) is closed after
+//! the handshake timeout whatever it sends, and at the connection cap the longest-idle
+//! non-member makes room for a newcomer.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, Socket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::defaults;
@@ -39,6 +45,10 @@ pub struct TcpConfig {
     pub idle_timeout: Duration,
     /// Frames queued for one connection before further ones are dropped.
     pub write_queue: usize,
+    /// Bytes queued for one connection before further frames are dropped.
+    pub write_queue_bytes: usize,
+    /// Bytes queued for all connections together before further frames are dropped.
+    pub queue_budget_bytes: usize,
 }
 
 impl Default for TcpConfig {
@@ -49,6 +59,8 @@ impl Default for TcpConfig {
             handshake_timeout: defaults::TCP_HANDSHAKE_TIMEOUT,
             idle_timeout: defaults::TCP_IDLE_TIMEOUT,
             write_queue: defaults::TCP_WRITE_QUEUE,
+            write_queue_bytes: defaults::TCP_WRITE_QUEUE_BYTES,
+            queue_budget_bytes: defaults::TCP_QUEUE_BUDGET_BYTES,
         }
     }
 }
@@ -60,9 +72,23 @@ pub struct Core {
     /// The session table.
     pub relay: Relay,
     /// Write queue of each open connection, with the connection's serial number: a closing
-    /// connection removes only its own entry, not a newer one from the same IP and port.
-    tcp: HashMap<PeerAddr, (u64, mpsc::Sender<Vec<u8>>)>,
+    /// connection removes only its own entry, not a newer one from the same address.
+    tcp: HashMap<PeerAddr, (u64, Queue)>,
     next_serial: u64,
+    /// Bytes one connection's queue may hold.
+    queue_bytes: usize,
+    /// Bytes all queues together may hold (counted in [`TcpCounters::queued_bytes`]).
+    budget_bytes: usize,
+    /// When the exhausted budget was last logged, in milliseconds since `epoch`.
+    budget_logged: AtomicU64,
+    epoch: Instant,
+}
+
+/// The sending side of one connection's write queue and the bytes in it.
+#[derive(Debug, Clone)]
+struct Queue {
+    tx: mpsc::Sender<Vec<u8>>,
+    bytes: Arc<AtomicUsize>,
 }
 
 impl Core {
@@ -72,19 +98,63 @@ impl Core {
             relay,
             tcp: HashMap::new(),
             next_serial: 0,
+            queue_bytes: defaults::TCP_WRITE_QUEUE_BYTES,
+            budget_bytes: defaults::TCP_QUEUE_BUDGET_BYTES,
+            budget_logged: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 
     /// Queues `datagram` (framed) for TCP member `dst`; drops and counts it when that
-    /// connection's queue is full. Never blocks.
+    /// connection's queue or the budget of all queues is full. Never blocks.
     pub fn send_tcp(&self, dst: PeerAddr, datagram: &[u8], counters: &TcpCounters) {
-        let Some((_, tx)) = self.tcp.get(&dst) else {
+        let Some((_, q)) = self.tcp.get(&dst) else {
             return; // closed a moment ago; its member is leaving
         };
-        let mut frame = Vec::with_capacity(FRAME_HEADER + datagram.len());
-        encode_frame(datagram, &mut frame);
-        if tx.try_send(frame).is_err() {
+        let size = FRAME_HEADER + datagram.len();
+        if q.bytes.load(Ordering::Relaxed) + size > self.queue_bytes {
             counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Only this thread adds (under the core's lock); writers only subtract, so the check
+        // cannot be overtaken.
+        if counters.queued_bytes.load(Ordering::Relaxed) as usize + size > self.budget_bytes {
+            counters.dropped_budget.fetch_add(1, Ordering::Relaxed);
+            self.log_budget_full(counters);
+            return;
+        }
+        let mut frame = Vec::with_capacity(size);
+        encode_frame(datagram, &mut frame);
+        q.bytes.fetch_add(size, Ordering::Relaxed);
+        counters
+            .queued_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        if q.tx.try_send(frame).is_err() {
+            q.bytes.fetch_sub(size, Ordering::Relaxed);
+            counters
+                .queued_bytes
+                .fetch_sub(size as u64, Ordering::Relaxed);
+            counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Logs the exhausted budget once per [`defaults::TCP_BUDGET_LOG_INTERVAL`] at most.
+    fn log_budget_full(&self, counters: &TcpCounters) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.budget_logged.load(Ordering::Relaxed);
+        let interval = defaults::TCP_BUDGET_LOG_INTERVAL.as_millis() as u64;
+        if (last == 0 || now >= last + interval)
+            && self
+                .budget_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            warn!(
+                budget_bytes = self.budget_bytes,
+                dropped_total = counters.dropped_budget.load(Ordering::Relaxed),
+                "TCP write queues hold --tcp-queue-budget-bytes: dropping frames to TCP members \
+                 (members that do not read, or too many slow ones)"
+            );
         }
     }
 }
@@ -103,6 +173,75 @@ struct Ctx {
     cfg: TcpConfig,
     metrics: Arc<Metrics>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// The relay's local addresses connections arrived on, numbered for [`PeerAddr::tcp_via`].
+    locals: Mutex<Vec<IpAddr>>,
+    /// Open connections by accept serial, for choosing one to close at the cap.
+    conns: Mutex<HashMap<u64, (Arc<ConnState>, AbortHandle)>>,
+    epoch: Instant,
+}
+
+/// What the accept loop needs to know of a connection to pick one to close at the cap.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// When it last sent anything, in milliseconds since the listener started.
+    last_rx: AtomicU64,
+    /// Whether it is a session member now.
+    member: AtomicBool,
+}
+
+/// Most distinct local addresses the listener tells apart (a host has a handful; a u8 index).
+const MAX_LOCAL_ADDRS: usize = 255;
+
+impl Ctx {
+    fn millis(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The index of local address `ip` (registered on first sight), or `None` past
+    /// [`MAX_LOCAL_ADDRS`].
+    fn local_index(&self, ip: IpAddr) -> Option<u8> {
+        let ip = ip.to_canonical();
+        let mut l = self.locals.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = l.iter().position(|a| *a == ip) {
+            return Some(i as u8);
+        }
+        if l.len() >= MAX_LOCAL_ADDRS {
+            return None;
+        }
+        l.push(ip);
+        Some((l.len() - 1) as u8)
+    }
+
+    /// Closes the longest-idle connection that is not a session member, to make room.
+    /// Returns whether there was one.
+    fn evict_idle_non_member(&self) -> bool {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let victim = conns
+            .iter()
+            .filter(|(_, (st, _))| !st.member.load(Ordering::Relaxed))
+            .min_by_key(|(_, (st, _))| st.last_rx.load(Ordering::Relaxed))
+            .map(|(&k, _)| k);
+        match victim.and_then(|k| conns.remove(&k)) {
+            Some((_, abort)) => {
+                abort.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from [`Ctx::conns`] when its task ends, however it ends.
+struct Listed {
+    ctx: Arc<Ctx>,
+    serial: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        let mut conns = self.ctx.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.remove(&self.serial);
+    }
 }
 
 /// Runs the TCP listener on this thread until one of the `stop` flags is set (noticed within
@@ -126,6 +265,11 @@ pub(crate) fn run(
             return;
         }
     };
+    {
+        let mut c = lock(&core);
+        c.queue_bytes = cfg.write_queue_bytes;
+        c.budget_bytes = cfg.queue_budget_bytes;
+    }
     runtime.block_on(async move {
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
@@ -141,22 +285,27 @@ pub(crate) fn run(
             cfg,
             metrics,
             per_ip: Mutex::new(HashMap::new()),
+            locals: Mutex::new(Vec::new()),
+            conns: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         });
         accept_loop(listener, ctx, stop).await;
     });
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: [&AtomicBool; 2]) {
-    let permits = Arc::new(Semaphore::new(ctx.cfg.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(defaults::IDLE_WAKE);
     let counters = &ctx.metrics.tcp;
+    let mut next_serial: u64 = 0;
+    let mut trim = Trim::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if stop.iter().any(|f| f.load(Ordering::Relaxed)) {
                     break;
                 }
+                trim.maybe(counters);
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => {
@@ -169,19 +318,53 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: [&AtomicBool; 2
                         continue;
                     }
                 };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    counters.refused_total_limit.fetch_add(1, Ordering::Relaxed);
-                    debug!(%peer, "TCP connection refused: --tcp-max-connections reached");
-                    continue; // dropping the stream closes it
-                };
+                let open = ctx.conns.lock().unwrap_or_else(|p| p.into_inner()).len();
+                if open >= ctx.cfg.max_connections {
+                    // Room for a newcomer comes from a connection that is no member (idle
+                    // handshakes, leftovers after BYE), never from a member.
+                    if !ctx.evict_idle_non_member() {
+                        counters.refused_total_limit.fetch_add(1, Ordering::Relaxed);
+                        debug!(%peer, "TCP connection refused: --tcp-max-connections reached");
+                        continue; // dropping the stream closes it
+                    }
+                    counters.closed_evicted.fetch_add(1, Ordering::Relaxed);
+                    debug!(%peer, "closed the longest-idle non-member TCP connection to make room");
+                }
                 let Some(ip_slot) = IpSlot::take(&ctx, peer.ip()) else {
                     counters.refused_ip_limit.fetch_add(1, Ordering::Relaxed);
                     debug!(%peer, "TCP connection refused: --tcp-max-per-ip reached");
                     continue;
                 };
+                let local = match stream.local_addr().ok().and_then(|l| ctx.local_index(l.ip())) {
+                    Some(i) => i,
+                    None => {
+                        counters.refused_total_limit.fetch_add(1, Ordering::Relaxed);
+                        warn!(%peer, "TCP connection refused: too many distinct local addresses");
+                        continue;
+                    }
+                };
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
                 counters.open.fetch_add(1, Ordering::Relaxed);
-                tasks.spawn(connection(stream, peer, ctx.clone(), permit, ip_slot));
+                let serial = next_serial;
+                next_serial += 1;
+                let state = Arc::new(ConnState {
+                    last_rx: AtomicU64::new(ctx.millis()),
+                    member: AtomicBool::new(false),
+                });
+                let listed = Listed { ctx: ctx.clone(), serial };
+                let abort = tasks.spawn(connection(
+                    stream,
+                    PeerAddr::tcp_via(local, peer),
+                    peer,
+                    ctx.clone(),
+                    state.clone(),
+                    (listed, ip_slot),
+                ));
+                // The task has not run yet (one thread): it is listed before it can unlist.
+                ctx.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(serial, (state, abort));
             }
         }
     }
@@ -195,7 +378,40 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: [&AtomicBool; 2
     }
 }
 
-/// One connection counted against its IP; released on drop.
+/// Returns freed queue memory to the operating system. Frames are up to 64 KiB, below the
+/// allocator's mmap threshold, so after a flood to non-reading members the heap would keep its
+/// peak size; trimming once the queues have emptied gives it back.
+#[derive(Default)]
+struct Trim {
+    /// The most bytes queued since the last trim.
+    peak: u64,
+    last: Option<Instant>,
+}
+
+impl Trim {
+    /// Worth it only after megabytes were queued; at most once a second (it walks the heap).
+    const MIN_PEAK: u64 = 4 << 20;
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn maybe(&mut self, counters: &TcpCounters) {
+        let queued = counters.queued_bytes.load(Ordering::Relaxed);
+        self.peak = self.peak.max(queued);
+        if self.peak >= Self::MIN_PEAK
+            && queued < self.peak / 4
+            && self.last.is_none_or(|t| t.elapsed() >= Self::INTERVAL)
+        {
+            self.last = Some(Instant::now());
+            self.peak = queued;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim has no preconditions; it only releases free heap pages.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
+/// One connection counted against its IP (per /64 for IPv6); released on drop.
 struct IpSlot {
     ctx: Arc<Ctx>,
     ip: IpAddr,
@@ -203,7 +419,12 @@ struct IpSlot {
 
 impl IpSlot {
     fn take(ctx: &Arc<Ctx>, ip: IpAddr) -> Option<IpSlot> {
-        let ip = ip.to_canonical();
+        // The session table's key: IPv4 as itself, IPv6 by its /64.
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let ip = IpAddr::V6(crate::sessions::ip_limit_key(v6.octets()).into()).to_canonical();
         let mut m = ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= ctx.cfg.max_per_ip {
@@ -247,11 +468,11 @@ struct Registration {
 }
 
 impl Registration {
-    fn new(ctx: &Arc<Ctx>, key: PeerAddr, tx: mpsc::Sender<Vec<u8>>) -> Self {
+    fn new(ctx: &Arc<Ctx>, key: PeerAddr, queue: Queue) -> Self {
         let mut core = lock(&ctx.core);
         let serial = core.next_serial;
         core.next_serial += 1;
-        if let Some((_, old)) = core.tcp.insert(key, (serial, tx)) {
+        if let Some((_, old)) = core.tcp.insert(key, (serial, queue)) {
             // The previous connection from this address is closing as we speak: the
             // member (if any) is now this connection's, and registers anew.
             drop(old);
@@ -280,25 +501,56 @@ impl Drop for Registration {
     }
 }
 
+/// Gives the bytes still queued for a closed connection back to the budget. Dropped after the
+/// connection's [`Registration`], so nothing is queued for it any more.
+struct Unqueue {
+    ctx: Arc<Ctx>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Drop for Unqueue {
+    fn drop(&mut self) {
+        let left = self.bytes.swap(0, Ordering::Relaxed);
+        self.ctx
+            .metrics
+            .tcp
+            .queued_bytes
+            .fetch_sub(left as u64, Ordering::Relaxed);
+    }
+}
+
 async fn connection(
     stream: TcpStream,
+    key: PeerAddr,
     peer: SocketAddr,
     ctx: Arc<Ctx>,
-    _permit: OwnedSemaphorePermit,
-    _ip_slot: IpSlot,
+    state: Arc<ConnState>,
+    _slots: (Listed, IpSlot),
 ) {
     // Every frame is written whole in one call; Nagle would hold small frames (ACKs, QUIC acks)
     // back for a delayed ACK from the other side, ~40-200 ms per round trip.
     let _ = stream.set_nodelay(true);
-    let key = PeerAddr::tcp(peer);
     let (tx, rx) = mpsc::channel(ctx.cfg.write_queue.max(1));
-    let _registration = Registration::new(&ctx, key, tx);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    // Declared before the registration, so dropped after it (locals drop in reverse order).
+    let _unqueue = Unqueue {
+        ctx: ctx.clone(),
+        bytes: bytes.clone(),
+    };
+    let _registration = Registration::new(
+        &ctx,
+        key,
+        Queue {
+            tx,
+            bytes: bytes.clone(),
+        },
+    );
     debug!(%peer, "TCP connection");
     let (rd, wr) = stream.into_split();
     // Reads and writes are independent: a slow reader on the far side fills this queue, and
     // the UDP loop drops rather than waits.
-    let writer = writer(wr, rx, &ctx.metrics.tcp);
-    let reader = reader(rd, key, &ctx);
+    let writer = writer(wr, rx, &bytes, &ctx.metrics.tcp);
+    let reader = reader(rd, key, &ctx, &state);
     let close = tokio::select! {
         c = reader => c,
         () = writer => Close::Peer,
@@ -318,16 +570,25 @@ async fn connection(
 async fn writer(
     mut wr: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    queued: &AtomicUsize,
     counters: &TcpCounters,
 ) {
     let mut buf = Vec::with_capacity(64 << 10);
+    let taken = |f: &Vec<u8>| {
+        queued.fetch_sub(f.len(), Ordering::Relaxed);
+        counters
+            .queued_bytes
+            .fetch_sub(f.len() as u64, Ordering::Relaxed);
+    };
     while let Some(first) = rx.recv().await {
+        taken(&first);
         buf.clear();
         buf.extend_from_slice(&first);
         let mut n = 1;
         while buf.len() < 64 << 10 {
             match rx.try_recv() {
                 Ok(f) => {
+                    taken(&f);
                     buf.extend_from_slice(&f);
                     n += 1;
                 }
@@ -342,24 +603,36 @@ async fn writer(
 }
 
 /// Reads frames and feeds each to the session table as a datagram from `key`.
-async fn reader(mut rd: tokio::net::tcp::OwnedReadHalf, key: PeerAddr, ctx: &Ctx) -> Close {
-    let started = Instant::now();
+///
+/// A connection that is not a session member, from its start or since it stopped being one
+/// (`BYE`, its session expired), is closed once that has lasted the handshake timeout,
+/// whatever it sends meanwhile: only membership earns the idle timeout.
+async fn reader(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    key: PeerAddr,
+    ctx: &Ctx,
+    state: &ConnState,
+) -> Close {
     let mut decoder = FrameDecoder::new();
     let mut chunk = vec![0u8; 16 << 10];
+    let mut non_member_since = Some(Instant::now());
+    // As of the last complete frame.
     let mut member = false;
     let mut sends: Vec<(PeerAddr, Vec<u8>)> = Vec::new();
     loop {
-        let deadline = if member {
-            ctx.cfg.idle_timeout
-        } else {
-            ctx.cfg.handshake_timeout.saturating_sub(started.elapsed())
+        let deadline = match non_member_since {
+            None => ctx.cfg.idle_timeout,
+            Some(t) => ctx.cfg.handshake_timeout.saturating_sub(t.elapsed()),
         };
         let n = match tokio::time::timeout(deadline, rd.read(&mut chunk)).await {
-            Err(_) if member => return Close::Idle,
+            Err(_) if non_member_since.is_some() => return Close::HandshakeTimeout,
+            Err(_) if lock(&ctx.core).relay.is_member(key) => return Close::Idle,
+            // It stopped being a member while silent: as for any non-member.
             Err(_) => return Close::HandshakeTimeout,
             Ok(Ok(0)) | Ok(Err(_)) => return Close::Peer,
             Ok(Ok(n)) => n,
         };
+        state.last_rx.store(ctx.millis(), Ordering::Relaxed);
         decoder.extend(&chunk[..n]);
         loop {
             let datagram = match decoder.next_frame() {
@@ -387,15 +660,21 @@ async fn reader(mut rd: tokio::net::tcp::OwnedReadHalf, key: PeerAddr, ctx: &Ctx
                     sends.push((t.dst, t.payload.as_bytes().to_vec()));
                 }
             }
-            member = member || core.relay.is_member(key);
+            member = core.relay.is_member(key);
             drop(core);
             for (dst, bytes) in sends.drain(..) {
                 send_udp(ctx, dst, &bytes);
             }
         }
-        if !member && started.elapsed() >= ctx.cfg.handshake_timeout {
-            return Close::HandshakeTimeout;
+        if member {
+            non_member_since = None;
+        } else {
+            let since = *non_member_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= ctx.cfg.handshake_timeout {
+                return Close::HandshakeTimeout;
+            }
         }
+        state.member.store(member, Ordering::Relaxed);
     }
 }
 

@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use quic_relay::proto::{Extended, PeerId, Registration, Token, Uuid};
+use quic_relay::proto::{Extended, PeerId, Registration, Reply, Token, Uuid};
 use quic_relay::server::{Server, ServerHandle};
 use quic_relay::sessions::{Limits, RegResult, RelayConfig, Stats};
 
@@ -57,15 +57,32 @@ fn reg_ext(
     peer: u64,
     token: Option<Token>,
 ) -> Vec<u8> {
-    let r = Registration {
+    let mut r = Registration {
         session,
         extended: Some(Extended {
+            cookie: None,
             peer: Some(PeerId(peer)),
             token,
         }),
     };
     s.send_to(&r.encode(), relay).expect("send REG");
-    recv(s).0
+    let reply = recv(s).0;
+    // As the SDK does: echo the cookie at once to be forwarded to (PROTOCOL.md §12).
+    let Some(Reply::Ack {
+        cookie: Some(c), ..
+    }) = Reply::parse(&reply)
+    else {
+        return reply;
+    };
+    r.extended.as_mut().expect("extended").cookie = Some(c);
+    s.send_to(&r.encode(), relay).expect("send echo");
+    let reply = recv(s).0;
+    assert!(
+        matches!(Reply::parse(&reply), Some(Reply::Ack { cookie: None, .. })),
+        "the echo verifies: {}",
+        String::from_utf8_lossy(&reply)
+    );
+    reply
 }
 
 /// Sends `payload` from `from` and checks it arrives byte-exact at `to`, from the relay.
@@ -329,11 +346,21 @@ fn limits_are_enforced_on_the_wire() {
     let a = peer("127.0.0.2");
     assert_eq!(reg(&a, relay, id(9)), b"ACK\n");
     assert_eq!(reg(&peer("127.0.0.2"), relay, id(10)), b"ERR ip-limit\n");
-    assert_eq!(reg(&peer("127.0.0.3"), relay, id(10)), b"ACK\n");
-    assert_eq!(reg(&peer("127.0.0.4"), relay, id(11)), b"ERR capacity\n");
+    let c = peer("127.0.0.3");
+    assert_eq!(reg(&c, relay, id(10)), b"ACK\n");
     // 127.0.0.2 has used its burst of 3 (two above and this one); the fourth is refused.
     assert_eq!(reg(&a, relay, id(9)), b"ACK\n");
     assert_eq!(reg(&a, relay, id(9)), b"ERR rate\n");
+    // Full: a session that never heard a second registration makes room; once every session
+    // has, the table refuses.
+    let d = peer("127.0.0.4");
+    assert_eq!(reg(&d, relay, id(11)), b"ACK\n");
+    assert_eq!(reg(&d, relay, id(11)), b"ACK\n");
+    assert_eq!(
+        reg(&c, relay, id(10)),
+        b"ERR capacity\n",
+        "127.0.0.3's one-shot session was evicted (else this would refresh it)"
+    );
 }
 
 #[test]

@@ -88,6 +88,8 @@ enum Op {
         original: Option<OriginalStyle>,
         peer: Option<u64>,
         token: TokenKind,
+        /// Echo the cookie the relay last sent to this address (extended form only).
+        echo: bool,
     },
     /// An extended registration without padding: refused as short.
     ShortReg { src: Src, session: usize },
@@ -136,13 +138,15 @@ fn arb_op() -> impl Strategy<Value = Op> {
         prop::option::weighted(0.4, style),
         prop::option::of(1..=3u64),
         token,
+        any::<bool>(),
     )
-        .prop_map(|(src, session, original, peer, token)| Op::Reg {
+        .prop_map(|(src, session, original, peer, token, echo)| Op::Reg {
             src,
             session,
             original,
             peer,
             token,
+            echo,
         });
     let advance = prop_oneof![
         Just(0u64),
@@ -203,6 +207,8 @@ enum Kind {
         session: usize,
         /// `None`: original form; otherwise the peer id and the token.
         ext: Option<(Option<u64>, Option<Token>)>,
+        /// Carries the cookie the relay last sent to the source (whatever session it was for).
+        echo: bool,
     },
     Short,
     Malformed,
@@ -230,8 +236,9 @@ fn token_for(kind: TokenKind, session: usize) -> Option<Token> {
     }
 }
 
-/// The bytes of a datagram, and what it is.
-fn datagram(op: &Op) -> (Vec<u8>, Kind) {
+/// The bytes of a datagram, and what it is. `cookie`: the last cookie the relay sent to the
+/// datagram's source, echoed by an extended registration that asks for it.
+fn datagram(op: &Op, cookie: Option<proto::Cookie>) -> (Vec<u8>, Kind) {
     match *op {
         Op::Reg {
             session,
@@ -247,19 +254,29 @@ fn datagram(op: &Op) -> (Vec<u8>, Kind) {
                 }
                 OriginalStyle::Simple => format!("REG:{}", id.simple()),
             };
-            (text.into_bytes(), Kind::Reg { session, ext: None })
+            (
+                text.into_bytes(),
+                Kind::Reg {
+                    session,
+                    ext: None,
+                    echo: false,
+                },
+            )
         }
         Op::Reg {
             session,
             original: None,
             peer,
             token,
+            echo,
             ..
         } => {
             let token = token_for(token, session);
+            let cookie = cookie.filter(|_| echo);
             let reg = Registration {
                 session: SESSIONS[session],
                 extended: Some(Extended {
+                    cookie,
                     peer: peer.map(PeerId),
                     token,
                 }),
@@ -269,6 +286,7 @@ fn datagram(op: &Op) -> (Vec<u8>, Kind) {
                 Kind::Reg {
                     session,
                     ext: Some((peer, token)),
+                    echo: cookie.is_some(),
                 },
             )
         }
@@ -310,12 +328,18 @@ struct MSlot {
     extended: bool,
     peer: Option<u64>,
     last_heard: u64,
+    /// Echoed a cookie valid for this address and session.
+    verified: bool,
+    /// Its session heard a second registration: never evicted.
+    confirmed: bool,
 }
 
 #[derive(Debug, Clone)]
 struct MSession {
     slots: [Option<MSlot>; 2],
     last_active: u64,
+    /// Creation order, for eviction.
+    born: u64,
 }
 
 impl MSession {
@@ -335,7 +359,13 @@ struct Model {
     next_tick_ms: u64,
     stats: Stats,
     transmits: Vec<(PeerAddr, Vec<u8>)>,
+    /// The last cookie sent to each address: for which session, in which cookie period.
+    issued: HashMap<PeerAddr, (usize, u64)>,
+    born: u64,
 }
+
+/// Cookie period of the relay (defaults::COOKIE_PERIOD), in milliseconds.
+const COOKIE_PERIOD_MS: u64 = 60_000;
 
 fn count(stats: &mut Stats, r: RegResult) {
     let i = RegResult::ALL.iter().position(|x| *x == r).expect("listed");
@@ -352,7 +382,13 @@ impl Model {
             next_tick_ms: 100,
             stats: Stats::default(),
             transmits: Vec::new(),
+            issued: HashMap::new(),
+            born: 0,
         }
+    }
+
+    fn cookie_epoch(&self) -> u64 {
+        self.now_ms / COOKIE_PERIOD_MS
     }
 
     fn secs(&self) -> u64 {
@@ -380,10 +416,39 @@ impl Model {
     }
 
     fn queue(&mut self, dst: PeerAddr, reply: Reply, request_len: usize) {
+        let mut reply = reply;
+        if let Reply::Ack {
+            observed,
+            peer,
+            cookie: Some(_),
+        } = reply
+        {
+            if reply.encode().as_bytes().len() > request_len {
+                // No room for the cookie: the addresses alone.
+                reply = Reply::Ack {
+                    observed,
+                    peer,
+                    cookie: None,
+                };
+            }
+        }
         let bytes = reply.encode().as_bytes().to_vec();
         if bytes.len() > request_len {
             self.stats.replies_suppressed += 1;
         } else {
+            if matches!(
+                reply,
+                Reply::Ack {
+                    cookie: Some(_),
+                    ..
+                }
+            ) {
+                let sid = self
+                    .member(dst)
+                    .map(|(sid, _)| sid)
+                    .expect("acked a member");
+                self.issued.insert(dst, (sid, self.cookie_epoch()));
+            }
             self.transmits.push((dst, bytes));
         }
     }
@@ -399,11 +464,14 @@ impl Model {
         let me = s.slots[k].expect("acked member exists");
         if !me.extended {
             return Reply::Ack {
+                cookie: None,
                 observed: None,
                 peer: None,
             };
         }
         Reply::Ack {
+            // The model cannot know the relay's key: compared as zero (see `normalized`).
+            cookie: (!me.verified).then_some(proto::Cookie(0)),
             observed: Some(me.addr.to_socket_addr()),
             peer: s.slots[1 - k].map(|o| o.addr.to_socket_addr()),
         }
@@ -439,6 +507,10 @@ impl Model {
             self.stats.dropped_unpaired += 1;
             return Outcome::Dropped(DropReason::Unpaired);
         };
+        if other.extended && !other.verified {
+            self.stats.dropped_unverified += 1;
+            return Outcome::Dropped(DropReason::Unverified);
+        }
         s.last_active = t;
         if let Some(me) = s.slots[k].as_mut() {
             me.last_heard = t;
@@ -485,7 +557,7 @@ impl Model {
                 };
                 self.refuse(src, reason, len)
             }
-            Kind::Reg { session, ext } => self.register(src, session, ext, len),
+            Kind::Reg { session, ext, echo } => self.register(src, session, ext, echo, len),
             Kind::Bye { session, peer } => {
                 // Only the member itself, naming its session and its peer id if it has one.
                 match self.member(src) {
@@ -509,6 +581,7 @@ impl Model {
         src: PeerAddr,
         id: usize,
         ext: Option<(Option<u64>, Option<Token>)>,
+        echo: bool,
         len: usize,
     ) -> Outcome {
         let ip = src.ip_octets();
@@ -534,32 +607,65 @@ impl Model {
         }
         let t = self.secs();
         let peer = ext.and_then(|(p, _)| p);
+        let mut verified = false;
+        if echo {
+            let e = self.cookie_epoch();
+            verified = self
+                .issued
+                .get(&src)
+                .is_some_and(|&(sid, at)| sid == id && (at == e || at + 1 == e));
+            if !verified {
+                self.stats.cookies_rejected += 1;
+            }
+        }
         let new = MSlot {
             addr: src,
             extended: ext.is_some(),
             peer,
             last_heard: t,
+            verified,
+            confirmed: true,
         };
-        let current = self.member(src);
+        let mut current = self.member(src);
         let held = u32::from(current.is_some());
         let limits = self.setup.limits.clone();
 
         let Some(s) = self.sessions.get(&id).cloned() else {
             // A new session.
-            if self.sessions.len() >= limits.max_sessions as usize {
-                return self.refuse(src, ErrReason::Capacity, len);
-            }
             if self.ip_count(ip) - held >= limits.max_sessions_per_ip {
                 return self.refuse(src, ErrReason::IpLimit, len);
+            }
+            if self.sessions.len() >= limits.max_sessions as usize {
+                // Make room: the oldest session that never heard a second registration.
+                let victim = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| !s.paired() && s.slots.iter().flatten().all(|m| !m.confirmed))
+                    .min_by_key(|(_, s)| s.born)
+                    .map(|(&v, _)| v);
+                let Some(v) = victim else {
+                    return self.refuse(src, ErrReason::Capacity, len);
+                };
+                self.sessions.remove(&v);
+                self.stats.evicted_unconfirmed += 1;
+                current = self.member(src);
             }
             if let Some(c) = current {
                 self.remove(c);
             }
+            self.born += 1;
             self.sessions.insert(
                 id,
                 MSession {
-                    slots: [Some(new), None],
+                    slots: [
+                        Some(MSlot {
+                            confirmed: false,
+                            ..new
+                        }),
+                        None,
+                    ],
                     last_active: t,
+                    born: self.born,
                 },
             );
             count(&mut self.stats, RegResult::New);
@@ -573,7 +679,11 @@ impl Model {
                 return self.refuse(src, ErrReason::Full, len);
             }
             let s = self.sessions.get_mut(&id).expect("exists");
-            s.slots[k] = Some(new);
+            let kept = s.slots[k].is_some_and(|m| m.verified);
+            s.slots[k] = Some(MSlot {
+                verified: new.verified || kept,
+                ..new
+            });
             s.last_active = t;
             count(&mut self.stats, RegResult::Refresh);
             self.ack_and_notify(src, id, k, len, false);
@@ -631,6 +741,9 @@ impl Model {
         }
         let s = self.sessions.get_mut(&id).expect("exists");
         s.slots[k] = Some(new);
+        if let Some(o) = s.slots[1 - k].as_mut() {
+            o.confirmed = true;
+        }
         s.last_active = t;
         count(&mut self.stats, RegResult::Join);
         self.ack_and_notify(src, id, k, len, true);
@@ -690,6 +803,7 @@ fn run(setup: Setup, ops: &[Op]) -> Result<Vec<Step>, TestCaseError> {
             .iter()
             .map(|s| s.to_vec())
             .collect(),
+        ..RelayConfig::default()
     };
     let mut relay = Relay::new(cfg, epoch);
     relay.set_wall_clock(WALL0);
@@ -697,6 +811,8 @@ fn run(setup: Setup, ops: &[Op]) -> Result<Vec<Step>, TestCaseError> {
     // Addresses that got a registration accepted at some point.
     let mut ever_registered: HashSet<PeerAddr> = HashSet::new();
     let mut trace = Vec::new();
+    // The last cookie the relay sent to each address, for registrations that echo one.
+    let mut cookies: HashMap<PeerAddr, proto::Cookie> = HashMap::new();
 
     for (step, op) in ops.iter().enumerate() {
         let now = epoch + Duration::from_millis(model.now_ms);
@@ -716,7 +832,7 @@ fn run(setup: Setup, ops: &[Op]) -> Result<Vec<Step>, TestCaseError> {
             | Op::BadBye { src }
             | Op::Data { src, .. } => {
                 let src = src.addr();
-                let (dgram, kind) = datagram(op);
+                let (dgram, kind) = datagram(op, cookies.get(&src).copied());
                 let accepted_before = accepted(relay.stats());
                 let outcome = relay.handle(now, src, &dgram);
                 let mut sent = Vec::new();
@@ -750,10 +866,14 @@ fn run(setup: Setup, ops: &[Op]) -> Result<Vec<Step>, TestCaseError> {
                     Outcome::Registration => {
                         prop_assert!(proto::is_registration(&dgram) || proto::is_bye(&dgram));
                     }
-                    Outcome::Dropped(_) => {
+                    Outcome::Dropped(reason) => {
                         prop_assert!(sent.is_empty(), "a drop never replies");
-                        prop_assert!(!proto::is_registration(&dgram));
-                        prop_assert!(!proto::is_bye(&dgram));
+                        // Payload that only looks like a request, from a paired member, may be
+                        // held back for an unverified destination.
+                        if reason != DropReason::Unverified {
+                            prop_assert!(!proto::is_registration(&dgram));
+                            prop_assert!(!proto::is_bye(&dgram));
+                        }
                     }
                 }
                 if proto::parse_registration(&dgram).is_ok() || Bye::parse(&dgram).is_ok() {
@@ -771,8 +891,22 @@ fn run(setup: Setup, ops: &[Op]) -> Result<Vec<Step>, TestCaseError> {
                 // Agreement with the model.
                 let expected = model.handle(src, &dgram, &kind);
                 prop_assert_eq!(outcome, expected, "outcome at step {}: {:?}", step, op);
+                for (dst, bytes) in &sent {
+                    if let Some(Reply::Ack {
+                        cookie: Some(c), ..
+                    }) = Reply::parse(bytes)
+                    {
+                        cookies.insert(*dst, c);
+                    }
+                }
                 let want = std::mem::take(&mut model.transmits);
-                prop_assert_eq!(&sent, &want, "replies at step {}: {:?}", step, op);
+                prop_assert_eq!(
+                    &normalized(&sent),
+                    &want,
+                    "replies at step {}: {:?}",
+                    step,
+                    op
+                );
                 trace.push((outcome, sent));
             }
         }
@@ -791,6 +925,30 @@ fn run(setup: Setup, ops: &[Op]) -> Result<Vec<Step>, TestCaseError> {
         );
     }
     Ok(trace)
+}
+
+/// The replies with every cookie replaced by zero, as the model writes them.
+fn normalized(sent: &[(PeerAddr, Vec<u8>)]) -> Vec<(PeerAddr, Vec<u8>)> {
+    sent.iter()
+        .map(|(d, b)| match Reply::parse(b) {
+            Some(Reply::Ack {
+                observed,
+                peer,
+                cookie: Some(_),
+            }) => (
+                *d,
+                Reply::Ack {
+                    observed,
+                    peer,
+                    cookie: Some(proto::Cookie(0)),
+                }
+                .encode()
+                .as_bytes()
+                .to_vec(),
+            ),
+            _ => (*d, b.clone()),
+        })
+        .collect()
 }
 
 /// Registrations accepted so far.
@@ -847,6 +1005,19 @@ fn reg(src: Src, original: bool, peer: Option<u64>) -> Op {
         original: original.then_some(OriginalStyle::Newline),
         peer,
         token: TokenKind::None,
+        echo: false,
+    }
+}
+
+/// An extended registration echoing the last cookie the relay sent to `src`.
+fn echo(src: Src, peer: Option<u64>) -> Op {
+    Op::Reg {
+        src,
+        session: 0,
+        original: None,
+        peer,
+        token: TokenKind::None,
+        echo: true,
     }
 }
 
@@ -857,8 +1028,12 @@ fn walkthrough_pairs_forwards_and_expires() {
     let (a, b) = (src(0, 0), src(2, 1));
     let ops = [
         reg(a, false, Some(1)),
+        echo(a, Some(1)),
         Op::Data { src: a, len: 10 },
         reg(b, false, Some(2)),
+        // Not forwarded before b proves its address.
+        Op::Data { src: a, len: 10 },
+        echo(b, Some(2)),
         Op::Data { src: a, len: 10 },
         Op::Data {
             src: Src { mapped: true, ..a },
@@ -875,7 +1050,10 @@ fn walkthrough_pairs_forwards_and_expires() {
         outcomes,
         [
             Outcome::Registration,
+            Outcome::Registration,
             Outcome::Dropped(DropReason::Unpaired),
+            Outcome::Registration,
+            Outcome::Dropped(DropReason::Unverified),
             Outcome::Registration,
             Outcome::Forward(pb),
             Outcome::Forward(pb),
@@ -884,15 +1062,26 @@ fn walkthrough_pairs_forwards_and_expires() {
         ]
     );
     let (sa, sb) = (pa.to_socket_addr(), pb.to_socket_addr());
-    assert_eq!(trace[0].1, [(pa, format!("ACK {sa}\n").into_bytes())]);
+    let zero = "c=0000000000000000";
     assert_eq!(
-        trace[2].1,
+        normalized(&trace[0].1),
+        [(pa, format!("ACK {sa} {zero}\n").into_bytes())],
+        "an extended registrant gets a cookie"
+    );
+    assert_eq!(
+        trace[1].1,
+        [(pa, format!("ACK {sa}\n").into_bytes())],
+        "and none once it echoed it"
+    );
+    assert_eq!(
+        normalized(&trace[3].1),
         [
-            (pb, format!("ACK {sb} {sa}\n").into_bytes()),
+            (pb, format!("ACK {sb} {sa} {zero}\n").into_bytes()),
             (pa, format!("ACK {sa} {sb}\n").into_bytes()),
         ],
         "the joiner is acknowledged and the first member hears about it"
     );
+    assert_eq!(trace[5].1, [(pb, format!("ACK {sb} {sa}\n").into_bytes())]);
 }
 
 /// Of two members without peer ids behind one IP, a third address on that IP replaces the one
@@ -904,8 +1093,8 @@ fn walkthrough_rebind_replaces_least_recently_heard() {
         reg(x, true, None),
         // Joins rather than rebinding x: it has a peer id.
         reg(y, false, Some(1)),
-        // Refreshes without its peer id: now neither member has one.
-        reg(y, false, None),
+        // Refreshes without its peer id (echoing its cookie): now neither member has one.
+        echo(y, None),
         Op::Advance { ms: 2_000 },
         Op::Data { src: x, len: 3 },
         reg(z, true, None),
@@ -941,13 +1130,16 @@ fn walkthrough_conflict_stale_replacement_and_bye() {
     };
     let ops = [
         reg(a, false, Some(1)),
+        echo(a, Some(1)),
         reg(b, false, Some(2)),
+        echo(b, Some(2)),
         // b may not take the peer id a goes by.
         reg(b, false, Some(1)),
         Op::Advance { ms: 5_000 },
         Op::Data { src: a, len: 3 },
         // b has been silent for the unpaired timeout (5 s): c takes its slot.
         reg(c, false, Some(3)),
+        echo(c, Some(3)),
         Op::Data { src: b, len: 3 },
         Op::Data { src: a, len: 3 },
         bye(2),
@@ -964,7 +1156,10 @@ fn walkthrough_conflict_stale_replacement_and_bye() {
             Outcome::Registration,
             Outcome::Registration,
             Outcome::Registration,
+            Outcome::Registration,
+            Outcome::Registration,
             Outcome::Forward(b.addr()),
+            Outcome::Registration,
             Outcome::Registration,
             Outcome::Dropped(DropReason::UnknownSource),
             Outcome::Forward(pc),
@@ -974,12 +1169,15 @@ fn walkthrough_conflict_stale_replacement_and_bye() {
             Outcome::Dropped(DropReason::Unpaired),
         ]
     );
-    assert_eq!(trace[2].1, [(b.addr(), b"ERR full\n".to_vec())]);
+    assert_eq!(trace[4].1, [(b.addr(), b"ERR full\n".to_vec())]);
     let (sa, sc) = (pa.to_socket_addr(), pc.to_socket_addr());
     assert_eq!(
-        trace[4].1,
+        normalized(&trace[6].1),
         [
-            (pc, format!("ACK {sc} {sa}\n").into_bytes()),
+            (
+                pc,
+                format!("ACK {sc} {sa} c=0000000000000000\n").into_bytes()
+            ),
             (pa, format!("ACK {sa} {sc}\n").into_bytes()),
         ]
     );

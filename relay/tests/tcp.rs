@@ -38,6 +38,7 @@ fn reg_bytes(session: Uuid, peer: u64) -> Vec<u8> {
     Registration {
         session,
         extended: Some(Extended {
+            cookie: None,
             peer: Some(PeerId(peer)),
             token: None,
         }),
@@ -64,6 +65,30 @@ fn recv_frame(s: &mut TcpStream) -> Vec<u8> {
     let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
     s.read_exact(&mut body).expect("frame body");
     body
+}
+
+/// Registers `s` over UDP in the extended form and echoes the cookie as the SDK does
+/// (PROTOCOL.md §12); returns the last ACK (without a cookie).
+fn udp_reg(s: &UdpSocket, relay: SocketAddr, session: Uuid, peer: u64) -> Vec<u8> {
+    s.send_to(&reg_bytes(session, peer), relay).expect("send");
+    let (ack, _) = recv_udp(s);
+    let Some(Reply::Ack {
+        cookie: Some(c), ..
+    }) = Reply::parse(&ack)
+    else {
+        return ack;
+    };
+    let echo = Registration {
+        session,
+        extended: Some(Extended {
+            peer: Some(PeerId(peer)),
+            token: None,
+            cookie: Some(c),
+        }),
+    }
+    .encode();
+    s.send_to(&echo, relay).expect("send echo");
+    recv_udp(s).0
 }
 
 fn udp() -> UdpSocket {
@@ -111,6 +136,7 @@ fn tcp_member_and_udp_member_exchange_datagrams_both_ways() {
     assert_eq!(
         ack,
         Reply::Ack {
+            cookie: None,
             observed: Some(tcp_local),
             peer: None
         },
@@ -118,11 +144,11 @@ fn tcp_member_and_udp_member_exchange_datagrams_both_ways() {
     );
 
     let u = udp();
-    u.send_to(&reg_bytes(session, 0xb), relay).expect("send");
-    let (ack, _) = recv_udp(&u);
+    let ack = udp_reg(&u, relay, session, 0xb);
     assert_eq!(
         Reply::parse(&ack),
         Some(Reply::Ack {
+            cookie: None,
             observed: Some(u.local_addr().expect("local")),
             peer: Some(tcp_local)
         })
@@ -131,6 +157,7 @@ fn tcp_member_and_udp_member_exchange_datagrams_both_ways() {
     assert_eq!(
         Reply::parse(&recv_frame(&mut t)),
         Some(Reply::Ack {
+            cookie: None,
             observed: Some(tcp_local),
             peer: Some(u.local_addr().expect("local"))
         })
@@ -271,7 +298,10 @@ fn connection_caps_refuse_extra_connections() {
         max_connections: 1,
         ..TcpConfig::default()
     });
-    let _one = tcp(relay);
+    // A member's connection is never closed to make room (a non-member's would be).
+    let mut one = tcp(relay);
+    send_frame(&mut one, &reg_bytes(Uuid::from_u128(0x5556), 1));
+    recv_frame(&mut one);
     let mut two = tcp(relay);
     assert_closed(&mut two);
     assert_eq!(
@@ -315,16 +345,11 @@ fn a_tcp_member_that_stops_reading_costs_drops_not_a_stalled_relay() {
     let mut stuck = tcp(relay);
     send_frame(&mut stuck, &reg_bytes(Uuid::from_u128(0x7777), 1));
     let flood = udp();
-    flood
-        .send_to(&reg_bytes(Uuid::from_u128(0x7777), 2), relay)
-        .expect("send");
-    recv_udp(&flood);
+    udp_reg(&flood, relay, Uuid::from_u128(0x7777), 2);
     // Session 2: two UDP members that must keep working meanwhile.
     let (a, b) = (udp(), udp());
     for (s, p) in [(&a, 3), (&b, 4)] {
-        s.send_to(&reg_bytes(Uuid::from_u128(0x8888), p), relay)
-            .expect("send");
-        recv_udp(s);
+        udp_reg(s, relay, Uuid::from_u128(0x8888), p);
     }
     recv_udp(&a); // peer notice
     let m = h.metrics();

@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use quic_relay::proto::{self, Bye, ParseError, Reply, MAX_REG_LEN, MAX_REPLY_LEN};
+use quic_relay::proto::{
+    self, Bye, ParseError, Reply, MAX_COOKIE_REPLY_LEN, MAX_REG_LEN, MAX_REPLY_LEN,
+};
 
 /// An address as a reply carries it: IPv4-mapped IPv6 as IPv4, no flow info or scope.
 fn canonical(a: SocketAddr) -> SocketAddr {
@@ -50,14 +52,19 @@ fuzz_target!(|data: &[u8]| {
 
     if let Some(reply) = Reply::parse(data) {
         let canon = match reply {
-            Reply::Ack { observed, peer } => Reply::Ack {
+            Reply::Ack {
+                observed,
+                peer,
+                cookie,
+            } => Reply::Ack {
                 observed: observed.map(canonical),
                 peer: peer.map(canonical),
+                cookie,
             },
             err => err,
         };
         let encoded = reply.encode();
-        assert!(encoded.as_bytes().len() <= MAX_REPLY_LEN);
+        assert!(encoded.as_bytes().len() <= MAX_COOKIE_REPLY_LEN);
         assert_eq!(Reply::parse(encoded.as_bytes()), Some(canon));
     }
 });

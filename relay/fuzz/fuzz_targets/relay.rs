@@ -136,6 +136,8 @@ fn session(s: &Session) -> Uuid {
 
 fn registration(id: Uuid, extended: &Option<(Option<u8>, Option<TokenSpec>)>) -> Vec<u8> {
     let extended = extended.as_ref().map(|(peer, token)| Extended {
+        // Arbitrary cookies are wrong ones: the relay must count and ignore them.
+        cookie: peer.map(|p| quic_relay::proto::Cookie(u64::from(p))),
         // Peer id 0 is invalid on the wire: the relay must refuse it, not panic.
         peer: peer.map(|p| PeerId(u64::from(p % 5))),
         token: token.as_ref().map(|t| {

@@ -23,6 +23,7 @@ fn ext(peer: Option<u64>, token: Option<Token>) -> Registration {
     Registration {
         session: u(),
         extended: Some(Extended {
+            cookie: None,
             peer: peer.map(PeerId),
             token,
         }),
@@ -96,16 +97,16 @@ fn original_form_encodes_as_the_original_relay_expects() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn extended_with_peer_is_padded_to_exactly_max_reply_len() {
+fn extended_with_peer_is_padded_to_exactly_max_cookie_reply_len() {
     let reg = ext(Some(0x1122_3344_5566_7788), None);
     let expected = concat!(
         "REG:67e55044-10b1-426f-9247-bb680e5fe0c8",
         " p=1122334455667788",
-        " pad=00000000000000000000000000000000000",
+        " pad=000000000000000000000000000000000000000000000000000000",
         "\n"
     );
     assert_eq!(String::from_utf8_lossy(&reg.encode()), expected);
-    assert_eq!(reg.encode().len(), MAX_REPLY_LEN);
+    assert_eq!(reg.encode().len(), MAX_COOKIE_REPLY_LEN);
     assert_eq!(parse_registration(expected.as_bytes()), Ok(reg));
 }
 
@@ -114,11 +115,11 @@ fn extended_without_parameters_is_padded() {
     let reg = ext(None, None);
     let expected = concat!(
         "REG:67e55044-10b1-426f-9247-bb680e5fe0c8",
-        " pad=000000000000000000000000000000000000000000000000000000",
+        " pad=0000000000000000000000000000000000000000000000000000000000000000000000000",
         "\n"
     );
     assert_eq!(String::from_utf8_lossy(&reg.encode()), expected);
-    assert_eq!(reg.encode().len(), MAX_REPLY_LEN);
+    assert_eq!(reg.encode().len(), MAX_COOKIE_REPLY_LEN);
     assert_eq!(parse_registration(expected.as_bytes()), Ok(reg));
 }
 
@@ -147,6 +148,7 @@ fn extended_with_token_only() {
     let expected = concat!(
         "REG:67e55044-10b1-426f-9247-bb680e5fe0c8",
         " t=0:0000000000000000000000000000000000000000000000000000000000000000",
+        " pad=0000",
         "\n"
     );
     assert_eq!(String::from_utf8_lossy(&reg.encode()), expected);
@@ -438,6 +440,7 @@ fn reply_snapshots_and_parse_back() {
     let cases: Vec<(Reply, &[u8])> = vec![
         (
             Reply::Ack {
+                cookie: None,
                 observed: None,
                 peer: None,
             },
@@ -445,6 +448,7 @@ fn reply_snapshots_and_parse_back() {
         ),
         (
             Reply::Ack {
+                cookie: None,
                 observed: Some(sa("198.18.0.1:4433")),
                 peer: None,
             },
@@ -452,6 +456,7 @@ fn reply_snapshots_and_parse_back() {
         ),
         (
             Reply::Ack {
+                cookie: None,
                 observed: Some(sa("[2001:db8::1]:1")),
                 peer: Some(sa("198.18.0.2:2")),
             },
@@ -459,10 +464,27 @@ fn reply_snapshots_and_parse_back() {
         ),
         (
             Reply::Ack {
+                cookie: None,
                 observed: Some(sa("198.18.0.2:65535")),
                 peer: Some(sa("[2001:db8::1]:0")),
             },
             b"ACK 198.18.0.2:65535 [2001:db8::1]:0\n",
+        ),
+        (
+            Reply::Ack {
+                cookie: Some(Cookie(0x0123_4567_89ab_cdef)),
+                observed: Some(sa("198.18.0.2:7")),
+                peer: None,
+            },
+            b"ACK 198.18.0.2:7 c=0123456789abcdef\n",
+        ),
+        (
+            Reply::Ack {
+                cookie: Some(Cookie(1)),
+                observed: Some(sa("198.18.0.2:7")),
+                peer: Some(sa("198.18.0.3:8")),
+            },
+            b"ACK 198.18.0.2:7 198.18.0.3:8 c=0000000000000001\n",
         ),
         (Reply::Err(None), b"ERR unknown\n"),
     ];
@@ -479,6 +501,7 @@ fn reply_snapshots_and_parse_back() {
 
     // IPv4-mapped addresses are shown as the IPv4 address they are.
     let mapped = Reply::Ack {
+        cookie: None,
         observed: Some(v4_mapped),
         peer: Some(sa("[::ffff:10.0.0.1]:5")),
     };
@@ -489,6 +512,7 @@ fn reply_snapshots_and_parse_back() {
     assert_eq!(
         Reply::parse(mapped.encode().as_bytes()),
         Some(Reply::Ack {
+            cookie: None,
             observed: Some(sa("198.18.0.1:4433")),
             peer: Some(sa("10.0.0.1:5")),
         })
@@ -499,12 +523,58 @@ fn reply_snapshots_and_parse_back() {
 fn longest_reply_fits_max_reply_len_exactly() {
     let big = sa("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535");
     let reply = Reply::Ack {
+        cookie: None,
         observed: Some(big),
         peer: Some(big),
     };
     let bytes = reply.encode();
     assert_eq!(bytes.as_bytes().len(), MAX_REPLY_LEN);
     assert_eq!(Reply::parse(bytes.as_bytes()), Some(reply));
+    // With a cookie it fits MAX_COOKIE_REPLY_LEN exactly, the length extended registrations
+    // are padded to.
+    let reply = Reply::Ack {
+        cookie: Some(Cookie(u64::MAX)),
+        observed: Some(big),
+        peer: Some(big),
+    };
+    let bytes = reply.encode();
+    assert_eq!(bytes.as_bytes().len(), MAX_COOKIE_REPLY_LEN);
+    assert_eq!(Reply::parse(bytes.as_bytes()), Some(reply));
+}
+
+#[test]
+fn cookies_round_trip_in_registrations_and_malformed_ones_are_refused() {
+    let reg = Registration {
+        session: u(),
+        extended: Some(Extended {
+            peer: Some(PeerId(5)),
+            token: None,
+            cookie: Some(Cookie(0xfeed_0000_0000_beef)),
+        }),
+    };
+    let bytes = reg.encode();
+    assert!(String::from_utf8_lossy(&bytes).contains(" c=feed00000000beef "));
+    assert_eq!(bytes.len(), MAX_COOKIE_REPLY_LEN);
+    assert_eq!(parse_registration(&bytes), Ok(reg));
+    for bad in ["c=", "c=xyz", "c=00000000000000000"] {
+        assert_eq!(
+            parse_registration(&padded(bad)),
+            Err(ParseError::BadParam),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        parse_registration(&padded("c=1 c=2")),
+        Err(ParseError::DuplicateParam)
+    );
+    // An ACK with anything but a well-formed cookie after the addresses is no reply.
+    for bad in [
+        &b"ACK 1.2.3.4:5 c=12\n"[..],
+        b"ACK 1.2.3.4:5 c=0123456789abcdef x\n",
+        b"ACK 1.2.3.4:5 1.2.3.4:6 d=0123456789abcdef\n",
+    ] {
+        assert_eq!(Reply::parse(bad), None, "{}", String::from_utf8_lossy(bad));
+    }
 }
 
 #[test]
@@ -666,8 +736,10 @@ fn arb_registration() -> impl Strategy<Value = Registration> {
         (
             prop::option::of(1..=u64::MAX),
             prop::option::of(arb_token()),
+            prop::option::of(any::<u64>()),
         )
-            .prop_map(|(peer, token)| Extended {
+            .prop_map(|(peer, token, cookie)| Extended {
+                cookie: cookie.map(Cookie),
                 peer: peer.map(PeerId),
                 token,
             }),
@@ -811,12 +883,18 @@ proptest! {
     fn reply_round_trips(
         observed in prop::option::of(arb_canonical_addr()),
         peer in prop::option::of(arb_canonical_addr()),
+        cookie in prop::option::of(any::<u64>()),
     ) {
-        // `peer` without `observed` encodes as the original ACK; the relay never sends that.
+        // `peer` or a cookie without `observed` encodes as the original ACK; the relay never
+        // sends that.
         let peer = peer.filter(|_| observed.is_some());
-        let reply = Reply::Ack { observed, peer };
+        let cookie = cookie.filter(|_| observed.is_some()).map(Cookie);
+        let reply = Reply::Ack { cookie, observed, peer };
         let bytes = reply.encode();
-        prop_assert!(bytes.as_bytes().len() <= MAX_REPLY_LEN);
+        prop_assert!(bytes.as_bytes().len() <= MAX_COOKIE_REPLY_LEN);
+        if cookie.is_none() {
+            prop_assert!(bytes.as_bytes().len() <= MAX_REPLY_LEN);
+        }
         prop_assert_eq!(Reply::parse(bytes.as_bytes()), Some(reply));
     }
 
@@ -952,12 +1030,14 @@ proptest! {
 #[test]
 fn original_ack_is_the_original_bytes() {
     let ack = Reply::Ack {
+        cookie: None,
         observed: None,
         peer: None,
     };
     assert_eq!(ack.encode().as_bytes(), b"ACK\n");
     // A peer without an observed address is still the original form.
     let ack = Reply::Ack {
+        cookie: None,
         observed: None,
         peer: Some(sa("198.18.0.1:1")),
     };

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::proto::{Extended, PeerId, Registration, Token};
+use crate::proto::{Cookie, Extended, PeerId, Registration, Reply, Token};
 
 const U1: &str = "0b7e4a3c-5d2f-4e8a-9c1b-2a3d4e5f6071";
 const U2: &str = "1c8f5b4d-6e3a-4f9b-8d2c-3b4e5f607182";
@@ -67,22 +67,38 @@ impl Harness {
         reply_to(&replies, from)
     }
 
+    /// Registers in the extended form as the SDK does: when the ACK carries a cookie, echoes
+    /// it at once. Returns the last reply to the registrant (the echo's ACK, which has no
+    /// cookie) and every reply, with the registrant's first ACK replaced by that last one.
     fn reg_ext(
         &mut self,
         from: &str,
         session: &str,
         peer: u64,
     ) -> (Vec<u8>, Vec<(PeerAddr, Vec<u8>)>) {
+        let replies = self.reg_ext_as(addr(from), session, peer);
+        (reply_to(&replies, from), replies)
+    }
+
+    /// Sends an extended registration without echoing anything; returns the replies.
+    fn reg_ext_raw(
+        &mut self,
+        from: PeerAddr,
+        session: &str,
+        peer: u64,
+        cookie: Option<Cookie>,
+    ) -> Vec<(PeerAddr, Vec<u8>)> {
         let reg = Registration {
             session: uuid(session),
             extended: Some(Extended {
+                cookie,
                 peer: Some(PeerId(peer)),
                 token: None,
             }),
         };
-        let (out, replies) = self.send(from, &reg.encode());
+        let (out, replies) = self.send_as(from, &reg.encode());
         assert_eq!(out, Outcome::Registration);
-        (reply_to(&replies, from), replies)
+        replies
     }
 
     fn data(&mut self, from: &str) -> Outcome {
@@ -391,10 +407,208 @@ fn session_capacity_and_per_ip_limits() {
     assert_eq!(h.reg("198.18.0.1:2", &ids[1]), b"ACK\n");
     assert_eq!(h.reg("198.18.0.1:3", &ids[2]), b"ERR ip-limit\n");
     assert_eq!(h.reg("198.18.0.2:1", &ids[2]), b"ACK\n");
+    // Full, with nothing to evict: every session heard a second registration.
+    for (from, id) in [
+        ("198.18.0.1:1", 0),
+        ("198.18.0.1:2", 1),
+        ("198.18.0.2:1", 2),
+    ] {
+        assert_eq!(h.reg(from, &ids[id]), b"ACK\n");
+    }
     assert_eq!(h.reg("198.18.0.3:1", &ids[3]), b"ERR capacity\n");
     // Joining an existing session is bounded per IP too.
     assert_eq!(h.reg("198.18.0.1:4", &ids[2]), b"ERR ip-limit\n");
     assert_eq!(h.relay.session_count(), 3);
+}
+
+#[test]
+fn a_full_table_evicts_the_oldest_unconfirmed_session_never_a_paired_or_waiting_one() {
+    let mut h = Harness::with(RelayConfig {
+        limits: Limits {
+            max_sessions: 4,
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    });
+    let ids: Vec<String> = (1..9u128)
+        .map(|i| Uuid::from_u128(i << 64 | i).to_string())
+        .collect();
+    // A paired session, a waiting peer that re-registered, and two one-shot registrations.
+    assert_eq!(h.reg("198.18.0.1:1", &ids[0]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.2:1", &ids[0]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.1:2", &ids[1]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.9:1", &ids[2]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.9:2", &ids[3]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.1:2", &ids[1]), b"ACK\n");
+    // Full: newcomers take the places of the one-shot sessions, oldest first.
+    assert_eq!(h.reg("198.18.0.3:1", &ids[4]), b"ACK\n");
+    assert_eq!(h.relay.stats().evicted_unconfirmed, 1);
+    assert_eq!(
+        h.data("198.18.0.9:1"),
+        Outcome::Dropped(DropReason::UnknownSource),
+        "the oldest one-shot session went first"
+    );
+    assert_eq!(
+        h.data("198.18.0.9:2"),
+        Outcome::Dropped(DropReason::Unpaired),
+        "the younger one is still there"
+    );
+    assert_eq!(h.reg("198.18.0.3:2", &ids[5]), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.3:3", &ids[6]), b"ACK\n");
+    assert_eq!(h.relay.stats().evicted_unconfirmed, 3);
+    // Now the oldest unconfirmed ones are the newcomers themselves; the pair and the waiting
+    // peer are untouched.
+    assert_eq!(
+        h.data("198.18.0.1:1"),
+        Outcome::Forward(addr("198.18.0.2:1"))
+    );
+    assert_eq!(
+        h.reg("198.18.0.4:1", &ids[1]),
+        b"ACK\n",
+        "the waiting peer pairs"
+    );
+    assert_eq!(h.relay.session_count(), 4);
+    h.relay.check_invariants();
+}
+
+#[test]
+fn ipv6_sources_count_per_64_for_the_per_ip_limits() {
+    let mut h = Harness::with(RelayConfig {
+        limits: Limits {
+            max_sessions_per_ip: 2,
+            ..Limits::default()
+        },
+        ..RelayConfig::default()
+    });
+    let ids: Vec<String> = (1..6u128)
+        .map(|i| Uuid::from_u128(i << 64 | i).to_string())
+        .collect();
+    assert_eq!(h.reg("[2001:db8:0:1::1]:1", &ids[0]), b"ACK\n");
+    assert_eq!(h.reg("[2001:db8:0:1::2]:1", &ids[1]), b"ACK\n");
+    assert_eq!(
+        h.reg("[2001:db8:0:1:ffff::3]:1", &ids[2]),
+        b"ERR ip-limit\n",
+        "another address in the same /64 is the same source"
+    );
+    assert_eq!(
+        h.reg("[2001:db8:0:2::1]:1", &ids[2]),
+        b"ACK\n",
+        "the next /64 is not"
+    );
+    assert_eq!(ip_limit_key(addr("[2001:db8:0:1:ab::cd]:1").ip_octets()), {
+        let mut k = addr("[2001:db8:0:1::]:1").ip_octets();
+        k[8..].fill(0);
+        k
+    });
+    // IPv4 counts per address, as before.
+    let v4 = addr("198.18.0.1:1").ip_octets();
+    assert_eq!(ip_limit_key(v4), v4);
+    h.relay.check_invariants();
+}
+
+#[test]
+fn an_extended_member_is_forwarded_to_only_after_echoing_its_cookie() {
+    let mut h = Harness::new();
+    let victim = addr("198.18.0.66:53");
+    let attacker = addr("198.18.0.1:1000");
+    // A spoofed registration claims the victim's address: it is acknowledged (to the victim,
+    // no larger than the request) but never forwarded to.
+    let replies = h.reg_ext_raw(victim, U1, 2, None);
+    let Some(Reply::Ack {
+        cookie: Some(c), ..
+    }) = Reply::parse(&reply_to(&replies, "198.18.0.66:53"))
+    else {
+        panic!("the ACK to an unverified member carries a cookie: {replies:?}");
+    };
+    h.reg_ext("198.18.0.1:1000", U1, 1);
+    assert_eq!(
+        h.send_as(attacker, b"\x40flood").0,
+        Outcome::Dropped(DropReason::Unverified)
+    );
+    assert_eq!(h.relay.stats().dropped_unverified, 1);
+    // A wrong cookie, or the victim's cookie from another address, does not verify.
+    h.reg_ext_raw(victim, U1, 2, Some(Cookie(c.0 ^ 1)));
+    h.reg_ext_raw(addr("198.18.0.66:54"), U1, 2, Some(c));
+    assert_eq!(h.relay.stats().cookies_rejected, 2);
+    assert_eq!(
+        h.send_as(attacker, b"\x40flood").0,
+        Outcome::Dropped(DropReason::Unverified)
+    );
+    // The real owner of an address echoes the cookie it received, and is forwarded to.
+    let mut h = Harness::new();
+    h.reg_ext("198.18.0.1:1000", U1, 1);
+    let replies = h.reg_ext_raw(addr("198.18.0.2:2000"), U1, 2, None);
+    let Some(Reply::Ack {
+        cookie: Some(c), ..
+    }) = Reply::parse(&reply_to(&replies, "198.18.0.2:2000"))
+    else {
+        panic!("no cookie: {replies:?}");
+    };
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::Unverified)
+    );
+    h.reg_ext_raw(addr("198.18.0.2:2000"), U1, 2, Some(c));
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    // A keepalive from the same address keeps the proof; a move to a new address needs a new
+    // one, and the cookie stays valid for at least one COOKIE_PERIOD.
+    h.reg_ext_raw(addr("198.18.0.2:2000"), U1, 2, None);
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2000"))
+    );
+    h.reg_ext_raw(addr("198.18.0.2:2001"), U1, 2, None);
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Dropped(DropReason::Unverified)
+    );
+    h.at(crate::defaults::COOKIE_PERIOD.as_secs_f64() * 3.0);
+    let replies = h.reg_ext_raw(addr("198.18.0.2:2001"), U1, 2, None);
+    let Some(Reply::Ack {
+        cookie: Some(c), ..
+    }) = Reply::parse(&reply_to(&replies, "198.18.0.2:2001"))
+    else {
+        panic!("no cookie: {replies:?}");
+    };
+    h.at(crate::defaults::COOKIE_PERIOD.as_secs_f64() * 4.0);
+    h.reg_ext_raw(addr("198.18.0.2:2001"), U1, 2, Some(c));
+    assert_eq!(
+        h.data("198.18.0.1:1000"),
+        Outcome::Forward(addr("198.18.0.2:2001"))
+    );
+    // Original-form members are forwarded to at once, as the original relay did.
+    assert_eq!(h.reg("198.18.0.5:1", U2), b"ACK\n");
+    assert_eq!(h.reg("198.18.0.6:1", U2), b"ACK\n");
+    assert_eq!(
+        h.data("198.18.0.5:1"),
+        Outcome::Forward(addr("198.18.0.6:1"))
+    );
+    h.relay.check_invariants();
+}
+
+#[test]
+fn an_older_clients_short_registration_gets_its_addresses_without_a_cookie() {
+    let mut h = Harness::new();
+    // Padded to MAX_REPLY_LEN only, as clients before cookies did; IPv6 addresses this long
+    // leave no room for the cookie in a reply no larger than the request.
+    let long = "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:ffff]:65535";
+    let other = "[2001:db8:aaaa:bbbb:cccc:dddd:eeee:fffe]:65535";
+    h.reg_ext(other, U1, 2);
+    let mut reg = format!("REG:{U1} p=1 pad=").into_bytes();
+    reg.resize(crate::proto::MAX_REPLY_LEN - 1, b'0');
+    reg.push(b'\n');
+    let (_, replies) = h.send(long, &reg);
+    assert_eq!(
+        Reply::parse(&reply_to(&replies, long)),
+        Some(Reply::Ack {
+            observed: Some(long.parse().expect("addr")),
+            peer: Some(other.parse().expect("addr")),
+            cookie: None,
+        })
+    );
 }
 
 #[test]
@@ -429,6 +643,7 @@ fn tokens_accept_refuse_and_expire() {
     let reg = |expiry, key: &[u8]| Registration {
         session: uuid(U1),
         extended: Some(Extended {
+            cookie: None,
             peer: Some(PeerId(1)),
             token: Some(Token::mint(key, uuid(U1), expiry)),
         }),
@@ -451,7 +666,10 @@ fn tokens_accept_refuse_and_expire() {
     assert_eq!(reply_to(&r, "198.18.0.1:1000"), b"ERR auth\n");
     assert_eq!(h.relay.session_count(), 0);
     let (_, r) = h.send("198.18.0.1:1000", &reg(now + 60, &secret).encode());
-    assert_eq!(reply_to(&r, "198.18.0.1:1000"), b"ACK 198.18.0.1:1000\n");
+    assert!(
+        reply_to(&r, "198.18.0.1:1000").starts_with(b"ACK 198.18.0.1:1000 c="),
+        "{r:?}"
+    );
     let s = h.relay.stats();
     assert_eq!(s.reg(RegResult::Refused(ErrReason::Auth)), 3);
     assert_eq!(s.reg(RegResult::Refused(ErrReason::Expired)), 1);
@@ -566,7 +784,10 @@ fn a_flood_of_random_registrations_stays_within_every_bound() {
     assert_eq!(h.relay.session_count(), 5_000, "the session cap holds");
     assert!(h.relay.per_ip.len() <= 5_000 * 2);
     assert!(h.relay.rate.len() <= MAX_RATE_ENTRIES);
-    assert!(s.reg(RegResult::Refused(ErrReason::Capacity)) > 50_000);
+    // A full table makes room by evicting the oldest flood sessions, instead of refusing.
+    assert!(s.evicted_unconfirmed > 50_000, "{s:?}");
+    assert_eq!(s.reg(RegResult::Refused(ErrReason::Capacity)), 0);
+    assert!(h.relay.young.len() <= 10_001);
     assert!(
         s.reg(RegResult::Refused(ErrReason::Rate)) > 0,
         "the CGNAT IPs hit their rate"
@@ -662,16 +883,30 @@ fn tcp(s: &str) -> PeerAddr {
 }
 
 impl Harness {
+    /// [`Harness::reg_ext`] from any member key.
     fn reg_ext_as(&mut self, from: PeerAddr, session: &str, peer: u64) -> Vec<(PeerAddr, Vec<u8>)> {
-        let reg = Registration {
-            session: uuid(session),
-            extended: Some(Extended {
-                peer: Some(PeerId(peer)),
-                token: None,
-            }),
-        };
-        let (out, replies) = self.send_as(from, &reg.encode());
-        assert_eq!(out, Outcome::Registration);
+        let mut replies = self.reg_ext_raw(from, session, peer, None);
+        let cookie = replies.iter().find_map(|(d, b)| match Reply::parse(b) {
+            Some(Reply::Ack {
+                cookie: Some(c), ..
+            }) if *d == from => Some(c),
+            _ => None,
+        });
+        if let Some(c) = cookie {
+            let echo = self.reg_ext_raw(from, session, peer, Some(c));
+            let last = echo
+                .iter()
+                .find(|(d, _)| *d == from)
+                .expect("the echo is acknowledged")
+                .clone();
+            assert!(
+                matches!(Reply::parse(&last.1), Some(Reply::Ack { cookie: None, .. })),
+                "an echoed cookie verifies the member: {echo:?}"
+            );
+            for r in replies.iter_mut().filter(|(d, _)| *d == from) {
+                *r = last.clone();
+            }
+        }
         replies
     }
 }
