@@ -501,3 +501,13 @@ fn the_server_flags_still_work_without_a_subcommand_and_do_not_mix_with_one() {
     assert!(ok);
     assert!(help.contains("session") && help.contains("token"), "{help}");
 }
+
+#[test]
+fn version_names_the_binary() {
+    let (ok, out, _) = run(&["--version"]);
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        format!("quic-relay {}", env!("CARGO_PKG_VERSION"))
+    );
+}

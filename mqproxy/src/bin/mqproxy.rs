@@ -11,7 +11,7 @@ use mqproxy::config::{ClientOpts, ServerOpts};
 /// point the applications at the client's SOCKS5 (or HTTP) listener. Logs go to stderr;
 /// RUST_LOG=debug shows each connection and session.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "mqproxy", version)]
 struct Cli {
     #[command(subcommand)]
     role: Role,

@@ -23,7 +23,7 @@ use mqproxy::uot::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
 /// --tcp-listen/--udp-bind and 127.0.0.1 for --tcp-connect/--udp-sendto. The connect side
 /// reconnects by itself (with backoff) whenever the connection drops.
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment, group(ArgGroup::new("tcp").required(true).args(["tcp_listen", "tcp_connect"])))]
+#[command(name = "udp-over-tcp", version, verbatim_doc_comment, group(ArgGroup::new("tcp").required(true).args(["tcp_listen", "tcp_connect"])))]
 struct Args {
     /// Accept the tunnel's TCP connection here (PORT or ADDR:PORT). The newest connection (with
     /// --psk: the newest authenticated one) carries the tunnel.

@@ -15,7 +15,7 @@ use mqproxy::udpsocks::UdpAssociation;
 /// Each packet carries a sequence number and a pattern; a reply counts when it echoes both
 /// (an echo server), or when any reply arrives with --any-reply (e.g. a DNS server).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "udpsocks", version)]
 struct Args {
     /// SOCKS5 proxy address.
     #[arg(long, default_value = "127.0.0.1:1080")]

@@ -3,17 +3,17 @@
 pub mod forwarder;
 mod load;
 mod metrics;
-mod mqproxy;
+pub mod mqproxy;
 mod multiaddr;
-mod multipath;
-mod relay;
+pub mod multipath;
+pub mod relay;
 mod sys;
 pub mod table;
-mod uot;
+pub mod uot;
 
 use anyhow::{bail, Result};
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench <target> [options]
 
 Targets:

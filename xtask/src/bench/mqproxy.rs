@@ -18,7 +18,7 @@ use super::sys::{self, RecvBatch, SendBatch};
 use crate::cli::Args;
 use crate::process::ChildGuard;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench mqproxy [options]
 
 Builds mqproxy and xtask in release (then re-runs itself from the release build), starts a UDP

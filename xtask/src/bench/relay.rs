@@ -18,7 +18,7 @@ use super::{forwarder, median, table};
 use crate::cli::Args;
 use crate::process::ChildGuard;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench relay [options]
 
 Builds quic-relay and xtask in release (then re-runs itself from the release build, so the load

@@ -15,7 +15,7 @@ use super::sys;
 use crate::cli::Args;
 use crate::process::ChildGuard;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench uot [options]
 
 Builds mqproxy (the udp-over-tcp binary) and xtask in release, then re-runs itself from the
