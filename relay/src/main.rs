@@ -3,8 +3,10 @@
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 
+mod cli_assets;
+
 use anyhow::Context as _;
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use quic_relay::config::{Cli, Command};
 use quic_relay::metrics;
 use quic_relay::server::Server;
@@ -12,6 +14,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 fn main() -> anyhow::Result<()> {
+    if cli_assets::write_if_asked(Cli::command())
+        .context("cannot write completions and man pages")?
+    {
+        return Ok(());
+    }
     let cli = Cli::parse();
     let args = match cli.command {
         None => cli.server,

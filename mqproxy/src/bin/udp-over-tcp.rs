@@ -2,11 +2,14 @@
 //! tool (same flags and defaults, `plain` framing byte-compatible), plus the per-flow fork's
 //! and Mullvad's framings and an optional pre-shared key.
 
+#[path = "shared/cli_assets.rs"]
+mod cli_assets;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{ArgGroup, Parser};
+use clap::{ArgGroup, CommandFactory as _, Parser};
 use mqproxy::uot::framing::Framing;
 use mqproxy::uot::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
 
@@ -62,6 +65,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `cargo xtask dist` asks for completions and man pages through the environment.
+    if cli_assets::write_if_asked(Args::command())? {
+        return Ok(());
+    }
     let a = Args::parse();
     let level = if a.debug {
         "mqproxy=trace,udp_over_tcp=trace"

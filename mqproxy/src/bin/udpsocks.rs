@@ -1,12 +1,15 @@
 //! `udpsocks`: sends UDP packets to a target through a SOCKS5 proxy's UDP ASSOCIATE, prints
 //! each round trip and a summary, and exits non-zero when replies are missing.
 
+#[path = "shared/cli_assets.rs"]
+mod cli_assets;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use mqproxy::proto::TargetAddr;
 use mqproxy::udpsocks::UdpAssociation;
 
@@ -53,6 +56,10 @@ fn payload(seq: u32, len: usize) -> Vec<u8> {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    // `cargo xtask dist` asks for completions and man pages through the environment.
+    if cli_assets::write_if_asked(Args::command())? {
+        return Ok(ExitCode::SUCCESS);
+    }
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
