@@ -778,7 +778,9 @@ fi
     fn relay_secret(&self) -> Result<Option<Vec<u8>>> {
         let mut script = self.preamble();
         script.push_str(match self.opts.manager {
-            Manager::Systemd => "pid=$(systemctl show -p MainPID --value \"$NAME.service\" 2>/dev/null || true)\n",
+            Manager::Systemd => {
+                "pid=$(systemctl show -p MainPID --value \"$NAME.service\" 2>/dev/null || true)\n"
+            }
             Manager::Shell { .. } => "pid=$(cat \"$PIDFILE\" 2>/dev/null || true)\n",
         });
         script.push_str(&format!(

@@ -316,14 +316,20 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
         .port();
     // The secret file on the "host" (the same machine here), passed in the service's flags.
     let secret = f.dir.join("secrets");
-    std::fs::write(&secret, "\n  deploy-test-secret-0123456789  \nsecond-secret-0123456789\n")
-        .expect("write the secret file");
+    std::fs::write(
+        &secret,
+        "\n  deploy-test-secret-0123456789  \nsecond-secret-0123456789\n",
+    )
+    .expect("write the secret file");
     let args = format!(
         "--bind 127.0.0.1 --port {port} --secret-file {}",
         secret.display()
     );
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
-    assert!(out.status.success(), "deploy of a token-protected relay failed");
+    assert!(
+        out.status.success(),
+        "deploy of a token-protected relay failed"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("the relay requires tokens"), "{text}");
     assert!(text.contains("answered ACK"), "{text}");
@@ -338,14 +344,20 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
     std::fs::write(&env_file, env).expect("write the env file");
     let args = format!("--bind 127.0.0.1 --port {port}");
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
-    assert!(out.status.success(), "deploy with QUIC_RELAY_SECRET_FILE failed");
+    assert!(
+        out.status.success(),
+        "deploy with QUIC_RELAY_SECRET_FILE failed"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("the relay requires tokens"));
     assert_eq!(relay_reply(port), "ERR auth");
 
     // A rotated secret: the restarted relay reads the new file and so does the check.
     std::fs::write(&secret, "another-secret-0123456789abcdef\n").expect("rewrite");
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
-    assert!(out.status.success(), "deploy after rotating the secret failed");
+    assert!(
+        out.status.success(),
+        "deploy after rotating the secret failed"
+    );
 }
 
 /// Where xtask's cargo build puts binaries (as xtask computes it).
