@@ -68,7 +68,12 @@ impl ChildGuard {
                     l.split(&format!("{key}="))
                         .nth(1)
                         .and_then(|r| r.split_whitespace().next())
-                        .map(str::to_owned)
+                        // A Debug-logged `Option`: `Some(addr)`.
+                        .map(|v| {
+                            v.trim_start_matches("Some(")
+                                .trim_end_matches(')')
+                                .to_owned()
+                        })
                 });
             if let Some(v) = found {
                 return Ok(v);
