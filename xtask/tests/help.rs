@@ -1,6 +1,7 @@
-//! `cargo xtask --help` lists every task and every flag the tasks read, and `--version` names
-//! xtask: the flags are collected from the source (`.flag("--x")`, `.value(..)`, `.parsed(..)`),
-//! so a flag added without help text fails here.
+//! `cargo xtask --help` lists every task and every flag the tasks read, `--version` names
+//! xtask, and the READMEs list every fuzz target. Flags and targets are collected from the
+//! source (`.flag("--x")`, `.value(..)`, `.parsed(..)`; the fuzz manifests' `[[bin]]`s), so one
+//! added without documentation fails here.
 
 use std::path::Path;
 use std::process::Command;
@@ -105,4 +106,50 @@ fn version_names_xtask() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("xtask {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// The `name = "..."` of every `[[bin]]` in a fuzz crate's manifest.
+fn fuzz_targets(manifest: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(manifest).expect("read the fuzz manifest");
+    let mut names = Vec::new();
+    let mut in_bin = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_bin = line == "[[bin]]";
+        } else if in_bin {
+            if let Some(v) = line.strip_prefix("name") {
+                names.push(
+                    v.trim_start()
+                        .trim_start_matches('=')
+                        .trim()
+                        .trim_matches('"')
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_readmes_list_every_fuzz_target() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mq_readme =
+        std::fs::read_to_string(root.join("mqproxy/README.md")).expect("mqproxy/README.md");
+    for (krate, readmes) in [
+        ("relay", vec![&readme]),
+        ("mqproxy", vec![&readme, &mq_readme]),
+    ] {
+        let targets = fuzz_targets(&root.join(krate).join("fuzz/Cargo.toml"));
+        assert!(!targets.is_empty(), "no fuzz targets found for {krate}");
+        for t in &targets {
+            for r in &readmes {
+                let listed = r.contains(&format!("`{t}`")) || r.contains(&format!("fuzz run {t}`"));
+                assert!(listed, "a README does not list {krate}'s fuzz target {t}");
+            }
+        }
+    }
 }
