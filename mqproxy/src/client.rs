@@ -385,7 +385,7 @@ impl<D: Dialer> Link<D> {
                         matches!(e, ClientError::AuthRefused(_) | ClientError::NoMultipath);
                     if refused {
                         tracing::error!(server = %self.cfg.server, path = index, error = %crate::logging::Escaped(&e), "authentication refused");
-                    } else if multipath && failures > 0 && failures % 30 != 0 {
+                    } else if multipath && failures > 0 && !failures.is_multiple_of(30) {
                         // A cut path is retried every second or so: say so once, then now and then.
                         debug!(server = %self.cfg.server, path = index, local = ?local, error = %crate::logging::Escaped(&e), failures, "connecting to the server failed again");
                     } else {

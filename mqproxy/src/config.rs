@@ -117,7 +117,7 @@ fn resolve_relay(
         (None, None) => return Ok(None),
         (Some(_), None) => {
             return Err(ConfigError::Missing(
-                "--session UUID for --relay (the same on server and client; e.g. from uuidgen)",
+                "--session UUID for --relay (the same on server and client; e.g. from `quic-relay session`)",
             ))
         }
         (None, Some(_)) => return Err(ConfigError::Missing("--relay ADDR for --session")),
@@ -131,7 +131,7 @@ fn resolve_relay(
     let session = peer_sdk::Uuid::parse_str(session.trim()).map_err(|e| ConfigError::Invalid {
         flag: "--session",
         value: session.clone(),
-        reason: format!("not a UUID ({e}); generate one with uuidgen"),
+        reason: format!("not a UUID ({e}); generate one with `quic-relay session`"),
     })?;
     let token = token
         .map(|t| {
@@ -250,7 +250,7 @@ pub struct ServerOpts {
     /// multipath client (--path ... --relay ...) then uses the relay session as one more path.
     #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
     pub relay: Option<String>,
-    /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
+    /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`; with --relay.
     #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
     pub session: Option<String>,
     /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for this
@@ -407,7 +407,7 @@ pub struct ClientOpts {
     /// path of the multipath bundle (the server runs --listen and --relay together).
     #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
     pub relay: Option<String>,
-    /// The relay session (a UUID) server and client share, e.g. from `uuidgen`; with --relay.
+    /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`; with --relay.
     #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
     pub session: Option<String>,
     /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for this

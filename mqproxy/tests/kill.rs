@@ -58,19 +58,21 @@ async fn kill_9_of_the_client_tears_server_sessions_down() {
     let (echo, _e) = udp_echo().await;
     assert_eq!(udp_sockets_connected_to(echo), 0, "baseline");
 
-    let socks: SocketAddr = format!("127.0.0.1:{}", free_port_tcp())
-        .parse()
-        .expect("addr");
+    // Port 0: the client binds its SOCKS5 listener itself and logs the address.
     let mut child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_mqproxy"))
             .args(["client", "--server", &addr.to_string(), "--token", TOKEN])
-            .args(["--server-cert-sha256", &fp, "--socks5", &socks.to_string()])
+            .args(["--server-cert-sha256", &fp, "--socks5", "127.0.0.1:0"])
             .args(["--idle-timeout", "3"])
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("client binary starts"),
     );
+    let stderr = child.0.stderr.take().expect("stderr piped");
+    let running = wait_for_line(stderr, "client running", Duration::from_secs(10));
+    let socks: SocketAddr = field(&running, "socks5").parse().expect("socks5 address");
     assert!(
         eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
             socks

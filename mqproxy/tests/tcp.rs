@@ -51,21 +51,23 @@ fn sha256sum(path: &std::path::Path) -> String {
 
 /// python3's http.server on a loopback port, serving `dir`.
 async fn http_server(dir: &std::path::Path) -> (u16, ChildGuard) {
-    let port = free_port_tcp();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
+    // Port 0: the server binds a free port itself and prints it ("Serving HTTP on ... port N").
+    let mut child = Command::new("python3")
+        .args(["-u", "-m", "http.server", "--bind", "127.0.0.1", "0"])
         .arg("--directory")
         .arg(dir)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("python3 http.server starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let serving = wait_for_line(stdout, "Serving HTTP on", Duration::from_secs(10));
+    let port: u16 = serving
+        .split(" port ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {serving:?}"));
     let up = eventually(Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
@@ -74,6 +76,7 @@ async fn http_server(dir: &std::path::Path) -> (u16, ChildGuard) {
     (port, ChildGuard(child))
 }
 
+#[ignore = "needs curl and python3 (apt-get install curl python3); run with `cargo test -- --ignored` (CI does)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_socks5_hostname_100mb_byte_exact_and_http_connect() {
     if !have("curl", &["--version"])
@@ -163,9 +166,7 @@ async fn socks_reply_codes() {
         0x00
     );
     // Connection refused: a port nobody listens on.
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_port_tcp())
-        .parse()
-        .expect("addr");
+    let (_held, dead) = refusing_tcp();
     assert_eq!(
         socks_reply(h.socks, &connect(TargetAddr::Ip(dead))).await,
         0x05

@@ -2,6 +2,8 @@
 //! test plays the original tool on the other end), round trips in both roles, per-flow sockets,
 //! split reads, peer reset and refused connections, ICMP errors, bounded lengths, --psk.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -436,45 +438,49 @@ impl Drop for Child {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(lo(0))
-        .and_then(|l| l.local_addr())
-        .expect("bind")
-        .port()
-}
-
 /// The binary with the original's command line (bare ports take the original's defaults).
 #[tokio::test]
 async fn binary_round_trip_with_the_original_flags() {
     let exe = env!("CARGO_BIN_EXE_udp-over-tcp");
     let (a, a_addr) = udp().await;
     let (b, b_addr) = udp().await;
-    let (tcp, x, y) = (free_port(), free_port(), free_port());
+    // Every port is 0: each process binds its own and logs it ("udp-over-tcp running").
     let spawn = |args: Vec<String>| {
-        Child(
-            std::process::Command::new(exe)
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn udp-over-tcp"),
-        )
+        let mut child = std::process::Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn udp-over-tcp");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let line = common::wait_for_line(stderr, "udp-over-tcp running", T);
+        (Child(child), line)
     };
-    let _listen = spawn(vec![
+    let (_listen, listening) = spawn(vec![
         "-l".into(),
-        format!("127.0.0.1:{tcp}"),
+        "127.0.0.1:0".into(),
         "-u".into(),
-        format!("127.0.0.1:{y}"),
+        "127.0.0.1:0".into(),
         "-p".into(),
         b_addr.port().to_string(),
     ]);
-    let _connect = spawn(vec![
+    let tcp: SocketAddr = common::field(&listening, "tcp")
+        .parse()
+        .expect("tcp address");
+    // The original's bare-port form of --tcp-connect.
+    let (_connect, connecting) = spawn(vec![
         "--tcp-connect".into(),
-        tcp.to_string(),
+        tcp.port().to_string(),
         "--udp-bind".into(),
-        format!("127.0.0.1:{x}"),
+        "127.0.0.1:0".into(),
         "--udp-sendto".into(),
         a_addr.port().to_string(),
     ]);
+    let x: SocketAddr = common::field(&connecting, "udp")
+        .parse()
+        .expect("udp address");
+    let x = x.port();
     // No event tells us when the processes are up: retry until the first datagram crosses.
     let mut buf = [0u8; 64];
     let first = timeout(T, async {
@@ -487,8 +493,10 @@ async fn binary_round_trip_with_the_original_flags() {
     })
     .await
     .expect("the binaries tunnel a datagram within 10 s");
-    assert_eq!((&buf[..first.0], first.1), (&b"ping"[..], lo(y)));
-    b.send_to(b"pong", lo(y)).await.expect("send");
+    // The listening side's UDP socket (-u, port 0 here) is where the datagram comes from.
+    let y = first.1;
+    assert_eq!((&buf[..first.0], y.ip()), (&b"ping"[..], lo(0).ip()));
+    b.send_to(b"pong", y).await.expect("send");
     assert_eq!(recv(&a).await, (b"pong".to_vec(), lo(x)));
     // Bad input gets an error that names it.
     let out = std::process::Command::new(exe)

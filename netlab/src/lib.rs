@@ -50,5 +50,7 @@ pub use probe::{
     FilteringKind, MappingKind, ProbeOptions, PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,
 };
 pub use sys::{block_termination_signals, enter_netns, wait_for_termination};
-pub use tools::{in_ci, lab_unavailable, require_lab, SkipReason, DEBIAN_PACKAGES};
+pub use tools::{
+    ignored_tests_requested, in_ci, lab_unavailable, require_lab, SkipReason, DEBIAN_PACKAGES,
+};
 pub use wire::LinkShape;

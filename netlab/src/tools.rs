@@ -168,17 +168,25 @@ pub fn lab_unavailable() -> Option<SkipReason> {
     None
 }
 
+/// True when the test binary was asked to run ignored tests (`--ignored` or
+/// `--include-ignored`): lab tests are `#[ignore]`d with their prerequisites as the reason, so
+/// a run that asks for them must not pass them without running them.
+pub fn ignored_tests_requested() -> bool {
+    std::env::args().any(|a| a == "--ignored" || a == "--include-ignored")
+}
+
 /// The check a lab test starts with: `None` when the lab can run; `Some(reason)` when the test
-/// should skip, which it may only outside CI.
+/// should skip, which it may only outside CI and when ignored tests were not asked for.
 ///
 /// # Panics
-/// When the lab cannot run and `CI` is set (`true` or `1`): CI must never skip these tests.
+/// When the lab cannot run and `CI` is set (`true` or `1`), or ignored tests were asked for:
+/// then the test must run, not pass without running.
 pub fn require_lab() -> Option<SkipReason> {
     let reason = lab_unavailable()?;
-    if in_ci() {
+    if in_ci() || ignored_tests_requested() {
         panic!(
-            "CI=true but the NAT lab cannot run: {reason}. CI must run these tests, not skip them \
-             (run as root and install: {})",
+            "the NAT lab cannot run: {reason}. Under CI=true or with --ignored these tests must \
+             run, not skip (run as root and install: {})",
             DEBIAN_PACKAGES.join(" ")
         );
     }

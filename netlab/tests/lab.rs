@@ -27,6 +27,7 @@ fn public_addr(lab: &Lab, sock: &UdpSocket) -> Result<SocketAddrV4> {
         .context("no reply from the probe server")
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn none_is_public_and_open() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -49,6 +50,7 @@ fn none_is_public_and_open() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn full_cone_maps_independently_and_admits_strangers() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -74,6 +76,7 @@ fn full_cone_maps_independently_and_admits_strangers() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn port_restricted_maps_independently_and_filters_strangers() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -96,6 +99,7 @@ fn port_restricted_maps_independently_and_filters_strangers() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn symmetric_maps_per_destination() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -121,6 +125,7 @@ fn symmetric_maps_per_destination() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn udp_blocked_drops_udp_but_passes_tcp() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -173,6 +178,7 @@ fn punch(lab: &Lab) -> Result<(bool, bool)> {
     Ok((a_heard, b_heard))
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn hole_punching_works_where_nat_theory_says() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -208,6 +214,7 @@ fn hole_punching_works_where_nat_theory_says() -> Result<()> {
     })
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn conntrack_flush_and_rebind_move_mappings_as_documented() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -270,6 +277,7 @@ fn conntrack_flush_and_rebind_move_mappings_as_documented() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn full_cone_rebind_keeps_it_full_cone() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -306,6 +314,7 @@ fn min_rtt(sock: &UdpSocket, server: SocketAddrV4, opts: ProbeOptions) -> Result
     Ok(best)
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn delay_applies_to_both_directions_of_each_peer_link() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -413,6 +422,7 @@ fn counter(ns: &str, dev: &str, name: &str) -> Result<u64> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn loss_drops_about_the_configured_share() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -447,6 +457,7 @@ fn loss_drops_about_the_configured_share() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn rate_limit_paces_a_burst() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -468,6 +479,7 @@ fn rate_limit_paces_a_burst() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn link_down_cuts_the_peer_off_and_up_restores_it() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -480,6 +492,7 @@ fn link_down_cuts_the_peer_off_and_up_restores_it() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn run_in_and_spawn_place_work_in_the_namespace() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -545,6 +558,7 @@ fn lab_namespaces_with(prefix: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn drop_kills_children_and_removes_namespaces() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -571,6 +585,7 @@ fn drop_kills_children_and_removes_namespaces() -> Result<()> {
     Ok(())
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn panic_while_lab_is_up_still_removes_it() -> Result<()> {
     netlab::require_lab!(Ok(()));
@@ -592,6 +607,7 @@ fn panic_while_lab_is_up_still_removes_it() -> Result<()> {
 
 /// A lab whose process was killed (no drop ran) is removed by the next cleanup.
 #[cfg(feature = "cli")]
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn cleanup_removes_labs_of_dead_processes() -> Result<()> {
     use std::io::BufRead as _;
@@ -644,6 +660,7 @@ fn reaches(from: &UdpSocket, to: SocketAddr, sock: &UdpSocket) -> Result<bool> {
     }
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn udp_timeout_makes_mappings_expire() -> Result<()> {
     netlab::require_lab!(Ok(()));

@@ -1,18 +1,51 @@
 //! `peer_sdk`: a QUIC connection to a peer behind a NAT, hole-punched when possible, through a
 //! [`quic-relay`](quic_relay) when not.
 //!
+//! Both peers name the same relay and session id (e.g. from `quic-relay session`). The
+//! listener accepts with a self-signed [`Identity`]; the dialer pins its fingerprint, which the
+//! application hands it out of band like the session id. The listening side:
+//!
 //! ```no_run
-//! # async fn demo() -> Result<(), peer_sdk::Error> {
-//! use peer_sdk::{ClientTls, Fingerprint, Options};
-//! let relay = "198.18.0.1:4433".parse().unwrap();
-//! let session = peer_sdk::Uuid::parse_str("3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b").unwrap();
-//! // The listener's certificate fingerprint, exchanged out of band like the session id.
-//! let pin: Fingerprint = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".parse()?;
-//! let conn = peer_sdk::connect(Options::new(relay, session), ClientTls::Pinned(pin)).await?;
-//! println!("connected over the {} path", conn.path().kind());
-//! let (mut send, mut recv) = conn.open_bi().await?;
+//! # async fn listener() -> Result<(), Box<dyn std::error::Error>> {
+//! use peer_sdk::{Identity, Options, ServerTls, Uuid};
+//! let relay = "127.0.0.1:4433".parse()?;
+//! let session: Uuid = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b".parse()?;
+//! let identity = Identity::generate()?;
+//! println!("pin: {}", identity.fingerprint()); // give this to the dialer
+//! let conn = peer_sdk::accept(Options::new(relay, session), ServerTls::Identity(identity)).await?;
+//! let (mut send, mut recv) = conn.accept_bi().await?;
+//! tokio::io::copy(&mut recv, &mut send).await?; // echo one stream
+//! send.finish()?;
 //! # Ok(()) }
 //! ```
+//!
+//! The dialing side:
+//!
+//! ```no_run
+//! # async fn dialer() -> Result<(), Box<dyn std::error::Error>> {
+//! use peer_sdk::{ClientTls, Fingerprint, Options, Uuid};
+//! let relay = "127.0.0.1:4433".parse()?;
+//! let session: Uuid = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b".parse()?;
+//! let pin: Fingerprint = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".parse()?;
+//! let conn = peer_sdk::connect(Options::new(relay, session), ClientTls::Pinned(pin)).await?;
+//! println!("connected over the {} path", conn.path().kind()); // "direct", "relay" or "relay-tcp"
+//! let (mut send, mut recv) = conn.open_bi().await?;
+//! send.write_all(b"hello, peer").await?;
+//! send.finish()?;
+//! println!("{:?}", recv.read_to_end(1024).await?);
+//! conn.close(0, b"done").await;
+//! # Ok(()) }
+//! ```
+//!
+//! Runnable versions of both, with flags, are `examples/listener.rs` and `examples/dialer.rs`.
+//! A relay that requires tokens takes one in [`Options::token`] (`quic-relay token` mints it).
+//!
+//! **Progress and timeouts.** The SDK logs each step through `tracing` at `info` (registering
+//! with which relay, registered, waiting for the peer, punching, the path chosen, falling back to
+//! TCP) and gives up with [`Error::RelayUnreachable`] when the relay has not answered within
+//! [`Options::register_timeout`] (10 s by default), and [`Error::PeerTimeout`] when the dialer's
+//! peer has not joined within [`Options::peer_timeout`] (60 s). The listener waits for its
+//! dialer without a limit.
 //!
 //! How it works:
 //! - **One socket, no gap.** The SDK builds one UDP socket ([`socket`]), registers with the relay
@@ -49,6 +82,11 @@ pub mod socket;
 pub mod tls;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+// The workspace README's Rust snippets compile as doc tests of this crate.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -391,6 +429,12 @@ impl Peer {
     async fn wait_registered(&mut self) -> Result<(), Error> {
         let relay = self.socket.relay();
         let waited = self.opts.register_timeout;
+        info!(
+            %relay,
+            session = %self.opts.session,
+            timeout = ?waited,
+            "registering with the relay"
+        );
         let r = tokio::time::timeout(
             waited,
             self.status
@@ -403,7 +447,10 @@ impl Peer {
                 relay,
                 reason: s.refused,
             }),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(s)) => {
+                info!(%relay, observed = ?s.observed, "registered with the relay");
+                Ok(())
+            }
         }
     }
 
@@ -412,18 +459,33 @@ impl Peer {
     async fn wait_paths(&mut self) -> Result<(), Error> {
         let session = self.opts.session;
         let waited = self.opts.peer_timeout;
-        tokio::time::timeout(waited, self.status.wait_for(|s| s.peer.is_some()))
+        if self.status.borrow().peer.is_none() {
+            info!(%session, timeout = ?waited, "waiting for the peer to join the session");
+        }
+        let peer = tokio::time::timeout(waited, self.status.wait_for(|s| s.peer.is_some()))
             .await
             .map_err(|_| Error::PeerTimeout { session, waited })?
-            .map_err(|_| Error::EndpointClosed)?;
+            .map_err(|_| Error::EndpointClosed)?
+            .peer;
         // Over TCP nothing is punched: do not wait for a direct path.
         if self.opts.strategy == Strategy::Auto && self.socket.shared.path() != Path::RelayTcp {
+            info!(
+                peer = ?peer,
+                timeout = ?self.opts.direct_timeout,
+                "the peer joined; punching a direct path"
+            );
             let _ = tokio::time::timeout(
                 self.opts.direct_timeout,
                 self.status.wait_for(|s| matches!(s.path, Path::Direct(_))),
             )
             .await;
+        } else {
+            info!(peer = ?peer, "the peer joined");
         }
+        info!(
+            path = self.socket.shared.path().kind(),
+            "path chosen; QUIC handshake"
+        );
         Ok(())
     }
 
@@ -460,6 +522,7 @@ impl Peer {
         let mut config = tls::server_config(&tls, &self.opts.alpn)?;
         config.transport_config(self.opts.transport());
         self.endpoint.set_server_config(Some(config));
+        info!(session = %self.opts.session, "waiting for the peer to dial in");
         let incoming = self.endpoint.accept().await.ok_or(Error::EndpointClosed)?;
         let connection = incoming.await?;
         let path = self.socket.shared.path();

@@ -224,6 +224,7 @@ fn pair_test(a: NatType, b: NatType) {
 
 macro_rules! pairs {
     ($($name:ident: $a:ident x $b:ident;)*) => {$(
+        #[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
         #[test]
         fn $name() {
             pair_test(NatType::$a, NatType::$b);
@@ -294,21 +295,25 @@ fn rebinding_test(a: NatType, b: NatType, rebind: Side) {
     );
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn rebinding_on_the_direct_path_dialer_side() {
     rebinding_test(NatType::PortRestricted, NatType::PortRestricted, Side::B);
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn rebinding_on_the_direct_path_listener_side() {
     rebinding_test(NatType::PortRestricted, NatType::FullCone, Side::A);
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn rebinding_on_the_relay_path() {
     rebinding_test(NatType::Symmetric, NatType::Symmetric, Side::B);
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn relay_restart_mid_connection_on_the_relay_path() {
     netlab::require_lab!();
@@ -397,11 +402,13 @@ fn timing_test(a: NatType, b: NatType, direct: bool) {
     }
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn direct_connect_within_a_second_with_20ms_links() {
     timing_test(NatType::PortRestricted, NatType::PortRestricted, true);
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn relay_fallback_within_punch_timeout_plus_half_a_second_with_20ms_links() {
     timing_test(NatType::PortRestricted, NatType::Symmetric, false);
@@ -417,6 +424,7 @@ fn nft(lab: &Lab, ns: &str, script: &str) {
     assert!(child.wait().expect("nft").success(), "nft failed: {script}");
 }
 
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn traffic_falls_back_to_the_relay_when_the_direct_path_dies_and_returns_when_it_heals() {
     netlab::require_lab!();

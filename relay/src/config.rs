@@ -17,8 +17,93 @@ use crate::tcp::TcpConfig;
 /// every other datagram from one is forwarded to the other. Built for QUIC between peers that
 /// cannot reach each other directly. Protocol: relay/PROTOCOL.md. Logs: set RUST_LOG (e.g.
 /// RUST_LOG=debug for per-session events).
+///
+/// With no subcommand it runs the relay; `quic-relay session` and `quic-relay token` print a
+/// session id and a session token for its peers.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "quic-relay", version, about, long_about)]
+#[command(
+    name = "quic-relay",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// A helper instead of the relay.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The relay's flags (when no subcommand is given).
+    #[command(flatten)]
+    pub server: Args,
+}
+
+/// The helpers: what a backend (or a shell) needs to hand peers their credentials.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print a fresh random session id (a UUID v4) for two peers to share.
+    Session,
+    /// Print a session token for a relay run with --secret-file.
+    ///
+    /// The token (`<expiry>:<mac>`, PROTOCOL.md §6) is accepted by a relay run with the same
+    /// --secret-file, for --session, until it expires. Peers pass it as their relay token
+    /// (`--token` of the peer-sdk examples, `--relay-token` of mqproxy).
+    Token(TokenArgs),
+}
+
+/// `quic-relay token`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// The relay's secret file; the token is minted with its first secret.
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// The session the token is for (e.g. from `quic-relay session`).
+    #[arg(long)]
+    pub session: uuid::Uuid,
+    /// How long the token stays valid: a number with a unit s, m, h or d (e.g. 90s, 30m, 24h,
+    /// 7d). The relay checks it on every registration, keepalives included, so make it
+    /// outlive the session.
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+}
+
+impl TokenArgs {
+    /// The token for `now` (Unix seconds), minted with the file's first secret.
+    pub fn mint(&self, now: u64) -> Result<crate::proto::Token, ConfigError> {
+        let secrets = read_secrets(&self.secret_file)?;
+        Ok(crate::proto::Token::mint(
+            &secrets[0],
+            self.session,
+            now.saturating_add(self.ttl.as_secs()),
+        ))
+    }
+}
+
+/// Parses a duration like `90s`, `30m`, `24h` or `7d` (a bare number is seconds).
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: write e.g. 90s, 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err("the token would be expired at once: give a TTL above 0".into()),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+        None => Err(format!("{s:?} is too long")),
+    }
+}
+
+/// The relay's flags; every one has a `QUIC_RELAY_*` environment variable.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// UDP port to listen on (and TCP, unless --no-tcp).
     #[arg(long, env = "QUIC_RELAY_PORT", default_value_t = defaults::PORT)]
@@ -208,4 +293,21 @@ pub fn read_secrets(path: &std::path::Path) -> Result<Vec<Vec<u8>>, ConfigError>
         return Err(ConfigError::NoSecret(path.to_owned()));
     }
     Ok(secrets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_take_a_unit_and_reject_nonsense() {
+        assert_eq!(parse_ttl("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("30m"), Ok(Duration::from_secs(1_800)));
+        assert_eq!(parse_ttl("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "h", "3w", "-1h", "1.5h", "0s", "99999999999999999999d"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 }

@@ -3,16 +3,38 @@
 use std::io::IsTerminal as _;
 use std::sync::Arc;
 
+mod cli_assets;
+
 use anyhow::Context as _;
-use clap::Parser as _;
-use quic_relay::config::Args;
+use clap::{CommandFactory as _, Parser as _};
+use quic_relay::config::{Cli, Command};
 use quic_relay::metrics;
 use quic_relay::server::Server;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    if cli_assets::write_if_asked(Cli::command())
+        .context("cannot write completions and man pages")?
+    {
+        return Ok(());
+    }
+    let cli = Cli::parse();
+    let args = match cli.command {
+        None => cli.server,
+        Some(Command::Session) => {
+            println!("{}", new_session()?);
+            return Ok(());
+        }
+        Some(Command::Token(t)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("the system clock is before 1970")?
+                .as_secs();
+            println!("{}", t.mint(now)?);
+            return Ok(());
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -46,6 +68,8 @@ fn main() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
                     format!("cannot listen for --metrics on TCP {addr}: is the port taken?")
                 })?;
+                // The bound address, so `--metrics 127.0.0.1:0` reports its port.
+                let addr = listener.local_addr().unwrap_or(addr);
                 info!(%addr, "metrics at http://{addr}/metrics");
                 Some(tokio::spawn(metrics::serve(
                     listener,
@@ -82,4 +106,14 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(clean, "the relay thread panicked");
         Ok(())
     })
+}
+
+/// A random (version 4) session id from the kernel's random source.
+fn new_session() -> anyhow::Result<uuid::Uuid> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom for a random session id")?;
+    Ok(uuid::Builder::from_random_bytes(bytes).into_uuid())
 }

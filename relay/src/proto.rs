@@ -12,6 +12,7 @@
 //! This module is compiled by the SDK too (feature `proto`), so the relay and its clients share
 //! one definition of every byte.
 
+use std::fmt;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
@@ -127,6 +128,22 @@ impl Token {
         mac.update(b":");
         mac.update(expiry.to_string().as_bytes());
         mac
+    }
+}
+
+/// The token as it goes on the wire after `t=`: `<expiry>:<64 hex digits>`.
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.expiry, hex::encode(self.mac))
+    }
+}
+
+/// Parses `<expiry>:<64 hex digits>`, the form [`Token`]'s `Display` writes (and
+/// `quic-relay token` prints).
+impl std::str::FromStr for Token {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Token, ParseError> {
+        parse_token(s.trim().as_bytes())
     }
 }
 
@@ -423,7 +440,7 @@ impl Registration {
                 let _ = write!(s, " p={:016x}", p.0);
             }
             if let Some(t) = &ext.token {
-                let _ = write!(s, " t={}:{}", t.expiry, hex::encode(t.mac));
+                let _ = write!(s, " t={t}");
             }
             if let Some(Cookie(c)) = ext.cookie {
                 let _ = write!(s, " c={c:016x}");

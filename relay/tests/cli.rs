@@ -95,14 +95,6 @@ impl Drop for Relay {
     }
 }
 
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn reg(relay: SocketAddr) -> Vec<u8> {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
     s.set_read_timeout(Some(WAIT)).expect("timeout");
@@ -154,17 +146,12 @@ fn help_explains_every_flag_and_its_environment_variable() {
 
 #[test]
 fn serves_on_the_port_from_the_environment_and_exits_cleanly_on_sigterm() {
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut relay = Relay::start(
-        &["--bind", "127.0.0.1"],
-        &[("QUIC_RELAY_PORT", &port.to_string())],
-    );
+    // Port 0 from the environment: the relay binds a free port itself (a port picked here
+    // and released could be taken before the relay binds it). Without the variable it would
+    // bind the default 4433.
+    let mut relay = Relay::start(&["--bind", "127.0.0.1"], &[("QUIC_RELAY_PORT", "0")]);
     let addr = relay.wait_bound();
-    assert_eq!(addr.port(), port);
+    assert_ne!(addr.port(), 4433, "QUIC_RELAY_PORT was ignored");
     relay.wait_log("quic-relay listening");
     assert_eq!(reg(addr), b"ACK\n");
     relay.signal(libc::SIGTERM);
@@ -233,14 +220,27 @@ fn bad_flags_and_secret_files_are_named() {
 
 #[test]
 fn metrics_are_served_as_prometheus_text() {
-    let mport = free_tcp_port();
-    let maddr = format!("127.0.0.1:{mport}");
     let mut relay = Relay::start(
-        &["--bind", "127.0.0.1", "--port", "0", "--metrics", &maddr],
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
         &[],
     );
     let addr = relay.wait_bound();
-    relay.wait_log("metrics at");
+    // The relay reports the address it bound for port 0.
+    let line = relay.wait_log("metrics at");
+    let maddr = line
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("metrics address in the log")
+        .to_owned();
+    assert!(!maddr.ends_with(":0"), "{line}");
     assert_eq!(reg(addr), b"ACK\n");
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -301,8 +301,8 @@ fn nothing_is_logged_per_packet_at_info() {
 
 #[test]
 fn tcp_is_served_on_the_same_port_unless_turned_off() {
-    let port = free_tcp_port();
-    let mut relay = Relay::start(&["--bind", "127.0.0.1", "--port", &port.to_string()], &[]);
+    // Port 0: the relay binds TCP on the port the kernel gave its UDP socket.
+    let mut relay = Relay::start(&["--bind", "127.0.0.1", "--port", "0"], &[]);
     let addr = relay.wait_bound();
     relay.wait_log("relay TCP listener bound");
     relay.wait_log("quic-relay listening");
@@ -317,9 +317,8 @@ fn tcp_is_served_on_the_same_port_unless_turned_off() {
     assert_eq!(&reply, b"\x00\x04ACK\n");
     drop(relay);
 
-    let port = free_tcp_port();
     let mut relay = Relay::start(
-        &["--bind", "127.0.0.1", "--port", &port.to_string()],
+        &["--bind", "127.0.0.1", "--port", "0"],
         &[("QUIC_RELAY_NO_TCP", "true")],
     );
     let addr = relay.wait_bound();
@@ -344,5 +343,171 @@ fn a_taken_tcp_port_is_a_clear_error_that_names_no_tcp() {
     assert!(
         err.contains(&format!("cannot listen on TCP 127.0.0.1:{port}")) && err.contains("--no-tcp"),
         "{err}"
+    );
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run quic-relay");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends `request` from a fresh socket and returns the reply's first line.
+fn ask(relay: SocketAddr, request: &[u8]) -> String {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    s.send_to(request, relay).expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).expect("reply");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn registration(session: &str, token: Option<&str>) -> Vec<u8> {
+    use quic_relay::proto::{Extended, Registration};
+    Registration {
+        session: session.parse().expect("session id"),
+        extended: Some(Extended {
+            peer: None,
+            token: token.map(|t| t.parse().expect("the printed token parses")),
+        }),
+    }
+    .encode()
+}
+
+#[test]
+fn session_prints_a_fresh_random_uuid() {
+    let (ok, a, err) = run(&["session"]);
+    assert!(ok, "{err}");
+    let (_, b, _) = run(&["session"]);
+    let (a, b) = (a.trim(), b.trim());
+    let parsed: uuid::Uuid = a.parse().expect("a UUID");
+    assert_eq!(parsed.get_version_num(), 4, "{a}");
+    assert_eq!(parsed.hyphenated().to_string(), a, "lowercase hyphenated");
+    assert_ne!(a, b, "two calls gave the same session id");
+}
+
+#[test]
+fn a_minted_token_is_accepted_by_a_relay_with_the_same_secret_file() {
+    let dir = std::env::temp_dir().join(format!("quic-relay-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let secrets = dir.join("secrets");
+    std::fs::write(
+        &secrets,
+        "first-secret-0123456789\nsecond-secret-0123456789\n",
+    )
+    .expect("write");
+    let secrets = secrets.to_str().expect("utf-8 path");
+    let (_, session, _) = run(&["session"]);
+    let session = session.trim();
+    let (ok, token, err) = run(&["token", "--secret-file", secrets, "--session", session]);
+    assert!(ok, "{err}");
+    let token = token.trim();
+    // The default TTL is 24 hours.
+    let expiry: u64 = token
+        .split(':')
+        .next()
+        .expect("expiry")
+        .parse()
+        .expect("number");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(expiry.abs_diff(now + 86_400) <= 5, "{token} vs now {now}");
+
+    let mut relay = Relay::start(
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--secret-file",
+            secrets,
+        ],
+        &[],
+    );
+    let addr = relay.wait_bound();
+    relay.wait_log("quic-relay listening");
+    assert!(ask(addr, &registration(session, Some(token))).starts_with("ACK"));
+    assert_eq!(ask(addr, &registration(session, None)), "ERR auth");
+    // A token is bound to its session.
+    let (_, other, _) = run(&["session"]);
+    assert_eq!(
+        ask(addr, &registration(other.trim(), Some(token))),
+        "ERR auth"
+    );
+    // --ttl sets the expiry.
+    let (ok, short, err) = run(&[
+        "token",
+        "--secret-file",
+        secrets,
+        "--session",
+        session,
+        "--ttl",
+        "90s",
+    ]);
+    assert!(ok, "{err}");
+    let short_expiry: u64 = short
+        .split(':')
+        .next()
+        .expect("expiry")
+        .parse()
+        .expect("number");
+    assert!(short_expiry.abs_diff(now + 90) <= 5, "{short}");
+
+    // Errors name the bad input.
+    let (ok, _, err) = run(&["token", "--secret-file", secrets, "--session", "nope"]);
+    assert!(!ok && err.contains("--session"), "{err}");
+    let (ok, _, err) = run(&[
+        "token",
+        "--secret-file",
+        secrets,
+        "--session",
+        session,
+        "--ttl",
+        "3w",
+    ]);
+    assert!(
+        !ok && err.contains("--ttl") && err.contains("unknown unit"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[
+        "token",
+        "--secret-file",
+        "/nonexistent/secrets",
+        "--session",
+        session,
+    ]);
+    assert!(!ok && err.contains("cannot read --secret-file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_server_flags_still_work_without_a_subcommand_and_do_not_mix_with_one() {
+    let (ok, _, err) = run(&["--port", "0", "session"]);
+    assert!(!ok, "a server flag before a subcommand was accepted");
+    assert!(err.contains("session") || err.contains("--port"), "{err}");
+    let (ok, help, _) = run(&["--help"]);
+    assert!(ok);
+    assert!(help.contains("session") && help.contains("token"), "{help}");
+}
+
+#[test]
+fn version_names_the_binary() {
+    let (ok, out, _) = run(&["--version"]);
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        format!("quic-relay {}", env!("CARGO_PKG_VERSION"))
     );
 }

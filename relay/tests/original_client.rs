@@ -16,12 +16,15 @@ fn python() -> Option<&'static str> {
     ["python3", "python"].into_iter().find(|p| ok(p))
 }
 
+#[ignore = "needs python3 (apt-get install python3); run with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn original_python_clients_pair_and_exchange_datagrams() {
     let Some(py) = python() else {
+        // #[ignore]d with this as the reason: under CI or --ignored it must run, not pass unrun.
+        let asked = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI must have python3 for this test"
+            std::env::var("CI").as_deref() != Ok("true") && !asked,
+            "python3 is needed under CI=true or --ignored"
         );
         eprintln!("skipping: no python3 on this machine");
         return;

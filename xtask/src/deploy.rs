@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use quic_relay::proto::{Extended, Registration, Reply, Token, Uuid};
 
 use crate::cli::Args;
 use crate::process::ChildGuard;
@@ -761,9 +762,55 @@ fi
         }
         let addr = self.health_target(script_out)?;
         match self.opts.product {
-            Product::Relay => relay_health(addr, self.opts.health_timeout),
+            Product::Relay => {
+                let secret = self.relay_secret()?;
+                relay_health(addr, self.opts.health_timeout, secret.as_deref())
+            }
             Product::Mqproxy => self.mqproxy_health(addr),
         }
+    }
+
+    /// The first secret of the running relay's secret file (`--secret-file` in its command
+    /// line, else `QUIC_RELAY_SECRET_FILE` in its environment, e.g. from a systemd drop-in),
+    /// read over ssh from the process itself, so the check mints a token exactly as a peer's
+    /// backend would. `None` when the relay runs without tokens (or its pid is unknown, with
+    /// a --start-cmd that keeps no pid file).
+    fn relay_secret(&self) -> Result<Option<Vec<u8>>> {
+        let mut script = self.preamble();
+        script.push_str(match self.opts.manager {
+            Manager::Systemd => {
+                "pid=$(systemctl show -p MainPID --value \"$NAME.service\" 2>/dev/null || true)\n"
+            }
+            Manager::Shell { .. } => "pid=$(cat \"$PIDFILE\" 2>/dev/null || true)\n",
+        });
+        script.push_str(&format!(
+            "[ -n \"$pid\" ] && [ \"$pid\" != 0 ] || exit 0\n\
+             # The service may still be exec'ing: wait until the pid runs the binary.\n\
+             i=0\n\
+             while [ \"$(readlink \"/proc/$pid/exe\" 2>/dev/null)\" != \"$BIN\" ] && [ \"$i\" -lt {polls} ]; do sleep 0.25; i=$((i + 1)); done\n\
+             f=$(tr '\\0' '\\n' < \"/proc/$pid/cmdline\" | sed -n -e '/^--secret-file$/{{n;p;q;}}' -e 's/^--secret-file=//p' | head -n 1)\n\
+             [ -n \"$f\" ] || f=$(tr '\\0' '\\n' < \"/proc/$pid/environ\" | sed -n 's/^QUIC_RELAY_SECRET_FILE=//p' | head -n 1)\n\
+             [ -n \"$f\" ] || exit 0\n\
+             case \"$f\" in /*) ;; *) f=\"/proc/$pid/cwd/$f\" ;; esac\n\
+             echo '--- secret ---'\n\
+             cat \"$f\"\n\
+             echo\n\
+             echo '--- end ---'\n",
+            polls = self.opts.health_timeout.as_secs().max(1) * 4
+        ));
+        let out = self.ssh(&script, "read the relay's secret for a health-check token")?;
+        let Some(text) = section(&out, "secret") else {
+            return Ok(None);
+        };
+        // The relay mints with nothing but checks against every line; its first non-empty line
+        // (trimmed, as the relay reads it) is as good as any.
+        let secret = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .ok_or_else(|| anyhow!("the relay's secret file on the host holds no secret"))?;
+        println!("    the relay requires tokens: minting one with its secret file's first secret");
+        Ok(Some(secret.as_bytes().to_vec()))
     }
 
     /// Runs the local `mqproxy client` against the server until it logs that it authenticated.
@@ -841,8 +888,9 @@ fi
     }
 }
 
-/// Sends `REG:<uuid>\n` until the relay answers exactly `ACK\n` (relay/PROTOCOL.md §3.1, §4.1).
-pub fn relay_health(addr: SocketAddr, timeout: Duration) -> Result<()> {
+/// Sends `REG:<uuid>\n` until the relay answers `ACK` (relay/PROTOCOL.md §3.1, §4.1); with a
+/// secret, the registration carries a token minted with it (§6), valid for 10 minutes.
+pub fn relay_health(addr: SocketAddr, timeout: Duration, secret: Option<&[u8]>) -> Result<()> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal address")
     } else {
@@ -851,19 +899,38 @@ pub fn relay_health(addr: SocketAddr, timeout: Duration) -> Result<()> {
     let sock = UdpSocket::bind(bind).context("bind a UDP socket for the health check")?;
     sock.set_read_timeout(Some(HEALTH_POLL))
         .context("set the health check's read timeout")?;
-    let reg = format!("REG:{}\n", random_uuid()?);
+    let session: Uuid = random_uuid()?
+        .parse()
+        .context("a random session id parses as a UUID")?;
+    let reg = match secret {
+        None => Registration::original(session).encode(),
+        Some(secret) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("the system clock is before 1970")?
+                .as_secs();
+            Registration {
+                session,
+                extended: Some(Extended {
+                    peer: None,
+                    token: Some(Token::mint(secret, session, now + 600)),
+                }),
+            }
+            .encode()
+        }
+    };
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no reply");
     let mut buf = [0u8; 600];
     while Instant::now() < deadline {
-        if let Err(e) = sock.send_to(reg.as_bytes(), addr) {
+        if let Err(e) = sock.send_to(&reg, addr) {
             // E.g. ICMP port unreachable from the previous round: nothing listens yet.
             last = format!("send: {e}");
             std::thread::sleep(HEALTH_POLL);
             continue;
         }
         match sock.recv_from(&mut buf) {
-            Ok((n, from)) if &buf[..n] == b"ACK\n" => {
+            Ok((n, from)) if matches!(Reply::parse(&buf[..n]), Some(Reply::Ack { .. })) => {
                 println!("    {from} answered ACK");
                 return Ok(());
             }

@@ -14,8 +14,10 @@ pub const HELP: &str = "\
 Usage: cargo xtask dist [--bin NAME]... [--out DIR]
 
 Builds the release binaries (cargo build --release --locked) and packs one archive per
-binary: <out>/<name>-<version>-<target>.tar.gz, holding <name>-<version>-<target>/ with the
-binary, README.md, LICENSE-MIT, LICENSE-APACHE, deploy/ (units, environment files,
+archive: <out>/<name>-<version>-<target>.tar.gz, holding <name>-<version>-<target>/ with the
+binaries (quic-relay; mqproxy with udp-over-tcp and udpsocks), completions/ (bash, zsh, fish)
+and man/ (one page per command and subcommand), both written by each binary from its own clap
+definition, README.md, LICENSE-MIT, LICENSE-APACHE, deploy/ (units, environment files,
 cloud-init, the guide) and SHA256SUMS of those files (check with `sha256sum -c SHA256SUMS`
 inside the unpacked directory). <out>/SHA256SUMS lists the archives made by this run.
 Archives are reproducible: sorted, owner 0, mtime from SOURCE_DATE_EPOCH or the last commit.
@@ -25,8 +27,19 @@ Options:
   --out DIR    where the archives go (default: target/dist)
 ";
 
-/// A binary that can be packed, and the package directory its version comes from.
-const BINARIES: &[(&str, &str)] = &[("quic-relay", "relay"), ("mqproxy", "mqproxy")];
+/// An archive that can be packed, the package directory its version comes from, and the
+/// binaries it holds (the first is the archive's name).
+const BINARIES: &[(&str, &str, &[&str])] = &[
+    ("quic-relay", "relay", &["quic-relay"]),
+    (
+        "mqproxy",
+        "mqproxy",
+        &["mqproxy", "udp-over-tcp", "udpsocks"],
+    ),
+];
+
+/// How the binaries are asked for their completions and man pages (relay/src/cli_assets.rs).
+const CLI_ASSETS_ENV: &str = "CLI_ASSETS_DIR";
 
 /// Files from the workspace root that every archive carries.
 const ROOT_FILES: &[&str] = &["README.md", "LICENSE-MIT", "LICENSE-APACHE"];
@@ -42,10 +55,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut a = Args::new(args);
     let mut bins = Vec::new();
     while let Some(b) = a.value("--bin")? {
-        let Some(&(name, dir)) = BINARIES.iter().find(|(n, _)| *n == b) else {
+        let Some(&archive) = BINARIES.iter().find(|(n, _, _)| *n == b) else {
             bail!("--bin {b}: expected quic-relay or mqproxy");
         };
-        bins.push((name, dir));
+        bins.push(archive);
     }
     if bins.is_empty() {
         bins = BINARIES.to_vec();
@@ -60,10 +73,10 @@ pub fn run(args: &[String]) -> Result<()> {
     let epoch = source_date_epoch();
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
     let mut archives = Vec::new();
-    for &(name, dir) in &bins {
+    for &(name, dir, binaries) in &bins {
         let version = package_version(&project_root().join(dir).join("Cargo.toml"))?;
         let stem = format!("{name}-{version}-{target}");
-        let archive = pack(&out, &stem, name, &epoch)?;
+        let archive = pack(&out, &stem, binaries, &epoch)?;
         println!("{}", archive.display());
         archives.push(format!("{stem}.tar.gz"));
     }
@@ -74,13 +87,16 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn build(bins: &[(&str, &str)]) -> Result<()> {
+fn build(bins: &[(&str, &str, &[&str])]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(project_root())
         .args(["build", "--release", "--locked"]);
-    for (name, _) in bins {
-        cmd.args(["-p", name, "--bin", name]);
+    for (name, _, binaries) in bins {
+        cmd.args(["-p", name]);
+        for b in *binaries {
+            cmd.args(["--bin", b]);
+        }
     }
     let status = cmd.status().with_context(|| format!("run {cargo}"))?;
     if !status.success() {
@@ -90,7 +106,7 @@ fn build(bins: &[(&str, &str)]) -> Result<()> {
 }
 
 /// Stages `<out>/<stem>/`, writes its SHA256SUMS, packs it and removes the staging directory.
-fn pack(out: &Path, stem: &str, name: &str, epoch: &str) -> Result<PathBuf> {
+fn pack(out: &Path, stem: &str, binaries: &[&str], epoch: &str) -> Result<PathBuf> {
     let root = project_root();
     let stage = out.join(stem);
     if stage.exists() {
@@ -98,8 +114,13 @@ fn pack(out: &Path, stem: &str, name: &str, epoch: &str) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(stage.join("deploy"))
         .with_context(|| format!("create {}", stage.display()))?;
-    let mut files = vec![name.to_owned()];
-    copy(&target_dir().join("release").join(name), &stage.join(name))?;
+    let mut files = Vec::new();
+    for name in binaries {
+        let bin = target_dir().join("release").join(name);
+        copy(&bin, &stage.join(name))?;
+        files.push((*name).to_owned());
+        files.extend(cli_assets(&bin, &stage)?);
+    }
     for f in ROOT_FILES {
         copy(&root.join(f), &stage.join(f))?;
         files.push((*f).to_owned());
@@ -141,6 +162,46 @@ fn pack(out: &Path, stem: &str, name: &str, epoch: &str) -> Result<PathBuf> {
     }
     std::fs::remove_dir_all(&stage).with_context(|| format!("remove {}", stage.display()))?;
     Ok(archive)
+}
+
+/// Runs `bin` with [`CLI_ASSETS_ENV`] and sorts what it writes into `<stage>/completions/`
+/// and `<stage>/man/`; returns their paths relative to the stage, sorted.
+fn cli_assets(bin: &Path, stage: &Path) -> Result<Vec<String>> {
+    let tmp = stage.join(".cli-assets");
+    let out = Command::new(bin)
+        .env(CLI_ASSETS_ENV, &tmp)
+        .output()
+        .with_context(|| format!("run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} could not write its completions and man pages: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(&tmp)
+        .with_context(|| format!("{} wrote nothing to {}", bin.display(), tmp.display()))?
+        .collect::<Result<_, _>>()
+        .context("list completions and man pages")?;
+    entries.sort_by_key(|e| e.file_name());
+    let mut files = Vec::new();
+    for e in entries {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let sub = if file.ends_with(".1") {
+            "man"
+        } else {
+            "completions"
+        };
+        std::fs::create_dir_all(stage.join(sub)).context("create completions/ or man/")?;
+        let rel = format!("{sub}/{file}");
+        std::fs::rename(e.path(), stage.join(&rel)).with_context(|| format!("move {rel}"))?;
+        files.push(rel);
+    }
+    std::fs::remove_dir_all(&tmp).with_context(|| format!("remove {}", tmp.display()))?;
+    if !files.iter().any(|f| f.starts_with("man/")) || files.len() < 4 {
+        bail!("{} wrote only {files:?}", bin.display());
+    }
+    Ok(files)
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {

@@ -17,15 +17,39 @@ const HELP: &str = "\
 Project automation. Usage: cargo xtask <task> [args]
 
 Tasks:
-  bench relay [options]   measure quic-relay against baselines from the same run
-                          (`cargo xtask bench relay --help` for its options)
-  bench mqproxy [options] mqproxy's UDP and TCP throughput against direct and shadowsocks
-  lab <up|check|cleanup>  the NAT lab in network namespaces (`cargo xtask lab --help`)
-  deploy --host USER@HOST build, upload and restart quic-relay (or mqproxy) over ssh, check
-                          its health, roll back on failure (`cargo xtask deploy --help`)
-  dist                    release archives with SHA-256 sums (`cargo xtask dist --help`)
-  help                    print this text
+  bench relay [options]     measure quic-relay against baselines from the same run
+  bench mqproxy [options]   mqproxy's UDP and TCP throughput against direct and shadowsocks
+  bench uot [options]       udp-over-tcp against direct UDP: loss, highest rate, round trip
+  bench multipath [options] root: mqproxy over two shaped paths against one, in the netns lab
+                            (every bench takes --quick for a short smoke run)
+  lab <up|check|cleanup>    the NAT lab in network namespaces (root)
+  deploy --host USER@HOST   build, upload and restart quic-relay (or mqproxy) over ssh, check
+                            its health, roll back on failure
+  dist                      release archives (binaries, completions, man pages, deploy/) with
+                            SHA-256 sums
+  help, -h, --help          print this text and every task's options (below)
+  -V, --version             print xtask's version
 ";
+
+/// Every task's own help, printed after [`HELP`] so that `cargo xtask --help` lists every
+/// command and flag in one place (each is also printed by `cargo xtask <task> --help`).
+fn full_help() -> String {
+    let sections: [(&str, &str); 8] = [
+        ("bench", bench::HELP),
+        ("bench relay", bench::relay::HELP),
+        ("bench mqproxy", bench::mqproxy::HELP),
+        ("bench uot", bench::uot::HELP),
+        ("bench multipath", bench::multipath::HELP),
+        ("lab", lab::HELP),
+        ("deploy", deploy::HELP),
+        ("dist", dist::HELP),
+    ];
+    let mut out = String::from(HELP);
+    for (task, help) in sections {
+        out.push_str(&format!("\n=== cargo xtask {task} ===\n{help}"));
+    }
+    out
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,12 +65,16 @@ fn main() -> ExitCode {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((task, rest)) = args.split_first() else {
-        print!("{HELP}");
+        print!("{}", full_help());
         return Ok(());
     };
     match task.as_str() {
         "help" | "-h" | "--help" => {
-            print!("{HELP}");
+            print!("{}", full_help());
+            Ok(())
+        }
+        "-V" | "--version" => {
+            println!("xtask {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
         "bench" => bench::run(rest),

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -50,6 +51,44 @@ impl ChildGuard {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits until the child's log has a line containing `needle` and returns the value of
+    /// `key=` in that line (up to the next space, colour codes removed). How the benchmarks
+    /// learn the address a child bound for port 0, instead of picking a port and releasing it.
+    pub fn wait_logged(&mut self, needle: &str, key: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let found = text
+                .lines()
+                .map(strip_ansi)
+                .find(|l| l.contains(needle))
+                .and_then(|l| {
+                    l.split(&format!("{key}="))
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next())
+                        // A Debug-logged `Option`: `Some(addr)`.
+                        .map(|v| {
+                            v.trim_start_matches("Some(")
+                                .trim_end_matches(')')
+                                .to_owned()
+                        })
+                });
+            if let Some(v) = found {
+                return Ok(v);
+            }
+            self.check_alive()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} logged no {needle:?} line within {timeout:?}; last lines of {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    log_tail(&self.log, 10)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Fails (with the end of its log) if the child has exited.
@@ -148,4 +187,22 @@ pub fn pin_this_thread_for_now(cpu: usize) -> std::io::Result<AffinityGuard> {
     }
     pin_this_thread(cpu)?;
     Ok(AffinityGuard { saved })
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

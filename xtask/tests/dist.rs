@@ -1,5 +1,6 @@
-//! `cargo xtask dist --bin quic-relay`: the archive holds the expected files, and both the
-//! archive's SHA256SUMS and the one next to it verify with `sha256sum -c`.
+//! `cargo xtask dist --bin quic-relay`: the archive holds the expected files (among them the
+//! completions and man pages the binary wrote), and both the archive's SHA256SUMS and the one
+//! next to it verify with `sha256sum -c`.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,6 +55,12 @@ fn relay_archive_lists_the_files_and_sums_verify() {
         "deploy/cloud-init.yaml",
         "deploy/security-group.json",
         "deploy/99-quic-relay.conf",
+        "completions/quic-relay.bash",
+        "completions/_quic-relay",
+        "completions/quic-relay.fish",
+        "man/quic-relay.1",
+        "man/quic-relay-token.1",
+        "man/quic-relay-session.1",
     ] {
         let path = format!("{stem}/{f}");
         assert!(
@@ -84,5 +91,21 @@ fn relay_archive_lists_the_files_and_sums_verify() {
     let unpacked = out.join(stem).join("quic-relay");
     let version_line = run_ok(Command::new(&unpacked).arg("--version"));
     assert!(version_line.contains(version), "{version_line}");
+    // Generated from the shipped binary's clap definition: its flags and subcommands are in them.
+    let bash = std::fs::read_to_string(out.join(stem).join("completions/quic-relay.bash"))
+        .expect("bash completion");
+    assert!(
+        bash.contains("--secret-file") && bash.contains("token"),
+        "{bash}"
+    );
+    let man = std::fs::read_to_string(out.join(stem).join("man/quic-relay.1")).expect("man page");
+    assert!(
+        man.contains(".TH quic-relay") && man.contains("QUIC_RELAY_PORT"),
+        "{man}"
+    );
+    assert!(
+        !listing.lines().any(|l| l.contains("help")),
+        "pages for clap's help pseudo-subcommand:\n{listing}"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -20,9 +20,11 @@ fn systemd_analyze_available() -> bool {
     {
         return true;
     }
+    // #[ignore]d with this as the reason: under CI or --ignored it must run, not pass unrun.
+    let asked = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
     assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "systemd-analyze is missing under CI (apt-get install systemd)"
+        std::env::var("CI").as_deref() != Ok("true") && !asked,
+        "systemd-analyze is missing under CI=true or --ignored (apt-get install systemd)"
     );
     eprintln!("skipping: systemd-analyze is missing (apt-get install systemd)");
     false
@@ -51,6 +53,7 @@ fn staged_units(dir: &Path) -> Vec<PathBuf> {
     units
 }
 
+#[ignore = "needs systemd-analyze (apt-get install systemd); run with `cargo test -- --ignored` (CI does)"]
 #[test]
 fn units_verify_cleanly_and_are_hardened() {
     if !systemd_analyze_available() {

@@ -1,8 +1,11 @@
 //! `mqproxy`: the command-line front end (`mqproxy server ...`, `mqproxy client ...`); parses
 //! options, installs logging and signal handling, and runs the library.
 
+#[path = "shared/cli_assets.rs"]
+mod cli_assets;
+
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use mqproxy::config::{ClientOpts, ServerOpts};
 
 /// SOCKS5 (TCP and UDP ASSOCIATE) and HTTP CONNECT over QUIC.
@@ -11,7 +14,7 @@ use mqproxy::config::{ClientOpts, ServerOpts};
 /// point the applications at the client's SOCKS5 (or HTTP) listener. Logs go to stderr;
 /// RUST_LOG=debug shows each connection and session.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "mqproxy", version)]
 struct Cli {
     #[command(subcommand)]
     role: Role,
@@ -32,6 +35,10 @@ enum Role {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `cargo xtask dist` asks for completions and man pages through the environment.
+    if cli_assets::write_if_asked(Cli::command())? {
+        return Ok(());
+    }
     let cli = Cli::parse();
     mqproxy::logging::init("info");
     let rt = match cli.threads.map_or(1, std::num::NonZeroUsize::get) {

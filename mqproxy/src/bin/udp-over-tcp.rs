@@ -2,11 +2,14 @@
 //! tool (same flags and defaults, `plain` framing byte-compatible), plus the per-flow fork's
 //! and Mullvad's framings and an optional pre-shared key.
 
+#[path = "shared/cli_assets.rs"]
+mod cli_assets;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{ArgGroup, Parser};
+use clap::{ArgGroup, CommandFactory as _, Parser};
 use mqproxy::uot::framing::Framing;
 use mqproxy::uot::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
 
@@ -23,7 +26,7 @@ use mqproxy::uot::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
 /// --tcp-listen/--udp-bind and 127.0.0.1 for --tcp-connect/--udp-sendto. The connect side
 /// reconnects by itself (with backoff) whenever the connection drops.
 #[derive(Debug, Parser)]
-#[command(version, verbatim_doc_comment, group(ArgGroup::new("tcp").required(true).args(["tcp_listen", "tcp_connect"])))]
+#[command(name = "udp-over-tcp", version, verbatim_doc_comment, group(ArgGroup::new("tcp").required(true).args(["tcp_listen", "tcp_connect"])))]
 struct Args {
     /// Accept the tunnel's TCP connection here (PORT or ADDR:PORT). The newest connection (with
     /// --psk: the newest authenticated one) carries the tunnel.
@@ -64,6 +67,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `cargo xtask dist` asks for completions and man pages through the environment.
+    if cli_assets::write_if_asked(Args::command())? {
+        return Ok(());
+    }
     let a = Args::parse();
     let level = if a.debug {
         "mqproxy=trace,udp_over_tcp=trace"

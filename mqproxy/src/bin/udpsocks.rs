@@ -1,12 +1,15 @@
 //! `udpsocks`: sends UDP packets to a target through a SOCKS5 proxy's UDP ASSOCIATE, prints
 //! each round trip and a summary, and exits non-zero when replies are missing.
 
+#[path = "shared/cli_assets.rs"]
+mod cli_assets;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use mqproxy::proto::TargetAddr;
 use mqproxy::udpsocks::UdpAssociation;
 
@@ -15,7 +18,7 @@ use mqproxy::udpsocks::UdpAssociation;
 /// Each packet carries a sequence number and a pattern; a reply counts when it echoes both
 /// (an echo server), or when any reply arrives with --any-reply (e.g. a DNS server).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "udpsocks", version)]
 struct Args {
     /// SOCKS5 proxy address.
     #[arg(long, default_value = "127.0.0.1:1080")]
@@ -53,6 +56,10 @@ fn payload(seq: u32, len: usize) -> Vec<u8> {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    // `cargo xtask dist` asks for completions and man pages through the environment.
+    if cli_assets::write_if_asked(Args::command())? {
+        return Ok(ExitCode::SUCCESS);
+    }
     let a = Args::parse();
     mqproxy::logging::init("warn");
     anyhow::ensure!(

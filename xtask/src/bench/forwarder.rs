@@ -42,6 +42,8 @@ pub fn main(args: &[String]) -> Result<()> {
 
     let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
     sys::set_buffers(&sock, buffer).context("socket buffers")?;
+    // The benchmark passes port 0 and reads the bound address from this line.
+    eprintln!("bench-forwarder listening addr={}", sock.local_addr()?);
     sock.set_read_timeout(Some(IDLE_CHECK))?;
     let route = |payload: &[u8], src: SocketAddrV4| match return_to {
         _ if ack && payload.starts_with(b"REG:") => Route::Reply(b"ACK\n"),

@@ -3,18 +3,18 @@
 pub mod forwarder;
 mod load;
 mod metrics;
-mod mqproxy;
+pub mod mqproxy;
 mod multiaddr;
-mod multipath;
-mod relay;
-mod sdk;
+pub mod multipath;
+pub mod relay;
+pub mod sdk;
 mod sys;
 pub mod table;
-mod uot;
+pub mod uot;
 
 use anyhow::{bail, Result};
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench <target> [options]
 
 Targets:

@@ -18,7 +18,7 @@ use super::sys::{self, RecvBatch, SendBatch};
 use crate::cli::Args;
 use crate::process::ChildGuard;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench mqproxy [options]
 
 Builds mqproxy and xtask in release (then re-runs itself from the release build), starts a UDP
@@ -252,40 +252,36 @@ impl Proxy {
 }
 
 fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
-    let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
+    // Port 0 for both: each binds its own and logs it ("server running listen=..",
+    // "client running socks5=.."), which is read back instead of picking ports here.
     let mut server = Command::new(bin);
     server
-        .args([
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{sp}"),
-            "--token",
-            SECRET,
-        ])
+        .args(["server", "--listen", "127.0.0.1:0", "--token", SECRET])
         .args(["--allow-private", "--state-dir"])
-        .arg(log_dir.join("state"));
-    let server = ChildGuard::spawn(
+        .arg(log_dir.join("state"))
+        .env("RUST_LOG", "info");
+    let mut server = ChildGuard::spawn(
         server,
         "mqproxy server",
         &log_dir.join("mqproxy-server.log"),
     )?;
+    let listen = server.wait_logged("server running", "listen", Duration::from_secs(15))?;
     let mut client = Command::new(bin);
     client
-        .args([
-            "client",
-            "--server",
-            &format!("127.0.0.1:{sp}"),
-            "--token",
-            SECRET,
-        ])
-        .args(["--insecure", "--socks5", &format!("127.0.0.1:{cp}")]);
-    let client = ChildGuard::spawn(
+        .args(["client", "--server", &listen, "--token", SECRET])
+        .args(["--insecure", "--socks5", "127.0.0.1:0"])
+        .env("RUST_LOG", "info");
+    let mut client = ChildGuard::spawn(
         client,
         "mqproxy client",
         &log_dir.join("mqproxy-client.log"),
     )?;
+    let socks: SocketAddrV4 = client
+        .wait_logged("client running", "socks5", Duration::from_secs(15))?
+        .parse()
+        .context("the mqproxy client's logged SOCKS5 address")?;
     let p = Proxy {
-        socks: SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp),
+        socks,
         children: vec![server.into(), client.into()],
     };
     p.wait_listening()?;
@@ -293,6 +289,8 @@ fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
 }
 
 fn start_ss(log_dir: &Path) -> Result<Proxy> {
+    // shadowsocks-libev does not report a port it bound for 0: these are picked and released
+    // (the one place left; a clash shows as ss-server failing to bind, in its log).
     let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
     let mut server = Command::new("ss-server");
     server.args([

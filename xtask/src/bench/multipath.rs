@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use crate::cli::Args;
 use crate::project_root;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench multipath [options]   (needs root, ip, nft: it builds a netns lab)
 
 Builds mqproxy's lab tests in release and runs the multipath benchmark: a client namespace with

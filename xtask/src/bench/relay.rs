@@ -2,7 +2,7 @@
 //! run (direct path, a minimal forwarder, a bare hash map) and prints each ratio and target.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,7 +18,7 @@ use super::{forwarder, median, table};
 use crate::cli::Args;
 use crate::process::ChildGuard;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench relay [options]
 
 Builds quic-relay and xtask in release (then re-runs itself from the release build, so the load
@@ -374,11 +374,10 @@ impl Relay {
 
     /// [`Relay::start`] on CPU `cpu` (any, if `None`).
     fn start_on(ctx: &Ctx, tag: &str, cpu: Option<usize>) -> Result<Relay> {
-        let port = free_udp_port()?;
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_tcp_port()?));
+        // Port 0 for both: the relay binds free ports itself and logs them (read below).
         let mut cmd = Command::new(&ctx.relay_bin);
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--metrics", &metrics.to_string()])
+        cmd.args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(["--metrics", "127.0.0.1:0"])
             // Room for the memory part's sessions, or the registration part's three floods.
             .args([
                 "--max-sessions",
@@ -393,14 +392,23 @@ impl Relay {
                 "100000000",
             ]);
         if std::env::var_os("RUST_LOG").is_none() {
-            // Per-registration logging would cost the relay CPU we are measuring.
-            cmd.env("RUST_LOG", "warn");
+            // Per-registration logging (debug) would cost the relay CPU we are measuring; info
+            // has the startup lines with the bound addresses and nothing per packet or session.
+            cmd.env("RUST_LOG", "warn,quic_relay=info");
         }
         if let Some(cpu) = cpu {
             crate::process::pin_command(&mut cmd, cpu)?;
         }
         let log = ctx.log_dir.join(format!("{tag}.log"));
         let mut child = ChildGuard::spawn(cmd, "quic-relay", &log)?;
+        let addr: SocketAddrV4 = child
+            .wait_logged("relay socket bound", "local_addr", STARTUP_TIMEOUT)?
+            .parse()
+            .context("the relay's logged UDP address")?;
+        let metrics: SocketAddr = child
+            .wait_logged("metrics at", "addr", STARTUP_TIMEOUT)?
+            .parse()
+            .context("the relay's logged metrics address")?;
         let start = Instant::now();
         loop {
             child.check_alive()?;
@@ -417,7 +425,7 @@ impl Relay {
         }
         Ok(Relay {
             child,
-            addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+            addr,
             metrics,
         })
     }
@@ -432,19 +440,6 @@ impl Relay {
         self.child.check_alive()?;
         metrics::scrape(self.metrics)
     }
-}
-
-fn free_udp_port() -> Result<u16> {
-    // Bound and released at once; nothing else on this host races for loopback ports.
-    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
 }
 
 fn peer_socket(ip: Ipv4Addr) -> Result<UdpSocket> {
@@ -513,9 +508,8 @@ impl Forwarder {
         ack: bool,
         cpu: Option<usize>,
     ) -> Result<Forwarder> {
-        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, free_udp_port()?);
         let mut cmd = Command::new(&ctx.xtask_bin);
-        cmd.args([forwarder::SUBCOMMAND, "--listen", &addr.to_string()])
+        cmd.args([forwarder::SUBCOMMAND, "--listen", "127.0.0.1:0"])
             .args(["--to", &local_v4(b)?.to_string()])
             .args(["--return-to", &local_v4(a)?.to_string()])
             .args(["--max-secs", "300"]);
@@ -527,6 +521,10 @@ impl Forwarder {
         }
         let log = ctx.log_dir.join("forwarder.log");
         let mut child = ChildGuard::spawn(cmd, "bench-forwarder", &log)?;
+        let addr: SocketAddrV4 = child
+            .wait_logged("bench-forwarder listening", "addr", STARTUP_TIMEOUT)?
+            .parse()
+            .context("the forwarder's logged address")?;
         b.set_read_timeout(Some(Duration::from_millis(50)))?;
         let mut buf = [0u8; 64];
         for _ in 0..200 {

@@ -15,7 +15,7 @@ use super::sys;
 use crate::cli::Args;
 use crate::process::ChildGuard;
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench uot [options]
 
 Builds mqproxy (the udp-over-tcp binary) and xtask in release, then re-runs itself from the
@@ -134,43 +134,52 @@ impl Tunnel {
         receiver: &UdpSocket,
     ) -> Result<Tunnel> {
         let log_dir = crate::target_dir().join("bench-uot");
-        let tcp = super::free_tcp_port()?;
-        let entry_port = super::free_tcp_port()?;
-        let exit_port = super::free_tcp_port()?;
+        // Every port 0: each process binds its own and logs the addresses ("udp-over-tcp
+        // running udp=.. tcp=.."), which is read back instead of picking ports here.
+        let info = "warn,udp_over_tcp=info";
         let mut listen = Command::new(bin);
-        listen.args([
-            "--framing",
-            framing,
-            "--tcp-listen",
-            &format!("127.0.0.1:{tcp}"),
-            "--udp-bind",
-            &format!("127.0.0.1:{exit_port}"),
-            "--udp-sendto",
-            &sys::local_v4(receiver)?.to_string(),
-        ]);
-        let listen = ChildGuard::spawn(
+        listen
+            .args([
+                "--framing",
+                framing,
+                "--tcp-listen",
+                "127.0.0.1:0",
+                "--udp-bind",
+                "127.0.0.1:0",
+                "--udp-sendto",
+                &sys::local_v4(receiver)?.to_string(),
+            ])
+            .env("RUST_LOG", info);
+        let mut listen = ChildGuard::spawn(
             listen,
             "udp-over-tcp (listen)",
             &log_dir.join(format!("listen-{framing}.log")),
         )?;
+        let tcp = listen.wait_logged("udp-over-tcp running", "tcp", STARTUP)?;
         let mut connect = Command::new(bin);
-        connect.args([
-            "--framing",
-            framing,
-            "--tcp-connect",
-            &format!("127.0.0.1:{tcp}"),
-            "--udp-bind",
-            &format!("127.0.0.1:{entry_port}"),
-            "--udp-sendto",
-            &sys::local_v4(sender)?.to_string(),
-        ]);
-        let connect = ChildGuard::spawn(
+        connect
+            .args([
+                "--framing",
+                framing,
+                "--tcp-connect",
+                &tcp,
+                "--udp-bind",
+                "127.0.0.1:0",
+                "--udp-sendto",
+                &sys::local_v4(sender)?.to_string(),
+            ])
+            .env("RUST_LOG", info);
+        let mut connect = ChildGuard::spawn(
             connect,
             "udp-over-tcp (connect)",
             &log_dir.join(format!("connect-{framing}.log")),
         )?;
+        let entry: SocketAddrV4 = connect
+            .wait_logged("udp-over-tcp running", "udp", STARTUP)?
+            .parse()
+            .context("the tunnel entry's logged UDP address")?;
         let t = Tunnel {
-            entry: SocketAddrV4::new(Ipv4Addr::LOCALHOST, entry_port),
+            entry,
             children: vec![listen, connect],
         };
         t.wait_up(sender, receiver)?;
