@@ -379,6 +379,7 @@ fn registration(session: &str, token: Option<&str>) -> Vec<u8> {
         extended: Some(Extended {
             peer: None,
             token: token.map(|t| t.parse().expect("the printed token parses")),
+            cookie: None,
         }),
     }
     .encode()

@@ -914,6 +914,7 @@ pub fn relay_health(addr: SocketAddr, timeout: Duration, secret: Option<&[u8]>) 
                 extended: Some(Extended {
                     peer: None,
                     token: Some(Token::mint(secret, session, now + 600)),
+                    cookie: None,
                 }),
             }
             .encode()
