@@ -11,7 +11,7 @@ use super::{median, sys};
 use crate::cli::Args;
 use crate::process::{log_tail, ChildGuard};
 
-const HELP: &str = "\
+pub const HELP: &str = "\
 Usage: cargo xtask bench sdk [options]
 
 Builds quic-relay and peer-sdk's `peer` example in release. A relay on 127.0.0.1 and two `peer
