@@ -649,6 +649,7 @@ impl Drop for StopOnDrop {
 
 /// Downloads `len` bytes from the TCP source through `socks` in `flows` parallel connections
 /// (each reads `len / flows` and closes); returns the aggregate rate in Mbit/s.
+#[cfg(feature = "bench-multipath")]
 fn tcp_download(lab: &MultipathLab, socks: &str, flows: usize, len: usize) -> Result<f64> {
     let source = SocketAddr::from((lab.server_ip(), SOURCE_PORT));
     let per = len / flows;
@@ -681,6 +682,7 @@ fn tcp_download(lab: &MultipathLab, socks: &str, flows: usize, len: usize) -> Re
 
 /// Offers `mbit` Mbit/s of 1,200-byte UDP packets through `socks` to the server side's sink
 /// for `secs` seconds; returns the rate the sink received, in Mbit/s.
+#[cfg(feature = "bench-multipath")]
 fn udp_upload(lab: &MultipathLab, socks: &str, mbit: f64, secs: f64) -> Result<f64> {
     const SIZE: usize = 1200;
     let ip = lab.server_ip();
@@ -741,6 +743,7 @@ fn udp_upload(lab: &MultipathLab, socks: &str, mbit: f64, secs: f64) -> Result<f
     Ok(bytes as f64 * 8.0 / last.duration_since(first).as_secs_f64().max(1e-3) / 1e6)
 }
 
+#[cfg(feature = "bench-multipath")]
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -774,8 +777,8 @@ fn wait_ready(lab: &MultipathLab, socks: &str) -> Result<()> {
 /// single path vs two paths, each 100 Mbit/s with 25 ms one-way delay, all in one run, and
 /// each ratio printed. `MQPROXY_BENCH_REPS` repetitions (default 3), medians reported;
 /// `MQPROXY_BENCH_QUICK=1` for short transfers.
+#[cfg(feature = "bench-multipath")]
 #[test]
-#[ignore = "a benchmark: run by `cargo xtask bench multipath`"]
 fn bench_multipath() -> Result<()> {
     netlab::require_lab!(Ok(()));
     let _one_lab = one_lab_at_a_time();

@@ -30,15 +30,19 @@ fn python_with_aioquic() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
+        // #[ignore]d with this as the reason: under CI or --ignored it must run, not pass unrun.
+        let asked = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but python3 cannot import aioquic: .ci/run installs it (pip install aioquic)"
+            std::env::var("CI").as_deref() != Ok("true") && !asked,
+            "python3 cannot import aioquic (CI=true or --ignored: failing instead of skipping); \
+             .ci/run installs it (pip install aioquic)"
         );
         eprintln!("SKIPPED: python3 with aioquic not found (pip install aioquic)");
     }
     ok
 }
 
+#[ignore = "needs python3 with aioquic (pip install aioquic); run with `cargo test -- --include-ignored` (CI does)"]
 #[tokio::test]
 async fn aioquic_client_reaches_an_sdk_listener_through_the_relay() {
     if !python_with_aioquic() {

@@ -267,11 +267,15 @@ fn raw_socket(test: &str) -> Option<Socket> {
         Some(Protocol::from(libc::IPPROTO_RAW)),
     ) {
         Ok(s) => Some(s),
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+        // #[ignore]d with this as the reason: under CI or --ignored it must run, not pass unrun.
+        Err(e)
+            if std::env::var("CI").as_deref() != Ok("true")
+                && !std::env::args().any(|a| a == "--ignored" || a == "--include-ignored") =>
+        {
             eprintln!("SKIP {test}: spoofing source addresses needs a raw socket (root): {e}");
             None
         }
-        Err(e) => panic!("CI=true: {test} must run, as root: {e}"),
+        Err(e) => panic!("CI=true or --ignored: {test} must run, as root: {e}"),
     }
 }
 
@@ -374,6 +378,7 @@ fn non_reading_tcp_members_fed_maximum_datagrams_cannot_balloon_the_relay() {
 /// Issue 13 item 2: during a flood of 20,000 registrations per second for random sessions from
 /// spoofed source addresses (4,096 IPs, random ports), which fills the table, a legitimate pair
 /// registering within 2 s is paired and forwards, and an existing pair loses nothing.
+#[ignore = "needs root: a raw socket forges the flood's source addresses; run as root with `cargo test -- --include-ignored` (CI does)"]
 #[test]
 fn a_registration_flood_does_not_lock_out_new_pairs_or_disturb_existing_ones() {
     let _serial = serial();
@@ -500,6 +505,7 @@ fn spoofed(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
 /// Issue 13 item 3: one spoofed extended registration naming a victim's address does not make
 /// the relay send the attacker's traffic there: an extended member is forwarded to only after
 /// it echoed the cookie that only its real address received.
+#[ignore = "needs root: a raw socket forges the flood's source addresses; run as root with `cargo test -- --include-ignored` (CI does)"]
 #[test]
 fn a_spoofed_registration_does_not_turn_the_relay_into_a_reflector() {
     let _serial = serial();

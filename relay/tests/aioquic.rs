@@ -29,9 +29,12 @@ fn python_with_aioquic() -> Option<&'static str> {
     if ok {
         return Some("python3");
     }
+    // #[ignore]d with this as the reason: under CI or --ignored it must run, not pass unrun.
+    let asked = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
     assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true but python3 cannot import aioquic: .ci/run installs it (pip install aioquic)"
+        std::env::var("CI").as_deref() != Ok("true") && !asked,
+        "python3 cannot import aioquic (CI=true or --ignored: failing instead of skipping); \
+         .ci/run installs it (pip install aioquic)"
     );
     eprintln!("SKIPPED: python3 with aioquic not found (pip install aioquic)");
     None
@@ -90,6 +93,7 @@ fn start_relay() -> (Relay, SocketAddr) {
     }
 }
 
+#[ignore = "needs python3 with aioquic (pip install aioquic); run with `cargo test -- --include-ignored` (CI does)"]
 #[test]
 fn aioquic_client_and_server_through_the_relay_binary() {
     let Some(py) = python_with_aioquic() else {
