@@ -241,7 +241,7 @@ impl Fixture {
             .args(server_args);
         let mut server = ChildGuard(lab.spawn(&lab.peer_ns(Side::A), cmd).expect("server"));
         let mut slog = Log::of(&mut server.0, "mqproxy server");
-        let registered = slog.wait_for("registered with the relay");
+        let registered = slog.wait_for("registered with the relay; waiting for a client");
         let fingerprint = field(&registered, "fingerprint");
         assert_eq!(fingerprint.len(), 64, "fingerprint in {registered:?}");
         let socks = SocketAddr::from((lab.peer_ip(Side::B), SOCKS_PORT)).to_string();
@@ -374,7 +374,8 @@ fn scenario(server_nat: NatType, client_nat: NatType, session: &str) -> String {
     for round in 0..2 {
         if round > 0 {
             // The server takes the next client once the previous one is gone.
-            f.slog.wait_for("registered with the relay");
+            f.slog
+                .wait_for("registered with the relay; waiting for a client");
         }
         let mut c = f.client();
         f.fetch(&format!("got{round}.bin"));
