@@ -956,6 +956,21 @@ fn reference_parse(datagram: &[u8], needs_reply_room: bool) -> Result<Registrati
                 }
                 e.token = Some(parse_token(value)?);
             }
+            b"c" => {
+                if e.cookie.is_some() {
+                    return Err(ParseError::DuplicateParam);
+                }
+                // One to sixteen hex digits, as for `p=`.
+                if value.is_empty() || value.len() > 16 {
+                    return Err(ParseError::BadParam);
+                }
+                let mut c = 0u64;
+                for &b in value {
+                    let d = char::from(b).to_digit(16).ok_or(ParseError::BadParam)?;
+                    c = c << 4 | u64::from(d);
+                }
+                e.cookie = Some(Cookie(c));
+            }
             _ => {}
         }
     }
