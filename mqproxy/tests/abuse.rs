@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, ChildGuard, TOKEN};
+use common::{strip_ansi, temp_dir, ChildGuard, TOKEN};
 use mqproxy::client::{Client, ClientConfig};
 use mqproxy::proto::TargetAddr;
 use mqproxy::tls::ClientVerify;
@@ -102,23 +102,6 @@ impl Proc {
             .map(|d| d.count())
             .unwrap_or(0)
     }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The value of `key=` in a log line (quotes removed).

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{have, temp_dir, ChildGuard};
+use common::{have, strip_ansi, temp_dir, ChildGuard};
 use netlab::{Lab, LabConfig, NatType, Side};
 use quic_relay::server::{Server, ServerHandle};
 use quic_relay::sessions::RelayConfig;
@@ -129,23 +129,6 @@ impl Log {
         }
         &self.seen
     }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The value of `key=` in a log line (quotes removed).

@@ -292,7 +292,8 @@ pub fn field(line: &str, key: &str) -> String {
         .to_owned()
 }
 
-fn strip_ansi(s: &str) -> String {
+/// `s` without terminal colour codes (`ESC [ ... letter`).
+pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
