@@ -50,7 +50,8 @@ Options:
   --rollback              swap the binary and <name>.prev, restart, check health
   --dry-run               print every step (commands and remote scripts); run nothing
   --health-addr HOST:PORT where to send the health check (default: the ssh host and the port
-                          from --args or the remote environment file, else 4433)
+                          from --args or the remote environment file, else 4433; for port 0
+                          the port the service bound, read from the host's /proc)
   --health-timeout SECS   how long the service may take to pass the check (default 10)
   --health-cert-sha256 HEX  mqproxy: the certificate pin for the check (default: the
                           fingerprint of the self-signed certificate in the state directory)
@@ -741,7 +742,10 @@ fi
             return resolve(a).with_context(|| format!("--health-addr {a}"));
         }
         let env = section(script_out, "env").unwrap_or_default();
-        let port = service_port(self.opts.product, self.opts.args.as_deref(), &env)?;
+        let mut port = service_port(self.opts.product, self.opts.args.as_deref(), &env)?;
+        if port == 0 {
+            port = self.bound_udp_port()?;
+        }
         let host = host_part(&self.opts.host);
         resolve(&format!("{}:{port}", bracket_v6(host)))
             .with_context(|| format!("health check address of --host {}", self.opts.host))
@@ -770,12 +774,9 @@ fi
         }
     }
 
-    /// The first secret of the running relay's secret file (`--secret-file` in its command
-    /// line, else `QUIC_RELAY_SECRET_FILE` in its environment, e.g. from a systemd drop-in),
-    /// read over ssh from the process itself, so the check mints a token exactly as a peer's
-    /// backend would. `None` when the relay runs without tokens (or its pid is unknown, with
-    /// a --start-cmd that keeps no pid file).
-    fn relay_secret(&self) -> Result<Option<Vec<u8>>> {
+    /// The preamble plus a snippet that leaves the service's pid in `$pid` (empty when unknown,
+    /// e.g. a --start-cmd that keeps no pid file), once that pid runs the installed binary.
+    fn service_pid_script(&self) -> String {
         let mut script = self.preamble();
         script.push_str(match self.opts.manager {
             Manager::Systemd => {
@@ -784,10 +785,61 @@ fi
             Manager::Shell { .. } => "pid=$(cat \"$PIDFILE\" 2>/dev/null || true)\n",
         });
         script.push_str(&format!(
-            "[ -n \"$pid\" ] && [ \"$pid\" != 0 ] || exit 0\n\
+            "[ \"$pid\" != 0 ] || pid=\n\
+             if [ -n \"$pid\" ]; then\n\
              # The service may still be exec'ing: wait until the pid runs the binary.\n\
              i=0\n\
              while [ \"$(readlink \"/proc/$pid/exe\" 2>/dev/null)\" != \"$BIN\" ] && [ \"$i\" -lt {polls} ]; do sleep 0.25; i=$((i + 1)); done\n\
+             fi\n",
+            polls = self.polls()
+        ));
+        script
+    }
+
+    /// Health-check polls of 250 ms that fit in --health-timeout.
+    fn polls(&self) -> u64 {
+        self.opts.health_timeout.as_secs().max(1) * 4
+    }
+
+    /// The UDP port the running service bound, for a service configured with port 0 (the OS
+    /// picks one; tests do this so that no port is picked and released before the service
+    /// binds it). Read over ssh from `/proc`: the pid's socket inodes, looked up in
+    /// `/proc/net/udp{,6}`, so it works whatever the service logs and whichever manager runs it.
+    fn bound_udp_port(&self) -> Result<u16> {
+        let mut script = self.service_pid_script();
+        script.push_str(&format!(
+            "[ -n \"$pid\" ] || {{ echo \"the service's pid is unknown (no pid file or MainPID): with port 0 pass --health-addr\" >&2; exit 1; }}\n\
+             i=0\n\
+             while [ \"$i\" -lt {polls} ]; do\n\
+             inodes=$(ls -l \"/proc/$pid/fd\" 2>/dev/null | sed -n 's/.*socket:\\[\\([0-9]*\\)\\].*/\\1/p')\n\
+             port=$(for n in $inodes; do awk -v n=\"$n\" '$10 == n {{ split($2, a, \":\"); print a[2] }}' /proc/net/udp /proc/net/udp6 2>/dev/null; done | head -n 1)\n\
+             [ -n \"$port\" ] && break\n\
+             sleep 0.25; i=$((i + 1))\n\
+             done\n\
+             [ -n \"$port\" ] || {{ echo \"process $pid bound no UDP socket within the health timeout\" >&2; exit 1; }}\n\
+             echo \"port=$port\"\n",
+            polls = self.polls()
+        ));
+        let out = self.ssh(&script, "find the UDP port the service bound")?;
+        let hex = out
+            .lines()
+            .find_map(|l| l.strip_prefix("port="))
+            .ok_or_else(|| anyhow!("the host printed no bound port"))?;
+        let port = u16::from_str_radix(hex.trim(), 16)
+            .with_context(|| format!("the bound port {hex:?} from /proc/net/udp"))?;
+        println!("    configured with port 0: the service bound UDP port {port}");
+        Ok(port)
+    }
+
+    /// The first secret of the running relay's secret file (`--secret-file` in its command
+    /// line, else `QUIC_RELAY_SECRET_FILE` in its environment, e.g. from a systemd drop-in),
+    /// read over ssh from the process itself, so the check mints a token exactly as a peer's
+    /// backend would. `None` when the relay runs without tokens (or its pid is unknown, with
+    /// a --start-cmd that keeps no pid file).
+    fn relay_secret(&self) -> Result<Option<Vec<u8>>> {
+        let mut script = self.service_pid_script();
+        script.push_str(
+            "[ -n \"$pid\" ] || exit 0\n\
              f=$(tr '\\0' '\\n' < \"/proc/$pid/cmdline\" | sed -n -e '/^--secret-file$/{{n;p;q;}}' -e 's/^--secret-file=//p' | head -n 1)\n\
              [ -n \"$f\" ] || f=$(tr '\\0' '\\n' < \"/proc/$pid/environ\" | sed -n 's/^QUIC_RELAY_SECRET_FILE=//p' | head -n 1)\n\
              [ -n \"$f\" ] || exit 0\n\
@@ -796,8 +848,7 @@ fi
              cat \"$f\"\n\
              echo\n\
              echo '--- end ---'\n",
-            polls = self.opts.health_timeout.as_secs().max(1) * 4
-        ));
+        );
         let out = self.ssh(&script, "read the relay's secret for a health-check token")?;
         let Some(text) = section(&out, "secret") else {
             return Ok(None);

@@ -5,9 +5,12 @@
 //! under CI=true.
 
 use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -43,12 +46,16 @@ fn which(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A throwaway sshd on a free loopback port, the temp directory it lives in, and whatever
-/// the deploys started below the remote root; all removed on drop, on every exit path.
+/// A throwaway sshd on loopback, the temp directory it lives in, and whatever the deploys
+/// started below the remote root; all removed on drop, on every exit path.
+///
+/// The test holds the listening socket (bound to port 0) and runs `sshd -i` (inetd mode) for
+/// each connection it accepts, so no port is picked, released and raced for.
 struct Fixture {
     dir: PathBuf,
-    sshd: Child,
     port: u16,
+    stop: Arc<AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Fixture {
@@ -69,36 +76,31 @@ impl Fixture {
         // sshd refuses to start without its privilege separation directory, which the
         // package's tmpfiles.d normally creates at boot.
         std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the ssh listener");
+        let port = listener.local_addr().expect("listener address").port();
         let d = dir.display();
         std::fs::write(
             dir.join("sshd_config"),
             format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\n\
+                "HostKey {d}/hostkey\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n\
                  StrictModes no\nUsePAM no\nPermitRootLogin yes\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
             ),
         )
         .expect("write sshd_config");
-        let sshd = Command::new(SSHD)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(dir.join("sshd_config"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start sshd");
-        let f = Fixture { dir, sshd, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let stop = Arc::clone(&stop);
+            let config = dir.join("sshd_config");
+            std::thread::spawn(move || serve_ssh(&listener, &config, &stop))
+        };
+        Fixture {
+            dir,
+            port,
+            stop,
+            acceptor: Some(acceptor),
         }
-        f
     }
 
     fn remote_root(&self) -> PathBuf {
@@ -153,9 +155,43 @@ impl Drop for Fixture {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        let _ = self.sshd.kill();
-        let _ = self.sshd.wait();
+        // Wake the acceptor with a connection of our own; it sees the flag and returns, after
+        // waiting for the sshd it ran (each ends with its connection).
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Accepts ssh connections until `stop` is set, each served by its own `sshd -i`; kills and
+/// reaps the ones still running when it stops.
+fn serve_ssh(listener: &TcpListener, config: &Path, stop: &AtomicBool) {
+    let mut children: Vec<Child> = Vec::new();
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(conn) = conn else { continue };
+        let Ok(out) = conn.try_clone() else { continue };
+        // Reap the sessions that ended, so the list stays as long as the live ones.
+        children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        match Command::new(SSHD)
+            .args(["-i", "-e", "-f"])
+            .arg(config)
+            .stdin(Stdio::from(OwnedFd::from(conn)))
+            .stdout(Stdio::from(OwnedFd::from(out)))
+            .spawn()
+        {
+            Ok(c) => children.push(c),
+            Err(e) => eprintln!("cannot run {SSHD} -i: {e}"),
+        }
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -191,14 +227,10 @@ fn deploy_health_check_rollback_and_dry_run() {
         return;
     }
     let f = Fixture::start();
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port();
-    let args = format!("--bind 127.0.0.1 --port {port}");
+    let args = "--bind 127.0.0.1 --port 0";
 
     // --dry-run prints every step and touches nothing (not even the remote root).
-    let out = f.deploy(&["--dry-run", "--args", &args]);
+    let out = f.deploy(&["--dry-run", "--args", args]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for step in [
@@ -216,7 +248,7 @@ fn deploy_health_check_rollback_and_dry_run() {
     );
 
     // A real deploy: builds the release binary, installs unit and env file, starts, is healthy.
-    let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
+    let out = f.deploy(&["--args", args, "--health-timeout", "10"]);
     assert!(out.status.success(), "first deploy failed");
     let built = target_dir().join("release/quic-relay");
     let v1 = read(&built);
@@ -238,7 +270,10 @@ fn deploy_health_check_rollback_and_dry_run() {
         unit.contains(&format!("ExecStart={} $QUIC_RELAY_ARGS", f.bin().display())),
         "unit paths follow --remote-root:\n{unit}"
     );
-    assert!(relay_acks(port), "the deployed relay does not answer REG");
+    assert!(
+        relay_acks(bound_port(&out)),
+        "the deployed relay does not answer REG"
+    );
 
     // A broken binary: the health check fails, the previous binary comes back by itself.
     let broken = f.dir.join("broken");
@@ -258,7 +293,10 @@ fn deploy_health_check_rollback_and_dry_run() {
     );
     assert_eq!(read(&f.bin()), v1, "rollback restored the previous binary");
     assert_eq!(read(&f.bin().with_extension("failed")), read(&broken));
-    assert!(relay_acks(port), "healthy again after the rollback");
+    assert!(
+        relay_acks(bound_port(&out)),
+        "healthy again after the rollback"
+    );
 
     // A second good version (the same ELF with trailing bytes), then --rollback swaps back.
     let v2_path = f.dir.join("quic-relay-v2");
@@ -282,7 +320,18 @@ fn deploy_health_check_rollback_and_dry_run() {
         v2,
         "and kept v2 to go forward"
     );
-    assert!(relay_acks(port), "healthy after --rollback");
+    assert!(relay_acks(bound_port(&out)), "healthy after --rollback");
+}
+
+/// The UDP port the deployed service bound, as deploy reported it for `--port 0` (the last
+/// report: after a rollback, the restored binary's).
+fn bound_port(out: &Output) -> u16 {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .rev()
+        .find_map(|l| l.split_once("the service bound UDP port ").map(|(_, p)| p))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("deploy did not report the bound port:\n{text}"))
 }
 
 /// What the relay answers a token-less `REG`: `ERR auth` when it requires tokens.
@@ -310,10 +359,6 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
         return;
     }
     let f = Fixture::start();
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port();
     // The secret file on the "host" (the same machine here), passed in the service's flags.
     let secret = f.dir.join("secrets");
     std::fs::write(
@@ -322,7 +367,7 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
     )
     .expect("write the secret file");
     let args = format!(
-        "--bind 127.0.0.1 --port {port} --secret-file {}",
+        "--bind 127.0.0.1 --port 0 --secret-file {}",
         secret.display()
     );
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
@@ -334,7 +379,7 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
     assert!(text.contains("the relay requires tokens"), "{text}");
     assert!(text.contains("answered ACK"), "{text}");
     // It really requires tokens: the check passed because it minted one.
-    assert_eq!(relay_reply(port), "ERR auth");
+    assert_eq!(relay_reply(bound_port(&out)), "ERR auth");
 
     // The secret file from the environment instead (as the systemd drop-in of deploy/README.md
     // sets it): redeploy with flags that do not name it.
@@ -342,14 +387,14 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
     let mut env = String::from_utf8_lossy(&read(&env_file)).into_owned();
     env.push_str(&format!("QUIC_RELAY_SECRET_FILE={}\n", secret.display()));
     std::fs::write(&env_file, env).expect("write the env file");
-    let args = format!("--bind 127.0.0.1 --port {port}");
+    let args = String::from("--bind 127.0.0.1 --port 0");
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
     assert!(
         out.status.success(),
         "deploy with QUIC_RELAY_SECRET_FILE failed"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("the relay requires tokens"));
-    assert_eq!(relay_reply(port), "ERR auth");
+    assert_eq!(relay_reply(bound_port(&out)), "ERR auth");
 
     // A rotated secret: the restarted relay reads the new file and so does the check.
     std::fs::write(&secret, "another-secret-0123456789abcdef\n").expect("rewrite");
@@ -379,21 +424,10 @@ fn deploy_mqproxy_server_and_check_it_with_a_quic_handshake() {
         return;
     }
     let f = Fixture::start();
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port();
-    let args = format!("--listen 127.0.0.1:{port}");
+    let args = "--listen 127.0.0.1:0";
     // The health check is a real `mqproxy client` that must authenticate with the token and pin
     // the certificate it reads from the host.
-    let out = f.deploy(&[
-        "--bin",
-        "mqproxy",
-        "--args",
-        &args,
-        "--health-timeout",
-        "20",
-    ]);
+    let out = f.deploy(&["--bin", "mqproxy", "--args", args, "--health-timeout", "20"]);
     assert!(out.status.success(), "mqproxy deploy failed");
     let installed = f.remote_root().join("opt/mqproxy/bin/mqproxy");
     assert_eq!(
