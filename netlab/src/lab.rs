@@ -106,8 +106,14 @@ impl LabConfig {
 /// Start of every lab namespace name: `nl<pid>x<n>-<role>`. [`cleanup`] matches it.
 pub const NAME_PREFIX: &str = "nl";
 
-/// The prefix length of public addresses: the whole 198.18.0.0/15 benchmark range is one segment.
-const PUBLIC_PREFIX_LEN: u8 = 15;
+/// The prefix length of each public site's link to the transit router (198.18.N.0/24: the relay
+/// host is N = 0, side A 1, side B 2).
+const SITE_PREFIX_LEN: u8 = 24;
+
+/// The transit router's address on site N's link (198.18.N.254), that site's default gateway.
+fn transit_ip(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, site, 254)
+}
 /// The prefix length of each peer's private network (100.64.N.0/24).
 const PRIVATE_PREFIX_LEN: u8 = 24;
 
@@ -117,13 +123,17 @@ const PRIVATE_PREFIX_LEN: u8 = 24;
 /// Topology (NAT types other than `none`; addresses for side A, B uses .2 instead of .1):
 ///
 /// ```text
-///  peer A ns            router A ns                 public ns          relay ns
-///  eth0 100.64.1.2 ---- lan 100.64.1.1                br0 --+---------- eth0 198.18.0.1
-///  (default via .1)     wan 198.18.1.1 ------- wa ---+      |               198.18.0.2
-///                       nftables NAT + forwarding     wb ---+  (probe servers :3478, :3479)
+///  peer A ns            router A ns                 public ns              relay ns
+///  eth0 100.64.1.2 ---- lan 100.64.1.1              (transit router)
+///  (default via .1)     wan 198.18.1.1 ----- wa 198.18.1.254
+///                       nftables NAT        wb 198.18.2.254
+///                       (default via .254)  relay 198.18.0.254 ------- eth0 198.18.0.1, .0.2
+///                                                           (probe servers :3478, :3479)
 /// ```
 ///
-/// With `none`, peer A's own `eth0` (198.18.1.2) takes the router's place on the public segment.
+/// With `none`, peer A's own `eth0` (198.18.1.2) takes the router's place on the public side.
+/// The public namespace routes between the sites (one hop, TTL decremented), as the internet
+/// does, rather than bridging them.
 #[derive(Debug)]
 pub struct Lab {
     config: LabConfig,
@@ -263,8 +273,11 @@ impl Lab {
         let public = self.public_ns();
         let relay = self.relay_ns();
         self.add_ns(t, &public)?;
-        ip(t, &public, "link add br0 type bridge")?;
-        ip(t, &public, "link set br0 up")?;
+        // The "internet" is one router hop between any two sites (as on the real internet,
+        // where there are several): a packet sent with a TTL that just crosses the sender's own
+        // NAT dies here, before it reaches the other side's router (the SDK's low-TTL probes
+        // rely on that).
+        write_sysctls(&public, &[("net/ipv4/ip_forward", "1")])?;
 
         self.add_ns(t, &relay)?;
         ip(
@@ -272,15 +285,25 @@ impl Lab {
             &relay,
             &format!("link add eth0 type veth peer name relay netns {public}"),
         )?;
-        ip(t, &public, "link set relay master br0 up")?;
+        ip(
+            t,
+            &public,
+            &format!("addr add {}/{SITE_PREFIX_LEN} dev relay", transit_ip(0)),
+        )?;
+        ip(t, &public, "link set relay up")?;
         for addr in [RELAY_IP, RELAY_IP2] {
             ip(
                 t,
                 &relay,
-                &format!("addr add {addr}/{PUBLIC_PREFIX_LEN} dev eth0"),
+                &format!("addr add {addr}/{SITE_PREFIX_LEN} dev eth0"),
             )?;
         }
         ip(t, &relay, "link set eth0 up")?;
+        ip(
+            t,
+            &relay,
+            &format!("route add default via {}", transit_ip(0)),
+        )?;
 
         for side in Side::BOTH {
             self.build_side(t, side)?;
@@ -318,14 +341,21 @@ impl Lab {
                     .push(Wire::start(site_tap, public_tap, shape, &name)?);
             }
         }
-        ip(t, &public, &format!("link set {port} master br0 up"))?;
+        let transit = transit_ip(side.octet());
+        ip(
+            t,
+            &public,
+            &format!("addr add {transit}/{SITE_PREFIX_LEN} dev {port}"),
+        )?;
+        ip(t, &public, &format!("link set {port} up"))?;
         let public_ip = self.public_ip(side);
         ip(
             t,
             &site,
-            &format!("addr add {public_ip}/{PUBLIC_PREFIX_LEN} dev {site_if}"),
+            &format!("addr add {public_ip}/{SITE_PREFIX_LEN} dev {site_if}"),
         )?;
         ip(t, &site, &format!("link set {site_if} up"))?;
+        ip(t, &site, &format!("route add default via {transit}"))?;
 
         let (Some(router), Some(lan_ip)) = (self.router_ns(side), self.router_lan_ip(side)) else {
             return Ok(());
@@ -537,7 +567,7 @@ impl Lab {
         if !self.nat(side).has_router() {
             bail!("peer {side} has no router (NAT type none): nothing to rebind");
         }
-        if self.nat(side) != NatType::Symmetric {
+        if !self.nat(side).endpoint_dependent_mapping() {
             self.router_state(side, |s| {
                 s.mapping = PortMapping::Hashed { seed: s.next_seed };
                 s.next_seed = s.next_seed.wrapping_add(1);
@@ -688,7 +718,38 @@ impl Lab {
             peer: SocketAddrV4::new(self.peer_ip(side), local_port),
             udp,
             tcp: self.probe_tcp(side)?,
+            router_answers: self.probe_router_answers(side)?,
         })
+    }
+
+    /// Sends one unsolicited datagram from the relay host to router `side`'s public address
+    /// (a port nothing listens on) and reports whether the router answered it (ICMP port
+    /// unreachable, seen as `ECONNREFUSED` on a connected socket) rather than dropping it.
+    pub fn probe_router_answers(&self, side: Side) -> Result<bool> {
+        let Some(wan) = self.router_wan_ip(side) else {
+            return Ok(false);
+        };
+        let opts = self.probe_opts;
+        self.run_in(&self.relay_ns(), move || -> Result<bool> {
+            let sock = UdpSocket::bind(SocketAddrV4::new(RELAY_IP, 0))?;
+            sock.connect(SocketAddrV4::new(wan, UNSOLICITED_PORT))?;
+            sock.set_read_timeout(Some(opts.timeout))?;
+            let mut buf = [0u8; 16];
+            for _ in 0..opts.attempts.max(1) {
+                sock.send(b"netlab unsolicited")?;
+                match sock.recv(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(true),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => return Err(e).context("unsolicited probe"),
+                    Ok(_) => bail!("router {side} sent data back to an unsolicited datagram"),
+                }
+            }
+            Ok(false)
+        })?
     }
 
     /// Measures peer `side`'s network and checks it behaves as its NAT type says; the error
@@ -732,6 +793,9 @@ impl Default for RouterState {
         }
     }
 }
+
+/// The port the router-answers check sends to: discard, which no lab router listens on.
+const UNSOLICITED_PORT: u16 = 9;
 
 /// Probe patience and filtering rounds for a lab with `shape` on the peers' links.
 fn probe_patience(shape: Option<LinkShape>) -> (ProbeOptions, u32) {
@@ -787,6 +851,9 @@ pub struct NatReport {
     pub udp: Option<UdpReport>,
     /// The address a TCP connection to the relay came from; `None` when it failed.
     pub tcp: Option<SocketAddrV4>,
+    /// Whether the router answered an unsolicited datagram from the relay host to its public
+    /// address (`false` with no router: nothing to ask).
+    pub router_answers: bool,
 }
 
 /// How each NAT type must measure.
@@ -796,6 +863,11 @@ pub struct Expected {
     pub udp: Option<(MappingKind, FilteringKind)>,
     /// Whether the public address differs from the peer's own.
     pub translated: bool,
+    /// Whether the router answers an unsolicited datagram to itself (ICMP port unreachable)
+    /// instead of dropping it.
+    pub router_answers: bool,
+    /// Whether one socket's successive flows get successive public ports.
+    pub sequential: bool,
 }
 
 impl NatType {
@@ -809,17 +881,22 @@ impl NatType {
                 false,
             ),
             NatType::FullCone => (Some((M::EndpointIndependent, F::EndpointIndependent)), true),
-            NatType::PortRestricted => (
+            NatType::PortRestricted | NatType::PortRestrictedOpen => (
                 Some((M::EndpointIndependent, F::AddressAndPortDependent)),
                 true,
             ),
-            NatType::Symmetric => (
+            NatType::Symmetric | NatType::SymmetricSequential => (
                 Some((M::EndpointDependent, F::AddressAndPortDependent)),
                 true,
             ),
             NatType::UdpBlocked => (None, true),
         };
-        Expected { udp, translated }
+        Expected {
+            udp,
+            translated,
+            router_answers: self.has_router() && !self.input_firewall(),
+            sequential: self == NatType::SymmetricSequential,
+        }
     }
 }
 
@@ -844,6 +921,30 @@ impl NatReport {
                 problems.push(format!(
                     "address translation expected {}, measured {} ({} seen as {})",
                     want.translated, u.translated, self.peer, u.observed[0]
+                ));
+            }
+        }
+        if self.router_answers != want.router_answers {
+            problems.push(format!(
+                "the router {} unsolicited datagrams to itself, expected it to {}",
+                if self.router_answers {
+                    "answers"
+                } else {
+                    "drops"
+                },
+                if want.router_answers {
+                    "answer"
+                } else {
+                    "drop"
+                },
+            ));
+        }
+        if let Some(u) = self.udp {
+            let ports = u.observed.map(|a| a.port());
+            let sequential = ports.windows(2).all(|w| w[1] == w[0].wrapping_add(1));
+            if want.sequential && !sequential {
+                problems.push(format!(
+                    "expected successive public ports for successive flows, saw {ports:?}"
                 ));
             }
         }
@@ -890,9 +991,18 @@ impl fmt::Display for NatReport {
             )?,
         }
         match self.tcp {
-            Some(a) => write!(f, "; TCP ok, seen as {a}"),
-            None => write!(f, "; TCP failed"),
+            Some(a) => write!(f, "; TCP ok, seen as {a}")?,
+            None => write!(f, "; TCP failed")?,
         }
+        if self.nat.has_router() {
+            let r = if self.router_answers {
+                "answers"
+            } else {
+                "drops"
+            };
+            write!(f, "; router {r} unsolicited")?;
+        }
+        Ok(())
     }
 }
 
