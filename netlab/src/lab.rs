@@ -3,8 +3,6 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, Once};
@@ -14,14 +12,19 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use tracing::{debug, warn};
 
+use crate::cleanup;
 use crate::nat::{self, NatType, PortMapping, WAN_IF};
+use crate::netns::{
+    configure_namespace, create_namespace, ip, netns_exec, open_tap_in, run_in_netns,
+    spawn_thread_in, write_sysctls, Children, NAME_PREFIX,
+};
 use crate::probe::{
     self, FilterObservation, FilteringKind, MappingKind, ProbeOptions, ProbeServers,
     PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,
 };
-use crate::tools::{self, run, run_with_input, Tools};
+use crate::report::{NatReport, UdpReport};
+use crate::tools::{self, Tools};
 use crate::wire::{LinkShape, Wire};
-use crate::{cleanup, sys};
 
 /// One of the two peers (and its router).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -103,9 +106,6 @@ impl LabConfig {
     }
 }
 
-/// Start of every lab namespace name: `nl<pid>x<n>-<role>`. [`cleanup`] matches it.
-pub const NAME_PREFIX: &str = "nl";
-
 /// The prefix length of each public site's link to the transit router (198.18.N.0/24: the relay
 /// host is N = 0, side A 1, side B 2).
 const SITE_PREFIX_LEN: u8 = 24;
@@ -155,56 +155,6 @@ static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh lab prefix (`nl<pid>x<n>`); the first call of a process also removes leftovers of
 /// labs whose process has died.
-/// Processes a lab spawned into its namespaces: each leads its own process group, which the
-/// lab kills when it is dropped.
-#[derive(Debug, Default)]
-pub(crate) struct Children(Mutex<Vec<u32>>);
-
-impl Children {
-    /// Spawns `cmd` inside namespace `ns` (entered between fork and exec), as a process-group
-    /// leader, and remembers it.
-    pub(crate) fn spawn(&self, ns: &str, mut cmd: Command) -> Result<Child> {
-        let fd = sys::open_netns(ns)?;
-        sys::enter_netns_on_exec(&mut cmd, fd);
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {:?} in {ns}", cmd.get_program()))?;
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(child.id());
-        Ok(child)
-    }
-
-    /// Kills every process group spawned so far.
-    pub(crate) fn kill_all(&mut self) {
-        for pgid in std::mem::take(self.0.get_mut().unwrap_or_else(|p| p.into_inner())) {
-            sys::kill_group(pgid);
-        }
-    }
-}
-
-/// Starts `f` on a new thread that has entered namespace `ns`.
-pub(crate) fn spawn_thread_in<T, F>(ns: &str, f: F) -> Result<JoinHandle<T>>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    let fd = sys::open_netns(ns)?;
-    let ns_owned = ns.to_owned();
-    std::thread::Builder::new()
-        .name(format!("netns-{ns}"))
-        .spawn(move || {
-            if let Err(e) = sys::setns_net(fd.as_fd()) {
-                panic!("cannot enter namespace {ns_owned}: {e}");
-            }
-            drop(fd);
-            f()
-        })
-        .context("spawn thread")
-}
-
 pub(crate) fn new_prefix() -> String {
     static STALE: Once = Once::new();
     STALE.call_once(|| {
@@ -217,26 +167,6 @@ pub(crate) fn new_prefix() -> String {
         std::process::id(),
         NEXT_LAB.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Creates namespace `name` (the caller records it for removal, then calls
-/// [`configure_namespace`]).
-pub(crate) fn create_namespace(t: &Tools, name: &str) -> Result<()> {
-    run(&t.ip, &["netns", "add", name]).map(drop)
-}
-
-/// Turns IPv6 off and loopback up in a new namespace.
-pub(crate) fn configure_namespace(t: &Tools, name: &str) -> Result<()> {
-    // IPv6 off before any interface exists: no router solicitations or MLD reports, so the
-    // lab carries only the IPv4 traffic tests send, all inside 198.18.0.0/15 and 100.64.0.0/10.
-    write_sysctls(
-        name,
-        &[
-            ("net/ipv6/conf/all/disable_ipv6", "1"),
-            ("net/ipv6/conf/default/disable_ipv6", "1"),
-        ],
-    )?;
-    ip(t, name, "link set lo up")
 }
 
 impl Lab {
@@ -822,264 +752,6 @@ fn mapping_kind(seen: &[SocketAddrV4; 3]) -> MappingKind {
     } else {
         MappingKind::EndpointDependent
     }
-}
-
-/// What peer `side`'s UDP looked like to the probe servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UdpReport {
-    /// The public address seen by [`RELAY_IP`]:[`PROBE_PORT`], [`RELAY_IP2`]:[`PROBE_PORT`] and
-    /// [`RELAY_IP`]:[`PROBE_ALT_PORT`], from one socket.
-    pub observed: [SocketAddrV4; 3],
-    /// Same public address for all three destinations, or not.
-    pub mapping: MappingKind,
-    /// Which unsolicited senders reached a second fresh socket's public address.
-    pub filtering: FilterObservation,
-    /// The public address differs from the socket's own address (a NAT rewrote it).
-    pub translated: bool,
-}
-
-/// The result of measuring one peer's network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NatReport {
-    /// Which peer.
-    pub side: Side,
-    /// The NAT type the lab configured for it.
-    pub nat: NatType,
-    /// The probing socket's own address (the mapping probe's).
-    pub peer: SocketAddrV4,
-    /// `None`: no UDP reply at all.
-    pub udp: Option<UdpReport>,
-    /// The address a TCP connection to the relay came from; `None` when it failed.
-    pub tcp: Option<SocketAddrV4>,
-    /// Whether the router answered an unsolicited datagram from the relay host to its public
-    /// address (`false` with no router: nothing to ask).
-    pub router_answers: bool,
-}
-
-/// How each NAT type must measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expected {
-    /// Mapping and filtering, or `None` when UDP must be blocked.
-    pub udp: Option<(MappingKind, FilteringKind)>,
-    /// Whether the public address differs from the peer's own.
-    pub translated: bool,
-    /// Whether the router answers an unsolicited datagram to itself (ICMP port unreachable)
-    /// instead of dropping it.
-    pub router_answers: bool,
-    /// Whether one socket's successive flows get successive public ports.
-    pub sequential: bool,
-}
-
-impl NatType {
-    /// What [`Lab::nat_report`] must measure for this type.
-    pub fn expected(self) -> Expected {
-        use FilteringKind as F;
-        use MappingKind as M;
-        let (udp, translated) = match self {
-            NatType::None => (
-                Some((M::EndpointIndependent, F::EndpointIndependent)),
-                false,
-            ),
-            NatType::FullCone => (Some((M::EndpointIndependent, F::EndpointIndependent)), true),
-            NatType::PortRestricted | NatType::PortRestrictedOpen => (
-                Some((M::EndpointIndependent, F::AddressAndPortDependent)),
-                true,
-            ),
-            NatType::Symmetric | NatType::SymmetricSequential => (
-                Some((M::EndpointDependent, F::AddressAndPortDependent)),
-                true,
-            ),
-            NatType::UdpBlocked => (None, true),
-        };
-        Expected {
-            udp,
-            translated,
-            router_answers: self.has_router() && !self.input_firewall(),
-            sequential: self == NatType::SymmetricSequential,
-        }
-    }
-}
-
-impl NatReport {
-    /// Checks the measurement against what the configured NAT type must show.
-    pub fn verify(&self) -> Result<()> {
-        let want = self.nat.expected();
-        let got = self.udp.map(|u| (u.mapping, u.filtering.kind()));
-        let mut problems = Vec::new();
-        if got != want.udp {
-            problems.push(match (want.udp, got) {
-                (None, Some(_)) => "UDP should be blocked but got replies".to_owned(),
-                (Some(_), None) => "UDP got no reply".to_owned(),
-                (Some((wm, wf)), Some((gm, gf))) => {
-                    format!("expected {wm} mapping / {wf} filtering, measured {gm} / {gf}")
-                }
-                (None, None) => unreachable!("equal"),
-            });
-        }
-        if let Some(u) = self.udp {
-            if u.translated != want.translated {
-                problems.push(format!(
-                    "address translation expected {}, measured {} ({} seen as {})",
-                    want.translated, u.translated, self.peer, u.observed[0]
-                ));
-            }
-        }
-        if self.router_answers != want.router_answers {
-            problems.push(format!(
-                "the router {} unsolicited datagrams to itself, expected it to {}",
-                if self.router_answers {
-                    "answers"
-                } else {
-                    "drops"
-                },
-                if want.router_answers {
-                    "answer"
-                } else {
-                    "drop"
-                },
-            ));
-        }
-        if let Some(u) = self.udp {
-            let ports = u.observed.map(|a| a.port());
-            let sequential = ports.windows(2).all(|w| w[1] == w[0].wrapping_add(1));
-            if want.sequential && !sequential {
-                problems.push(format!(
-                    "expected successive public ports for successive flows, saw {ports:?}"
-                ));
-            }
-        }
-        match self.tcp {
-            None => problems.push("TCP connect to the relay failed".to_owned()),
-            Some(seen) if (seen.ip() != self.peer.ip()) != want.translated => {
-                problems.push(format!("TCP source {seen} does not match the NAT type"));
-            }
-            Some(_) => {}
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!(
-                "peer {} behind {} does not behave as named: {}\n{self}",
-                self.side,
-                self.nat,
-                problems.join("; ")
-            )
-        }
-    }
-}
-
-impl fmt::Display for NatReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "peer {} ({}) socket {}: ",
-            self.side, self.nat, self.peer
-        )?;
-        match &self.udp {
-            None => write!(f, "UDP blocked")?,
-            Some(u) => write!(
-                f,
-                "UDP seen as {} / {} / {} -> {} mapping; unsolicited alt-port {} alt-addr {} -> {} \
-                 filtering",
-                u.observed[0],
-                u.observed[1],
-                u.observed[2],
-                u.mapping,
-                reach(u.filtering.alt_port_reached),
-                reach(u.filtering.alt_addr_reached),
-                u.filtering.kind()
-            )?,
-        }
-        match self.tcp {
-            Some(a) => write!(f, "; TCP ok, seen as {a}")?,
-            None => write!(f, "; TCP failed")?,
-        }
-        if self.nat.has_router() {
-            let r = if self.router_answers {
-                "answers"
-            } else {
-                "drops"
-            };
-            write!(f, "; router {r} unsolicited")?;
-        }
-        Ok(())
-    }
-}
-
-fn reach(b: bool) -> &'static str {
-    if b {
-        "reached"
-    } else {
-        "blocked"
-    }
-}
-
-/// [`Lab::run_in`] for any named namespace (one created with `ip netns add`).
-pub fn run_in_netns<T, F>(ns: &str, f: F) -> Result<T>
-where
-    F: FnOnce() -> T + Send,
-    T: Send,
-{
-    let fd = sys::open_netns(ns)?;
-    std::thread::scope(|s| {
-        let handle = std::thread::Builder::new()
-            .name(format!("netns-{ns}"))
-            .spawn_scoped(s, move || -> std::io::Result<T> {
-                sys::setns_net(fd.as_fd())?;
-                drop(fd);
-                Ok(f())
-            })
-            .context("spawn thread")?;
-        match handle.join() {
-            Ok(r) => r.with_context(|| format!("entering namespace {ns}")),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
-
-/// `ip -n NS ARGS`, with `args` split at spaces (lab names and addresses have none).
-pub(crate) fn ip(t: &Tools, ns: &str, args: &str) -> Result<()> {
-    let mut full = vec!["-n", ns];
-    full.extend(args.split_ascii_whitespace());
-    run(&t.ip, &full).map(drop)
-}
-
-/// `ip netns exec NS program args...`, for tools without a namespace option of their own.
-fn netns_exec(
-    t: &Tools,
-    ns: &str,
-    program: &std::path::Path,
-    args: &[&str],
-    input: Option<&str>,
-) -> Result<String> {
-    let program = program.to_str().context("tool path is not UTF-8")?;
-    let mut full = vec!["netns", "exec", ns, program];
-    full.extend_from_slice(args);
-    run_with_input(&t.ip, &full, input)
-}
-
-/// Creates a TAP interface inside namespace `ns` (the device belongs to the namespace of the
-/// thread that opens it).
-pub(crate) fn open_tap_in(ns: &str, ifname: &str) -> Result<std::fs::File> {
-    run_in_netns(ns, || sys::open_tap(ifname))?.with_context(|| format!("TAP {ifname} in {ns}"))
-}
-
-/// Writes `/proc/sys/<key>` as seen from inside namespace `ns` (the `net` sysctls are per
-/// namespace, resolved for the thread that opens them). Missing keys (no IPv6 in this kernel)
-/// are skipped.
-pub(crate) fn write_sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
-    run_in_netns(ns, || -> Result<()> {
-        for (key, value) in settings {
-            let path = std::path::Path::new("/proc/sys").join(key);
-            match std::fs::write(&path, value) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("write {}", path.display())),
-            }
-        }
-        Ok(())
-    })?
-    .with_context(|| format!("sysctls in {ns}"))
 }
 
 #[cfg(test)]
