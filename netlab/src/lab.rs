@@ -83,12 +83,34 @@ pub struct LabConfig {
     /// The relay's link is never shaped, so a peer-to-relay round trip crosses one shaped link
     /// twice and a direct peer-to-peer round trip crosses two shaped links twice.
     pub shape: Option<LinkShape>,
+    /// Peer B sits on peer A's network, behind router A (100.64.1.3 next to A's 100.64.1.2, one
+    /// Ethernet segment), instead of behind a router of its own: two peers on one LAN.
+    pub shared_lan: bool,
+    /// With [`LabConfig::shared_lan`]: router A hairpins (a packet from the LAN to its public
+    /// address and a mapped port goes back in to the owner of that port). Needs a full-cone
+    /// router, whose port map says who owns a public port.
+    pub hairpin: bool,
 }
 
 impl LabConfig {
     /// Peer A behind `a`, peer B behind `b`, no shaping.
     pub fn new(a: NatType, b: NatType) -> Self {
-        LabConfig { a, b, shape: None }
+        LabConfig {
+            a,
+            b,
+            shape: None,
+            shared_lan: false,
+            hairpin: false,
+        }
+    }
+
+    /// Both peers on one LAN behind one router of type `nat`, which hairpins or not.
+    pub fn shared_lan(nat: NatType, hairpin: bool) -> Self {
+        LabConfig {
+            shared_lan: true,
+            hairpin,
+            ..LabConfig::new(nat, nat)
+        }
     }
 
     /// The same with `shape` on both peers' links.
@@ -179,6 +201,12 @@ impl Lab {
         if let Some(reason) = tools::lab_unavailable() {
             bail!("netlab cannot run here: {reason}");
         }
+        if config.shared_lan && (config.a != config.b || !config.a.has_router()) {
+            bail!("a shared LAN needs one router type for both peers, not none: {config:?}");
+        }
+        if config.hairpin && !(config.shared_lan && config.a == NatType::FullCone) {
+            bail!("hairpinning is modelled for a shared LAN behind a full-cone router: {config:?}");
+        }
         let prefix = new_prefix();
         let (probe_opts, filter_rounds) = probe_patience(config.shape);
         let mut lab = Lab {
@@ -236,7 +264,9 @@ impl Lab {
         )?;
 
         for side in Side::BOTH {
-            self.build_side(t, side)?;
+            if !(self.config.shared_lan && side == Side::B) {
+                self.build_side(t, side)?;
+            }
         }
         self.servers = Some(ProbeServers::start(&relay)?);
         debug!(prefix = %self.prefix, config = ?self.config, "lab up");
@@ -290,25 +320,42 @@ impl Lab {
         let (Some(router), Some(lan_ip)) = (self.router_ns(side), self.router_lan_ip(side)) else {
             return Ok(());
         };
-        let peer_ip = self.peer_ip(side);
-        ip(
-            t,
-            &router,
-            &format!("link add lan type veth peer name eth0 netns {peer}"),
-        )?;
+        // The peers on this router's network: one on a veth of its own, or (shared LAN) both on
+        // a bridge, which switches traffic between them without routing or NAT.
+        let members: &[(Side, &str)] = if self.config.shared_lan {
+            ip(t, &router, "link add lan type bridge")?;
+            &[(Side::A, "la"), (Side::B, "lb")]
+        } else {
+            &[(side, "lan")]
+        };
+        for &(member, port) in members {
+            let peer = self.peer_ns(member);
+            if member != side {
+                self.add_ns(t, &peer)?;
+            }
+            ip(
+                t,
+                &router,
+                &format!("link add {port} type veth peer name eth0 netns {peer}"),
+            )?;
+            if self.config.shared_lan {
+                ip(t, &router, &format!("link set {port} master lan up"))?;
+            }
+            let peer_ip = self.peer_ip(member);
+            ip(
+                t,
+                &peer,
+                &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
+            )?;
+            ip(t, &peer, "link set eth0 up")?;
+            ip(t, &peer, &format!("route add default via {lan_ip}"))?;
+        }
         ip(
             t,
             &router,
             &format!("addr add {lan_ip}/{PRIVATE_PREFIX_LEN} dev lan"),
         )?;
         ip(t, &router, "link set lan up")?;
-        ip(
-            t,
-            &peer,
-            &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
-        )?;
-        ip(t, &peer, "link set eth0 up")?;
-        ip(t, &peer, &format!("route add default via {lan_ip}"))?;
         // Forwarding is a per-namespace setting: only routers forward, and nothing here touches
         // the host's own setting.
         write_sysctls(&router, &[("net/ipv4/ip_forward", "1")])?;
@@ -329,7 +376,13 @@ impl Lab {
         };
         let state = self.router_state(side, |s| *s);
         let nat = self.config.nat(side);
-        let Some(rules) = nat::ruleset(nat, wan_ip, state.mapping, state.fullcone_timeout_s) else {
+        let Some(rules) = nat::ruleset_with(
+            nat,
+            wan_ip,
+            state.mapping,
+            state.fullcone_timeout_s,
+            self.config.hairpin,
+        ) else {
             return Ok(());
         };
         netns_exec(t, &router, &t.nft, &["-f", "-"], Some(&rules))
@@ -378,9 +431,19 @@ impl Lab {
 
     /// The namespace of router `side`; `None` when that peer has no NAT.
     pub fn router_ns(&self, side: Side) -> Option<String> {
-        self.nat(side)
+        let site = self.site(side);
+        self.nat(site)
             .has_router()
-            .then(|| self.ns_name(&format!("r{}", side.letter())))
+            .then(|| self.ns_name(&format!("r{}", site.letter())))
+    }
+
+    /// The side whose router serves peer `side`: its own, or A's on a shared LAN.
+    fn site(&self, side: Side) -> Side {
+        if self.config.shared_lan {
+            Side::A
+        } else {
+            side
+        }
     }
 
     /// The relay host's first address (probe servers on ports [`PROBE_PORT`] and
@@ -397,7 +460,9 @@ impl Lab {
     /// The address of peer `side`'s interface: private 100.64.N.2 behind a router, public
     /// 198.18.N.2 with no NAT.
     pub fn peer_ip(&self, side: Side) -> Ipv4Addr {
-        if self.nat(side).has_router() {
+        if self.config.shared_lan && side == Side::B {
+            Ipv4Addr::new(100, 64, Side::A.octet(), 3)
+        } else if self.nat(side).has_router() {
             Ipv4Addr::new(100, 64, side.octet(), 2)
         } else {
             Ipv4Addr::new(198, 18, side.octet(), 2)
@@ -412,16 +477,18 @@ impl Lab {
 
     /// Router `side`'s public address (198.18.N.1); `None` with no NAT.
     pub fn router_wan_ip(&self, side: Side) -> Option<Ipv4Addr> {
-        self.nat(side)
+        let site = self.site(side);
+        self.nat(site)
             .has_router()
-            .then(|| Ipv4Addr::new(198, 18, side.octet(), 1))
+            .then(|| Ipv4Addr::new(198, 18, site.octet(), 1))
     }
 
     /// Router `side`'s address on the peer's network (100.64.N.1, the peer's gateway).
     pub fn router_lan_ip(&self, side: Side) -> Option<Ipv4Addr> {
-        self.nat(side)
+        let site = self.site(side);
+        self.nat(site)
             .has_router()
-            .then(|| Ipv4Addr::new(100, 64, side.octet(), 1))
+            .then(|| Ipv4Addr::new(100, 64, site.octet(), 1))
     }
 
     /// The probe server at [`RELAY_IP`]:[`PROBE_PORT`], for [`probe::observed_addr`].
@@ -537,7 +604,7 @@ impl Lab {
 
     fn router_state<R>(&self, side: Side, f: impl FnOnce(&mut RouterState) -> R) -> R {
         let mut routers = self.routers.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut routers[side.index()])
+        f(&mut routers[self.site(side).index()])
     }
 
     /// Takes peer `side`'s link to the public segment down (`up = false`) or back up: packets

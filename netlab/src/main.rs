@@ -108,7 +108,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         rate_mbit,
                     }
                 });
-            up(LabConfig { a, b, shape }, !no_check)
+            up(
+                LabConfig {
+                    shape,
+                    ..LabConfig::new(a, b)
+                },
+                !no_check,
+            )
         }
         Cmd::Check { nats } => check(if nats.is_empty() {
             NatType::ALL.to_vec()

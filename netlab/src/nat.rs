@@ -182,6 +182,8 @@ pub(crate) const DEFAULT_FULLCONE_TIMEOUT_S: u32 = 120;
 
 /// The name of the router's interface towards the public segment.
 pub(crate) const WAN_IF: &str = "wan";
+/// The name of the router's interface towards its peers' network.
+pub(crate) const LAN_IF: &str = "lan";
 
 /// The nftables ruleset (an `nft -f` script) that turns a router namespace into `nat`.
 ///
@@ -189,11 +191,25 @@ pub(crate) const WAN_IF: &str = "wan";
 /// deletes and recreates it in the same transaction). `None` for [`NatType::None`]: no router.
 ///
 /// `fullcone_timeout_s`: how long a full-cone mapping outlives the last outbound packet.
+#[cfg(test)]
 pub(crate) fn ruleset(
     nat: NatType,
     wan_ip: Ipv4Addr,
     mapping: PortMapping,
     fullcone_timeout_s: u32,
+) -> Option<String> {
+    ruleset_with(nat, wan_ip, mapping, fullcone_timeout_s, false)
+}
+
+/// [`ruleset`], and with `hairpin` (full cone only) a packet from the LAN to the router's public
+/// address goes back in to the owner of the public port, its source rewritten to the router's
+/// LAN address so the reply comes back through the router.
+pub(crate) fn ruleset_with(
+    nat: NatType,
+    wan_ip: Ipv4Addr,
+    mapping: PortMapping,
+    fullcone_timeout_s: u32,
+    hairpin: bool,
 ) -> Option<String> {
     if nat == NatType::None {
         return None;
@@ -217,11 +233,22 @@ pub(crate) fn ruleset(
         out.push_str(&format!(
             "    iifname \"{wan}\" meta l4proto udp dnat ip to udp dport map @fullcone\n"
         ));
+        if hairpin {
+            out.push_str(&format!(
+                "    iifname \"{LAN_IF}\" ip daddr {wan_ip} meta l4proto udp dnat ip to udp dport \
+                 map @fullcone\n"
+            ));
+        }
     }
     out.push_str("  }\n");
     out.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );
+    if hairpin && nat == NatType::FullCone {
+        out.push_str(&format!(
+            "    oifname \"{LAN_IF}\" ct status dnat ip saddr 100.64.0.0/10 masquerade\n"
+        ));
+    }
     match (nat, mapping) {
         (NatType::Symmetric, _) => {
             // A random public port per conntrack entry, so per destination: endpoint-dependent.
@@ -433,6 +460,31 @@ mod tests {
                 assert_eq!(a.direct_possible_with(b), b.direct_possible_with(a));
             }
         }
+    }
+
+    #[test]
+    fn hairpin_sends_lan_traffic_for_the_public_address_back_in() {
+        let r = ruleset_with(
+            NatType::FullCone,
+            WAN_IP,
+            PortMapping::Masquerade,
+            120,
+            true,
+        )
+        .expect("router type");
+        assert!(
+            r.contains("iifname \"lan\" ip daddr 198.18.1.1 meta l4proto udp dnat ip to udp dport map @fullcone"),
+            "{r}"
+        );
+        assert!(
+            r.contains("oifname \"lan\" ct status dnat ip saddr 100.64.0.0/10 masquerade"),
+            "{r}"
+        );
+        assert!(
+            !ruleset(NatType::FullCone, WAN_IP, PortMapping::Masquerade, 120)
+                .expect("router type")
+                .contains("iifname \"lan\"")
+        );
     }
 
     #[test]

@@ -747,3 +747,26 @@ fn udp_timeout_makes_mappings_expire() -> Result<()> {
     assert!(lab.set_udp_timeout(Side::A, 0).is_err());
     Ok(())
 }
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn a_shared_lan_switches_between_its_peers_and_hairpins_only_when_asked() -> Result<()> {
+    netlab::require_lab!(Ok(()));
+    for (nat, hairpin) in [(NatType::PortRestricted, false), (NatType::FullCone, true)] {
+        let lab = Lab::new(LabConfig::shared_lan(nat, hairpin))?;
+        assert_eq!(lab.public_ip(Side::A), lab.public_ip(Side::B), "one router");
+        let sa = peer_socket(&lab, Side::A)?;
+        let sb = peer_socket(&lab, Side::B)?;
+        // Over the LAN: straight to the other peer's own address.
+        let a_local = SocketAddr::from((lab.peer_ip(Side::A), sa.local_addr()?.port()));
+        assert!(reaches(&sb, a_local, &sa)?, "{nat}: B reaches A on the LAN");
+        // Through the router's public address: only when it hairpins.
+        let a_public = SocketAddr::V4(public_addr(&lab, &sa)?);
+        assert_eq!(
+            reaches(&sb, a_public, &sa)?,
+            hairpin,
+            "{nat}: hairpin {hairpin}: B to A's public {a_public}"
+        );
+    }
+    Ok(())
+}

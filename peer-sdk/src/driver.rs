@@ -52,6 +52,9 @@ impl Driver {
             tokio::select! {
                 c = self.control.recv() => match c {
                     Some(Control::Relay(reply)) => self.machine.handle_relay(Instant::now(), reply),
+                    Some(Control::Candidates(bytes)) => {
+                        self.machine.handle_candidates(Instant::now(), &bytes);
+                    }
                     Some(Control::Punch { from, packet }) => {
                         self.machine.handle_punch(Instant::now(), from, packet);
                     }

@@ -75,6 +75,7 @@
 
 #![warn(missing_docs)]
 
+pub mod candidates;
 mod driver;
 mod error;
 mod options;
@@ -232,6 +233,13 @@ impl Peer {
                 keepalive: opts.keepalive,
                 punch: opts.strategy == Strategy::Auto,
                 direct_timeout: opts.direct_timeout,
+                local: if opts.strategy == Strategy::Auto {
+                    quinn::AsyncUdpSocket::local_addr(&*socket)
+                        .map(candidates::gather)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
             },
         );
         let driver = AbortOnDrop(tokio::spawn(driver.run()));

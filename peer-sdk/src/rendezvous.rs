@@ -66,6 +66,9 @@ pub(crate) const LOW_TTL: u32 = 2;
 /// trip of each other, and the peer's full probes need a further one-way trip), short against
 /// the 1 s direct-connect goal.
 pub(crate) const SYNC_LEAD: Duration = Duration::from_millis(100);
+/// How many times our local candidates are sent to a peer: enough for a lossy relay path and
+/// for the peer's cookie echo to complete, few enough to cost the relay nothing.
+pub(crate) const LAN_OFFERS: u32 = 5;
 /// Transmits the machine queues before the caller drains them: one punch round to every
 /// candidate, plus registrations; anything beyond is dropped (the next round resends).
 const MAX_QUEUED: usize = 64;
@@ -98,6 +101,8 @@ pub(crate) struct Config {
     pub keepalive: Duration,
     pub punch: bool,
     pub direct_timeout: Duration,
+    /// This host's local candidates ([`crate::candidates::gather`]), offered to the peer.
+    pub local: Vec<SocketAddr>,
 }
 
 /// Where a transmit goes.
@@ -147,6 +152,11 @@ pub(crate) struct Rendezvous {
     relay_rtt: Option<Duration>,
     tcp: bool,
     candidates: Vec<SocketAddr>,
+    /// The peer's local candidates (from its authenticated list), preferred over public ones.
+    lan: Vec<SocketAddr>,
+    /// How often our list went out to the current peer (it may be lost, or arrive before the
+    /// peer proved its address to the relay, so it is repeated a few times).
+    lan_offers: u32,
     nonces: VecDeque<u64>,
     peer_known_at: Option<Instant>,
     last_direct_reply: Option<Instant>,
@@ -184,6 +194,8 @@ impl Rendezvous {
             relay_rtt: None,
             tcp: false,
             candidates: Vec::new(),
+            lan: Vec::new(),
+            lan_offers: 0,
             nonces: VecDeque::new(),
             peer_known_at: None,
             last_direct_reply: None,
@@ -365,8 +377,15 @@ impl Rendezvous {
         let targets: Vec<SocketAddr> = match self.status.path {
             // On a working direct path, keep just that one alive.
             Path::Direct(a) => vec![a],
-            Path::Relay | Path::RelayTcp => self.candidates.clone(),
+            Path::Relay | Path::RelayTcp => {
+                let mut t = self.lan.clone();
+                t.extend(self.candidates.iter().filter(|c| !self.lan.contains(c)));
+                t
+            }
         };
+        if !direct {
+            self.offer_local();
+        }
         if !direct && !in_window {
             // A background round: open our own mapping first, as at the start.
             self.low_ttl_probes(&targets);
@@ -382,6 +401,52 @@ impl Rendezvous {
         self.key
             .packet(Kind::Probe, self.cfg.peer_id, nonce)
             .encode()
+    }
+
+    /// Sends our local candidates to the peer through the relay (a few times per peer).
+    fn offer_local(&mut self) {
+        if self.cfg.local.is_empty() || self.lan_offers >= LAN_OFFERS || self.tcp {
+            return;
+        }
+        self.lan_offers += 1;
+        let msg = crate::candidates::Candidates {
+            sender: self.cfg.peer_id,
+            addrs: self.cfg.local.clone(),
+        }
+        .encode(&self.key);
+        self.queue(Dest::Relay, msg, None);
+    }
+
+    /// The peer's local candidates, as forwarded by the relay: authenticated, then probed at
+    /// once and in every round from now on.
+    pub(crate) fn handle_candidates(&mut self, _now: Instant, bytes: &[u8]) {
+        if self.tcp || !self.cfg.punch {
+            return;
+        }
+        let Some(c) = crate::candidates::Candidates::decode(bytes, &self.key) else {
+            debug!("dropping a malformed or unauthenticated candidate list");
+            return;
+        };
+        if c.sender == self.cfg.peer_id {
+            return;
+        }
+        let lan: Vec<SocketAddr> = c
+            .addrs
+            .into_iter()
+            .filter(|a| crate::candidates::usable(a.ip()) && a.port() != 0)
+            .take(crate::candidates::MAX_LOCAL_CANDIDATES)
+            .collect();
+        if lan == self.lan {
+            return;
+        }
+        debug!(?lan, "the peer's local candidates");
+        self.lan = lan;
+        if !matches!(self.status.path, Path::Direct(a) if self.lan.contains(&a)) {
+            let probe = self.new_probe();
+            for dst in self.lan.clone() {
+                self.queue(Dest::Peer(dst), probe.to_vec(), None);
+            }
+        }
     }
 
     fn low_ttl_probes(&mut self, targets: &[SocketAddr]) {
@@ -400,6 +465,8 @@ impl Rendezvous {
             debug!(peer = %p, "the relay reports a new peer address; re-punching");
         }
         self.candidates.clear();
+        self.lan.clear();
+        self.lan_offers = 0;
         self.nonces.clear();
         self.last_direct_reply = None;
         self.set_path(self.relay_path());
@@ -409,6 +476,7 @@ impl Rendezvous {
         }
         self.add_candidate(p);
         if self.cfg.punch {
+            self.offer_local();
             let targets = self.candidates.clone();
             self.low_ttl_probes(&targets);
             // The relay sent the notice about half a round trip ago; the peer's copy left at
@@ -520,9 +588,15 @@ impl Rendezvous {
                 if !self.nonces.contains(&packet.nonce) {
                     return; // not an answer to a probe of ours (a replay)
                 }
+                // A path over the LAN stays preferred: a late reply from the public address does
+                // not move us off it (nor prove it alive).
+                let on_lan = matches!(self.status.path, Path::Direct(a) if self.lan.contains(&a));
+                if on_lan && !self.lan.contains(&from) {
+                    return;
+                }
                 self.last_direct_reply = Some(now);
                 if self.cfg.punch && self.status.path != Path::Direct(from) {
-                    info!(peer = %from, "direct path up");
+                    info!(peer = %from, lan = self.lan.contains(&from), "direct path up");
                     self.set_path(Path::Direct(from));
                     self.next_probe = Some(now + PROBE_INTERVAL);
                 }
@@ -548,6 +622,7 @@ mod tests {
             keepalive: Duration::from_secs(10),
             punch: true,
             direct_timeout: Duration::from_secs(1),
+            local: Vec::new(),
         }
     }
 
@@ -717,6 +792,66 @@ mod tests {
         // Our own probe reflected by a hairpinning NAT is ignored.
         r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 7, 1));
         assert!(drain(&mut r).is_empty());
+    }
+
+    #[test]
+    fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
+        let t0 = Instant::now();
+        let ours: SocketAddr = addr("100.64.1.2:5000");
+        let mut r = Rendezvous::new(Config {
+            local: vec![ours],
+            ..cfg()
+        });
+        r.handle_timeout(t0, t0);
+        drain(&mut r);
+        r.handle_relay(t0, ack(None));
+        let public = addr("198.18.1.1:6000");
+        r.handle_relay(t0, ack(Some(public)));
+        let key = PunchKey::new(cfg().session);
+        let offered: Vec<_> = drain(&mut r)
+            .into_iter()
+            .filter(|t| t.dst == Dest::Relay)
+            .collect();
+        assert_eq!(offered.len(), 1, "our list goes to the relay once paired");
+        let list = crate::candidates::Candidates::decode(&offered[0].bytes, &key).expect("ours");
+        assert_eq!((list.sender, list.addrs), (7, vec![ours]));
+        // The peer's list: a forged one is ignored, loopback is never probed, the rest is.
+        let lan = addr("100.64.1.3:7000");
+        let theirs = crate::candidates::Candidates {
+            sender: 9,
+            addrs: vec![addr("127.0.0.1:7000"), lan],
+        };
+        r.handle_candidates(t0, &theirs.encode(&PunchKey::new(Uuid::nil())));
+        assert!(drain(&mut r).is_empty());
+        r.handle_candidates(t0, &theirs.encode(&key));
+        let sent = drain(&mut r);
+        assert_eq!(probes(&sent), [(lan, None)]);
+        let nonce = PunchPacket::decode(&sent[0].bytes).expect("probe").nonce;
+        r.handle_punch(t0, lan, key.packet(Kind::Reply, 9, nonce));
+        assert_eq!(r.status().path, Path::Direct(lan));
+        // A later reply from the public address does not move us off the LAN.
+        let t = t0 + SYNC_LEAD;
+        r.handle_timeout(t, t);
+        for p in drain(&mut r) {
+            if let Some(pk) = PunchPacket::decode(&p.bytes) {
+                r.handle_punch(t, public, key.packet(Kind::Reply, 9, pk.nonce));
+            }
+        }
+        assert_eq!(r.status().path, Path::Direct(lan));
+        // Bounded: a new peer address (back on the relay path) gets the offer again, at most
+        // LAN_OFFERS times however long the peer stays unreachable.
+        let mut now = t;
+        r.handle_relay(now, ack(Some(addr("198.18.1.1:6001"))));
+        let mut offers = 0;
+        for _ in 0..50 {
+            offers += drain(&mut r)
+                .iter()
+                .filter(|t| crate::candidates::Candidates::looks_like(&t.bytes))
+                .count();
+            now = r.poll_timeout(now, now);
+            r.handle_timeout(now, now);
+        }
+        assert_eq!(offers, LAN_OFFERS as usize);
     }
 
     #[test]

@@ -76,6 +76,8 @@ impl Path {
 #[derive(Debug)]
 pub(crate) enum Control {
     Relay(Reply),
+    /// The peer's local candidates, forwarded by the relay (authenticated by the driver).
+    Candidates(Vec<u8>),
     Punch {
         from: SocketAddr,
         packet: PunchPacket,
@@ -433,7 +435,10 @@ impl PeerSocket {
             let end = (read + stride).min(len);
             let seg = &buf[read..end];
             let control = if from_relay {
-                Reply::parse(seg).map(Control::Relay)
+                Reply::parse(seg).map(Control::Relay).or_else(|| {
+                    crate::candidates::Candidates::looks_like(seg)
+                        .then(|| Control::Candidates(seg.to_vec()))
+                })
             } else {
                 PunchPacket::decode(seg).map(|packet| Control::Punch { from, packet })
             };

@@ -485,3 +485,60 @@ fn traffic_falls_back_to_the_relay_when_the_direct_path_dies_and_returns_when_it
         "the relay carried traffic meanwhile"
     );
 }
+
+/// Two peers on one LAN behind one router: they find each other's local candidates through the
+/// relay and talk over the LAN, whether or not the router hairpins.
+fn shared_lan_test(nat: NatType, hairpin: bool) {
+    netlab::require_lab!();
+    let lab = Lab::new(LabConfig::shared_lan(nat, hairpin)).expect("lab");
+    let relay = start_relay(&lab);
+    let s = session(nat, nat, 6 + u128::from(hairpin));
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let listener_lan = SocketAddr::from((lab.peer_ip(Side::A), 0)).ip();
+    let (path, took) = dial(
+        &lab,
+        Side::B,
+        options(&lab, s),
+        pin,
+        move |conn| async move {
+            let mut st = conn.watch_status();
+            let on_lan =
+                |s: &peer_sdk::Status| matches!(s.path, Path::Direct(a) if a.ip() == listener_lan);
+            tokio::time::timeout(WAIT, st.wait_for(on_lan))
+                .await
+                .expect("on the LAN path in time")
+                .expect("status");
+            stream_echo(&conn, 1 << 20).await;
+            datagram_echo(&conn, 50).await;
+            assert!(
+                on_lan(&conn.status()),
+                "still on the LAN: {:?}",
+                conn.status()
+            );
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    eprintln!("one LAN behind {nat:?} (hairpin {hairpin}): {path:?} at connect after {took:?}");
+    assert!(
+        matches!(path, Path::Direct(_)),
+        "direct at connect: {path:?}"
+    );
+    let relayed = relay.metrics().snapshot().forwarded_packets;
+    assert!(
+        relayed < 100,
+        "the relay carried only the rendezvous, not the transfer: {relayed} packets"
+    );
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn two_peers_on_one_lan_without_hairpinning_go_direct_over_the_lan() {
+    shared_lan_test(NatType::PortRestricted, false);
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn two_peers_on_one_lan_with_hairpinning_go_direct_over_the_lan() {
+    shared_lan_test(NatType::FullCone, true);
+}
