@@ -65,7 +65,7 @@ pub struct Options {
     /// restart or NAT rebinding (keepalive 5 s, idle timeout 60 s).
     pub transport: Option<Arc<quinn::TransportConfig>>,
     /// Whether to fall back to TCP to the relay when UDP gets no answer (default: yes). The
-    /// connection then reports [`Path::RelayTcp`].
+    /// connection then reports [`Path::RelayTcp`](crate::Path::RelayTcp).
     pub tcp_fallback: TcpFallback,
     /// How long UDP registrations may go unanswered before [`TcpFallback::Auto`] tries TCP.
     /// Keep it below [`Options::register_timeout`].

@@ -1,29 +1,29 @@
 //! The rendezvous state machine, sans IO: registration with the relay (retries, keepalives,
 //! the cookie echo, the switch to TCP), and the punch schedule that opens, validates, monitors
 //! and falls back from the direct path. It never touches a socket or a clock: the caller feeds it
-//! datagrams ([`Rendezvous::handle_relay`], [`Rendezvous::handle_punch`]) and the time
-//! ([`Rendezvous::handle_timeout`]), and takes out what to send ([`Rendezvous::poll_transmit`]),
-//! when to wake it ([`Rendezvous::poll_timeout`]) and what changed ([`Rendezvous::poll_event`],
-//! [`Rendezvous::status`]). [`crate::driver`] is the thin tokio task around it; the unit tests
+//! datagrams (`Rendezvous::handle_relay`, `Rendezvous::handle_punch`) and the time
+//! (`Rendezvous::handle_timeout`), and takes out what to send (`Rendezvous::poll_transmit`),
+//! when to wake it (`Rendezvous::poll_timeout`) and what changed (`Rendezvous::poll_event`,
+//! `Rendezvous::status`). `driver.rs` is the thin tokio task around it; the unit tests
 //! below drive it with a fake clock.
 //!
 //! **Punch schedule.** When the relay pairs us with a peer (its ACK or peer notice names the
 //! peer's address), both peers hear of it within half a relay round trip of each other. Each
 //! then:
-//! 1. at once sends a probe with a low TTL ([`LOW_TTL`]) to every candidate: it crosses the
+//! 1. at once sends a probe with a low TTL (`LOW_TTL` (2)) to every candidate: it crosses the
 //!    peer's own NAT, which maps it, and dies in the network before it reaches the other
 //!    side's router. A full probe that reached a router before its owner had sent anything
 //!    would leave a conntrack entry there (on routers that accept inbound to themselves) that
 //!    the owner's own flow then clashes with, moving it to another public port;
-//! 2. starts full probes [`SYNC_LEAD`] after the relay sent the notice (half our measured relay
+//! 2. starts full probes `SYNC_LEAD` (100 ms) after the relay sent the notice (half our measured relay
 //!    round trip ago), so both sides' low-TTL probes go out before either side's full probes
-//!    arrive; full probes repeat every [`PUNCH_INTERVAL`] for [`Config::direct_timeout`];
+//!    arrive; full probes repeat every `PUNCH_INTERVAL` (100 ms) for `Config::direct_timeout`;
 //! 3. answers every authenticated probe (and probes back, so a peer-reflexive address the other
 //!    side's NAT chose is validated too); a reply to one of our nonces makes that address the
 //!    direct path;
-//! 4. keeps a working direct path alive with a probe every [`PROBE_INTERVAL`], falls back to
-//!    the relay after [`DIRECT_DEAD`] without a reply, and keeps trying in the background at
-//!    [`PROBE_INTERVAL`], each round opening with a low-TTL probe.
+//! 4. keeps a working direct path alive with a probe every `PROBE_INTERVAL` (1 s), falls back to
+//!    the relay after `DIRECT_DEAD` (3.5 s) without a reply, and keeps trying in the background at
+//!    `PROBE_INTERVAL` (1 s), each round opening with a low-TTL probe.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
