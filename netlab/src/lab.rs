@@ -13,9 +13,10 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use tracing::{debug, warn};
 
 use crate::cleanup;
+use crate::ipv6::{self, Stack, RELAY_IP6};
 use crate::nat::{self, NatType, PortMapping, WAN_IF};
 use crate::netns::{
-    configure_namespace, create_namespace, ip, netns_exec, open_tap_in, run_in_netns,
+    configure_namespace_with, create_namespace, ip, netns_exec, open_tap_in, run_in_netns,
     spawn_thread_in, write_sysctls, Children, NAME_PREFIX,
 };
 use crate::probe::{ProbeOptions, ProbeServers, PROBE_PORT, RELAY_IP, RELAY_IP2};
@@ -86,6 +87,9 @@ pub struct LabConfig {
     /// address and a mapped port goes back in to the owner of that port). Needs a full-cone
     /// router, whose port map says who owns a public port.
     pub hairpin: bool,
+    /// Which IP families peer A and peer B have (default: IPv4 only, and no IPv6 anywhere in
+    /// the lab); with IPv6 anywhere the relay host and the transit router get it too.
+    pub stacks: [Stack; 2],
 }
 
 impl LabConfig {
@@ -97,7 +101,24 @@ impl LabConfig {
             shape: None,
             shared_lan: false,
             hairpin: false,
+            stacks: [Stack::V4; 2],
         }
+    }
+
+    /// The same with peer A on `a` and peer B on `b` ([`Stack`]).
+    pub fn with_stacks(mut self, a: Stack, b: Stack) -> Self {
+        self.stacks = [a, b];
+        self
+    }
+
+    /// Which families peer `side` has.
+    pub fn stack(&self, side: Side) -> Stack {
+        self.stacks[side.index()]
+    }
+
+    /// Whether any host in the lab has IPv6.
+    pub fn uses_ipv6(&self) -> bool {
+        self.stacks.iter().any(|s| s.has_v6())
     }
 
     /// Both peers on one LAN behind one router of type `nat`, which hairpins or not.
@@ -226,14 +247,15 @@ impl Lab {
         let t = tools::tools_or_err()?;
         let public = self.public_ns();
         let relay = self.relay_ns();
-        self.add_ns(t, &public)?;
+        let v6 = self.config.uses_ipv6();
+        self.add_ns_with(t, &public, v6)?;
         // The "internet" is one router hop between any two sites (as on the real internet,
         // where there are several): a packet sent with a TTL that just crosses the sender's own
         // NAT dies here, before it reaches the other side's router (the SDK's low-TTL probes
         // rely on that).
         write_sysctls(&public, &[("net/ipv4/ip_forward", "1")])?;
 
-        self.add_ns(t, &relay)?;
+        self.add_ns_with(t, &relay, v6)?;
         ip(
             t,
             &relay,
@@ -258,6 +280,25 @@ impl Lab {
             &relay,
             &format!("route add default via {}", transit_ip(0)),
         )?;
+        if v6 {
+            write_sysctls(&public, &[("net/ipv6/conf/all/forwarding", "1")])?;
+            let len = ipv6::PREFIX_LEN;
+            ip(
+                t,
+                &public,
+                &format!("-6 addr add {}/{len} dev relay nodad", ipv6::transit_ip6(0)),
+            )?;
+            ip(
+                t,
+                &relay,
+                &format!("-6 addr add {RELAY_IP6}/{len} dev eth0 nodad"),
+            )?;
+            ip(
+                t,
+                &relay,
+                &format!("-6 route add default via {}", ipv6::transit_ip6(0)),
+            )?;
+        }
 
         for side in Side::BOTH {
             if !(self.config.shared_lan && side == Side::B) {
@@ -272,11 +313,15 @@ impl Lab {
     fn build_side(&mut self, t: &Tools, side: Side) -> Result<()> {
         let public = self.public_ns();
         let peer = self.peer_ns(side);
-        self.add_ns(t, &peer)?;
+        let stack = self.config.stack(side);
+        // The router carries IPv6 when any peer behind it has it (two on a shared LAN).
+        let router_v6 =
+            stack.has_v6() || (self.config.shared_lan && self.config.stack(Side::B).has_v6());
+        self.add_ns_with(t, &peer, stack.has_v6())?;
         // The namespace and interface that sit on the public segment: the router, or the peer.
         let (site, site_if) = match self.router_ns(side) {
             Some(r) => {
-                self.add_ns(t, &r)?;
+                self.add_ns_with(t, &r, router_v6)?;
                 (r, WAN_IF)
             }
             None => (peer.clone(), "eth0"),
@@ -305,13 +350,22 @@ impl Lab {
         )?;
         ip(t, &public, &format!("link set {port} up"))?;
         let public_ip = self.public_ip(side);
-        ip(
-            t,
-            &site,
-            &format!("addr add {public_ip}/{SITE_PREFIX_LEN} dev {site_if}"),
-        )?;
+        // A peer with no NAT and no IPv4 has no IPv4 address; a router always has one.
+        let site_v4 = self.router_ns(side).is_some() || stack.has_v4();
+        if site_v4 {
+            ip(
+                t,
+                &site,
+                &format!("addr add {public_ip}/{SITE_PREFIX_LEN} dev {site_if}"),
+            )?;
+        }
         ip(t, &site, &format!("link set {site_if} up"))?;
-        ip(t, &site, &format!("route add default via {transit}"))?;
+        if site_v4 {
+            ip(t, &site, &format!("route add default via {transit}"))?;
+        }
+        if router_v6 {
+            self.build_side_v6(t, side, &site, site_if)?;
+        }
 
         let (Some(router), Some(lan_ip)) = (self.router_ns(side), self.router_lan_ip(side)) else {
             return Ok(());
@@ -337,14 +391,25 @@ impl Lab {
             if self.config.shared_lan {
                 ip(t, &router, &format!("link set {port} master lan up"))?;
             }
-            let peer_ip = self.peer_ip(member);
-            ip(
-                t,
-                &peer,
-                &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
-            )?;
+            let member_stack = self.config.stack(member);
+            if member_stack.has_v4() {
+                let peer_ip = self.peer_ip(member);
+                ip(
+                    t,
+                    &peer,
+                    &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
+                )?;
+            }
             ip(t, &peer, "link set eth0 up")?;
-            ip(t, &peer, &format!("route add default via {lan_ip}"))?;
+            if member_stack.has_v4() {
+                ip(t, &peer, &format!("route add default via {lan_ip}"))?;
+            }
+            if let Some(a) = self.peer_ip6(member) {
+                let gw = ipv6::lan_ip6(side.octet(), 1);
+                let len = ipv6::PREFIX_LEN;
+                ip(t, &peer, &format!("-6 addr add {a}/{len} dev eth0 nodad"))?;
+                ip(t, &peer, &format!("-6 route add default via {gw}"))?;
+            }
         }
         ip(
             t,
@@ -352,6 +417,19 @@ impl Lab {
             &format!("addr add {lan_ip}/{PRIVATE_PREFIX_LEN} dev lan"),
         )?;
         ip(t, &router, "link set lan up")?;
+        if router_v6 {
+            let len = ipv6::PREFIX_LEN;
+            let lan6 = ipv6::lan_ip6(side.octet(), 1);
+            ip(
+                t,
+                &router,
+                &format!("-6 addr add {lan6}/{len} dev lan nodad"),
+            )?;
+            write_sysctls(&router, &[("net/ipv6/conf/all/forwarding", "1")])?;
+            let rules = ipv6::firewall(self.config.nat(side) == NatType::UdpBlocked);
+            netns_exec(t, &router, &t.nft, &["-f", "-"], Some(&rules))
+                .with_context(|| format!("loading the IPv6 firewall into {router}:\n{rules}"))?;
+        }
         // Forwarding is a per-namespace setting: only routers forward, and nothing here touches
         // the host's own setting.
         write_sysctls(&router, &[("net/ipv4/ip_forward", "1")])?;
@@ -359,10 +437,61 @@ impl Lab {
         Ok(())
     }
 
+    /// IPv6 on site `side`'s link to the transit router: the site's address and default route,
+    /// and the transit router's route to the LAN prefix behind a router.
+    fn build_side_v6(&self, t: &Tools, side: Side, site: &str, site_if: &str) -> Result<()> {
+        let (n, len) = (side.octet(), ipv6::PREFIX_LEN);
+        let public = self.public_ns();
+        let port = format!("w{}", side.letter());
+        let transit = ipv6::transit_ip6(n);
+        ip(
+            t,
+            &public,
+            &format!("-6 addr add {transit}/{len} dev {port} nodad"),
+        )?;
+        let host = if self.router_ns(side).is_some() { 1 } else { 2 };
+        let addr = ipv6::site_ip6(n, host);
+        ip(
+            t,
+            site,
+            &format!("-6 addr add {addr}/{len} dev {site_if} nodad"),
+        )?;
+        ip(t, site, &format!("-6 route add default via {transit}"))?;
+        if self.router_ns(side).is_some() {
+            let lan = ipv6::lan_ip6(n, 0);
+            ip(t, &public, &format!("-6 route add {lan}/{len} via {addr}"))?;
+        }
+        Ok(())
+    }
+
+    /// Peer `side`'s global IPv6 address, when its [`Stack`] has IPv6: behind a router
+    /// 2001:db8:N:1::2 (::3 for B on a shared LAN), with no NAT 2001:db8:N::2.
+    pub fn peer_ip6(&self, side: Side) -> Option<std::net::Ipv6Addr> {
+        if !self.config.stack(side).has_v6() {
+            return None;
+        }
+        Some(if self.config.shared_lan && side == Side::B {
+            ipv6::lan_ip6(Side::A.octet(), 3)
+        } else if self.nat(side).has_router() {
+            ipv6::lan_ip6(side.octet(), 2)
+        } else {
+            ipv6::site_ip6(side.octet(), 2)
+        })
+    }
+
+    /// The relay host's IPv6 address (only reachable in labs with IPv6).
+    pub fn relay_ip6(&self) -> std::net::Ipv6Addr {
+        RELAY_IP6
+    }
+
     fn add_ns(&mut self, t: &Tools, name: &str) -> Result<()> {
+        self.add_ns_with(t, name, false)
+    }
+
+    fn add_ns_with(&mut self, t: &Tools, name: &str, ipv6: bool) -> Result<()> {
         create_namespace(t, name)?;
         self.namespaces.push(name.to_owned());
-        configure_namespace(t, name)
+        configure_namespace_with(t, name, ipv6)
     }
 
     /// (Re)loads router `side`'s rules from its current [`RouterState`].

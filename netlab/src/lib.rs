@@ -25,6 +25,8 @@
 //!   NAT self-checks, rebinding and link control.
 //! - [`multipath`]: a client with several shaped paths to one server ([`MultipathLab`]), for
 //!   multipath tests and benchmarks.
+//! - [`ipv6`]: which peers have IPv6 ([`Stack`]), its addressing plan in 2001:db8::/32 and the
+//!   routers' stateful IPv6 firewall.
 //! - [`nat`]: the NAT types and the nftables rules behind each.
 //! - [`probe`]: the probe servers on the relay host and the client side of the self-checks, usable
 //!   on a test's own sockets.
@@ -38,6 +40,7 @@
 //! - `sys`: the system calls std does not wrap.
 
 pub mod cleanup;
+pub mod ipv6;
 pub mod lab;
 pub mod multipath;
 pub mod nat;
@@ -48,6 +51,7 @@ mod sys;
 mod tools;
 pub mod wire;
 
+pub use ipv6::{Stack, RELAY_IP6};
 pub use lab::{Lab, LabConfig, Side};
 pub use multipath::MultipathLab;
 pub use nat::NatType;

@@ -74,13 +74,26 @@ pub(crate) fn create_namespace(t: &Tools, name: &str) -> Result<()> {
 
 /// Turns IPv6 off and loopback up in a new namespace.
 pub(crate) fn configure_namespace(t: &Tools, name: &str) -> Result<()> {
+    configure_namespace_with(t, name, false)
+}
+
+/// [`configure_namespace`], with IPv6 on when `ipv6` (for labs that model it).
+pub(crate) fn configure_namespace_with(t: &Tools, name: &str, ipv6: bool) -> Result<()> {
     // IPv6 off before any interface exists: no router solicitations or MLD reports, so the
     // lab carries only the IPv4 traffic tests send, all inside 198.18.0.0/15 and 100.64.0.0/10.
+    // With IPv6 on, addresses are static (no router advertisements are accepted, no duplicate
+    // address detection delays them) and all inside 2001:db8::/32.
+    let v6 = if ipv6 { "0" } else { "1" };
     write_sysctls(
         name,
         &[
-            ("net/ipv6/conf/all/disable_ipv6", "1"),
-            ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ("net/ipv6/conf/all/disable_ipv6", v6),
+            ("net/ipv6/conf/default/disable_ipv6", v6),
+            ("net/ipv6/conf/all/accept_ra", "0"),
+            ("net/ipv6/conf/default/accept_ra", "0"),
+            ("net/ipv6/conf/all/accept_dad", "0"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
+            ("net/ipv6/conf/default/router_solicitations", "0"),
         ],
     )?;
     ip(t, name, "link set lo up")

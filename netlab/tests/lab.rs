@@ -770,3 +770,39 @@ fn a_shared_lan_switches_between_its_peers_and_hairpins_only_when_asked() -> Res
     }
     Ok(())
 }
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn ipv6_hosts_have_global_addresses_behind_firewalls_that_admit_only_replies() -> Result<()> {
+    use netlab::Stack;
+    netlab::require_lab!(Ok(()));
+    let lab = Lab::new(
+        LabConfig::new(NatType::Symmetric, NatType::Symmetric).with_stacks(Stack::Dual, Stack::V6),
+    )?;
+    let a6 = lab.peer_ip6(Side::A).context("A has IPv6")?;
+    let b6 = lab.peer_ip6(Side::B).context("B has IPv6")?;
+    let v6_socket = |side: Side| -> Result<UdpSocket> {
+        Ok(lab.run_in(&lab.peer_ns(side), || UdpSocket::bind("[::]:0"))??)
+    };
+    let (sa, sb) = (v6_socket(Side::A)?, v6_socket(Side::B)?);
+    let to_a = SocketAddr::from((a6, sa.local_addr()?.port()));
+    let to_b = SocketAddr::from((b6, sb.local_addr()?.port()));
+    // A stranger (the relay host) cannot reach A's global address unasked.
+    let stranger = lab.run_in(&lab.relay_ns(), || UdpSocket::bind("[::]:0"))??;
+    assert!(
+        !reaches(&stranger, to_a, &sa)?,
+        "the firewall drops unsolicited IPv6"
+    );
+    // No NAT66: what A sends arrives from A's own address; after A has sent to B, B's reply
+    // is admitted, and the other way round.
+    sa.send_to(b"open", to_b)?; // dropped at B's firewall, but opens A's
+    assert!(
+        reaches(&sb, to_a, &sa)?,
+        "B's datagram to A passes A's firewall"
+    );
+    assert!(reaches(&sa, to_b, &sb)?, "and A's to B passes B's");
+    // IPv4: A is dual-stack behind its NAT; B has none (no route: the send fails).
+    assert!(lab.probe_udp(Side::A)?.is_some(), "A has IPv4");
+    assert!(lab.probe_udp(Side::B).is_err(), "B has no IPv4");
+    Ok(())
+}
