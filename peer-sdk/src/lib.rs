@@ -54,8 +54,12 @@
 //! - **Keepalive for the life of the connection** ([`rendezvous`]): the registration is repeated
 //!   every [`Options::keepalive`] (≤ 25 s) and at once after 3 s without a datagram from the
 //!   peer, so a relay restart or a NAT rebinding heals without the application noticing.
-//! - **Hole punching** ([`punch`]): both peers learn each other's public address from the relay
-//!   and send authenticated probes; a reply proves a direct path. Quinn sees one stable peer
+//! - **Hole punching** ([`punch`], [`rendezvous`]): both peers learn each other's public address
+//!   from the relay (and their interface addresses, [`candidates`], through it) and send
+//!   authenticated probes; a reply proves a direct path. The first probe of each side has a TTL
+//!   of 2, so it opens the sender's own NAT mapping without reaching the other router (which
+//!   could otherwise move the other side's mapping); full probes start 100 ms after the relay's
+//!   notice. IPv6 paths are preferred, then the LAN, then public IPv4. Quinn sees one stable peer
 //!   address ([`socket::VIRTUAL_PEER`]); the wrapper sends to the direct address or to the relay,
 //!   so traffic moves between paths under a live `quinn::Connection`.
 //! - **TCP when UDP is blocked**: if the relay does not answer UDP registrations within
@@ -157,12 +161,27 @@ impl Peer {
     pub async fn bind(opts: Options) -> Result<Peer, Error> {
         let order = opts.relay_order();
         let mut last = None;
-        for relay in &order {
-            let bind = opts.bind.unwrap_or(match relay {
-                SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-                SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
-            });
-            let (socket, control) = PeerSocket::bind(bind, *relay)?;
+        for (i, relay) in order.iter().enumerate() {
+            // A relay address of a family this host has no route for (an IPv4 address on an
+            // IPv6-only host, say) is skipped at once while others remain: waiting for its
+            // registration to time out would only delay the one that works.
+            if i + 1 < order.len() && !routable(*relay) {
+                info!(%relay, "no route to this relay address; trying the next");
+                continue;
+            }
+            let (socket, control) = match opts.bind {
+                Some(bind) => PeerSocket::bind(bind, *relay)?,
+                // Dual-stack when the host allows it, so that IPv6 direct paths are possible
+                // whatever the relay's family; IPv4 otherwise.
+                None => PeerSocket::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0), *relay)
+                    .or_else(|e| match relay {
+                        SocketAddr::V4(_) => PeerSocket::bind(
+                            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+                            *relay,
+                        ),
+                        SocketAddr::V6(_) => Err(e),
+                    })?,
+            };
             match Self::start(socket, control, opts.clone()).await {
                 Ok(p) => return Ok(p),
                 Err(e @ Error::RelayUnreachable { .. }) if order.len() > 1 => {
@@ -362,6 +381,18 @@ impl Peer {
             path_at_connect: path,
         })
     }
+}
+
+/// Whether this host has a route to `relay` (a UDP `connect` on a throwaway socket: no packet is
+/// sent).
+fn routable(relay: SocketAddr) -> bool {
+    let any: SocketAddr = match relay {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(relay))
+        .is_ok()
 }
 
 /// A QUIC connection to the peer. Derefs to [`quinn::Connection`]; keep it alive as long as the

@@ -44,7 +44,8 @@ pub struct Options {
     pub session: Uuid,
     /// A relay token, when the relay requires one (`--secret-file`).
     pub token: Option<Token>,
-    /// Local address to bind; default: any address, any port, of the relay's family.
+    /// Local address to bind; default: any address and port, IPv6 and IPv4 (dual-stack) where
+    /// the host allows it, so that IPv6 direct paths work whatever the relay's family.
     pub bind: Option<SocketAddr>,
     /// Re-registration interval for the life of the connection (≤ 25 s keeps NAT mappings).
     pub keepalive: Duration,

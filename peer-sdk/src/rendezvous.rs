@@ -441,7 +441,8 @@ impl Rendezvous {
         }
         debug!(?lan, "the peer's local candidates");
         self.lan = lan;
-        if !matches!(self.status.path, Path::Direct(a) if self.lan.contains(&a)) {
+        let best = self.lan.iter().map(|&a| self.rank(a)).max().unwrap_or(0);
+        if !matches!(self.status.path, Path::Direct(a) if self.rank(a) >= best) {
             let probe = self.new_probe();
             for dst in self.lan.clone() {
                 self.queue(Dest::Peer(dst), probe.to_vec(), None);
@@ -483,6 +484,18 @@ impl Rendezvous {
             // the same moment, so both sides count the lead from there.
             let half_rtt = self.relay_rtt.unwrap_or_default() / 2;
             self.next_probe = Some(now + SYNC_LEAD.saturating_sub(half_rtt));
+        }
+    }
+
+    /// How much a direct path to `a` is preferred: IPv6 (no NAT on the way, no mapping to
+    /// expire) over a local IPv4 candidate (the LAN) over a public IPv4 address.
+    fn rank(&self, a: SocketAddr) -> u8 {
+        if a.ip().to_canonical().is_ipv6() {
+            2
+        } else if self.lan.contains(&a) {
+            1
+        } else {
+            0
         }
     }
 
@@ -588,11 +601,12 @@ impl Rendezvous {
                 if !self.nonces.contains(&packet.nonce) {
                     return; // not an answer to a probe of ours (a replay)
                 }
-                // A path over the LAN stays preferred: a late reply from the public address does
-                // not move us off it (nor prove it alive).
-                let on_lan = matches!(self.status.path, Path::Direct(a) if self.lan.contains(&a));
-                if on_lan && !self.lan.contains(&from) {
-                    return;
+                // A better path stays preferred (IPv6, then the LAN, then public IPv4): a late
+                // reply on a worse one does not move us off it (nor prove it alive).
+                if let Path::Direct(current) = self.status.path {
+                    if self.rank(from) < self.rank(current) {
+                        return;
+                    }
                 }
                 self.last_direct_reply = Some(now);
                 if self.cfg.punch && self.status.path != Path::Direct(from) {

@@ -519,7 +519,10 @@ impl AsyncUdpSocket for PeerSocket {
             ecn: transmit.ecn,
             contents: transmit.contents,
             segment_size: transmit.segment_size,
-            src_ip: transmit.src_ip,
+            // Quinn picks the source address it saw the virtual peer's datagrams arrive at; the
+            // real destination changes under it (relay, public, LAN, IPv6), so let the kernel
+            // route each datagram from the right address, as it does for the registrations.
+            src_ip: None,
         };
         self.io.try_io(Interest::WRITABLE, || {
             self.inner.send((&self.io).into(), &t)
