@@ -10,6 +10,13 @@
 
 use std::net::Ipv6Addr;
 
+use anyhow::{Context as _, Result};
+
+use crate::lab::{Lab, Side};
+use crate::nat::NatType;
+use crate::netns::{ip, netns_exec, write_sysctls};
+use crate::tools::Tools;
+
 /// Which IP families a peer has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Stack {
@@ -70,6 +77,95 @@ pub(crate) fn firewall(udp_blocked: bool) -> String {
         "    iifname \"wan\" ct state established,related accept\n    iifname \"wan\" drop\n  }\n}\n",
     );
     out
+}
+
+/// Building the IPv6 half of a lab, and its addresses.
+impl Lab {
+    /// The relay host's IPv6 address and the transit router's side of that link.
+    pub(crate) fn build_relay_v6(&self, t: &Tools) -> Result<()> {
+        let (public, relay) = (self.public_ns(), self.relay_ns());
+        write_sysctls(&public, &[("net/ipv6/conf/all/forwarding", "1")])?;
+        let transit = transit_ip6(0);
+        ip(
+            t,
+            &public,
+            &format!("-6 addr add {transit}/{PREFIX_LEN} dev relay nodad"),
+        )?;
+        ip(
+            t,
+            &relay,
+            &format!("-6 addr add {RELAY_IP6}/{PREFIX_LEN} dev eth0 nodad"),
+        )?;
+        ip(t, &relay, &format!("-6 route add default via {transit}"))
+    }
+
+    /// Router `side`'s LAN address, forwarding and firewall.
+    pub(crate) fn build_router_v6(&self, t: &Tools, side: Side, router: &str) -> Result<()> {
+        let lan6 = lan_ip6(side.octet(), 1);
+        ip(
+            t,
+            router,
+            &format!("-6 addr add {lan6}/{PREFIX_LEN} dev lan nodad"),
+        )?;
+        write_sysctls(router, &[("net/ipv6/conf/all/forwarding", "1")])?;
+        let rules = firewall(self.nat(side) == NatType::UdpBlocked);
+        netns_exec(t, router, &t.nft, &["-f", "-"], Some(&rules))
+            .with_context(|| format!("loading the IPv6 firewall into {router}:\n{rules}"))?;
+        Ok(())
+    }
+
+    /// IPv6 on site `side`'s link to the transit router: the site's address and default route,
+    /// and the transit router's route to the LAN prefix behind a router.
+    pub(crate) fn build_side_v6(
+        &self,
+        t: &Tools,
+        side: Side,
+        site: &str,
+        site_if: &str,
+    ) -> Result<()> {
+        let (n, len) = (side.octet(), PREFIX_LEN);
+        let public = self.public_ns();
+        let port = format!("w{}", side.letter());
+        let transit = transit_ip6(n);
+        ip(
+            t,
+            &public,
+            &format!("-6 addr add {transit}/{len} dev {port} nodad"),
+        )?;
+        let host = if self.router_ns(side).is_some() { 1 } else { 2 };
+        let addr = site_ip6(n, host);
+        ip(
+            t,
+            site,
+            &format!("-6 addr add {addr}/{len} dev {site_if} nodad"),
+        )?;
+        ip(t, site, &format!("-6 route add default via {transit}"))?;
+        if self.router_ns(side).is_some() {
+            let lan = lan_ip6(n, 0);
+            ip(t, &public, &format!("-6 route add {lan}/{len} via {addr}"))?;
+        }
+        Ok(())
+    }
+
+    /// Peer `side`'s global IPv6 address, when its [`Stack`] has IPv6: behind a router
+    /// 2001:db8:N:1::2 (::3 for B on a shared LAN), with no NAT 2001:db8:N::2.
+    pub fn peer_ip6(&self, side: Side) -> Option<std::net::Ipv6Addr> {
+        if !self.config().stack(side).has_v6() {
+            return None;
+        }
+        Some(if self.config().shared_lan && side == Side::B {
+            lan_ip6(Side::A.octet(), 3)
+        } else if self.nat(side).has_router() {
+            lan_ip6(side.octet(), 2)
+        } else {
+            site_ip6(side.octet(), 2)
+        })
+    }
+
+    /// The relay host's IPv6 address (only reachable in labs with IPv6).
+    pub fn relay_ip6(&self) -> std::net::Ipv6Addr {
+        RELAY_IP6
+    }
 }
 
 #[cfg(test)]

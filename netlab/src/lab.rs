@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use tracing::{debug, warn};
 
 use crate::cleanup;
-use crate::ipv6::{self, Stack, RELAY_IP6};
+use crate::ipv6::{self, Stack};
 use crate::nat::{self, NatType, PortMapping, WAN_IF};
 use crate::netns::{
     configure_namespace_with, create_namespace, ip, netns_exec, open_tap_in, run_in_netns,
@@ -36,7 +36,7 @@ impl Side {
     /// Both sides, A first.
     pub const BOTH: [Side; 2] = [Side::A, Side::B];
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Side::A => 0,
             Side::B => 1,
@@ -44,14 +44,14 @@ impl Side {
     }
 
     /// The third octet of this side's addresses: 198.18.N.x public, 100.64.N.x private.
-    fn octet(self) -> u8 {
+    pub(crate) fn octet(self) -> u8 {
         match self {
             Side::A => 1,
             Side::B => 2,
         }
     }
 
-    fn letter(self) -> &'static str {
+    pub(crate) fn letter(self) -> &'static str {
         match self {
             Side::A => "a",
             Side::B => "b",
@@ -281,23 +281,7 @@ impl Lab {
             &format!("route add default via {}", transit_ip(0)),
         )?;
         if v6 {
-            write_sysctls(&public, &[("net/ipv6/conf/all/forwarding", "1")])?;
-            let len = ipv6::PREFIX_LEN;
-            ip(
-                t,
-                &public,
-                &format!("-6 addr add {}/{len} dev relay nodad", ipv6::transit_ip6(0)),
-            )?;
-            ip(
-                t,
-                &relay,
-                &format!("-6 addr add {RELAY_IP6}/{len} dev eth0 nodad"),
-            )?;
-            ip(
-                t,
-                &relay,
-                &format!("-6 route add default via {}", ipv6::transit_ip6(0)),
-            )?;
+            self.build_relay_v6(t)?;
         }
 
         for side in Side::BOTH {
@@ -418,70 +402,13 @@ impl Lab {
         )?;
         ip(t, &router, "link set lan up")?;
         if router_v6 {
-            let len = ipv6::PREFIX_LEN;
-            let lan6 = ipv6::lan_ip6(side.octet(), 1);
-            ip(
-                t,
-                &router,
-                &format!("-6 addr add {lan6}/{len} dev lan nodad"),
-            )?;
-            write_sysctls(&router, &[("net/ipv6/conf/all/forwarding", "1")])?;
-            let rules = ipv6::firewall(self.config.nat(side) == NatType::UdpBlocked);
-            netns_exec(t, &router, &t.nft, &["-f", "-"], Some(&rules))
-                .with_context(|| format!("loading the IPv6 firewall into {router}:\n{rules}"))?;
+            self.build_router_v6(t, side, &router)?;
         }
         // Forwarding is a per-namespace setting: only routers forward, and nothing here touches
         // the host's own setting.
         write_sysctls(&router, &[("net/ipv4/ip_forward", "1")])?;
         self.load_rules(t, side)?;
         Ok(())
-    }
-
-    /// IPv6 on site `side`'s link to the transit router: the site's address and default route,
-    /// and the transit router's route to the LAN prefix behind a router.
-    fn build_side_v6(&self, t: &Tools, side: Side, site: &str, site_if: &str) -> Result<()> {
-        let (n, len) = (side.octet(), ipv6::PREFIX_LEN);
-        let public = self.public_ns();
-        let port = format!("w{}", side.letter());
-        let transit = ipv6::transit_ip6(n);
-        ip(
-            t,
-            &public,
-            &format!("-6 addr add {transit}/{len} dev {port} nodad"),
-        )?;
-        let host = if self.router_ns(side).is_some() { 1 } else { 2 };
-        let addr = ipv6::site_ip6(n, host);
-        ip(
-            t,
-            site,
-            &format!("-6 addr add {addr}/{len} dev {site_if} nodad"),
-        )?;
-        ip(t, site, &format!("-6 route add default via {transit}"))?;
-        if self.router_ns(side).is_some() {
-            let lan = ipv6::lan_ip6(n, 0);
-            ip(t, &public, &format!("-6 route add {lan}/{len} via {addr}"))?;
-        }
-        Ok(())
-    }
-
-    /// Peer `side`'s global IPv6 address, when its [`Stack`] has IPv6: behind a router
-    /// 2001:db8:N:1::2 (::3 for B on a shared LAN), with no NAT 2001:db8:N::2.
-    pub fn peer_ip6(&self, side: Side) -> Option<std::net::Ipv6Addr> {
-        if !self.config.stack(side).has_v6() {
-            return None;
-        }
-        Some(if self.config.shared_lan && side == Side::B {
-            ipv6::lan_ip6(Side::A.octet(), 3)
-        } else if self.nat(side).has_router() {
-            ipv6::lan_ip6(side.octet(), 2)
-        } else {
-            ipv6::site_ip6(side.octet(), 2)
-        })
-    }
-
-    /// The relay host's IPv6 address (only reachable in labs with IPv6).
-    pub fn relay_ip6(&self) -> std::net::Ipv6Addr {
-        RELAY_IP6
     }
 
     fn add_ns(&mut self, t: &Tools, name: &str) -> Result<()> {
