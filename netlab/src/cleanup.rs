@@ -5,7 +5,7 @@
 use anyhow::{Context as _, Result};
 use tracing::{debug, info};
 
-use crate::lab::NAME_PREFIX;
+use crate::netns::NAME_PREFIX;
 use crate::sys;
 use crate::tools;
 

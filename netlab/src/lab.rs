@@ -2,9 +2,7 @@
 //! code and processes inside it, measures how its NATs behave, and removes it all on drop.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsFd as _;
-use std::os::unix::process::CommandExt as _;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, Once};
@@ -14,14 +12,16 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use tracing::{debug, warn};
 
+use crate::cleanup;
+use crate::ipv6::{self, Stack};
 use crate::nat::{self, NatType, PortMapping, WAN_IF};
-use crate::probe::{
-    self, FilterObservation, FilteringKind, MappingKind, ProbeOptions, ProbeServers,
-    PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,
+use crate::netns::{
+    configure_namespace_with, create_namespace, ip, netns_exec, open_tap_in, run_in_netns,
+    spawn_thread_in, write_sysctls, Children, NAME_PREFIX,
 };
-use crate::tools::{self, run, run_with_input, Tools};
+use crate::probe::{ProbeOptions, ProbeServers, PROBE_PORT, RELAY_IP, RELAY_IP2};
+use crate::tools::{self, Tools};
 use crate::wire::{LinkShape, Wire};
-use crate::{cleanup, sys};
 
 /// One of the two peers (and its router).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,7 +36,7 @@ impl Side {
     /// Both sides, A first.
     pub const BOTH: [Side; 2] = [Side::A, Side::B];
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Side::A => 0,
             Side::B => 1,
@@ -44,14 +44,14 @@ impl Side {
     }
 
     /// The third octet of this side's addresses: 198.18.N.x public, 100.64.N.x private.
-    fn octet(self) -> u8 {
+    pub(crate) fn octet(self) -> u8 {
         match self {
             Side::A => 1,
             Side::B => 2,
         }
     }
 
-    fn letter(self) -> &'static str {
+    pub(crate) fn letter(self) -> &'static str {
         match self {
             Side::A => "a",
             Side::B => "b",
@@ -80,12 +80,54 @@ pub struct LabConfig {
     /// The relay's link is never shaped, so a peer-to-relay round trip crosses one shaped link
     /// twice and a direct peer-to-peer round trip crosses two shaped links twice.
     pub shape: Option<LinkShape>,
+    /// Peer B sits on peer A's network, behind router A (100.64.1.3 next to A's 100.64.1.2, one
+    /// Ethernet segment), instead of behind a router of its own: two peers on one LAN.
+    pub shared_lan: bool,
+    /// With [`LabConfig::shared_lan`]: router A hairpins (a packet from the LAN to its public
+    /// address and a mapped port goes back in to the owner of that port). Needs a full-cone
+    /// router, whose port map says who owns a public port.
+    pub hairpin: bool,
+    /// Which IP families peer A and peer B have (default: IPv4 only, and no IPv6 anywhere in
+    /// the lab); with IPv6 anywhere the relay host and the transit router get it too.
+    pub stacks: [Stack; 2],
 }
 
 impl LabConfig {
     /// Peer A behind `a`, peer B behind `b`, no shaping.
     pub fn new(a: NatType, b: NatType) -> Self {
-        LabConfig { a, b, shape: None }
+        LabConfig {
+            a,
+            b,
+            shape: None,
+            shared_lan: false,
+            hairpin: false,
+            stacks: [Stack::V4; 2],
+        }
+    }
+
+    /// The same with peer A on `a` and peer B on `b` ([`Stack`]).
+    pub fn with_stacks(mut self, a: Stack, b: Stack) -> Self {
+        self.stacks = [a, b];
+        self
+    }
+
+    /// Which families peer `side` has.
+    pub fn stack(&self, side: Side) -> Stack {
+        self.stacks[side.index()]
+    }
+
+    /// Whether any host in the lab has IPv6.
+    pub fn uses_ipv6(&self) -> bool {
+        self.stacks.iter().any(|s| s.has_v6())
+    }
+
+    /// Both peers on one LAN behind one router of type `nat`, which hairpins or not.
+    pub fn shared_lan(nat: NatType, hairpin: bool) -> Self {
+        LabConfig {
+            shared_lan: true,
+            hairpin,
+            ..LabConfig::new(nat, nat)
+        }
     }
 
     /// The same with `shape` on both peers' links.
@@ -103,11 +145,14 @@ impl LabConfig {
     }
 }
 
-/// Start of every lab namespace name: `nl<pid>x<n>-<role>`. [`cleanup`] matches it.
-pub const NAME_PREFIX: &str = "nl";
+/// The prefix length of each public site's link to the transit router (198.18.N.0/24: the relay
+/// host is N = 0, side A 1, side B 2).
+const SITE_PREFIX_LEN: u8 = 24;
 
-/// The prefix length of public addresses: the whole 198.18.0.0/15 benchmark range is one segment.
-const PUBLIC_PREFIX_LEN: u8 = 15;
+/// The transit router's address on site N's link (198.18.N.254), that site's default gateway.
+fn transit_ip(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, site, 254)
+}
 /// The prefix length of each peer's private network (100.64.N.0/24).
 const PRIVATE_PREFIX_LEN: u8 = 24;
 
@@ -117,13 +162,17 @@ const PRIVATE_PREFIX_LEN: u8 = 24;
 /// Topology (NAT types other than `none`; addresses for side A, B uses .2 instead of .1):
 ///
 /// ```text
-///  peer A ns            router A ns                 public ns          relay ns
-///  eth0 100.64.1.2 ---- lan 100.64.1.1                br0 --+---------- eth0 198.18.0.1
-///  (default via .1)     wan 198.18.1.1 ------- wa ---+      |               198.18.0.2
-///                       nftables NAT + forwarding     wb ---+  (probe servers :3478, :3479)
+///  peer A ns            router A ns                 public ns              relay ns
+///  eth0 100.64.1.2 ---- lan 100.64.1.1              (transit router)
+///  (default via .1)     wan 198.18.1.1 ----- wa 198.18.1.254
+///                       nftables NAT        wb 198.18.2.254
+///                       (default via .254)  relay 198.18.0.254 ------- eth0 198.18.0.1, .0.2
+///                                                           (probe servers :3478, :3479)
 /// ```
 ///
-/// With `none`, peer A's own `eth0` (198.18.1.2) takes the router's place on the public segment.
+/// With `none`, peer A's own `eth0` (198.18.1.2) takes the router's place on the public side.
+/// The public namespace routes between the sites (one hop, TTL decremented), as the internet
+/// does, rather than bridging them.
 #[derive(Debug)]
 pub struct Lab {
     config: LabConfig,
@@ -136,8 +185,8 @@ pub struct Lab {
     routers: Mutex<[RouterState; 2]>,
     servers: Option<ProbeServers>,
     wires: Vec<Wire>,
-    probe_opts: ProbeOptions,
-    filter_rounds: u32,
+    pub(crate) probe_opts: ProbeOptions,
+    pub(crate) filter_rounds: u32,
 }
 
 /// Per-process counter that makes each lab's prefix unique among labs of the same process.
@@ -145,56 +194,6 @@ static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh lab prefix (`nl<pid>x<n>`); the first call of a process also removes leftovers of
 /// labs whose process has died.
-/// Processes a lab spawned into its namespaces: each leads its own process group, which the
-/// lab kills when it is dropped.
-#[derive(Debug, Default)]
-pub(crate) struct Children(Mutex<Vec<u32>>);
-
-impl Children {
-    /// Spawns `cmd` inside namespace `ns` (entered between fork and exec), as a process-group
-    /// leader, and remembers it.
-    pub(crate) fn spawn(&self, ns: &str, mut cmd: Command) -> Result<Child> {
-        let fd = sys::open_netns(ns)?;
-        sys::enter_netns_on_exec(&mut cmd, fd);
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {:?} in {ns}", cmd.get_program()))?;
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(child.id());
-        Ok(child)
-    }
-
-    /// Kills every process group spawned so far.
-    pub(crate) fn kill_all(&mut self) {
-        for pgid in std::mem::take(self.0.get_mut().unwrap_or_else(|p| p.into_inner())) {
-            sys::kill_group(pgid);
-        }
-    }
-}
-
-/// Starts `f` on a new thread that has entered namespace `ns`.
-pub(crate) fn spawn_thread_in<T, F>(ns: &str, f: F) -> Result<JoinHandle<T>>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    let fd = sys::open_netns(ns)?;
-    let ns_owned = ns.to_owned();
-    std::thread::Builder::new()
-        .name(format!("netns-{ns}"))
-        .spawn(move || {
-            if let Err(e) = sys::setns_net(fd.as_fd()) {
-                panic!("cannot enter namespace {ns_owned}: {e}");
-            }
-            drop(fd);
-            f()
-        })
-        .context("spawn thread")
-}
-
 pub(crate) fn new_prefix() -> String {
     static STALE: Once = Once::new();
     STALE.call_once(|| {
@@ -209,26 +208,6 @@ pub(crate) fn new_prefix() -> String {
     )
 }
 
-/// Creates namespace `name` (the caller records it for removal, then calls
-/// [`configure_namespace`]).
-pub(crate) fn create_namespace(t: &Tools, name: &str) -> Result<()> {
-    run(&t.ip, &["netns", "add", name]).map(drop)
-}
-
-/// Turns IPv6 off and loopback up in a new namespace.
-pub(crate) fn configure_namespace(t: &Tools, name: &str) -> Result<()> {
-    // IPv6 off before any interface exists: no router solicitations or MLD reports, so the
-    // lab carries only the IPv4 traffic tests send, all inside 198.18.0.0/15 and 100.64.0.0/10.
-    write_sysctls(
-        name,
-        &[
-            ("net/ipv6/conf/all/disable_ipv6", "1"),
-            ("net/ipv6/conf/default/disable_ipv6", "1"),
-        ],
-    )?;
-    ip(t, name, "link set lo up")
-}
-
 impl Lab {
     /// Builds a lab. Takes about a tenth of a second; needs root and the tools named in
     /// [`DEBIAN_PACKAGES`](crate::DEBIAN_PACKAGES) (start tests with
@@ -238,6 +217,12 @@ impl Lab {
     pub fn new(config: LabConfig) -> Result<Lab> {
         if let Some(reason) = tools::lab_unavailable() {
             bail!("netlab cannot run here: {reason}");
+        }
+        if config.shared_lan && (config.a != config.b || !config.a.has_router()) {
+            bail!("a shared LAN needs one router type for both peers, not none: {config:?}");
+        }
+        if config.hairpin && !(config.shared_lan && config.a == NatType::FullCone) {
+            bail!("hairpinning is modelled for a shared LAN behind a full-cone router: {config:?}");
         }
         let prefix = new_prefix();
         let (probe_opts, filter_rounds) = probe_patience(config.shape);
@@ -262,28 +247,47 @@ impl Lab {
         let t = tools::tools_or_err()?;
         let public = self.public_ns();
         let relay = self.relay_ns();
-        self.add_ns(t, &public)?;
-        ip(t, &public, "link add br0 type bridge")?;
-        ip(t, &public, "link set br0 up")?;
+        let v6 = self.config.uses_ipv6();
+        self.add_ns_with(t, &public, v6)?;
+        // The "internet" is one router hop between any two sites (as on the real internet,
+        // where there are several): a packet sent with a TTL that just crosses the sender's own
+        // NAT dies here, before it reaches the other side's router (the SDK's low-TTL probes
+        // rely on that).
+        write_sysctls(&public, &[("net/ipv4/ip_forward", "1")])?;
 
-        self.add_ns(t, &relay)?;
+        self.add_ns_with(t, &relay, v6)?;
         ip(
             t,
             &relay,
             &format!("link add eth0 type veth peer name relay netns {public}"),
         )?;
-        ip(t, &public, "link set relay master br0 up")?;
+        ip(
+            t,
+            &public,
+            &format!("addr add {}/{SITE_PREFIX_LEN} dev relay", transit_ip(0)),
+        )?;
+        ip(t, &public, "link set relay up")?;
         for addr in [RELAY_IP, RELAY_IP2] {
             ip(
                 t,
                 &relay,
-                &format!("addr add {addr}/{PUBLIC_PREFIX_LEN} dev eth0"),
+                &format!("addr add {addr}/{SITE_PREFIX_LEN} dev eth0"),
             )?;
         }
         ip(t, &relay, "link set eth0 up")?;
+        ip(
+            t,
+            &relay,
+            &format!("route add default via {}", transit_ip(0)),
+        )?;
+        if v6 {
+            self.build_relay_v6(t)?;
+        }
 
         for side in Side::BOTH {
-            self.build_side(t, side)?;
+            if !(self.config.shared_lan && side == Side::B) {
+                self.build_side(t, side)?;
+            }
         }
         self.servers = Some(ProbeServers::start(&relay)?);
         debug!(prefix = %self.prefix, config = ?self.config, "lab up");
@@ -293,11 +297,15 @@ impl Lab {
     fn build_side(&mut self, t: &Tools, side: Side) -> Result<()> {
         let public = self.public_ns();
         let peer = self.peer_ns(side);
-        self.add_ns(t, &peer)?;
+        let stack = self.config.stack(side);
+        // The router carries IPv6 when any peer behind it has it (two on a shared LAN).
+        let router_v6 =
+            stack.has_v6() || (self.config.shared_lan && self.config.stack(Side::B).has_v6());
+        self.add_ns_with(t, &peer, stack.has_v6())?;
         // The namespace and interface that sit on the public segment: the router, or the peer.
         let (site, site_if) = match self.router_ns(side) {
             Some(r) => {
-                self.add_ns(t, &r)?;
+                self.add_ns_with(t, &r, router_v6)?;
                 (r, WAN_IF)
             }
             None => (peer.clone(), "eth0"),
@@ -318,37 +326,84 @@ impl Lab {
                     .push(Wire::start(site_tap, public_tap, shape, &name)?);
             }
         }
-        ip(t, &public, &format!("link set {port} master br0 up"))?;
-        let public_ip = self.public_ip(side);
+        let transit = transit_ip(side.octet());
         ip(
             t,
-            &site,
-            &format!("addr add {public_ip}/{PUBLIC_PREFIX_LEN} dev {site_if}"),
+            &public,
+            &format!("addr add {transit}/{SITE_PREFIX_LEN} dev {port}"),
         )?;
+        ip(t, &public, &format!("link set {port} up"))?;
+        let public_ip = self.public_ip(side);
+        // A peer with no NAT and no IPv4 has no IPv4 address; a router always has one.
+        let site_v4 = self.router_ns(side).is_some() || stack.has_v4();
+        if site_v4 {
+            ip(
+                t,
+                &site,
+                &format!("addr add {public_ip}/{SITE_PREFIX_LEN} dev {site_if}"),
+            )?;
+        }
         ip(t, &site, &format!("link set {site_if} up"))?;
+        if site_v4 {
+            ip(t, &site, &format!("route add default via {transit}"))?;
+        }
+        if router_v6 {
+            self.build_side_v6(t, side, &site, site_if)?;
+        }
 
         let (Some(router), Some(lan_ip)) = (self.router_ns(side), self.router_lan_ip(side)) else {
             return Ok(());
         };
-        let peer_ip = self.peer_ip(side);
-        ip(
-            t,
-            &router,
-            &format!("link add lan type veth peer name eth0 netns {peer}"),
-        )?;
+        // The peers on this router's network: one on a veth of its own, or (shared LAN) both on
+        // a bridge, which switches traffic between them without routing or NAT.
+        let members: &[(Side, &str)] = if self.config.shared_lan {
+            ip(t, &router, "link add lan type bridge")?;
+            &[(Side::A, "la"), (Side::B, "lb")]
+        } else {
+            &[(side, "lan")]
+        };
+        for &(member, port) in members {
+            let peer = self.peer_ns(member);
+            if member != side {
+                self.add_ns(t, &peer)?;
+            }
+            ip(
+                t,
+                &router,
+                &format!("link add {port} type veth peer name eth0 netns {peer}"),
+            )?;
+            if self.config.shared_lan {
+                ip(t, &router, &format!("link set {port} master lan up"))?;
+            }
+            let member_stack = self.config.stack(member);
+            if member_stack.has_v4() {
+                let peer_ip = self.peer_ip(member);
+                ip(
+                    t,
+                    &peer,
+                    &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
+                )?;
+            }
+            ip(t, &peer, "link set eth0 up")?;
+            if member_stack.has_v4() {
+                ip(t, &peer, &format!("route add default via {lan_ip}"))?;
+            }
+            if let Some(a) = self.peer_ip6(member) {
+                let gw = ipv6::lan_ip6(side.octet(), 1);
+                let len = ipv6::PREFIX_LEN;
+                ip(t, &peer, &format!("-6 addr add {a}/{len} dev eth0 nodad"))?;
+                ip(t, &peer, &format!("-6 route add default via {gw}"))?;
+            }
+        }
         ip(
             t,
             &router,
             &format!("addr add {lan_ip}/{PRIVATE_PREFIX_LEN} dev lan"),
         )?;
         ip(t, &router, "link set lan up")?;
-        ip(
-            t,
-            &peer,
-            &format!("addr add {peer_ip}/{PRIVATE_PREFIX_LEN} dev eth0"),
-        )?;
-        ip(t, &peer, "link set eth0 up")?;
-        ip(t, &peer, &format!("route add default via {lan_ip}"))?;
+        if router_v6 {
+            self.build_router_v6(t, side, &router)?;
+        }
         // Forwarding is a per-namespace setting: only routers forward, and nothing here touches
         // the host's own setting.
         write_sysctls(&router, &[("net/ipv4/ip_forward", "1")])?;
@@ -357,9 +412,13 @@ impl Lab {
     }
 
     fn add_ns(&mut self, t: &Tools, name: &str) -> Result<()> {
+        self.add_ns_with(t, name, false)
+    }
+
+    fn add_ns_with(&mut self, t: &Tools, name: &str, ipv6: bool) -> Result<()> {
         create_namespace(t, name)?;
         self.namespaces.push(name.to_owned());
-        configure_namespace(t, name)
+        configure_namespace_with(t, name, ipv6)
     }
 
     /// (Re)loads router `side`'s rules from its current [`RouterState`].
@@ -369,7 +428,13 @@ impl Lab {
         };
         let state = self.router_state(side, |s| *s);
         let nat = self.config.nat(side);
-        let Some(rules) = nat::ruleset(nat, wan_ip, state.mapping, state.fullcone_timeout_s) else {
+        let Some(rules) = nat::ruleset_with(
+            nat,
+            wan_ip,
+            state.mapping,
+            state.fullcone_timeout_s,
+            self.config.hairpin,
+        ) else {
             return Ok(());
         };
         netns_exec(t, &router, &t.nft, &["-f", "-"], Some(&rules))
@@ -418,13 +483,23 @@ impl Lab {
 
     /// The namespace of router `side`; `None` when that peer has no NAT.
     pub fn router_ns(&self, side: Side) -> Option<String> {
-        self.nat(side)
+        let site = self.site(side);
+        self.nat(site)
             .has_router()
-            .then(|| self.ns_name(&format!("r{}", side.letter())))
+            .then(|| self.ns_name(&format!("r{}", site.letter())))
+    }
+
+    /// The side whose router serves peer `side`: its own, or A's on a shared LAN.
+    fn site(&self, side: Side) -> Side {
+        if self.config.shared_lan {
+            Side::A
+        } else {
+            side
+        }
     }
 
     /// The relay host's first address (probe servers on ports [`PROBE_PORT`] and
-    /// [`PROBE_ALT_PORT`]; other ports are free for tests).
+    /// [`PROBE_ALT_PORT`](crate::PROBE_ALT_PORT); other ports are free for tests).
     pub fn relay_ip(&self) -> Ipv4Addr {
         RELAY_IP
     }
@@ -437,7 +512,9 @@ impl Lab {
     /// The address of peer `side`'s interface: private 100.64.N.2 behind a router, public
     /// 198.18.N.2 with no NAT.
     pub fn peer_ip(&self, side: Side) -> Ipv4Addr {
-        if self.nat(side).has_router() {
+        if self.config.shared_lan && side == Side::B {
+            Ipv4Addr::new(100, 64, Side::A.octet(), 3)
+        } else if self.nat(side).has_router() {
             Ipv4Addr::new(100, 64, side.octet(), 2)
         } else {
             Ipv4Addr::new(198, 18, side.octet(), 2)
@@ -452,19 +529,21 @@ impl Lab {
 
     /// Router `side`'s public address (198.18.N.1); `None` with no NAT.
     pub fn router_wan_ip(&self, side: Side) -> Option<Ipv4Addr> {
-        self.nat(side)
+        let site = self.site(side);
+        self.nat(site)
             .has_router()
-            .then(|| Ipv4Addr::new(198, 18, side.octet(), 1))
+            .then(|| Ipv4Addr::new(198, 18, site.octet(), 1))
     }
 
     /// Router `side`'s address on the peer's network (100.64.N.1, the peer's gateway).
     pub fn router_lan_ip(&self, side: Side) -> Option<Ipv4Addr> {
-        self.nat(side)
+        let site = self.site(side);
+        self.nat(site)
             .has_router()
-            .then(|| Ipv4Addr::new(100, 64, side.octet(), 1))
+            .then(|| Ipv4Addr::new(100, 64, site.octet(), 1))
     }
 
-    /// The probe server at [`RELAY_IP`]:[`PROBE_PORT`], for [`probe::observed_addr`].
+    /// The probe server at [`RELAY_IP`]:[`PROBE_PORT`], for [`observed_addr`](crate::probe::observed_addr).
     pub fn probe_server(&self) -> SocketAddrV4 {
         SocketAddrV4::new(RELAY_IP, PROBE_PORT)
     }
@@ -537,7 +616,7 @@ impl Lab {
         if !self.nat(side).has_router() {
             bail!("peer {side} has no router (NAT type none): nothing to rebind");
         }
-        if self.nat(side) != NatType::Symmetric {
+        if !self.nat(side).endpoint_dependent_mapping() {
             self.router_state(side, |s| {
                 s.mapping = PortMapping::Hashed { seed: s.next_seed };
                 s.next_seed = s.next_seed.wrapping_add(1);
@@ -577,7 +656,7 @@ impl Lab {
 
     fn router_state<R>(&self, side: Side, f: impl FnOnce(&mut RouterState) -> R) -> R {
         let mut routers = self.routers.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut routers[side.index()])
+        f(&mut routers[self.site(side).index()])
     }
 
     /// Takes peer `side`'s link to the public segment down (`up = false`) or back up: packets
@@ -587,116 +666,6 @@ impl Lab {
         let port = format!("w{}", side.letter());
         let state = if up { "up" } else { "down" };
         ip(t, &self.public_ns(), &format!("link set {port} {state}"))
-    }
-
-    /// From a fresh socket in peer `side`'s namespace, the public address the probe server at
-    /// [`RELAY_IP`] sees; `None` when no reply comes (UDP blocked).
-    pub fn probe_udp(&self, side: Side) -> Result<Option<SocketAddrV4>> {
-        let opts = self.probe_opts;
-        self.run_in(&self.peer_ns(side), move || {
-            let sock = UdpSocket::bind("0.0.0.0:0")?;
-            probe::observed_addr(&sock, SocketAddrV4::new(RELAY_IP, PROBE_PORT), opts)
-        })?
-        .context("UDP probe")
-    }
-
-    /// From a fresh socket in peer `side`'s namespace, the public addresses seen by three probe
-    /// servers: [`RELAY_IP`]:[`PROBE_PORT`], [`RELAY_IP2`]:[`PROBE_PORT`] and
-    /// [`RELAY_IP`]:[`PROBE_ALT_PORT`]. `None` when UDP gets no answer. Also returns the socket's
-    /// local port.
-    pub fn probe_mapping(&self, side: Side) -> Result<(u16, Option<[SocketAddrV4; 3]>)> {
-        let opts = self.probe_opts;
-        self.run_in(&self.peer_ns(side), move || -> Result<_> {
-            let sock = UdpSocket::bind("0.0.0.0:0")?;
-            let local_port = sock.local_addr()?.port();
-            let mut seen = Vec::with_capacity(3);
-            for server in [
-                SocketAddrV4::new(RELAY_IP, PROBE_PORT),
-                SocketAddrV4::new(RELAY_IP2, PROBE_PORT),
-                SocketAddrV4::new(RELAY_IP, PROBE_ALT_PORT),
-            ] {
-                match probe::observed_addr(&sock, server, opts)? {
-                    Some(addr) => seen.push(addr),
-                    None if seen.is_empty() => return Ok((local_port, None)),
-                    None => bail!("probe server {server} did not answer although another did"),
-                }
-            }
-            let seen: [SocketAddrV4; 3] = seen
-                .try_into()
-                .map_err(|_| anyhow!("three probes, three answers"))?;
-            Ok((local_port, Some(seen)))
-        })?
-    }
-
-    /// The mapping self-check: does peer `side` keep one public endpoint across destinations?
-    /// Errors when UDP gets no answer at all.
-    pub fn check_mapping(&self, side: Side) -> Result<MappingKind> {
-        let (_, seen) = self.probe_mapping(side)?;
-        let seen =
-            seen.ok_or_else(|| anyhow!("peer {side}: no UDP reply from the probe servers"))?;
-        Ok(mapping_kind(&seen))
-    }
-
-    /// The filtering self-check, raw: from a fresh socket, which unsolicited senders reach the
-    /// public endpoint it got. `None` when UDP gets no answer.
-    pub fn probe_filtering(&self, side: Side) -> Result<Option<FilterObservation>> {
-        let (opts, rounds) = (self.probe_opts, self.filter_rounds);
-        self.run_in(&self.peer_ns(side), move || {
-            let sock = UdpSocket::bind("0.0.0.0:0")?;
-            probe::observe_filtering(&sock, rounds, opts)
-        })?
-        .context("UDP filtering probe")
-    }
-
-    /// The filtering self-check: who may send to peer `side`'s public endpoint unasked.
-    /// Errors when UDP gets no answer at all.
-    pub fn check_filtering(&self, side: Side) -> Result<FilteringKind> {
-        self.probe_filtering(side)?
-            .map(|o| o.kind())
-            .ok_or_else(|| anyhow!("peer {side}: no UDP reply from the probe server"))
-    }
-
-    /// Connects over TCP from peer `side` to [`RELAY_IP`]:[`PROBE_PORT`]; `Ok(None)` when the
-    /// connection fails (TCP blocked or unreachable), else the public address the server saw.
-    pub fn probe_tcp(&self, side: Side) -> Result<Option<SocketAddrV4>> {
-        let timeout = self.probe_opts.timeout * self.probe_opts.attempts.max(1);
-        self.run_in(&self.peer_ns(side), move || {
-            probe::observed_tcp_addr(SocketAddrV4::new(RELAY_IP, PROBE_PORT), timeout).ok()
-        })
-    }
-
-    /// Measures how peer `side`'s network behaves: mapping, filtering, TCP.
-    pub fn nat_report(&self, side: Side) -> Result<NatReport> {
-        let (local_port, seen) = self.probe_mapping(side)?;
-        let udp = match seen {
-            None => None,
-            Some(seen) => {
-                let filtering = self.probe_filtering(side)?.ok_or_else(|| {
-                    anyhow!("peer {side}: the filtering probe got no reply, the mapping probe did")
-                })?;
-                Some(UdpReport {
-                    mapping: mapping_kind(&seen),
-                    translated: seen[0] != SocketAddrV4::new(self.peer_ip(side), local_port),
-                    observed: seen,
-                    filtering,
-                })
-            }
-        };
-        Ok(NatReport {
-            side,
-            nat: self.nat(side),
-            peer: SocketAddrV4::new(self.peer_ip(side), local_port),
-            udp,
-            tcp: self.probe_tcp(side)?,
-        })
-    }
-
-    /// Measures peer `side`'s network and checks it behaves as its NAT type says; the error
-    /// describes the difference.
-    pub fn self_check(&self, side: Side) -> Result<NatReport> {
-        let report = self.nat_report(side)?;
-        report.verify()?;
-        Ok(report)
     }
 }
 
@@ -752,229 +721,10 @@ fn probe_patience(shape: Option<LinkShape>) -> (ProbeOptions, u32) {
     (opts, rounds)
 }
 
-fn mapping_kind(seen: &[SocketAddrV4; 3]) -> MappingKind {
-    if seen.iter().all(|s| *s == seen[0]) {
-        MappingKind::EndpointIndependent
-    } else {
-        MappingKind::EndpointDependent
-    }
-}
-
-/// What peer `side`'s UDP looked like to the probe servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UdpReport {
-    /// The public address seen by [`RELAY_IP`]:[`PROBE_PORT`], [`RELAY_IP2`]:[`PROBE_PORT`] and
-    /// [`RELAY_IP`]:[`PROBE_ALT_PORT`], from one socket.
-    pub observed: [SocketAddrV4; 3],
-    /// Same public address for all three destinations, or not.
-    pub mapping: MappingKind,
-    /// Which unsolicited senders reached a second fresh socket's public address.
-    pub filtering: FilterObservation,
-    /// The public address differs from the socket's own address (a NAT rewrote it).
-    pub translated: bool,
-}
-
-/// The result of measuring one peer's network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NatReport {
-    /// Which peer.
-    pub side: Side,
-    /// The NAT type the lab configured for it.
-    pub nat: NatType,
-    /// The probing socket's own address (the mapping probe's).
-    pub peer: SocketAddrV4,
-    /// `None`: no UDP reply at all.
-    pub udp: Option<UdpReport>,
-    /// The address a TCP connection to the relay came from; `None` when it failed.
-    pub tcp: Option<SocketAddrV4>,
-}
-
-/// How each NAT type must measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expected {
-    /// Mapping and filtering, or `None` when UDP must be blocked.
-    pub udp: Option<(MappingKind, FilteringKind)>,
-    /// Whether the public address differs from the peer's own.
-    pub translated: bool,
-}
-
-impl NatType {
-    /// What [`Lab::nat_report`] must measure for this type.
-    pub fn expected(self) -> Expected {
-        use FilteringKind as F;
-        use MappingKind as M;
-        let (udp, translated) = match self {
-            NatType::None => (
-                Some((M::EndpointIndependent, F::EndpointIndependent)),
-                false,
-            ),
-            NatType::FullCone => (Some((M::EndpointIndependent, F::EndpointIndependent)), true),
-            NatType::PortRestricted => (
-                Some((M::EndpointIndependent, F::AddressAndPortDependent)),
-                true,
-            ),
-            NatType::Symmetric => (
-                Some((M::EndpointDependent, F::AddressAndPortDependent)),
-                true,
-            ),
-            NatType::UdpBlocked => (None, true),
-        };
-        Expected { udp, translated }
-    }
-}
-
-impl NatReport {
-    /// Checks the measurement against what the configured NAT type must show.
-    pub fn verify(&self) -> Result<()> {
-        let want = self.nat.expected();
-        let got = self.udp.map(|u| (u.mapping, u.filtering.kind()));
-        let mut problems = Vec::new();
-        if got != want.udp {
-            problems.push(match (want.udp, got) {
-                (None, Some(_)) => "UDP should be blocked but got replies".to_owned(),
-                (Some(_), None) => "UDP got no reply".to_owned(),
-                (Some((wm, wf)), Some((gm, gf))) => {
-                    format!("expected {wm} mapping / {wf} filtering, measured {gm} / {gf}")
-                }
-                (None, None) => unreachable!("equal"),
-            });
-        }
-        if let Some(u) = self.udp {
-            if u.translated != want.translated {
-                problems.push(format!(
-                    "address translation expected {}, measured {} ({} seen as {})",
-                    want.translated, u.translated, self.peer, u.observed[0]
-                ));
-            }
-        }
-        match self.tcp {
-            None => problems.push("TCP connect to the relay failed".to_owned()),
-            Some(seen) if (seen.ip() != self.peer.ip()) != want.translated => {
-                problems.push(format!("TCP source {seen} does not match the NAT type"));
-            }
-            Some(_) => {}
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!(
-                "peer {} behind {} does not behave as named: {}\n{self}",
-                self.side,
-                self.nat,
-                problems.join("; ")
-            )
-        }
-    }
-}
-
-impl fmt::Display for NatReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "peer {} ({}) socket {}: ",
-            self.side, self.nat, self.peer
-        )?;
-        match &self.udp {
-            None => write!(f, "UDP blocked")?,
-            Some(u) => write!(
-                f,
-                "UDP seen as {} / {} / {} -> {} mapping; unsolicited alt-port {} alt-addr {} -> {} \
-                 filtering",
-                u.observed[0],
-                u.observed[1],
-                u.observed[2],
-                u.mapping,
-                reach(u.filtering.alt_port_reached),
-                reach(u.filtering.alt_addr_reached),
-                u.filtering.kind()
-            )?,
-        }
-        match self.tcp {
-            Some(a) => write!(f, "; TCP ok, seen as {a}"),
-            None => write!(f, "; TCP failed"),
-        }
-    }
-}
-
-fn reach(b: bool) -> &'static str {
-    if b {
-        "reached"
-    } else {
-        "blocked"
-    }
-}
-
-/// [`Lab::run_in`] for any named namespace (one created with `ip netns add`).
-pub fn run_in_netns<T, F>(ns: &str, f: F) -> Result<T>
-where
-    F: FnOnce() -> T + Send,
-    T: Send,
-{
-    let fd = sys::open_netns(ns)?;
-    std::thread::scope(|s| {
-        let handle = std::thread::Builder::new()
-            .name(format!("netns-{ns}"))
-            .spawn_scoped(s, move || -> std::io::Result<T> {
-                sys::setns_net(fd.as_fd())?;
-                drop(fd);
-                Ok(f())
-            })
-            .context("spawn thread")?;
-        match handle.join() {
-            Ok(r) => r.with_context(|| format!("entering namespace {ns}")),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
-}
-
-/// `ip -n NS ARGS`, with `args` split at spaces (lab names and addresses have none).
-pub(crate) fn ip(t: &Tools, ns: &str, args: &str) -> Result<()> {
-    let mut full = vec!["-n", ns];
-    full.extend(args.split_ascii_whitespace());
-    run(&t.ip, &full).map(drop)
-}
-
-/// `ip netns exec NS program args...`, for tools without a namespace option of their own.
-fn netns_exec(
-    t: &Tools,
-    ns: &str,
-    program: &std::path::Path,
-    args: &[&str],
-    input: Option<&str>,
-) -> Result<String> {
-    let program = program.to_str().context("tool path is not UTF-8")?;
-    let mut full = vec!["netns", "exec", ns, program];
-    full.extend_from_slice(args);
-    run_with_input(&t.ip, &full, input)
-}
-
-/// Creates a TAP interface inside namespace `ns` (the device belongs to the namespace of the
-/// thread that opens it).
-pub(crate) fn open_tap_in(ns: &str, ifname: &str) -> Result<std::fs::File> {
-    run_in_netns(ns, || sys::open_tap(ifname))?.with_context(|| format!("TAP {ifname} in {ns}"))
-}
-
-/// Writes `/proc/sys/<key>` as seen from inside namespace `ns` (the `net` sysctls are per
-/// namespace, resolved for the thread that opens them). Missing keys (no IPv6 in this kernel)
-/// are skipped.
-pub(crate) fn write_sysctls(ns: &str, settings: &[(&str, &str)]) -> Result<()> {
-    run_in_netns(ns, || -> Result<()> {
-        for (key, value) in settings {
-            let path = std::path::Path::new("/proc/sys").join(key);
-            match std::fs::write(&path, value) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("write {}", path.display())),
-            }
-        }
-        Ok(())
-    })?
-    .with_context(|| format!("sysctls in {ns}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::{FilteringKind, MappingKind};
 
     #[test]
     fn lab_can_be_shared_across_threads() {

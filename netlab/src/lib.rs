@@ -25,30 +25,41 @@
 //!   NAT self-checks, rebinding and link control.
 //! - [`multipath`]: a client with several shaped paths to one server ([`MultipathLab`]), for
 //!   multipath tests and benchmarks.
+//! - [`ipv6`]: which peers have IPv6 ([`Stack`]), its addressing plan in 2001:db8::/32 and the
+//!   routers' stateful IPv6 firewall.
 //! - [`nat`]: the NAT types and the nftables rules behind each.
 //! - [`probe`]: the probe servers on the relay host and the client side of the self-checks, usable
 //!   on a test's own sockets.
 //! - [`wire`]: link shaping (delay, loss, rate) in user space.
+//! - [`report`]: the self-checks' measurements and what each NAT type must measure.
+//! - [`netns`]: namespace plumbing (names, creation, running code inside) that [`lab`],
+//!   [`multipath`] and [`cleanup`] share.
 //! - [`cleanup`]: removing leftovers of labs whose process died.
 //! - `tools`: the external tools and the skip-or-fail precondition check ([`require_lab()`],
 //!   [`require_lab!`]).
 //! - `sys`: the system calls std does not wrap.
 
 pub mod cleanup;
+pub mod ipv6;
 pub mod lab;
 pub mod multipath;
 pub mod nat;
+pub mod netns;
 pub mod probe;
+pub mod report;
 mod sys;
 mod tools;
 pub mod wire;
 
-pub use lab::{run_in_netns, Expected, Lab, LabConfig, NatReport, Side, UdpReport};
+pub use ipv6::{Stack, RELAY_IP6};
+pub use lab::{Lab, LabConfig, Side};
 pub use multipath::MultipathLab;
 pub use nat::NatType;
+pub use netns::run_in_netns;
 pub use probe::{
     FilteringKind, MappingKind, ProbeOptions, PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,
 };
+pub use report::{Expected, NatReport, UdpReport};
 pub use sys::{block_termination_signals, enter_netns, wait_for_termination};
 pub use tools::{
     ignored_tests_requested, in_ci, lab_unavailable, require_lab, SkipReason, DEBIAN_PACKAGES,

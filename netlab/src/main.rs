@@ -108,7 +108,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         rate_mbit,
                     }
                 });
-            up(LabConfig { a, b, shape }, !no_check)
+            up(
+                LabConfig {
+                    shape,
+                    ..LabConfig::new(a, b)
+                },
+                !no_check,
+            )
         }
         Cmd::Check { nats } => check(if nats.is_empty() {
             NatType::ALL.to_vec()
@@ -126,7 +132,7 @@ fn up(config: LabConfig, self_check: bool) -> Result<ExitCode> {
         println!("peer links shaped (each direction): {shape:?}");
     }
     println!(
-        "  public segment   ns {:<16} bridge br0, 198.18.0.0/15",
+        "  public transit   ns {:<16} router: 198.18.N.254/24 towards site N (relay 0, A 1, B 2)",
         lab.public_ns()
     );
     println!(

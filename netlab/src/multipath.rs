@@ -18,9 +18,10 @@ use std::process::{Child, Command};
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 
-use crate::lab::{
-    configure_namespace, create_namespace, ip, new_prefix, open_tap_in, run_in_netns,
-    spawn_thread_in, write_sysctls, Children,
+use crate::lab::new_prefix;
+use crate::netns::{
+    configure_namespace, create_namespace, ip, open_tap_in, run_in_netns, spawn_thread_in,
+    write_sysctls, Children,
 };
 use crate::wire::{LinkShape, Wire};
 use crate::{cleanup, tools};

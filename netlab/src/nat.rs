@@ -17,23 +17,48 @@ pub enum NatType {
     /// peer's public address:port can send to it. Built from `masquerade` plus a dynamic map that
     /// remembers which inside endpoint owns each public port and DNATs unsolicited packets to it.
     FullCone,
-    /// Endpoint-independent mapping, address-and-port-dependent filtering: Linux `masquerade`.
+    /// Endpoint-independent mapping, address-and-port-dependent filtering: Linux `masquerade`,
+    /// behind an input firewall that drops new inbound traffic to the router itself (as home
+    /// routers do).
     PortRestricted,
+    /// The same NAT without that input firewall: the router itself accepts (and answers, with
+    /// ICMP port unreachable) unsolicited inbound packets, as a Docker host, a Kubernetes node or
+    /// a cloud NAT instance does. Each such packet leaves a conntrack entry on the router that a
+    /// later outbound flow to the same remote endpoint clashes with (it is given another public
+    /// port), which is what breaks naive simultaneous hole punching.
+    PortRestrictedOpen,
     /// Endpoint-dependent mapping (a new random public port for every destination) and
     /// address-and-port-dependent filtering: `masquerade fully-random`.
     Symmetric,
+    /// Endpoint-dependent mapping with sequential port allocation (each new flow gets the next
+    /// public port: `snat to <wan> : numgen inc`), address-and-port-dependent filtering. The
+    /// kind of NAT port prediction aims at.
+    SymmetricSequential,
     /// The router drops every forwarded UDP packet; TCP is port-restricted NAT as above.
     UdpBlocked,
 }
 
 impl NatType {
     /// Every type, in the order `netlab check` reports them.
-    pub const ALL: [NatType; 5] = [
+    pub const ALL: [NatType; 7] = [
         NatType::None,
         NatType::FullCone,
         NatType::PortRestricted,
+        NatType::PortRestrictedOpen,
         NatType::Symmetric,
+        NatType::SymmetricSequential,
         NatType::UdpBlocked,
+    ];
+
+    /// The types a peer can punch from, in the order of `cargo xtask lab matrix` (every type
+    /// but [`NatType::UdpBlocked`]).
+    pub const PUNCHABLE: [NatType; 6] = [
+        NatType::None,
+        NatType::FullCone,
+        NatType::PortRestricted,
+        NatType::PortRestrictedOpen,
+        NatType::Symmetric,
+        NatType::SymmetricSequential,
     ];
 
     /// The name used on the command line and in reports.
@@ -42,7 +67,9 @@ impl NatType {
             NatType::None => "none",
             NatType::FullCone => "full-cone",
             NatType::PortRestricted => "port-restricted",
+            NatType::PortRestrictedOpen => "port-restricted-open",
             NatType::Symmetric => "symmetric",
+            NatType::SymmetricSequential => "symmetric-sequential",
             NatType::UdpBlocked => "udp-blocked",
         }
     }
@@ -50,6 +77,36 @@ impl NatType {
     /// Whether the peer sits behind a router namespace (every type but [`NatType::None`]).
     pub fn has_router(self) -> bool {
         self != NatType::None
+    }
+
+    /// Whether the mapping is endpoint-dependent (a new public port per destination).
+    pub fn endpoint_dependent_mapping(self) -> bool {
+        matches!(self, NatType::Symmetric | NatType::SymmetricSequential)
+    }
+
+    /// Whether anyone who knows the public endpoint may send to it (endpoint-independent
+    /// filtering): no NAT, or full cone.
+    pub fn endpoint_independent_filtering(self) -> bool {
+        matches!(self, NatType::None | NatType::FullCone)
+    }
+
+    /// Whether the router drops new inbound traffic to itself (the input firewall home routers
+    /// have); `false` for [`NatType::PortRestrictedOpen`] and for no router.
+    pub fn input_firewall(self) -> bool {
+        self.has_router() && self != NatType::PortRestrictedOpen
+    }
+
+    /// Whether NAT theory allows a direct UDP path between a peer behind `self` and one behind
+    /// `other` without port prediction: not when one side's mapping is endpoint-dependent and
+    /// the other filters by address and port, nor when both mappings are endpoint-dependent.
+    pub fn direct_possible_with(self, other: NatType) -> bool {
+        if self == NatType::UdpBlocked || other == NatType::UdpBlocked {
+            return false;
+        }
+        let hard_vs_filter = |a: NatType, b: NatType| {
+            a.endpoint_dependent_mapping() && !b.endpoint_independent_filtering()
+        };
+        !(hard_vs_filter(self, other) || hard_vs_filter(other, self))
     }
 }
 
@@ -111,6 +168,13 @@ const HASHED_PORT_BASE: u16 = 1024;
 /// `masquerade` had left on the inside port.
 const HASHED_PORT_SPAN: u16 = 30000;
 
+/// First public port of the sequential symmetric NAT; the ports are handed out in turn from
+/// here and reused cyclically, one per new flow.
+const SEQUENTIAL_PORT_BASE: u16 = 40000;
+/// How many ports the sequential symmetric NAT cycles through: many more than the flows a test
+/// opens at once, few enough that the ruleset stays small (each is a map entry).
+const SEQUENTIAL_PORTS: u16 = 256;
+
 /// How long, by default, the full-cone router remembers which inside endpoint owns a public port
 /// after the last outbound packet: Linux's UDP conntrack timeout for flows with replies
 /// (`nf_conntrack_udp_timeout_stream`), so a full-cone mapping lives as long as a masquerade one.
@@ -118,6 +182,8 @@ pub(crate) const DEFAULT_FULLCONE_TIMEOUT_S: u32 = 120;
 
 /// The name of the router's interface towards the public segment.
 pub(crate) const WAN_IF: &str = "wan";
+/// The name of the router's interface towards its peers' network.
+pub(crate) const LAN_IF: &str = "lan";
 
 /// The nftables ruleset (an `nft -f` script) that turns a router namespace into `nat`.
 ///
@@ -125,11 +191,25 @@ pub(crate) const WAN_IF: &str = "wan";
 /// deletes and recreates it in the same transaction). `None` for [`NatType::None`]: no router.
 ///
 /// `fullcone_timeout_s`: how long a full-cone mapping outlives the last outbound packet.
+#[cfg(test)]
 pub(crate) fn ruleset(
     nat: NatType,
     wan_ip: Ipv4Addr,
     mapping: PortMapping,
     fullcone_timeout_s: u32,
+) -> Option<String> {
+    ruleset_with(nat, wan_ip, mapping, fullcone_timeout_s, false)
+}
+
+/// [`ruleset`], and with `hairpin` (full cone only) a packet from the LAN to the router's public
+/// address goes back in to the owner of the public port, its source rewritten to the router's
+/// LAN address so the reply comes back through the router.
+pub(crate) fn ruleset_with(
+    nat: NatType,
+    wan_ip: Ipv4Addr,
+    mapping: PortMapping,
+    fullcone_timeout_s: u32,
+    hairpin: bool,
 ) -> Option<String> {
     if nat == NatType::None {
         return None;
@@ -153,15 +233,42 @@ pub(crate) fn ruleset(
         out.push_str(&format!(
             "    iifname \"{wan}\" meta l4proto udp dnat ip to udp dport map @fullcone\n"
         ));
+        if hairpin {
+            out.push_str(&format!(
+                "    iifname \"{LAN_IF}\" ip daddr {wan_ip} meta l4proto udp dnat ip to udp dport \
+                 map @fullcone\n"
+            ));
+        }
     }
     out.push_str("  }\n");
     out.push_str(
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
     );
+    if hairpin && nat == NatType::FullCone {
+        out.push_str(&format!(
+            "    oifname \"{LAN_IF}\" ct status dnat ip saddr 100.64.0.0/10 masquerade\n"
+        ));
+    }
     match (nat, mapping) {
         (NatType::Symmetric, _) => {
             // A random public port per conntrack entry, so per destination: endpoint-dependent.
             out.push_str(&format!("    oifname \"{wan}\" masquerade fully-random\n"));
+        }
+        (NatType::SymmetricSequential, _) => {
+            // The next port per new conntrack entry (the counter advances once per flow: the nat
+            // chain sees only a flow's first packet). Through a map because nftables would put
+            // the counter's host-order bytes straight into the port (1024, 1025 become 4, 260).
+            let ports: Vec<String> = (0..SEQUENTIAL_PORTS)
+                .map(|i| format!("{i} : {}", SEQUENTIAL_PORT_BASE + i))
+                .collect();
+            let ports = ports.join(", ");
+            for proto in ["udp", "tcp"] {
+                out.push_str(&format!(
+                    "    oifname \"{wan}\" meta l4proto {proto} snat ip to {wan_ip} : numgen inc \
+                     mod {SEQUENTIAL_PORTS} map {{ {ports} }}\n"
+                ));
+            }
+            out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
         }
         (_, PortMapping::Masquerade) => {
             out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
@@ -194,10 +301,13 @@ pub(crate) fn ruleset(
     // leave a conntrack entry (outside -> router) behind, and when the inside host then sends to
     // that same outside endpoint `masquerade` finds the port taken and picks another one. Two
     // port-restricted peers could then never punch unless their first packets crossed in flight.
-    out.push_str(&format!(
-        "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
-         iifname \"{wan}\" ct state established,related accept\n    iifname \"{wan}\" drop\n  }}\n"
-    ));
+    // `PortRestrictedOpen` models the routers without it.
+    if nat.input_firewall() {
+        out.push_str(&format!(
+            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
+             iifname \"{wan}\" ct state established,related accept\n    iifname \"{wan}\" drop\n  }}\n"
+        ));
+    }
     if nat == NatType::UdpBlocked {
         out.push_str(
             "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
@@ -283,6 +393,97 @@ mod tests {
                 "snat ip to 198.18.1.1 : jhash ip saddr . udp sport mod 30000 seed 0xab offset 1024"
             ),
             "{r}"
+        );
+    }
+
+    #[test]
+    fn open_router_has_no_input_firewall_but_the_same_nat() {
+        let open = ruleset(
+            NatType::PortRestrictedOpen,
+            WAN_IP,
+            PortMapping::Masquerade,
+            120,
+        )
+        .expect("router type");
+        let closed = ruleset(
+            NatType::PortRestricted,
+            WAN_IP,
+            PortMapping::Masquerade,
+            120,
+        )
+        .expect("router type");
+        assert!(!open.contains("hook input"), "{open}");
+        assert!(closed.contains("hook input"), "{closed}");
+        let postrouting = |r: &str| r[r.find("chain postrouting").expect("chain")..].to_owned();
+        assert_eq!(
+            postrouting(&open),
+            postrouting(&closed)
+                .split("  chain input")
+                .next()
+                .expect("prefix")
+                .to_owned()
+                + "}\n"
+        );
+    }
+
+    #[test]
+    fn sequential_symmetric_counts_ports_per_flow() {
+        let r = ruleset(
+            NatType::SymmetricSequential,
+            WAN_IP,
+            PortMapping::Hashed { seed: 3 },
+            120,
+        )
+        .expect("router type");
+        assert!(
+            r.contains(
+                "udp snat ip to 198.18.1.1 : numgen inc mod 256 map { 0 : 40000, 1 : 40001,"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("255 : 40255 }"), "{r}");
+        assert!(!r.contains("jhash"), "a rebind keeps it sequential: {r}");
+        assert!(r.contains("hook input"), "{r}");
+    }
+
+    #[test]
+    fn theory_of_direct_paths() {
+        use NatType::*;
+        assert!(PortRestrictedOpen.direct_possible_with(PortRestricted));
+        assert!(Symmetric.direct_possible_with(FullCone));
+        assert!(None.direct_possible_with(SymmetricSequential));
+        assert!(!SymmetricSequential.direct_possible_with(PortRestrictedOpen));
+        assert!(!Symmetric.direct_possible_with(SymmetricSequential));
+        assert!(!UdpBlocked.direct_possible_with(None));
+        for a in NatType::ALL {
+            for b in NatType::ALL {
+                assert_eq!(a.direct_possible_with(b), b.direct_possible_with(a));
+            }
+        }
+    }
+
+    #[test]
+    fn hairpin_sends_lan_traffic_for_the_public_address_back_in() {
+        let r = ruleset_with(
+            NatType::FullCone,
+            WAN_IP,
+            PortMapping::Masquerade,
+            120,
+            true,
+        )
+        .expect("router type");
+        assert!(
+            r.contains("iifname \"lan\" ip daddr 198.18.1.1 meta l4proto udp dnat ip to udp dport map @fullcone"),
+            "{r}"
+        );
+        assert!(
+            r.contains("oifname \"lan\" ct status dnat ip saddr 100.64.0.0/10 masquerade"),
+            "{r}"
+        );
+        assert!(
+            !ruleset(NatType::FullCone, WAN_IP, PortMapping::Masquerade, 120)
+                .expect("router type")
+                .contains("iifname \"lan\"")
         );
     }
 

@@ -146,10 +146,23 @@ fn udp_blocked_drops_udp_but_passes_tcp() -> Result<()> {
 /// each answering the address it last heard the other from (as ICE does with peer-reflexive
 /// candidates). Returns (A heard B, B heard A).
 fn punch(lab: &Lab) -> Result<(bool, bool)> {
+    punch_with_ttl(lab, None)
+}
+
+/// [`punch`], each side first sending one datagram with `low_ttl` (if set) to open its own
+/// NAT's mapping without reaching the other side's router, then the usual probes.
+fn punch_with_ttl(lab: &Lab, low_ttl: Option<u32>) -> Result<(bool, bool)> {
     let sa = peer_socket(lab, Side::A)?;
     let sb = peer_socket(lab, Side::B)?;
     let mut to_b = public_addr(lab, &sb)?;
     let mut to_a = public_addr(lab, &sa)?;
+    if let Some(ttl) = low_ttl {
+        for (s, to) in [(&sa, to_b), (&sb, to_a)] {
+            s.set_ttl(ttl)?;
+            s.send_to(b"open my mapping", to)?;
+            s.set_ttl(64)?;
+        }
+    }
     for s in [&sa, &sb] {
         s.set_nonblocking(true)?;
     }
@@ -190,6 +203,11 @@ fn hole_punching_works_where_nat_theory_says() -> Result<()> {
         (PortRestricted, None, true),
         (PortRestricted, Symmetric, false),
         (Symmetric, Symmetric, false),
+        // Routers that accept inbound to themselves: A's first datagram reaches router B before
+        // B has sent and leaves a conntrack entry (A -> router B) there; B's own flow to A then
+        // clashes with it and is given another public port, which router A does not expect.
+        (PortRestrictedOpen, PortRestrictedOpen, false),
+        (PortRestricted, SymmetricSequential, false),
     ];
     std::thread::scope(|s| -> Result<()> {
         let handles: Vec<_> = cases
@@ -212,6 +230,38 @@ fn hole_punching_works_where_nat_theory_says() -> Result<()> {
         }
         Ok(())
     })
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn naive_punching_between_open_routers_leaves_a_clashing_entry_and_low_ttl_avoids_it() -> Result<()>
+{
+    netlab::require_lab!(Ok(()));
+    let lab = lab(NatType::PortRestrictedOpen, NatType::PortRestrictedOpen)?;
+    assert_eq!(punch(&lab)?, (false, false));
+    // The evidence: router B holds an entry for A's datagram addressed to the router itself
+    // (which B's own flow to A then clashed with).
+    let rb = lab.router_ns(Side::B).expect("router B");
+    let mut cmd = std::process::Command::new("conntrack");
+    cmd.args(["-L", "-p", "udp"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let out = lab.spawn(&rb, cmd)?.wait_with_output()?;
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let a_pub = lab.public_ip(Side::A);
+    let b_pub = lab.public_ip(Side::B);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("udp") && l.contains(&format!("src={a_pub} dst={b_pub}"))),
+        "no inbound entry from A to router B:\n{table}"
+    );
+    // Fresh lab, same routers: a first datagram with TTL 2 crosses the sender's own router
+    // (which maps it) and dies at the transit router, so neither router sees the other's flow
+    // before its own and both directions get through.
+    let lab = self::lab(NatType::PortRestrictedOpen, NatType::PortRestrictedOpen)?;
+    assert_eq!(punch_with_ttl(&lab, Some(2))?, (true, true));
+    Ok(())
 }
 
 #[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
@@ -695,5 +745,64 @@ fn udp_timeout_makes_mappings_expire() -> Result<()> {
         "full-cone mapping outlived its timeout"
     );
     assert!(lab.set_udp_timeout(Side::A, 0).is_err());
+    Ok(())
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn a_shared_lan_switches_between_its_peers_and_hairpins_only_when_asked() -> Result<()> {
+    netlab::require_lab!(Ok(()));
+    for (nat, hairpin) in [(NatType::PortRestricted, false), (NatType::FullCone, true)] {
+        let lab = Lab::new(LabConfig::shared_lan(nat, hairpin))?;
+        assert_eq!(lab.public_ip(Side::A), lab.public_ip(Side::B), "one router");
+        let sa = peer_socket(&lab, Side::A)?;
+        let sb = peer_socket(&lab, Side::B)?;
+        // Over the LAN: straight to the other peer's own address.
+        let a_local = SocketAddr::from((lab.peer_ip(Side::A), sa.local_addr()?.port()));
+        assert!(reaches(&sb, a_local, &sa)?, "{nat}: B reaches A on the LAN");
+        // Through the router's public address: only when it hairpins.
+        let a_public = SocketAddr::V4(public_addr(&lab, &sa)?);
+        assert_eq!(
+            reaches(&sb, a_public, &sa)?,
+            hairpin,
+            "{nat}: hairpin {hairpin}: B to A's public {a_public}"
+        );
+    }
+    Ok(())
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn ipv6_hosts_have_global_addresses_behind_firewalls_that_admit_only_replies() -> Result<()> {
+    use netlab::Stack;
+    netlab::require_lab!(Ok(()));
+    let lab = Lab::new(
+        LabConfig::new(NatType::Symmetric, NatType::Symmetric).with_stacks(Stack::Dual, Stack::V6),
+    )?;
+    let a6 = lab.peer_ip6(Side::A).context("A has IPv6")?;
+    let b6 = lab.peer_ip6(Side::B).context("B has IPv6")?;
+    let v6_socket = |side: Side| -> Result<UdpSocket> {
+        Ok(lab.run_in(&lab.peer_ns(side), || UdpSocket::bind("[::]:0"))??)
+    };
+    let (sa, sb) = (v6_socket(Side::A)?, v6_socket(Side::B)?);
+    let to_a = SocketAddr::from((a6, sa.local_addr()?.port()));
+    let to_b = SocketAddr::from((b6, sb.local_addr()?.port()));
+    // A stranger (the relay host) cannot reach A's global address unasked.
+    let stranger = lab.run_in(&lab.relay_ns(), || UdpSocket::bind("[::]:0"))??;
+    assert!(
+        !reaches(&stranger, to_a, &sa)?,
+        "the firewall drops unsolicited IPv6"
+    );
+    // No NAT66: what A sends arrives from A's own address; after A has sent to B, B's reply
+    // is admitted, and the other way round.
+    sa.send_to(b"open", to_b)?; // dropped at B's firewall, but opens A's
+    assert!(
+        reaches(&sb, to_a, &sa)?,
+        "B's datagram to A passes A's firewall"
+    );
+    assert!(reaches(&sa, to_b, &sb)?, "and A's to B passes B's");
+    // IPv4: A is dual-stack behind its NAT; B has none (no route: the send fails).
+    assert!(lab.probe_udp(Side::A)?.is_some(), "A has IPv4");
+    assert!(lab.probe_udp(Side::B).is_err(), "B has no IPv4");
     Ok(())
 }

@@ -54,8 +54,12 @@
 //! - **Keepalive for the life of the connection** ([`rendezvous`]): the registration is repeated
 //!   every [`Options::keepalive`] (≤ 25 s) and at once after 3 s without a datagram from the
 //!   peer, so a relay restart or a NAT rebinding heals without the application noticing.
-//! - **Hole punching** ([`punch`]): both peers learn each other's public address from the relay
-//!   and send authenticated probes; a reply proves a direct path. Quinn sees one stable peer
+//! - **Hole punching** ([`punch`], [`rendezvous`]): both peers learn each other's public address
+//!   from the relay (and their interface addresses, [`candidates`], through it) and send
+//!   authenticated probes; a reply proves a direct path. The first probe of each side has a TTL
+//!   of 2, so it opens the sender's own NAT mapping without reaching the other router (which
+//!   could otherwise move the other side's mapping); full probes start 100 ms after the relay's
+//!   notice. IPv6 paths are preferred, then the LAN, then public IPv4. Quinn sees one stable peer
 //!   address ([`socket::VIRTUAL_PEER`]); the wrapper sends to the direct address or to the relay,
 //!   so traffic moves between paths under a live `quinn::Connection`.
 //! - **TCP when UDP is blocked**: if the relay does not answer UDP registrations within
@@ -75,6 +79,10 @@
 
 #![warn(missing_docs)]
 
+pub mod candidates;
+mod driver;
+mod error;
+mod options;
 pub mod punch;
 mod relay_tcp;
 pub mod rendezvous;
@@ -91,200 +99,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use quic_relay::proto;
-use quic_relay::proto::{ErrReason, Token};
 pub use quinn;
 use tokio::sync::watch;
 use tracing::info;
 pub use uuid::Uuid;
 
+use crate::driver::{Driver, DriverConfig};
+pub use crate::error::Error;
+pub use crate::options::{Options, Strategy, TcpFallback};
 pub use crate::rendezvous::Status;
-use crate::rendezvous::{Driver, DriverConfig};
 use crate::socket::PeerSocket;
 pub use crate::socket::{Path, SocketStats};
 pub use crate::tls::{ClientTls, Fingerprint, Identity, ServerTls};
-
-/// Everything that can go wrong.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The UDP socket could not be created or configured.
-    #[error("UDP socket {addr}: {what}: {source}")]
-    Socket {
-        /// The address involved.
-        addr: SocketAddr,
-        /// Which step failed.
-        what: &'static str,
-        /// The system's error.
-        source: std::io::Error,
-    },
-    /// An IPv4 socket cannot reach an IPv6 relay.
-    #[error("socket {local} is IPv4 but the relay {relay} is IPv6: bind an IPv6 socket")]
-    AddressFamily {
-        /// The socket's address.
-        local: SocketAddr,
-        /// The relay's.
-        relay: SocketAddr,
-    },
-    /// No relay answered a registration in time.
-    #[error(
-        "no reply from relay {relay} within {waited:?}: is it running, and is UDP (or TCP, same port) to it allowed?"
-    )]
-    RelayUnreachable {
-        /// The relay tried.
-        relay: SocketAddr,
-        /// How long.
-        waited: Duration,
-    },
-    /// The relay refused the registration.
-    #[error("relay {relay} refused the registration: {}", reason.map_or("unknown reason", ErrReason::as_str))]
-    Refused {
-        /// The relay.
-        relay: SocketAddr,
-        /// Its reason (`None` if this version does not know the word).
-        reason: Option<ErrReason>,
-    },
-    /// The other peer did not register the session in time.
-    #[error("the other peer did not join session {session} within {waited:?}")]
-    PeerTimeout {
-        /// The session.
-        session: Uuid,
-        /// How long.
-        waited: Duration,
-    },
-    /// TLS configuration failed.
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// A fingerprint is not 64 hex digits.
-    #[error("bad certificate fingerprint {0:?}: expected 64 hex digits (SHA-256)")]
-    BadFingerprint(String),
-    /// The Quinn endpoint could not be created.
-    #[error("QUIC endpoint: {0}")]
-    Endpoint(std::io::Error),
-    /// Starting the QUIC handshake failed.
-    #[error("QUIC connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    /// The QUIC handshake failed (e.g. the certificate did not match the pin).
-    #[error("QUIC connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    /// The endpoint was closed before a peer connected.
-    #[error("the endpoint closed before a peer connected")]
-    EndpointClosed,
-}
-
-/// When to use which path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Strategy {
-    /// Punch a direct path first (up to [`Options::direct_timeout`]), the relay otherwise; keep
-    /// trying direct in the background, and fall back to the relay if direct dies.
-    #[default]
-    Auto,
-    /// Only ever use the relay.
-    RelayOnly,
-}
-
-/// Whether to reach the relay over TCP (its port number, length-prefixed datagrams) when UDP
-/// does not get through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TcpFallback {
-    /// Register over UDP; if the relay has not answered within
-    /// [`Options::tcp_fallback_after`], switch to TCP for the life of this peer.
-    #[default]
-    Auto,
-    /// UDP only.
-    Never,
-    /// TCP from the start (no UDP to the relay, no hole punching).
-    Always,
-}
-
-/// How to reach the peer.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The relay (the first of [`Options::relays`] by the session's rendezvous hash).
-    pub relays: Vec<SocketAddr>,
-    /// The session both peers name.
-    pub session: Uuid,
-    /// A relay token, when the relay requires one (`--secret-file`).
-    pub token: Option<Token>,
-    /// Local address to bind; default: any address, any port, of the relay's family.
-    pub bind: Option<SocketAddr>,
-    /// Re-registration interval for the life of the connection (≤ 25 s keeps NAT mappings).
-    pub keepalive: Duration,
-    /// How long to wait for the relay to acknowledge the registration.
-    pub register_timeout: Duration,
-    /// How long to wait for the other peer to register the session.
-    pub peer_timeout: Duration,
-    /// How long to try hole punching before using the relay.
-    pub direct_timeout: Duration,
-    /// Direct first, or relay only.
-    pub strategy: Strategy,
-    /// ALPN protocol for the built-in TLS configurations.
-    pub alpn: Vec<u8>,
-    /// This peer's id at the relay (random when `None`). Keep it across reconnects to the same
-    /// session so a new socket takes over this peer's old slot at once.
-    pub peer_id: Option<u64>,
-    /// QUIC transport parameters; the default keeps the connection alive across a relay
-    /// restart or NAT rebinding (keepalive 5 s, idle timeout 60 s).
-    pub transport: Option<Arc<quinn::TransportConfig>>,
-    /// Whether to fall back to TCP to the relay when UDP gets no answer (default: yes). The
-    /// connection then reports [`Path::RelayTcp`].
-    pub tcp_fallback: TcpFallback,
-    /// How long UDP registrations may go unanswered before [`TcpFallback::Auto`] tries TCP.
-    /// Keep it below [`Options::register_timeout`].
-    pub tcp_fallback_after: Duration,
-}
-
-impl Options {
-    /// Defaults for `relay` and `session`.
-    pub fn new(relay: SocketAddr, session: Uuid) -> Self {
-        Options {
-            relays: vec![relay],
-            session,
-            token: None,
-            bind: None,
-            keepalive: Duration::from_secs(10),
-            register_timeout: Duration::from_secs(10),
-            peer_timeout: Duration::from_secs(60),
-            direct_timeout: Duration::from_millis(1000),
-            strategy: Strategy::Auto,
-            alpn: tls::DEFAULT_ALPN.to_vec(),
-            peer_id: None,
-            transport: None,
-            tcp_fallback: TcpFallback::Auto,
-            // Six UDP registrations (0.2 + 0.4 + 0.8 + 1.6 s of backoff): a lossy but working
-            // UDP path answers one of them.
-            tcp_fallback_after: Duration::from_millis(2500),
-        }
-    }
-
-    /// The relays in the order both peers try them: highest rendezvous (HRW) hash of
-    /// (session, relay) first, so two peers with the same list pick the same relay.
-    pub fn relay_order(&self) -> Vec<SocketAddr> {
-        use sha2::{Digest, Sha256};
-        let mut r = self.relays.clone();
-        r.sort_by_cached_key(|a| {
-            let h = Sha256::new()
-                .chain_update(self.session.as_bytes())
-                .chain_update(a.to_string())
-                .finalize();
-            std::cmp::Reverse(<[u8; 32]>::from(h))
-        });
-        r.dedup();
-        r
-    }
-
-    fn transport(&self) -> Arc<quinn::TransportConfig> {
-        self.transport.clone().unwrap_or_else(|| {
-            let mut t = quinn::TransportConfig::default();
-            t.keep_alive_interval(Some(Duration::from_secs(5)));
-            t.max_idle_timeout(Some(
-                Duration::from_secs(60)
-                    .try_into()
-                    .expect("60 s fits a VarInt"),
-            ));
-            Arc::new(t)
-        })
-    }
-}
 
 /// Aborts the task when dropped, so no driver outlives its peer.
 #[derive(Debug)]
@@ -335,12 +161,27 @@ impl Peer {
     pub async fn bind(opts: Options) -> Result<Peer, Error> {
         let order = opts.relay_order();
         let mut last = None;
-        for relay in &order {
-            let bind = opts.bind.unwrap_or(match relay {
-                SocketAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-                SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
-            });
-            let (socket, control) = PeerSocket::bind(bind, *relay)?;
+        for (i, relay) in order.iter().enumerate() {
+            // A relay address of a family this host has no route for (an IPv4 address on an
+            // IPv6-only host, say) is skipped at once while others remain: waiting for its
+            // registration to time out would only delay the one that works.
+            if i + 1 < order.len() && !routable(*relay) {
+                info!(%relay, "no route to this relay address; trying the next");
+                continue;
+            }
+            let (socket, control) = match opts.bind {
+                Some(bind) => PeerSocket::bind(bind, *relay)?,
+                // Dual-stack when the host allows it, so that IPv6 direct paths are possible
+                // whatever the relay's family; IPv4 otherwise.
+                None => PeerSocket::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0), *relay)
+                    .or_else(|e| match relay {
+                        SocketAddr::V4(_) => PeerSocket::bind(
+                            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
+                            *relay,
+                        ),
+                        SocketAddr::V6(_) => Err(e),
+                    })?,
+            };
             match Self::start(socket, control, opts.clone()).await {
                 Ok(p) => return Ok(p),
                 Err(e @ Error::RelayUnreachable { .. }) if order.len() > 1 => {
@@ -411,6 +252,13 @@ impl Peer {
                 keepalive: opts.keepalive,
                 punch: opts.strategy == Strategy::Auto,
                 direct_timeout: opts.direct_timeout,
+                local: if opts.strategy == Strategy::Auto {
+                    quinn::AsyncUdpSocket::local_addr(&*socket)
+                        .map(candidates::gather)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
             },
         );
         let driver = AbortOnDrop(tokio::spawn(driver.run()));
@@ -533,6 +381,18 @@ impl Peer {
             path_at_connect: path,
         })
     }
+}
+
+/// Whether this host has a route to `relay` (a UDP `connect` on a throwaway socket: no packet is
+/// sent).
+fn routable(relay: SocketAddr) -> bool {
+    let any: SocketAddr = match relay {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(relay))
+        .is_ok()
 }
 
 /// A QUIC connection to the peer. Derefs to [`quinn::Connection`]; keep it alive as long as the

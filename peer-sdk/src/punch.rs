@@ -58,6 +58,11 @@ impl PunchKey {
         PunchKey(h.finalize().into())
     }
 
+    /// The key itself, for the other authenticated messages ([`crate::candidates`]).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     fn mac(&self, kind: Kind, sender: u64, nonce: u64) -> [u8; 16] {
         let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(&[kind_byte(kind)]);

@@ -76,6 +76,8 @@ impl Path {
 #[derive(Debug)]
 pub(crate) enum Control {
     Relay(Reply),
+    /// The peer's local candidates, forwarded by the relay (authenticated by the driver).
+    Candidates(Vec<u8>),
     Punch {
         from: SocketAddr,
         packet: PunchPacket,
@@ -267,6 +269,69 @@ impl PeerSocket {
         self.io.send_to(bytes, self.wire(dst)).await.map(|_| ())
     }
 
+    /// Sends a control datagram (a punch probe) with its own TTL (hop limit), leaving the
+    /// socket's default for everything else, Quinn's packets included. Does not wait: a full
+    /// send buffer loses it, like any probe. Where the platform has no per-datagram TTL the
+    /// datagram is not sent (the full-TTL probes that follow still are).
+    pub(crate) fn send_control_with_ttl(
+        &self,
+        dst: SocketAddr,
+        bytes: &[u8],
+        ttl: u32,
+    ) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            let v4 = canonical(dst).is_ipv4();
+            let (level, kind) = if v4 {
+                (libc::IPPROTO_IP, libc::IP_TTL)
+            } else {
+                (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+            };
+            let value = libc::c_int::try_from(ttl.clamp(1, 255)).expect("1..=255 fits");
+            // One control message holding one int, in a buffer aligned for `cmsghdr`.
+            let mut buf = [0u64; 8];
+            let value_len = std::mem::size_of::<libc::c_int>() as u32;
+            // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+            let (space, len, data_off) = unsafe {
+                (
+                    libc::CMSG_SPACE(value_len) as usize,
+                    libc::CMSG_LEN(value_len) as usize,
+                    libc::CMSG_LEN(0) as usize,
+                )
+            };
+            debug_assert!(space <= std::mem::size_of_val(&buf));
+            // SAFETY: an all-zero cmsghdr is valid (plain integers and padding).
+            let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+            hdr.cmsg_len = len as _;
+            hdr.cmsg_level = level;
+            hdr.cmsg_type = kind;
+            let base = buf.as_mut_ptr().cast::<u8>();
+            // SAFETY: `buf` is 64 bytes, aligned for cmsghdr (8), and `space` (the header plus
+            // the int, padded) fits in it, as asserted above; both writes stay inside it.
+            unsafe {
+                std::ptr::write(base.cast::<libc::cmsghdr>(), hdr);
+                std::ptr::write_unaligned(base.add(data_off).cast::<libc::c_int>(), value);
+            }
+            // SAFETY: `buf` outlives `control`, and nothing writes `buf` while it is borrowed.
+            let control = unsafe { std::slice::from_raw_parts(base.cast_const(), space) };
+            let addr = socket2::SockAddr::from(self.wire(dst));
+            let iov = [io::IoSlice::new(bytes)];
+            let msg = socket2::MsgHdr::new()
+                .with_addr(&addr)
+                .with_buffers(&iov)
+                .with_control(control);
+            let sock = socket2::SockRef::from(&self.io);
+            self.io
+                .try_io(Interest::WRITABLE, || sock.sendmsg(&msg, 0))
+                .map(|_| ())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (dst, bytes, ttl);
+            Ok(())
+        }
+    }
+
     /// Sends a control datagram without waiting (from `Drop`); a full buffer loses it.
     pub(crate) fn try_send_control(&self, dst: SocketAddr, bytes: &[u8]) {
         let _ = self.io.try_send_to(bytes, self.wire(dst));
@@ -370,7 +435,10 @@ impl PeerSocket {
             let end = (read + stride).min(len);
             let seg = &buf[read..end];
             let control = if from_relay {
-                Reply::parse(seg).map(Control::Relay)
+                Reply::parse(seg).map(Control::Relay).or_else(|| {
+                    crate::candidates::Candidates::looks_like(seg)
+                        .then(|| Control::Candidates(seg.to_vec()))
+                })
             } else {
                 PunchPacket::decode(seg).map(|packet| Control::Punch { from, packet })
             };
@@ -451,7 +519,10 @@ impl AsyncUdpSocket for PeerSocket {
             ecn: transmit.ecn,
             contents: transmit.contents,
             segment_size: transmit.segment_size,
-            src_ip: transmit.src_ip,
+            // Quinn picks the source address it saw the virtual peer's datagrams arrive at; the
+            // real destination changes under it (relay, public, LAN, IPv6), so let the kernel
+            // route each datagram from the right address, as it does for the registrations.
+            src_ip: None,
         };
         self.io.try_io(Interest::WRITABLE, || {
             self.inner.send((&self.io).into(), &t)

@@ -485,3 +485,145 @@ fn traffic_falls_back_to_the_relay_when_the_direct_path_dies_and_returns_when_it
         "the relay carried traffic meanwhile"
     );
 }
+
+/// Two peers on one LAN behind one router: they find each other's local candidates through the
+/// relay and talk over the LAN, whether or not the router hairpins.
+fn shared_lan_test(nat: NatType, hairpin: bool) {
+    netlab::require_lab!();
+    let lab = Lab::new(LabConfig::shared_lan(nat, hairpin)).expect("lab");
+    let relay = start_relay(&lab);
+    let s = session(nat, nat, 6 + u128::from(hairpin));
+    let (pin, server) = listener(&lab, Side::A, options(&lab, s));
+    let listener_lan = SocketAddr::from((lab.peer_ip(Side::A), 0)).ip();
+    let (path, took) = dial(
+        &lab,
+        Side::B,
+        options(&lab, s),
+        pin,
+        move |conn| async move {
+            let mut st = conn.watch_status();
+            let on_lan =
+                |s: &peer_sdk::Status| matches!(s.path, Path::Direct(a) if a.ip() == listener_lan);
+            tokio::time::timeout(WAIT, st.wait_for(on_lan))
+                .await
+                .expect("on the LAN path in time")
+                .expect("status");
+            stream_echo(&conn, 1 << 20).await;
+            datagram_echo(&conn, 50).await;
+            assert!(
+                on_lan(&conn.status()),
+                "still on the LAN: {:?}",
+                conn.status()
+            );
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    eprintln!("one LAN behind {nat:?} (hairpin {hairpin}): {path:?} at connect after {took:?}");
+    assert!(
+        matches!(path, Path::Direct(_)),
+        "direct at connect: {path:?}"
+    );
+    let relayed = relay.metrics().snapshot().forwarded_packets;
+    assert!(
+        relayed < 100,
+        "the relay carried only the rendezvous, not the transfer: {relayed} packets"
+    );
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn two_peers_on_one_lan_without_hairpinning_go_direct_over_the_lan() {
+    shared_lan_test(NatType::PortRestricted, false);
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn two_peers_on_one_lan_with_hairpinning_go_direct_over_the_lan() {
+    shared_lan_test(NatType::FullCone, true);
+}
+
+/// A relay on every address of the relay host, IPv4 and IPv6 (one dual-stack socket).
+fn start_dual_stack_relay(lab: &Lab) -> ServerHandle {
+    let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, RELAY_PORT));
+    lab.run_in(&lab.relay_ns(), move || {
+        Server::bind(addr, RelayConfig::default(), 4 << 20)
+            .expect("bind relay")
+            .spawn()
+            .expect("spawn relay")
+    })
+    .expect("relay namespace")
+}
+
+/// Options naming the relay by both its addresses (each peer uses the one it can reach).
+fn dual_stack_options(lab: &Lab, session: Uuid) -> Options {
+    let mut o = options(lab, session);
+    o.relays = vec![
+        relay_addr(lab),
+        SocketAddr::from((lab.relay_ip6(), RELAY_PORT)),
+    ];
+    o
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn dual_stack_peers_go_direct_over_ipv6_although_both_ipv4_nats_are_symmetric() {
+    netlab::require_lab!();
+    let lab = Lab::new(
+        LabConfig::new(NatType::Symmetric, NatType::Symmetric)
+            .with_stacks(netlab::Stack::Dual, netlab::Stack::Dual),
+    )
+    .expect("lab");
+    let _relay = start_dual_stack_relay(&lab);
+    let s = session(NatType::Symmetric, NatType::Symmetric, 8);
+    let (pin, server) = listener(&lab, Side::A, dual_stack_options(&lab, s));
+    let a6 = lab.peer_ip6(Side::A).expect("A has IPv6");
+    let (path, took) = dial(
+        &lab,
+        Side::B,
+        dual_stack_options(&lab, s),
+        pin,
+        |conn| async move {
+            stream_echo(&conn, 1 << 20).await;
+            datagram_echo(&conn, 50).await;
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    eprintln!("dual-stack, symmetric IPv4 NATs: {path:?} at connect after {took:?}");
+    assert!(
+        matches!(path, Path::Direct(a) if a.ip() == std::net::IpAddr::V6(a6)),
+        "direct over IPv6 to the listener's global address {a6}: {path:?}"
+    );
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn an_ipv4_only_and_an_ipv6_only_peer_meet_through_a_dual_stack_relay() {
+    netlab::require_lab!();
+    let lab = Lab::new(
+        LabConfig::new(NatType::PortRestricted, NatType::PortRestricted)
+            .with_stacks(netlab::Stack::V4, netlab::Stack::V6),
+    )
+    .expect("lab");
+    let relay = start_dual_stack_relay(&lab);
+    let s = session(NatType::PortRestricted, NatType::PortRestricted, 9);
+    let (pin, server) = listener(&lab, Side::A, dual_stack_options(&lab, s));
+    let (path, took) = dial(
+        &lab,
+        Side::B,
+        dual_stack_options(&lab, s),
+        pin,
+        |conn| async move {
+            let observed = conn.status().observed.expect("registered");
+            assert!(observed.is_ipv6(), "B registered over IPv6: {observed}");
+            stream_echo(&conn, 1 << 20).await;
+            datagram_echo(&conn, 50).await;
+            conn.close(0, b"done").await;
+        },
+    );
+    server.join().expect("listener");
+    eprintln!("IPv4-only x IPv6-only: {path:?} at connect after {took:?}");
+    assert_eq!(path, Path::Relay, "no common family: the relay carries it");
+    assert!(relay.metrics().snapshot().forwarded_packets > 100);
+}

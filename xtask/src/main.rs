@@ -23,7 +23,9 @@ Tasks:
   bench multipath [options] root: mqproxy over two shaped paths against one, in the netns lab
   bench sdk [options]       peer-sdk: bulk QUIC through the relay against direct, connect times
                             (every bench takes --quick for a short smoke run)
-  lab <up|check|cleanup>    the NAT lab in network namespaces (root)
+  lab <up|check|matrix|cleanup>
+                            the NAT lab in network namespaces (root); matrix: peer-sdk's
+                            path for every pair of NAT types
   deploy --host USER@HOST   build, upload and restart quic-relay (or mqproxy) over ssh, check
                             its health, roll back on failure
   dist                      release archives (binaries, completions, man pages, deploy/) with

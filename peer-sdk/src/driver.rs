@@ -1,0 +1,119 @@
+//! The thin tokio task around the sans-IO [`Rendezvous`] machine: feeds it the relay replies
+//! and punch packets the socket wrapper takes out of Quinn's stream, wakes it on its timer,
+//! sends what it queues (UDP, with a per-datagram TTL when asked, or the TCP link), publishes
+//! its status and the path the wrapper sends on. One task per peer, owned by the
+//! [`crate::Peer`], stopped when it is dropped.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use crate::rendezvous::{Config, Dest, Event, Rendezvous, Status};
+use crate::socket::{Control, PeerSocket};
+
+pub(crate) use crate::rendezvous::Config as DriverConfig;
+
+pub(crate) struct Driver {
+    socket: Arc<PeerSocket>,
+    control: mpsc::Receiver<Control>,
+    machine: Rendezvous,
+    status: watch::Sender<Status>,
+    /// The TCP link to the relay, once the machine switched to it (for the rest of its life).
+    tcp: Option<crate::AbortOnDrop>,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        socket: Arc<PeerSocket>,
+        control: mpsc::Receiver<Control>,
+        cfg: Config,
+    ) -> (Self, watch::Receiver<Status>) {
+        let machine = Rendezvous::new(cfg);
+        let (status, rx) = watch::channel(machine.status().clone());
+        (
+            Driver {
+                socket,
+                control,
+                machine,
+                status,
+                tcp: None,
+            },
+            rx,
+        )
+    }
+
+    pub(crate) async fn run(mut self) {
+        self.flush().await;
+        loop {
+            let now = Instant::now();
+            let wake = self.machine.poll_timeout(now, self.socket.shared.last_rx());
+            tokio::select! {
+                c = self.control.recv() => match c {
+                    Some(Control::Relay(reply)) => self.machine.handle_relay(Instant::now(), reply),
+                    Some(Control::Candidates(bytes)) => {
+                        self.machine.handle_candidates(Instant::now(), &bytes);
+                    }
+                    Some(Control::Punch { from, packet }) => {
+                        self.machine.handle_punch(Instant::now(), from, packet);
+                    }
+                    None => return, // the socket is gone
+                },
+                () = tokio::time::sleep_until(wake.into()) => {
+                    self.machine.handle_timeout(Instant::now(), self.socket.shared.last_rx());
+                }
+            }
+            self.flush().await;
+        }
+    }
+
+    /// Carries out what the machine asked for: events, transmits, the path and the status.
+    async fn flush(&mut self) {
+        while let Some(ev) = self.machine.poll_event() {
+            match ev {
+                Event::StartTcp {
+                    registration,
+                    reason,
+                } => {
+                    let relay = self.socket.relay();
+                    info!(%relay, reason, "reaching the relay over TCP");
+                    self.tcp = Some(crate::AbortOnDrop(tokio::spawn(crate::relay_tcp::run(
+                        self.socket.clone(),
+                        relay,
+                        registration,
+                    ))));
+                }
+            }
+        }
+        while let Some(t) = self.machine.poll_transmit() {
+            let r = match t.dst {
+                Dest::RelayTcp => {
+                    self.socket.send_tcp(&t.bytes);
+                    Ok(())
+                }
+                Dest::Relay => {
+                    self.socket
+                        .send_control(self.socket.relay(), &t.bytes)
+                        .await
+                }
+                Dest::Peer(dst) => match t.ttl {
+                    Some(ttl) => self.socket.send_control_with_ttl(dst, &t.bytes, ttl),
+                    None => self.socket.send_control(dst, &t.bytes).await,
+                },
+            };
+            if let Err(e) = r {
+                debug!(dst = ?t.dst, error = %e, "control send failed");
+            }
+        }
+        let status = self.machine.status();
+        self.socket.shared.set_path(status.path);
+        self.status.send_if_modified(|s| {
+            let changed = s != status;
+            if changed {
+                *s = status.clone();
+            }
+            changed
+        });
+    }
+}

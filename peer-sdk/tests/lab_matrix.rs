@@ -1,0 +1,35 @@
+//! The NAT matrix in CI: every ordered pair (A dials, B listens) of the punchable netlab NAT
+//! types connects, once each, on the path NAT theory allows without port prediction (direct
+//! unless one side's mapping is endpoint-dependent and the other filters by address and port,
+//! or both mappings are endpoint-dependent). `cargo xtask lab matrix --repeat 10` runs the same
+//! with repetitions and prints the table.
+//!
+//! Needs root and nftables: skipped with a message elsewhere, never under `CI=true`.
+
+use netlab::NatType;
+
+mod support {
+    #[path = "matrix.rs"]
+    pub mod matrix;
+}
+use support::matrix;
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn every_ordered_pair_takes_the_path_theory_allows() {
+    netlab::require_lab!();
+    let results = matrix::run(&NatType::PUNCHABLE, 1, |r| eprintln!("{}", matrix::row(r)));
+    let table = matrix::table(&results);
+    eprintln!("{table}");
+    let wrong: Vec<String> = results
+        .iter()
+        .filter(|r| r.attempts.iter().any(|a| a.path != r.expected()))
+        .map(matrix::row)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "pairs not on the expected path:\n{}\n\n{table}",
+        wrong.join("\n")
+    );
+    assert_eq!(results.len(), 36, "6 x 6 ordered pairs");
+}

@@ -1,0 +1,249 @@
+//! The NAT matrix: for every ordered pair of punchable netlab NAT types (A dials, B listens),
+//! connect two peer-sdk peers through a relay in the lab and record the path at connect, the
+//! connect time and the direct share over the repetitions. Shared by the `lab_matrix` example
+//! (`cargo xtask lab matrix`) and the `lab_matrix` CI test.
+
+#![allow(dead_code)] // each includer uses a different part
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _, Result};
+use netlab::{Lab, LabConfig, NatType, Side};
+use peer_sdk::{ClientTls, Identity, Options, ServerTls, Uuid};
+use quic_relay::server::{Server, ServerHandle};
+use quic_relay::sessions::RelayConfig;
+
+/// The relay's port on the lab's relay host.
+const RELAY_PORT: u16 = 4433;
+/// Upper bound for one connection attempt (registration, punching, handshake); a pair that
+/// takes longer is reported as failed.
+const PAIR_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One connection attempt's outcome.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// `"direct"`, `"relay"`, or `"failed: ..."`.
+    pub path: String,
+    /// From the dialer's `connect` call to an established connection.
+    pub connect: Duration,
+}
+
+/// The outcomes of one ordered pair over the repetitions.
+#[derive(Debug, Clone)]
+pub struct PairResult {
+    /// The dialing side's NAT.
+    pub dialer: NatType,
+    /// The listening side's NAT.
+    pub listener: NatType,
+    /// Every attempt, in order.
+    pub attempts: Vec<Attempt>,
+}
+
+impl PairResult {
+    /// How many attempts went direct.
+    pub fn direct(&self) -> usize {
+        self.attempts.iter().filter(|a| a.path == "direct").count()
+    }
+
+    /// What NAT theory allows for this pair without port prediction.
+    pub fn expected(&self) -> &'static str {
+        if self.dialer.direct_possible_with(self.listener) {
+            "direct"
+        } else {
+            "relay"
+        }
+    }
+
+    /// Median connect time of the attempts that connected.
+    pub fn median_connect(&self) -> Option<Duration> {
+        let mut t: Vec<Duration> = self
+            .attempts
+            .iter()
+            .filter(|a| !a.path.starts_with("failed"))
+            .map(|a| a.connect)
+            .collect();
+        t.sort();
+        t.get(t.len() / 2).copied()
+    }
+
+    /// Slowest connect time of the attempts that connected.
+    pub fn max_connect(&self) -> Option<Duration> {
+        self.attempts
+            .iter()
+            .filter(|a| !a.path.starts_with("failed"))
+            .map(|a| a.connect)
+            .max()
+    }
+
+    /// The paths seen, each with its count (`direct 9, relay 1`).
+    pub fn paths(&self) -> String {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for a in &self.attempts {
+            match seen.iter_mut().find(|(p, _)| *p == a.path) {
+                Some((_, n)) => *n += 1,
+                None => seen.push((a.path.clone(), 1)),
+            }
+        }
+        seen.iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn start_relay(lab: &Lab) -> Result<ServerHandle> {
+    let addr = SocketAddr::from((lab.relay_ip(), RELAY_PORT));
+    lab.run_in(&lab.relay_ns(), move || -> Result<ServerHandle> {
+        Ok(Server::bind(addr, RelayConfig::default(), 4 << 20)?.spawn()?)
+    })?
+}
+
+/// One attempt in a fresh lab: B (behind `listener`) accepts, A (behind `dialer`) connects and
+/// echoes one short stream.
+pub fn attempt(dialer: NatType, listener: NatType, salt: u128) -> Result<Attempt> {
+    let lab = Lab::new(LabConfig::new(dialer, listener)).context("lab")?;
+    let _relay = start_relay(&lab)?;
+    let session = Uuid::from_u128(rand_u128() ^ salt);
+    let mut opts = Options::new(SocketAddr::from((lab.relay_ip(), RELAY_PORT)), session);
+    opts.register_timeout = PAIR_TIMEOUT;
+    opts.peer_timeout = PAIR_TIMEOUT;
+    let (tx, rx) = mpsc::channel();
+    let lopts = opts.clone();
+    let listener_thread = lab.spawn_thread(&lab.peer_ns(Side::B), move || -> Result<()> {
+        runtime().block_on(async move {
+            let id = Identity::generate()?;
+            let peer = peer_sdk::Peer::bind(lopts).await?;
+            let _ = tx.send(id.fingerprint());
+            let conn = tokio::time::timeout(PAIR_TIMEOUT, peer.accept(ServerTls::Identity(id)))
+                .await
+                .map_err(|_| anyhow!("listener: no connection in time"))??;
+            // Echo one stream, then wait for the dialer to close.
+            if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                let _ = send.finish();
+            }
+            let _ = tokio::time::timeout(PAIR_TIMEOUT, conn.closed()).await;
+            Ok(())
+        })
+    })?;
+    let pin = rx
+        .recv_timeout(PAIR_TIMEOUT)
+        .map_err(|_| anyhow!("listener did not register in time"))?;
+    let result = lab.run_in(&lab.peer_ns(Side::A), move || -> Result<Attempt> {
+        runtime().block_on(async move {
+            let t = Instant::now();
+            let conn = tokio::time::timeout(
+                PAIR_TIMEOUT,
+                peer_sdk::connect(opts, ClientTls::Pinned(pin)),
+            )
+            .await
+            .map_err(|_| anyhow!("dialer: no connection in time"))??;
+            let connect = t.elapsed();
+            let path = conn.path_at_connect().kind().to_owned();
+            let (mut send, mut recv) = conn.open_bi().await?;
+            send.write_all(b"matrix echo").await?;
+            send.finish()?;
+            let back = tokio::time::timeout(PAIR_TIMEOUT, recv.read_to_end(64))
+                .await
+                .map_err(|_| anyhow!("echo timed out"))??;
+            anyhow::ensure!(back == b"matrix echo", "echo differs: {back:?}");
+            conn.close(0, b"done").await;
+            Ok(Attempt { path, connect })
+        })
+    })?;
+    listener_thread
+        .join()
+        .map_err(|_| anyhow!("listener thread panicked"))??;
+    result
+}
+
+fn rand_u128() -> u128 {
+    use std::hash::{BuildHasher, RandomState};
+    let s = RandomState::new();
+    (u128::from(s.hash_one(1u8)) << 64) | u128::from(s.hash_one(2u8))
+}
+
+/// Runs every ordered pair of `types` `repeat` times (pairs in order, repetitions of a pair
+/// back to back); `progress` is called after each attempt.
+pub fn run(
+    types: &[NatType],
+    repeat: usize,
+    mut progress: impl FnMut(&PairResult),
+) -> Vec<PairResult> {
+    let mut out = Vec::new();
+    for &dialer in types {
+        for &listener in types {
+            let mut r = PairResult {
+                dialer,
+                listener,
+                attempts: Vec::new(),
+            };
+            for i in 0..repeat {
+                let a = attempt(dialer, listener, i as u128).unwrap_or_else(|e| Attempt {
+                    path: format!("failed: {e:#}"),
+                    connect: Duration::ZERO,
+                });
+                r.attempts.push(a);
+            }
+            progress(&r);
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".to_owned(), |d| {
+        format!("{:.0} ms", d.as_secs_f64() * 1e3)
+    })
+}
+
+/// One table line (also the header's column widths).
+pub fn row(r: &PairResult) -> String {
+    format!(
+        "{:<22} {:<22} {:<8} {:<26} {:>9} {:>9} {:>7}",
+        r.dialer.name(),
+        r.listener.name(),
+        r.expected(),
+        r.paths(),
+        ms(r.median_connect()),
+        ms(r.max_connect()),
+        format!("{}/{}", r.direct(), r.attempts.len()),
+    )
+}
+
+/// The table's header line.
+pub fn header() -> String {
+    format!(
+        "{:<22} {:<22} {:<8} {:<26} {:>9} {:>9} {:>7}",
+        "A dials", "B listens", "theory", "paths at connect", "median", "max", "direct"
+    )
+}
+
+/// The whole table, with the overall direct share of the pairs where theory allows direct.
+pub fn table(results: &[PairResult]) -> String {
+    let mut s = header() + "\n";
+    for r in results {
+        s.push_str(&row(r));
+        s.push('\n');
+    }
+    let (mut direct, mut total) = (0, 0);
+    for r in results.iter().filter(|r| r.expected() == "direct") {
+        direct += r.direct();
+        total += r.attempts.len();
+    }
+    s.push_str(&format!(
+        "direct share where theory allows it: {direct}/{total}\n"
+    ));
+    s
+}
