@@ -19,7 +19,7 @@ pub mod frame;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use peer_sdk::quinn;
@@ -54,17 +54,43 @@ pub const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// from its own threads; two workers keep QUIC and the relay keepalives moving while one is busy.
 const WORKER_THREADS: usize = 2;
 
-/// The runtime all connections of this process run on.
+/// The runtime all connections of this process run on, made on first use. A process forked
+/// (multiprocessing's default start method on Linux) after its parent made one inherits the
+/// runtime without its threads: the child then makes its own, keyed by process id.
 fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(WORKER_THREADS)
-            .thread_name("peer-portal")
-            .enable_all()
-            .build()
-            .expect("the tokio runtime starts (threads and an epoll instance)")
-    })
+    static RT: std::sync::Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> =
+        std::sync::Mutex::new(None);
+    let pid = std::process::id();
+    let mut rt = RT.lock().unwrap_or_else(|p| p.into_inner());
+    match *rt {
+        Some((p, r)) if p == pid => r,
+        _ => {
+            // Leaked on purpose: it lives as long as the process (one per process, or one more
+            // in a forked child, whose inherited copy has no threads to drop).
+            let r: &'static tokio::runtime::Runtime = Box::leak(Box::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(WORKER_THREADS)
+                    .thread_name("peer-portal")
+                    .enable_all()
+                    .build()
+                    .expect("the tokio runtime starts (threads and an epoll instance)"),
+            ));
+            *rt = Some((pid, r));
+            r
+        }
+    }
+}
+
+/// `future_into_py` on our runtime (pyo3-async-runtimes takes it on first use; in a process
+/// forked after its parent used asyncio with this package, asyncio calls are not supported:
+/// use the `spawn` start method).
+fn future_into_py<F, T>(py: Python<'_>, fut: F) -> PyResult<Bound<'_, PyAny>>
+where
+    F: Future<Output = PyResult<T>> + Send + 'static,
+    T: for<'py> IntoPyObject<'py> + Send + 'static,
+{
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
+    pyo3_async_runtimes::tokio::future_into_py(py, fut)
 }
 
 /// Runs `fut` on the runtime from a Python thread: the GIL is released while it waits, and
@@ -203,7 +229,9 @@ fn options(
     })?;
     let secs = |what: &str, s: f64| {
         Duration::try_from_secs_f64(s).map_err(|_| {
-            Failure::BadArgument(format!("{what} = {s}: expected a non-negative number of seconds"))
+            Failure::BadArgument(format!(
+                "{what} = {s}: expected a non-negative number of seconds"
+            ))
         })
     };
     let mut o = Options::new(relay, session);
@@ -271,7 +299,7 @@ impl Listener {
     /// `accept` as an asyncio awaitable.
     fn accept_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let (peer, id) = self.take(py)?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        future_into_py(py, async move {
             let conn = peer.accept(ServerTls::Identity(id)).await;
             Python::attach(|py| match conn {
                 Ok(c) => Ok(Connection::new(c)),
@@ -359,14 +387,17 @@ fn bind_async<'py>(
         direct_timeout,
     )
     .map_err(|e| e.into_py(py))?;
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+    future_into_py(py, async move {
         let l = bind_inner(o).await;
         Python::attach(|py| l.map_err(|e| e.into_py(py)))
     })
 }
 
 async fn connect_inner(opts: Options, pin: Fingerprint) -> Result<PeerConnection, Failure> {
-    Ok(Peer::bind(opts).await?.connect(ClientTls::Pinned(pin)).await?)
+    Ok(Peer::bind(opts)
+        .await?
+        .connect(ClientTls::Pinned(pin))
+        .await?)
 }
 
 fn parse_pin(py: Python<'_>, pin: &str) -> PyResult<Fingerprint> {
@@ -431,7 +462,7 @@ fn connect_async<'py>(
         direct_timeout,
     )
     .map_err(|e| e.into_py(py))?;
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+    future_into_py(py, async move {
         let c = connect_inner(o, pin).await;
         Python::attach(|py| c.map(Connection::new).map_err(|e| e.into_py(py)))
     })
@@ -615,7 +646,7 @@ impl Connection {
     /// `send` as an asyncio awaitable.
     fn send_async<'py>(&self, py: Python<'py>, data: Vec<u8>) -> PyResult<Bound<'py, PyAny>> {
         let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        future_into_py(py, async move {
             let r = inner.send(&data).await;
             Python::attach(|py| r.map_err(|e| e.into_py(py)))
         })
@@ -642,7 +673,7 @@ impl Connection {
     ) -> PyResult<Bound<'py, PyAny>> {
         let limit = timeout_of(timeout_ms)?;
         let inner = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        future_into_py(py, async move {
             let r = within(limit, inner.recv()).await;
             Python::attach(|py| match r {
                 None => Ok(py.None()),
@@ -658,10 +689,9 @@ impl Connection {
             .conn
             .send_datagram(data.to_vec().into())
             .map_err(|e| match e {
-                quinn::SendDatagramError::TooLarge => Failure::TooLarge(
-                    data.len(),
-                    self.inner.conn.max_datagram_size().unwrap_or(0),
-                ),
+                quinn::SendDatagramError::TooLarge => {
+                    Failure::TooLarge(data.len(), self.inner.conn.max_datagram_size().unwrap_or(0))
+                }
                 quinn::SendDatagramError::ConnectionLost(e) => closed(&e),
                 e => Failure::Datagram(format!("datagram not sent: {e}")),
             })
@@ -689,7 +719,7 @@ impl Connection {
     ) -> PyResult<Bound<'py, PyAny>> {
         let limit = timeout_of(timeout_ms)?;
         let conn = self.inner.conn.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        future_into_py(py, async move {
             let r = within(limit, conn.read_datagram()).await;
             Python::attach(|py| match r {
                 None => Ok(py.None()),
@@ -766,8 +796,6 @@ impl Connection {
 /// The module `peer_portal._core`.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // asyncio awaitables run on the same runtime as the blocking calls.
-    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
     m.add_function(wrap_pyfunction!(new_session, m)?)?;
     m.add_function(wrap_pyfunction!(bind, m)?)?;
     m.add_function(wrap_pyfunction!(bind_async, m)?)?;

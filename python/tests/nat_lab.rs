@@ -116,8 +116,14 @@ fn python_pair(listener_nat: NatType, want: &str) {
     let server_path = server_out
         .recv_timeout(WAIT)
         .expect("the server reported its path");
-    assert!(client.wait().expect("client exit").success(), "client failed");
-    assert!(server.wait().expect("server exit").success(), "server failed");
+    assert!(
+        client.wait().expect("client exit").success(),
+        "client failed"
+    );
+    assert!(
+        server.wait().expect("server exit").success(),
+        "server failed"
+    );
     eprintln!("{listener_nat:?} (Python server) x PortRestricted (Python client): {client_path}");
     assert_eq!(path_of(&client_path), want, "client path");
     assert_eq!(path_of(&server_path), want, "server path");

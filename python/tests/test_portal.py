@@ -259,3 +259,24 @@ def test_blocking_recv_releases_the_gil(relay, child):
     t.join(WAIT_S)
     assert got == [b"wake up"]
     client.close()
+
+
+def test_forked_child_works_after_the_parent_used_the_runtime(relay):
+    """multiprocessing's default start method on Linux forks: a child forked after the parent
+    used the package must get a working runtime of its own, not the parent's thread-less copy."""
+    warm = peer_portal.listen(relay)  # the parent's runtime now exists
+    assert len(warm.fingerprint) == 64
+    fork = mp.get_context("fork")
+    with fork.Manager() as m:
+        d, results = m.dict(), m.Queue()
+        p = fork.Process(target=echo_server, args=(d, relay, False, 1, results), daemon=True)
+        p.start()
+        client = Portal.create_client(dict=d, peer_timeout=WAIT_S)
+        client.send(b"from the parent")
+        assert client.recv(timeout_ms=WAIT_S * 1000) == b"from the parent"
+        assert results.get(timeout=WAIT_S) == ("path", "direct")
+        client.send_datagram(b"d")
+        client.recv_datagram(timeout_ms=2000)
+        client.close()
+        assert results.get(timeout=WAIT_S) == ("done", None)
+        p.join(WAIT_S)

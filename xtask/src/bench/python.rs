@@ -80,11 +80,9 @@ pub fn ensure_venv(import_check: &str, packages: &[&str]) -> Result<PathBuf> {
 /// `maturin <args>` for python/Cargo.toml with the venv active and the workspace's target dir.
 pub fn maturin(args: &[&str]) -> Result<()> {
     let venv = venv();
-    let path = std::env::join_paths(
-        std::iter::once(venv.join("bin")).chain(std::env::split_paths(
-            &std::env::var_os("PATH").unwrap_or_default(),
-        )),
-    )?;
+    let path = std::env::join_paths(std::iter::once(venv.join("bin")).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))?;
     run(Command::new(venv.join("bin/maturin"))
         .args(args)
         .arg("--manifest-path")
@@ -129,7 +127,10 @@ pub fn run_bench(args: &[String]) -> Result<()> {
     }
     let relay = crate::target_dir().join(profile).join("quic-relay");
     if !relay.is_file() {
-        bail!("{} not found (build it, or drop --no-build)", relay.display());
+        bail!(
+            "{} not found (build it, or drop --no-build)",
+            relay.display()
+        );
     }
     println!(
         "bench python: peer_portal ({profile} build) against {QUIC_PORTAL}, {reps} repetition(s)"
