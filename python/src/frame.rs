@@ -1,7 +1,7 @@
 //! Message framing on a QUIC stream: each message is a 4-byte big-endian length, then that many
 //! bytes (quic-portal frames its messages the same way: boundaries kept on one stream).
 //!
-//! The header codec is pure ([`encode_header`], [`decode_header`]); [`read`] and [`write`] are
+//! The header codec is pure ([`encode_header`], [`decode_header`]); [`read()`] and [`write()`] are
 //! the thin async loops over a Quinn stream.
 
 use std::sync::Arc;

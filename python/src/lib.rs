@@ -2,10 +2,10 @@
 //!
 //! The Python layer (`peer_portal/portal.py`) holds the quic-portal compatible `Portal` API and
 //! the dict rendezvous; this module only binds, connects, accepts and moves messages:
-//! - [`Listener`] is a registered listening peer ([`bind`]) whose certificate fingerprint is
-//!   known before anyone dials; [`Listener::accept`] turns it into a [`Connection`].
-//! - [`connect`] dials a listener with its fingerprint pinned.
-//! - [`Connection`] carries messages (one length-prefixed unidirectional QUIC stream per
+//! - `Listener` is a registered listening peer (`bind`) whose certificate fingerprint is
+//!   known before anyone dials; `Listener::accept` turns it into a `Connection`.
+//! - `connect` dials a listener with its fingerprint pinned.
+//! - `Connection` carries messages (one length-prefixed unidirectional QUIC stream per
 //!   direction, see [`frame`]), unreliable datagrams, and the path.
 //!
 //! Every blocking call releases the GIL while it waits and checks for signals (Ctrl-C) every
