@@ -132,6 +132,9 @@ def test_recv_timeout_returns_none(relay, child):
     assert client.recv(timeout_ms=300) is None
     assert time.monotonic() - start >= 0.29
     assert client.recv_datagram(timeout_ms=50) is None
+    # No path change on a quiet loopback connection: the wait times out with None.
+    assert client.wait_path_change(timeout_ms=100) is None
+    assert client.path == "direct"
     # The connection is still usable after a timeout.
     client.send(b"after the timeout")
     assert client.recv(timeout_ms=WAIT_S * 1000) == b"after the timeout"
