@@ -11,7 +11,7 @@ use crate::cli::Args;
 use crate::{project_root, target_dir};
 
 pub const HELP: &str = "\
-Usage: cargo xtask dist [--bin NAME]... [--out DIR]
+Usage: cargo xtask dist [--bin NAME]... [--wheel] [--out DIR]
 
 Builds the release binaries (cargo build --release --locked) and packs one archive per
 archive: <out>/<name>-<version>-<target>.tar.gz, holding <name>-<version>-<target>/ with the
@@ -22,8 +22,14 @@ cloud-init, the guide) and SHA256SUMS of those files (check with `sha256sum -c S
 inside the unpacked directory). <out>/SHA256SUMS lists the archives made by this run.
 Archives are reproducible: sorted, owner 0, mtime from SOURCE_DATE_EPOCH or the last commit.
 
+With --wheel it also builds the Python package (python/, peer_portal) as an abi3 wheel for
+CPython >= 3.9 on this platform (`maturin build --release --locked`, maturin from the venv
+target/pyvenv, created if missing): <out>/peer_portal-<version>-cp39-abi3-<platform>.whl, listed
+in <out>/SHA256SUMS too.
+
 Options:
   --bin NAME   quic-relay or mqproxy; repeatable (default: both)
+  --wheel      also build the peer_portal wheel
   --out DIR    where the archives go (default: target/dist)
 ";
 
@@ -63,6 +69,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if bins.is_empty() {
         bins = BINARIES.to_vec();
     }
+    let wheel = a.flag("--wheel");
     let out = a
         .value("--out")?
         .map_or_else(|| target_dir().join("dist"), |d| project_root().join(d));
@@ -80,11 +87,49 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("{}", archive.display());
         archives.push(format!("{stem}.tar.gz"));
     }
+    if wheel {
+        archives.push(build_wheel(&out)?);
+    }
     let sums = sha256sum(&out, &archives)?;
     std::fs::write(out.join("SHA256SUMS"), sums)
         .with_context(|| format!("write {}", out.join("SHA256SUMS").display()))?;
     println!("{}", out.join("SHA256SUMS").display());
     Ok(())
+}
+
+/// Builds the peer_portal wheel into `out`; returns its file name.
+fn build_wheel(out: &Path) -> Result<String> {
+    crate::bench::python::ensure_venv("import sys", &["maturin>=1.5,<2"])?;
+    let before: Vec<_> = wheels_in(out)?;
+    let out_arg = out.to_string_lossy().into_owned();
+    crate::bench::python::maturin(&["build", "--release", "--locked", "--out", &out_arg])?;
+    let made: Vec<_> = wheels_in(out)?
+        .into_iter()
+        .filter(|w| !before.contains(w))
+        .collect();
+    // A rebuild of the same version overwrites the old wheel: then it is the only one.
+    let wheel = match made.as_slice() {
+        [w] => w.clone(),
+        [] => wheels_in(out)?
+            .into_iter()
+            .find(|w| w.starts_with("peer_portal-"))
+            .context("maturin build wrote no wheel")?,
+        more => bail!("maturin build wrote several wheels: {more:?}"),
+    };
+    println!("{}", out.join(&wheel).display());
+    Ok(wheel)
+}
+
+fn wheels_in(dir: &Path) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let name = e.context("list a dist entry")?.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".whl") {
+            v.push(name.into_owned());
+        }
+    }
+    Ok(v)
 }
 
 fn build(bins: &[(&str, &str, &[&str])]) -> Result<()> {

@@ -22,6 +22,7 @@ Tasks:
   bench uot [options]       udp-over-tcp against direct UDP: loss, highest rate, round trip
   bench multipath [options] root: mqproxy over two shaped paths against one, in the netns lab
   bench sdk [options]       peer-sdk: bulk QUIC through the relay against direct, connect times
+  bench python [options]    the Python package against quic-portal: round trip p50/p99, bulk
                             (every bench takes --quick for a short smoke run)
   lab <up|check|matrix|cleanup>
                             the NAT lab in network namespaces (root); matrix: peer-sdk's
@@ -37,13 +38,14 @@ Tasks:
 /// Every task's own help, printed after [`HELP`] so that `cargo xtask --help` lists every
 /// command and flag in one place (each is also printed by `cargo xtask <task> --help`).
 fn full_help() -> String {
-    let sections: [(&str, &str); 9] = [
+    let sections: [(&str, &str); 10] = [
         ("bench", bench::HELP),
         ("bench relay", bench::relay::HELP),
         ("bench mqproxy", bench::mqproxy::HELP),
         ("bench uot", bench::uot::HELP),
         ("bench multipath", bench::multipath::HELP),
         ("bench sdk", bench::sdk::HELP),
+        ("bench python", bench::python::HELP),
         ("lab", lab::HELP),
         ("deploy", deploy::HELP),
         ("dist", dist::HELP),

@@ -52,6 +52,7 @@ fn help_lists_every_task_and_every_flag() {
         "bench mqproxy",
         "bench uot",
         "bench multipath",
+        "bench python",
         "lab",
         "deploy",
         "dist",
@@ -62,7 +63,7 @@ fn help_lists_every_task_and_every_flag() {
         );
     }
     // Every benchmark documents --quick in its own section.
-    for bench in ["relay", "mqproxy", "uot", "multipath"] {
+    for bench in ["relay", "mqproxy", "uot", "multipath", "python"] {
         let section = help
             .split(&format!("=== cargo xtask bench {bench} ==="))
             .nth(1)

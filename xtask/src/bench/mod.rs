@@ -6,6 +6,7 @@ mod metrics;
 pub mod mqproxy;
 mod multiaddr;
 pub mod multipath;
+pub mod python;
 pub mod relay;
 pub mod sdk;
 mod sys;
@@ -28,6 +29,8 @@ Targets:
            (`cargo xtask bench multipath --help`)
   sdk      peer-sdk: bulk QUIC through the relay against direct, connect times, ratio
            (`cargo xtask bench sdk --help`)
+  python   the Python package peer_portal against quic-portal: round trip, bulk, ratios
+           (`cargo xtask bench python --help`)
 ";
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -37,6 +40,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some((t, rest)) if t == "uot" => uot::run(rest),
         Some((t, rest)) if t == "multipath" => multipath::run(rest),
         Some((t, rest)) if t == "sdk" => sdk::run(rest),
+        Some((t, rest)) if t == "python" => python::run_bench(rest),
         None => {
             print!("{HELP}");
             Ok(())

@@ -1,0 +1,516 @@
+"""The Portal API: quic-portal's names and semantics over peer-sdk (hole punching, the relay when
+punching fails, TCP to the relay when UDP is blocked, the listener's certificate pinned).
+
+Rendezvous through a shared dict: the server registers with the relay, then writes its session
+id, certificate fingerprint and relay address into ``dict[DICT_KEY]``; the client waits for that
+entry and dials with the fingerprint pinned. Nothing else needs to be passed by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Union
+
+from . import _core
+from .exceptions import ConnectionError, PeerTimeoutError, PortalError
+
+logger = logging.getLogger("peer_portal")
+
+#: The key the server writes into the rendezvous dict. Its value is a plain dict with the
+#: keys ``session``, ``fingerprint`` and ``relay`` (all ``str``).
+DICT_KEY = "peer_portal"
+
+#: The largest message ``send`` accepts (and ``recv`` returns).
+MAX_MESSAGE_BYTES: int = _core.MAX_MESSAGE_BYTES
+
+#: How often the client looks into the rendezvous dict while waiting for the server (a Modal
+#: Dict is a network call: not much more often than this).
+DICT_POLL_S = 0.05
+
+Data = Union[bytes, bytearray, memoryview, str]
+
+
+def _as_bytes(data: Data) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"expected bytes, bytearray, memoryview or str, not {type(data).__name__}")
+
+
+def _compat_ignored(stun_servers: Any, punch_timeout: Any, transport_options: Any) -> None:
+    # quic-portal's knobs: STUN is replaced by the relay (which tells each peer its public
+    # address), punching is bounded by direct_timeout, transport settings are the SDK's.
+    if stun_servers is not None or punch_timeout is not None or transport_options is not None:
+        logger.debug(
+            "stun_servers, punch_timeout and transport_options are accepted for quic-portal "
+            "compatibility and ignored: the relay replaces STUN"
+        )
+
+
+class QuicTransportOptions:
+    """Accepted for quic-portal compatibility; peer_portal uses peer-sdk's transport settings
+    (keepalive 5 s, idle timeout 60 s), so these values are not applied."""
+
+    def __init__(
+        self,
+        max_idle_timeout_secs: int = 10,
+        congestion_controller_type: str = "cubic",
+        initial_window: int = 1024 * 1024,
+        keep_alive_interval_secs: int = 2,
+    ) -> None:
+        self.max_idle_timeout_secs = max_idle_timeout_secs
+        self.congestion_controller_type = congestion_controller_type
+        self.initial_window = initial_window
+        self.keep_alive_interval_secs = keep_alive_interval_secs
+
+
+def _rendezvous_info(listener: "_core.Listener", relay: str) -> Dict[str, str]:
+    return {"session": listener.session, "fingerprint": listener.fingerprint, "relay": relay}
+
+
+def _read_dict(d: Any, peer_timeout: float) -> Dict[str, str]:
+    """Waits for the server's entry in the rendezvous dict."""
+    deadline = time.monotonic() + peer_timeout
+    while True:
+        try:
+            info = d[DICT_KEY]
+        except KeyError:
+            info = None
+        if info is not None:
+            return _check_info(info)
+        if time.monotonic() >= deadline:
+            raise PeerTimeoutError(
+                f"no server wrote {DICT_KEY!r} into the rendezvous dict within {peer_timeout} s: "
+                "is Portal.create_server running with the same dict?"
+            )
+        time.sleep(DICT_POLL_S)
+
+
+def _check_info(info: Any) -> Dict[str, str]:
+    try:
+        return {k: str(info[k]) for k in ("session", "fingerprint", "relay")}
+    except (KeyError, TypeError) as e:
+        raise PortalError(
+            f"the rendezvous dict's {DICT_KEY!r} entry is {info!r}: expected a dict with "
+            "session, fingerprint and relay (written by peer_portal's create_server)"
+        ) from e
+
+
+class Listener:
+    """A server registered with the relay; its fingerprint is known before anyone dials.
+
+    Use it when the session id and fingerprint travel some other way than a dict::
+
+        listener = peer_portal.listen(relay="198.18.0.1:4433")
+        print(listener.session, listener.fingerprint)   # give both to the client
+        portal = listener.accept()
+    """
+
+    def __init__(self, core: "_core.Listener", relay: str) -> None:
+        self._core = core
+        self.relay = relay
+
+    @property
+    def session(self) -> str:
+        """The session id (a UUID) the client must name."""
+        return self._core.session
+
+    @property
+    def fingerprint(self) -> str:
+        """The SHA-256 fingerprint of the certificate (64 hex digits) the client must pin."""
+        return self._core.fingerprint
+
+    @property
+    def local_port(self) -> int:
+        """The local UDP port."""
+        return self._core.local_port
+
+    @property
+    def info(self) -> Dict[str, str]:
+        """What a client needs: ``{"session", "fingerprint", "relay"}``."""
+        return _rendezvous_info(self._core, self.relay)
+
+    def accept(self) -> "Portal":
+        """Waits for the client (no limit; Ctrl-C interrupts) and returns the connected Portal."""
+        return Portal(self._core.accept())
+
+
+def listen(
+    relay: str,
+    session: Optional[str] = None,
+    *,
+    relay_only: bool = False,
+    local_port: int = 0,
+    register_timeout: float = 10.0,
+    direct_timeout: float = 1.0,
+) -> Listener:
+    """Registers a server for ``session`` (a new random one when ``None``) at ``relay``
+    ("host:port") with a fresh self-signed certificate. Blocks until the relay answered.
+
+    Raises RelayUnreachableError, RelayRefusedError, ValueError (a bad relay or session)."""
+    core = _core.bind(
+        relay,
+        session or _core.new_session(),
+        relay_only=relay_only,
+        local_port=local_port,
+        register_timeout=register_timeout,
+        direct_timeout=direct_timeout,
+    )
+    return Listener(core, relay)
+
+
+class Portal:
+    """A connection to one peer: messages (reliable, ordered, boundaries kept), datagrams
+    (unreliable), and the path they take (``"direct"``, ``"relay"`` or ``"relay-tcp"``).
+
+    Make one with :meth:`create_server` / :meth:`create_client` (quic-portal's names), or with
+    :func:`listen` and :meth:`Listener.accept`. Every blocking method releases the GIL while it
+    waits. For asyncio, use :class:`AsyncPortal`.
+    """
+
+    def __init__(self, conn: "_core.Connection") -> None:
+        if not isinstance(conn, _core.Connection):
+            raise TypeError(
+                "Portal() takes a connection: make one with Portal.create_server(...) or "
+                "Portal.create_client(...)"
+            )
+        self._conn = conn
+        self._watchers: list[threading.Thread] = []
+
+    # --- creation (quic-portal's names) ----------------------------------------------------
+
+    @staticmethod
+    def create_server(
+        dict: Any = None,
+        local_port: int = 0,
+        stun_servers: Any = None,
+        punch_timeout: Any = None,
+        transport_options: Any = None,
+        *,
+        relay: Optional[str] = None,
+        session: Optional[str] = None,
+        relay_only: bool = False,
+        register_timeout: float = 10.0,
+        direct_timeout: float = 1.0,
+        on_ready: Optional[Callable[[Dict[str, str]], None]] = None,
+    ) -> "Portal":
+        """Registers with the relay, publishes the rendezvous, and waits for the client.
+
+        Args:
+            dict: any dict-like object shared with the client (a Modal Dict, a
+                ``multiprocessing.Manager().dict()``, ...). The server writes
+                ``dict["peer_portal"] = {"session", "fingerprint", "relay"}`` once registered.
+            local_port: local UDP port (0: any).
+            stun_servers, punch_timeout, transport_options: quic-portal's; accepted and ignored
+                (the relay replaces STUN).
+            relay: the relay, "host:port" (required).
+            session: the session id (a UUID); a new random one when ``None``.
+            relay_only: never try a direct path.
+            register_timeout: seconds to wait for the relay's answer.
+            direct_timeout: seconds to try hole punching before using the relay.
+            on_ready: called with the rendezvous info once registered (instead of, or besides,
+                ``dict``): use it to hand the session and fingerprint over some other way.
+
+        Returns:
+            the connected Portal.
+        """
+        _compat_ignored(stun_servers, punch_timeout, transport_options)
+        if relay is None:
+            raise ValueError(
+                "create_server needs relay=\"host:port\": peer_portal meets the client through "
+                "a quic-relay (run one with `quic-relay`)"
+            )
+        if dict is None and on_ready is None:
+            raise ValueError(
+                "create_server needs dict= (the rendezvous shared with the client) or on_ready= "
+                "(a callback that hands the session and fingerprint to the client)"
+            )
+        listener = listen(
+            relay,
+            session,
+            relay_only=relay_only,
+            local_port=local_port,
+            register_timeout=register_timeout,
+            direct_timeout=direct_timeout,
+        )
+        info = listener.info
+        logger.info("registered: session %s, fingerprint %s", info["session"], info["fingerprint"])
+        if dict is not None:
+            dict[DICT_KEY] = info
+        if on_ready is not None:
+            on_ready(info)
+        return listener.accept()
+
+    @staticmethod
+    def create_client(
+        dict: Any = None,
+        local_port: int = 0,
+        stun_servers: Any = None,
+        punch_timeout: Any = None,
+        transport_options: Any = None,
+        *,
+        relay: Optional[str] = None,
+        session: Optional[str] = None,
+        pin: Optional[str] = None,
+        relay_only: bool = False,
+        register_timeout: float = 10.0,
+        peer_timeout: float = 60.0,
+        direct_timeout: float = 1.0,
+    ) -> "Portal":
+        """Dials the server: directly when hole punching works, through the relay otherwise.
+
+        Args:
+            dict: the dict the server writes its rendezvous into; the client waits (up to
+                ``peer_timeout``) for it and takes session, fingerprint and relay from it.
+            local_port: local UDP port (0: any).
+            stun_servers, punch_timeout, transport_options: quic-portal's; accepted and ignored.
+            relay: "host:port"; default: the relay the server wrote into the dict.
+            session, pin: the server's session id and certificate fingerprint, when not taken
+                from ``dict``.
+            relay_only: never try a direct path.
+            register_timeout: seconds to wait for the relay's answer.
+            peer_timeout: seconds to wait for the server (in the dict, then at the relay).
+            direct_timeout: seconds to try hole punching before using the relay.
+
+        Raises:
+            PinMismatchError: the server's certificate is not the pinned one.
+            PeerTimeoutError: the server did not show up within ``peer_timeout``.
+            RelayUnreachableError, RelayRefusedError: the relay did not answer, or refused.
+        """
+        _compat_ignored(stun_servers, punch_timeout, transport_options)
+        start = time.monotonic()
+        if dict is not None:
+            info = _read_dict(dict, peer_timeout)
+            session = session or info["session"]
+            pin = pin or info["fingerprint"]
+            relay = relay or info["relay"]
+        if relay is None or session is None or pin is None:
+            raise ValueError(
+                "create_client needs dict= (written by create_server) or relay=, session= and "
+                "pin= (the server's fingerprint)"
+            )
+        left = max(0.0, peer_timeout - (time.monotonic() - start))
+        conn = _core.connect(
+            relay,
+            session,
+            pin,
+            relay_only=relay_only,
+            local_port=local_port,
+            register_timeout=register_timeout,
+            peer_timeout=left,
+            direct_timeout=direct_timeout,
+        )
+        return Portal(conn)
+
+    # --- messages (quic-portal's names) ----------------------------------------------------
+
+    def send(self, data: Data) -> None:
+        """Sends one message (``str`` is sent as UTF-8). Blocks, without the GIL, only while
+        QUIC flow control holds it back (the peer is not reading)."""
+        self._conn.send(_as_bytes(data))
+
+    def recv(self, timeout_ms: Optional[float] = None) -> Optional[bytes]:
+        """The next message, or ``None`` if ``timeout_ms`` passes first (``None``: wait
+        forever). Raises ConnectionClosedError once the peer closed and all was read."""
+        return self._conn.recv(timeout_ms)
+
+    def is_connected(self) -> bool:
+        """Whether the connection is open."""
+        return self._conn.is_connected()
+
+    def close(self) -> None:
+        """Closes the connection after the peer received what was sent (waits at most ~2 s)."""
+        self._conn.close()
+
+    def __enter__(self) -> "Portal":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- beyond quic-portal ----------------------------------------------------------------
+
+    def send_datagram(self, data: Data) -> None:
+        """Sends one unreliable datagram (it may be lost; at most ``max_datagram_size``)."""
+        self._conn.send_datagram(_as_bytes(data))
+
+    def recv_datagram(self, timeout_ms: Optional[float] = None) -> Optional[bytes]:
+        """The next datagram, or ``None`` if ``timeout_ms`` passes first."""
+        return self._conn.recv_datagram(timeout_ms)
+
+    @property
+    def max_datagram_size(self) -> Optional[int]:
+        """The largest datagram the current path takes."""
+        return self._conn.max_datagram_size
+
+    @property
+    def path(self) -> str:
+        """``"direct"``, ``"relay"`` or ``"relay-tcp"``: the way packets go now."""
+        return self._conn.path
+
+    def wait_path_change(self, timeout_ms: Optional[float] = None) -> Optional[str]:
+        """Blocks until the path changes; the new path, or ``None`` on timeout or close."""
+        return self._conn.wait_path_change(self._conn.path, timeout_ms)
+
+    def on_path_change(self, callback: Callable[[str, str], None]) -> None:
+        """Calls ``callback(old, new)`` from a background thread whenever the path changes,
+        until the connection closes."""
+
+        def watch() -> None:
+            current = self._conn.path
+            while self._conn.is_connected():
+                new = self._conn.wait_path_change(current, 500)
+                if new is not None and new != current:
+                    try:
+                        callback(current, new)
+                    except Exception:  # a callback's bug must not end the watch silently
+                        logger.exception("path change callback failed")
+                    current = new
+
+        t = threading.Thread(target=watch, name="peer_portal path watch", daemon=True)
+        t.start()
+        self._watchers.append(t)
+
+
+class AsyncPortal:
+    """The asyncio face of :class:`Portal`: ``await portal.recv()``. Cancelling an await
+    cancels the operation in Rust (a cancelled ``send`` leaves the message stream unusable)."""
+
+    def __init__(self, conn: "_core.Connection") -> None:
+        self._conn = conn
+
+    @staticmethod
+    async def create_server(
+        dict: Any = None,
+        local_port: int = 0,
+        *,
+        relay: Optional[str] = None,
+        session: Optional[str] = None,
+        relay_only: bool = False,
+        register_timeout: float = 10.0,
+        direct_timeout: float = 1.0,
+        on_ready: Optional[Callable[[Dict[str, str]], None]] = None,
+    ) -> "AsyncPortal":
+        """As :meth:`Portal.create_server`, without blocking the event loop."""
+        if relay is None:
+            raise ValueError("create_server needs relay=\"host:port\"")
+        if dict is None and on_ready is None:
+            raise ValueError("create_server needs dict= or on_ready=")
+        core = await _core.bind_async(
+            relay,
+            session or _core.new_session(),
+            relay_only=relay_only,
+            local_port=local_port,
+            register_timeout=register_timeout,
+            direct_timeout=direct_timeout,
+        )
+        info = _rendezvous_info(core, relay)
+        if dict is not None:
+            dict[DICT_KEY] = info
+        if on_ready is not None:
+            on_ready(info)
+        return AsyncPortal(await core.accept_async())
+
+    @staticmethod
+    async def create_client(
+        dict: Any = None,
+        local_port: int = 0,
+        *,
+        relay: Optional[str] = None,
+        session: Optional[str] = None,
+        pin: Optional[str] = None,
+        relay_only: bool = False,
+        register_timeout: float = 10.0,
+        peer_timeout: float = 60.0,
+        direct_timeout: float = 1.0,
+    ) -> "AsyncPortal":
+        """As :meth:`Portal.create_client`, without blocking the event loop."""
+        start = time.monotonic()
+        if dict is not None:
+            deadline = start + peer_timeout
+            while True:
+                try:
+                    info = dict[DICT_KEY]
+                except KeyError:
+                    info = None
+                if info is not None:
+                    info = _check_info(info)
+                    break
+                if time.monotonic() >= deadline:
+                    raise PeerTimeoutError(
+                        f"no server wrote {DICT_KEY!r} into the rendezvous dict within "
+                        f"{peer_timeout} s"
+                    )
+                await asyncio.sleep(DICT_POLL_S)
+            session = session or info["session"]
+            pin = pin or info["fingerprint"]
+            relay = relay or info["relay"]
+        if relay is None or session is None or pin is None:
+            raise ValueError("create_client needs dict= or relay=, session= and pin=")
+        left = max(0.0, peer_timeout - (time.monotonic() - start))
+        conn = await _core.connect_async(
+            relay,
+            session,
+            pin,
+            relay_only=relay_only,
+            local_port=local_port,
+            register_timeout=register_timeout,
+            peer_timeout=left,
+            direct_timeout=direct_timeout,
+        )
+        return AsyncPortal(conn)
+
+    async def send(self, data: Data) -> None:
+        """Sends one message."""
+        await self._conn.send_async(_as_bytes(data))
+
+    async def recv(self, timeout_ms: Optional[float] = None) -> Optional[bytes]:
+        """The next message, or ``None`` if ``timeout_ms`` passes first."""
+        return await self._conn.recv_async(timeout_ms)
+
+    def send_datagram(self, data: Data) -> None:
+        """Sends one unreliable datagram (never blocks)."""
+        self._conn.send_datagram(_as_bytes(data))
+
+    async def recv_datagram(self, timeout_ms: Optional[float] = None) -> Optional[bytes]:
+        """The next datagram, or ``None`` if ``timeout_ms`` passes first."""
+        return await self._conn.recv_datagram_async(timeout_ms)
+
+    @property
+    def path(self) -> str:
+        """``"direct"``, ``"relay"`` or ``"relay-tcp"``."""
+        return self._conn.path
+
+    async def wait_path_change(self, timeout_ms: Optional[float] = None) -> Optional[str]:
+        """Waits (in a worker thread) until the path changes; the new path or ``None``."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, self._conn.wait_path_change, self._conn.path, timeout_ms
+        )
+
+    def is_connected(self) -> bool:
+        """Whether the connection is open."""
+        return self._conn.is_connected()
+
+    async def close(self) -> None:
+        """Closes the connection (in a worker thread: it waits up to ~2 s for the peer)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._conn.close)
+
+
+__all__ = [
+    "AsyncPortal",
+    "DICT_KEY",
+    "Listener",
+    "MAX_MESSAGE_BYTES",
+    "Portal",
+    "QuicTransportOptions",
+    "listen",
+    "ConnectionError",
+]
