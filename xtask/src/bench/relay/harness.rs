@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use quic_relay::proto::Reply;
 
 use super::report::{pct, si};
 use super::{Ctx, PEER_A, PEER_B, STARTUP_TIMEOUT};
@@ -109,6 +110,19 @@ impl Relay {
     }
 }
 
+/// A command running `program`, or `wrapper[0]` with the rest of `wrapper` and then `program`
+/// as its arguments when `wrapper` is not empty.
+pub(super) fn wrapped(wrapper: &[String], program: &std::path::Path) -> Command {
+    match wrapper.split_first() {
+        None => Command::new(program),
+        Some((tool, args)) => {
+            let mut cmd = Command::new(tool);
+            cmd.args(args).arg(program);
+            cmd
+        }
+    }
+}
+
 pub(super) fn peer_socket(ip: Ipv4Addr) -> Result<UdpSocket> {
     bind_udp(SocketAddrV4::new(ip, 0))
 }
@@ -125,7 +139,10 @@ pub(super) fn register_pair(relay: SocketAddrV4, a: &UdpSocket, b: &UdpSocket) -
                 return false;
             }
             match sock.recv_from(&mut buf) {
-                Ok((n, from)) => from == SocketAddr::V4(relay) && buf[..n].starts_with(b"ACK"),
+                Ok((n, from)) => {
+                    from == SocketAddr::V4(relay)
+                        && matches!(Reply::parse(&buf[..n]), Some(Reply::Ack { .. }))
+                }
                 Err(_) => false,
             }
         });
@@ -175,7 +192,20 @@ impl Forwarder {
         ack: bool,
         cpu: Option<usize>,
     ) -> Result<Forwarder> {
-        let mut cmd = Command::new(&ctx.xtask_bin);
+        Self::start_wrapped(ctx, a, b, ack, cpu, &[])
+    }
+
+    /// [`Forwarder::start_on`], run by the program and arguments in `wrapper` (e.g. valgrind)
+    /// when it is not empty.
+    pub(super) fn start_wrapped(
+        ctx: &Ctx,
+        a: &UdpSocket,
+        b: &UdpSocket,
+        ack: bool,
+        cpu: Option<usize>,
+        wrapper: &[String],
+    ) -> Result<Forwarder> {
+        let mut cmd = wrapped(wrapper, &ctx.xtask_bin);
         cmd.args([forwarder::SUBCOMMAND, "--listen", "127.0.0.1:0"])
             .args(["--to", &local_v4(b)?.to_string()])
             .args(["--return-to", &local_v4(a)?.to_string()])

@@ -3,6 +3,7 @@
 
 mod cpu;
 mod harness;
+mod instr;
 mod latency;
 mod loss;
 mod memory;
@@ -38,6 +39,10 @@ recvmmsg/sendmmsg, fixed destination, no table): the floor any userspace relay s
   memory   RSS growth per idle paired session at 1,000,000 sessions vs a bare std HashMap
   reg      REGs accepted per second (offered 250k/s from many 127/8 addresses) while a paired
            flow carries 20k/s: relay vs fwd answering every REG with ACK
+  instr    user-space instructions per forwarded datagram at a paced 4k/s, counted by callgrind
+           (needs valgrind): relay vs fwd. Each runs a short and a long flow; the difference
+           of the totals over the difference of the datagrams delivered is the cost per
+           datagram, start-up and shutdown cancelled out. Does not wobble with the host's load
 
 Options:
   --quick            short runs, 100,000 sessions, one repetition (a ~30 s smoke test)
@@ -80,15 +85,17 @@ enum Part {
     Latency,
     Memory,
     Reg,
+    Instr,
 }
 
 impl Part {
-    const ALL: [Part; 5] = [
+    const ALL: [Part; 6] = [
         Part::Loss,
         Part::Cpu,
         Part::Latency,
         Part::Memory,
         Part::Reg,
+        Part::Instr,
     ];
 
     fn name(self) -> &'static str {
@@ -98,6 +105,7 @@ impl Part {
             Part::Latency => "latency",
             Part::Memory => "memory",
             Part::Reg => "reg",
+            Part::Instr => "instr",
         }
     }
 }
@@ -111,6 +119,8 @@ pub(super) struct Plan {
     latency_rounds: u64,
     memory_sessions: u64,
     reg_duration: Duration,
+    /// The short and the long flow of the instruction count.
+    instr_durations: (Duration, Duration),
 }
 
 impl Plan {
@@ -124,6 +134,7 @@ impl Plan {
             latency_rounds: if quick { 2_000 } else { 20_000 },
             memory_sessions: sessions.unwrap_or(if quick { 100_000 } else { 1_000_000 }),
             reg_duration: secs(2.0, 0.5),
+            instr_durations: (secs(1.0, 0.5), secs(4.0, 1.5)),
         }
     }
 }
@@ -227,6 +238,7 @@ pub fn run(args: &[String]) -> Result<()> {
             Part::Latency => latency::part_latency(&ctx),
             Part::Memory => memory::part_memory(&ctx),
             Part::Reg => reg::part_reg(&ctx),
+            Part::Instr => instr::part_instr(&ctx),
         };
         println!(
             "  ({} took {:.1} s)",
@@ -278,7 +290,9 @@ fn parse(args: &[String]) -> Result<Option<Options>> {
                     .into_iter()
                     .find(|p| p.name() == s.trim())
                     .with_context(|| {
-                        format!("unknown part `{s}` (expected loss, cpu, latency, memory, reg)")
+                        format!(
+                            "unknown part `{s}` (expected loss, cpu, latency, memory, reg, instr)"
+                        )
                     })
             })
             .collect::<Result<Vec<_>>>()?,
