@@ -501,7 +501,12 @@ mod linux {
     }
 
     /// The segment size of a GRO buffer, if the kernel coalesced this one.
+    #[inline]
     fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+        if h.msg_controllen == 0 {
+            // A datagram that came alone: no control message to walk.
+            return None;
+        }
         // SAFETY: the kernel filled msg_control (our aligned buffer) and set msg_controllen
         // to what it wrote; CMSG_FIRSTHDR/CMSG_NXTHDR stay within it and return null at its
         // end; a UDP_GRO message carries an int (read unaligned to be safe).
