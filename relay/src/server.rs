@@ -3,7 +3,8 @@
 //!
 //! One thread owns the socket and the session table: no lock, no atomic and no allocation per
 //! datagram. On Linux each wake-up is one `recvmmsg` and one `sendmmsg`; forwarded datagrams are
-//! sent straight out of the receive buffers. The thread blocks in `recvmmsg` with a short
+//! sent straight out of the receive buffers. With UDP GRO a sender's GSO burst arrives as one
+//! buffer and, its segments judged one by one, usually leaves as one GSO send. The thread blocks in `recvmmsg` with a short
 //! timeout ([`defaults::IDLE_WAKE`]) so that timers, metrics and shutdown are served when idle.
 
 use std::io;
@@ -328,11 +329,11 @@ impl Server {
     }
 
     /// Called after each batch: timers, the wall clock, and metrics, when they are due.
-    fn maybe_tick(&mut self, now: Instant, core: &mut Core) {
+    fn maybe_tick(metrics: &Metrics, now: Instant, core: &mut Core) {
         if now >= core.relay.poll_timeout() {
             core.relay.set_wall_clock(unix_now());
             core.relay.handle_timeout(now);
-            self.metrics.publish(core.relay.stats());
+            metrics.publish(core.relay.stats());
         }
     }
 }
@@ -397,8 +398,13 @@ mod linux {
     use crate::proto::ReplyBuf;
     use crate::tcp::lock;
 
-    /// Up to one forward or two replies (an ACK and a peer notice) per received datagram.
+    /// Sends gathered before they go out: up to one forward or two replies (an ACK and a peer
+    /// notice) per received datagram. A GRO buffer holds up to 64 datagrams, so the loop sends
+    /// what it has gathered whenever fewer than three slots are left.
     const MAX_SENDS: usize = 3 * BATCH;
+
+    /// The first 12 octets of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+    const V4_MAPPED: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
 
     fn to_peer(ss: &libc::sockaddr_storage) -> Option<PeerAddr> {
         match ss.ss_family as libc::c_int {
@@ -406,11 +412,10 @@ mod linux {
                 // SAFETY: the kernel wrote a sockaddr_in when the family is AF_INET.
                 let sin =
                     unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-                let v4 = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                Some(PeerAddr::from_octets(
-                    v4.to_ipv6_mapped().octets(),
-                    u16::from_be(sin.sin_port),
-                ))
+                // IPv4-mapped, built directly: s_addr is in network order, as the octets are.
+                let mut ip = V4_MAPPED;
+                ip[12..].copy_from_slice(&sin.sin_addr.s_addr.to_ne_bytes());
+                Some(PeerAddr::from_octets(ip, u16::from_be(sin.sin_port)))
             }
             libc::AF_INET6 => {
                 // SAFETY: the kernel wrote a sockaddr_in6 when the family is AF_INET6.
@@ -444,13 +449,15 @@ mod linux {
             sin6.sin6_scope_id = 0;
             Some(size_of::<libc::sockaddr_in6>() as libc::socklen_t)
         } else {
-            let v4 = std::net::Ipv6Addr::from(ip).to_ipv4_mapped()?;
+            if ip[..12] != V4_MAPPED[..12] {
+                return None;
+            }
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
             let sin =
                 unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = dst.port().to_be();
-            sin.sin_addr.s_addr = u32::from(v4).to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
             Some(size_of::<libc::sockaddr_in>() as libc::socklen_t)
         }
     }
@@ -458,13 +465,63 @@ mod linux {
     /// What to send: a slice of a receive buffer (forward) or of a reply buffer.
     #[derive(Clone, Copy)]
     enum Payload {
-        Received { index: usize, len: usize },
+        /// `len` bytes at `offset` in the receive buffers (a datagram, or one segment of a
+        /// GRO buffer).
+        Received {
+            offset: usize,
+            len: usize,
+        },
         Reply(usize),
     }
 
     /// How long the loop lets datagrams gather after a partial batch (see the loop). Small next
     /// to any real path's delay; it roughly halves the relay's CPU per datagram at 50k/s.
     const COALESCE: std::time::Duration = std::time::Duration::from_micros(20);
+
+    /// `UDP_GRO` (linux/udp.h): with this socket option the kernel hands over a burst of
+    /// equal-size datagrams from one source as one buffer, with a control message carrying the
+    /// segment size. A QUIC sender's GSO batch then crosses the relay whole: one receive, one
+    /// GSO send, instead of being cut into datagrams on the way in and glued on the way out.
+    const UDP_GRO: libc::c_int = 104;
+
+    /// Asks for GRO on the relay socket; without it (old kernels) every datagram comes alone.
+    fn enable_gro(fd: libc::c_int) -> bool {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid fd and a pointer to a c_int of the stated size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_UDP,
+                UDP_GRO,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        r == 0
+    }
+
+    /// The segment size of a GRO buffer, if the kernel coalesced this one.
+    #[inline]
+    fn gro_segment(h: &libc::msghdr) -> Option<usize> {
+        if h.msg_controllen == 0 {
+            // A datagram that came alone: no control message to walk.
+            return None;
+        }
+        // SAFETY: the kernel filled msg_control (our aligned buffer) and set msg_controllen
+        // to what it wrote; CMSG_FIRSTHDR/CMSG_NXTHDR stay within it and return null at its
+        // end; a UDP_GRO message carries an int (read unaligned to be safe).
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                    let seg = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    return usize::try_from(seg).ok().filter(|&s| s > 0);
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        None
+    }
 
     /// `UDP_SEGMENT` (linux/udp.h): a send carrying this control message is cut by the kernel
     /// into datagrams of the given size.
@@ -547,9 +604,9 @@ mod linux {
         let base = bufs.as_mut_ptr();
         let iov_of = |p: Payload| -> libc::iovec {
             let (ptr, len) = match p {
-                Payload::Received { index, len } => {
-                    // SAFETY: in bounds: index < BATCH and the buffers are MAX_DATAGRAM apart.
-                    let ptr = unsafe { base.add(index * MAX_DATAGRAM) };
+                Payload::Received { offset, len } => {
+                    // SAFETY: in bounds: offset + len lies within one received buffer.
+                    let ptr = unsafe { base.add(offset) };
                     (ptr, len)
                 }
                 Payload::Reply(r) => (
@@ -696,6 +753,55 @@ mod linux {
         gso_error
     }
 
+    /// Builds the gathered sends into messages (GSO runs where possible), sends them and
+    /// counts what happened.
+    #[allow(clippy::too_many_arguments)]
+    fn flush(
+        fd: libc::c_int,
+        sends: &[(Payload, PeerAddr)],
+        bufs: &mut [u8],
+        replies: &[ReplyBuf],
+        v6: bool,
+        gso_enabled: bool,
+        names: &mut [libc::sockaddr_storage],
+        iovs: &mut [libc::iovec],
+        cmsgs: &mut [CmsgBuf],
+        hdrs: &mut [libc::mmsghdr],
+        io: &crate::metrics::IoCounters,
+        gso: &mut Gso,
+        now: Instant,
+    ) {
+        if sends.is_empty() {
+            return;
+        }
+        let count = build_sends(
+            sends,
+            bufs,
+            replies,
+            v6,
+            gso_enabled,
+            names,
+            iovs,
+            cmsgs,
+            hdrs,
+        );
+        for h in &hdrs[..count] {
+            if h.msg_hdr.msg_controllen != 0 {
+                io.gso_batches.fetch_add(1, Ordering::Relaxed);
+                io.gso_datagrams
+                    .fetch_add(h.msg_hdr.msg_iovlen as u64, Ordering::Relaxed);
+            }
+        }
+        if let Some(err) = send_all(fd, &mut hdrs[..count], io) {
+            gso.failed(now);
+            let failures = io.gso_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures.is_power_of_two() {
+                warn!(error = %err, failures, retry_after = ?GSO_RETRY_AFTER,
+                    "UDP GSO send failed; sent that burst datagram by datagram");
+            }
+        }
+    }
+
     pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         // The default 50 us timer slack would stretch the 20 us coalescing wait to ~70 us.
         // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and affects only this thread.
@@ -714,6 +820,9 @@ mod linux {
         ];
         // SAFETY: as above.
         let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
+        let gro = enable_gro(fd);
+        tracing::debug!(gro, "UDP receive offload");
+        let mut recv_cmsgs: Vec<CmsgBuf> = vec![CmsgBuf([0; 4]); BATCH];
         // SAFETY: as above.
         let mut send_names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; MAX_SENDS];
         let mut send_iovs = vec![
@@ -733,23 +842,38 @@ mod linux {
         let metrics = server.metrics.clone();
         let io = &metrics.io;
 
+        // The receive headers point into buffers that never move (none of these vectors
+        // grows), so they are set up once; before each receive only the fields the kernel
+        // wrote in the last one are restored. Rebuilding all BATCH of them per wake-up was
+        // most of the relay's own instructions per datagram at low rates, where each
+        // wake-up carries one datagram.
+        for i in 0..BATCH {
+            iovs[i] = libc::iovec {
+                // SAFETY: in bounds: bufs holds BATCH buffers of MAX_DATAGRAM bytes.
+                iov_base: unsafe { bufs.as_mut_ptr().add(i * MAX_DATAGRAM) }.cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let h = &mut hdrs[i].msg_hdr;
+            h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = if gro {
+                (&mut recv_cmsgs[i] as *mut CmsgBuf).cast()
+            } else {
+                std::ptr::null_mut()
+            };
+        }
+        let recv_controllen = if gro { size_of::<CmsgBuf>() } else { 0 };
+        let mut filled = BATCH;
+
         while !shutdown.load(Ordering::Relaxed) {
-            for i in 0..BATCH {
-                iovs[i] = libc::iovec {
-                    // SAFETY: in bounds: bufs holds BATCH buffers of MAX_DATAGRAM bytes.
-                    iov_base: unsafe { bufs.as_mut_ptr().add(i * MAX_DATAGRAM) }.cast(),
-                    iov_len: MAX_DATAGRAM,
-                };
-                let h = &mut hdrs[i].msg_hdr;
-                h.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
-                h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                h.msg_iov = &mut iovs[i];
-                h.msg_iovlen = 1;
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-                h.msg_flags = 0;
-                hdrs[i].msg_len = 0;
+            for h in &mut hdrs[..filled] {
+                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_controllen = recv_controllen as _;
+                h.msg_hdr.msg_flags = 0;
+                h.msg_len = 0;
             }
+            filled = 0;
             // SAFETY: hdrs describes BATCH valid, writable buffers and address slots.
             let n = unsafe {
                 libc::recvmmsg(
@@ -772,16 +896,16 @@ mod linux {
                         }
                     }
                 }
-                let core = server.core.clone();
-                server.maybe_tick(now, &mut lock(&core));
+                Server::maybe_tick(&metrics, now, &mut lock(&server.core));
                 continue;
             }
+            filled = n as usize;
             sends.clear();
             replies.clear();
             // One lock per batch: uncontended (the TCP thread takes it per TCP frame only),
             // it costs a couple of atomic operations, not one per datagram.
-            let core_arc = server.core.clone();
-            let mut core = lock(&core_arc);
+            let mut core = lock(&server.core);
+            let gso_now = gso.enabled(now);
             for i in 0..n as usize {
                 let len = hdrs[i].msg_len as usize;
                 if hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -791,51 +915,82 @@ mod linux {
                 let Some(src) = to_peer(&names[i]) else {
                     continue;
                 };
-                let data = &bufs[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
-                if let Outcome::Forward(dst) = core.relay.handle(now, src, data) {
-                    if dst.is_tcp() {
-                        core.send_tcp(dst, data, &metrics.tcp);
-                    } else {
-                        sends.push((Payload::Received { index: i, len }, dst));
+                // A GRO buffer is several datagrams of `seg` bytes (the last may be shorter),
+                // each judged on its own as if it had come alone.
+                let seg = if gro {
+                    gro_segment(&hdrs[i].msg_hdr).unwrap_or(len)
+                } else {
+                    len
+                };
+                let base = i * MAX_DATAGRAM;
+                let mut off = 0;
+                while off < len || (len == 0 && off == 0) {
+                    let end = (off + seg.max(1)).min(len);
+                    let data = &bufs[base + off..base + end];
+                    if let Outcome::Forward(dst) = core.relay.handle(now, src, data) {
+                        if dst.is_tcp() {
+                            core.send_tcp(dst, data, &metrics.tcp);
+                        } else {
+                            sends.push((
+                                Payload::Received {
+                                    offset: base + off,
+                                    len: end - off,
+                                },
+                                dst,
+                            ));
+                        }
                     }
-                }
-                while let Some(t) = core.relay.poll_transmit() {
-                    if t.dst.is_tcp() {
-                        core.send_tcp(t.dst, t.payload.as_bytes(), &metrics.tcp);
-                    } else {
-                        replies.push(t.payload);
-                        sends.push((Payload::Reply(replies.len() - 1), t.dst));
+                    while let Some(t) = core.relay.poll_transmit() {
+                        if t.dst.is_tcp() {
+                            core.send_tcp(t.dst, t.payload.as_bytes(), &metrics.tcp);
+                        } else {
+                            replies.push(t.payload);
+                            sends.push((Payload::Reply(replies.len() - 1), t.dst));
+                        }
                     }
+                    if sends.len() + 3 > MAX_SENDS {
+                        // Only with GRO buffers: send what is gathered to make room.
+                        flush(
+                            fd,
+                            &sends,
+                            &mut bufs,
+                            &replies,
+                            v6,
+                            gso_now,
+                            &mut send_names,
+                            &mut send_iovs,
+                            &mut send_cmsgs,
+                            &mut send_hdrs,
+                            io,
+                            &mut gso,
+                            now,
+                        );
+                        sends.clear();
+                        replies.clear();
+                    }
+                    if end == len {
+                        break;
+                    }
+                    off = end;
                 }
             }
-            server.maybe_tick(now, &mut core);
+            Server::maybe_tick(&metrics, now, &mut core);
             drop(core);
-            let count = build_sends(
+            flush(
+                fd,
                 &sends,
                 &mut bufs,
                 &replies,
                 v6,
-                gso.enabled(now),
+                gso_now,
                 &mut send_names,
                 &mut send_iovs,
                 &mut send_cmsgs,
                 &mut send_hdrs,
+                io,
+                &mut gso,
+                now,
             );
-            for h in &send_hdrs[..count] {
-                if h.msg_hdr.msg_controllen != 0 {
-                    io.gso_batches.fetch_add(1, Ordering::Relaxed);
-                    io.gso_datagrams
-                        .fetch_add(h.msg_hdr.msg_iovlen as u64, Ordering::Relaxed);
-                }
-            }
-            if let Some(err) = send_all(fd, &mut send_hdrs[..count], io) {
-                gso.failed(now);
-                let failures = io.gso_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if failures.is_power_of_two() {
-                    warn!(error = %err, failures, retry_after = ?GSO_RETRY_AFTER,
-                        "UDP GSO send failed; sent that burst datagram by datagram");
-                }
-            }
             // Under load, datagrams trickle in while a batch is processed; waking for each
             // handful costs more than the datagrams themselves. After a partial batch of
             // several, give the next ones a moment to gather (interrupt moderation). A lone
@@ -889,7 +1044,15 @@ mod linux {
             let mut bufs = vec![7u8; crate::defaults::BATCH * MAX_DATAGRAM];
             let dst = PeerAddr::from(rx.local_addr().expect("rx addr"));
             let sends: Vec<(Payload, PeerAddr)> = (0..n)
-                .map(|index| (Payload::Received { index, len }, dst))
+                .map(|index| {
+                    (
+                        Payload::Received {
+                            offset: index * MAX_DATAGRAM,
+                            len,
+                        },
+                        dst,
+                    )
+                })
                 .collect();
             // SAFETY: all-zero is a valid value for these plain C structs.
             let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; n];
@@ -983,8 +1146,7 @@ mod portable {
         while !shutdown.load(Ordering::Relaxed) {
             let received = server.socket.recv_from(&mut buf);
             let now = Instant::now();
-            let core_arc = server.core.clone();
-            let mut core = crate::tcp::lock(&core_arc);
+            let mut core = crate::tcp::lock(&server.core);
             if let Ok((len, src)) = received {
                 let outcome = core.relay.handle(now, PeerAddr::from(src), &buf[..len]);
                 if let Outcome::Forward(dst) = outcome {
@@ -1012,7 +1174,7 @@ mod portable {
                     }
                 }
             }
-            server.maybe_tick(now, &mut core);
+            Server::maybe_tick(&server.metrics, now, &mut core);
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::proto::{self, ErrReason, PeerId, Registration, Reply, ReplyBuf, Token
 /// small index, see [`PeerAddr::tcp_via`]), so a UDP datagram from the same IP and port number,
 /// or a second connection from the same IP and port to another relay address, is a different
 /// address: nobody can speak for a TCP member except its connection.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr {
     ip: [u8; 16],
     port: u16,
@@ -43,6 +43,17 @@ pub fn ip_limit_key(ip: [u8; 16]) -> [u8; 16] {
         let mut k = ip;
         k[8..].fill(0);
         k
+    }
+}
+
+/// Hashed as two words rather than field by field: the derived hash feeds the IP to the hasher
+/// as a length-prefixed byte slice, three hasher rounds per lookup on the forwarding path where
+/// two do.
+impl std::hash::Hash for PeerAddr {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.ip));
+        state.write_u32(u32::from(self.port) | (u32::from(self.tcp) << 16));
     }
 }
 
@@ -469,6 +480,9 @@ pub struct Relay {
     /// The `now` last passed in and its distance from `epoch` in microseconds: the server
     /// passes one `now` per batch, so the conversion runs once per batch, not per datagram.
     clock: (Instant, u64),
+    /// The second since `epoch` that the forwarding path last saw: `[start, end)` and its
+    /// number (see [`Relay::forward_secs`]).
+    second: (Instant, Instant, u32),
     /// Wall-clock Unix seconds at the last `set_wall_clock`, for token expiry.
     unix_now: u64,
     sessions: Vec<Session>,
@@ -509,6 +523,7 @@ impl Relay {
             cfg,
             epoch: now,
             clock: (now, 0),
+            second: (now, now + Duration::from_secs(1), 0),
             unix_now: 0,
             sessions: Vec::new(),
             free: Vec::new(),
@@ -545,6 +560,22 @@ impl Relay {
     fn secs(&mut self, now: Instant) -> u32 {
         // u32 seconds last 136 years; saturate rather than wrap.
         (self.micros(now) / 1_000_000).min(u32::MAX as u64) as u32
+    }
+
+    /// [`Relay::secs`] for the forwarding path: within the second last computed, two
+    /// comparisons of `now` instead of a subtraction and a division. At low rates every
+    /// datagram has a new `now`, and the exact computation was a sixth of the relay's own
+    /// instructions per forwarded datagram. Leaves `clock` alone (registrations read it).
+    #[inline]
+    fn forward_secs(&mut self, now: Instant) -> u32 {
+        let (start, end, secs) = self.second;
+        if now >= start && now < end {
+            return secs;
+        }
+        let secs = self.secs(now);
+        let start = self.epoch + Duration::from_secs(u64::from(secs));
+        self.second = (start, start + Duration::from_secs(1), secs);
+        secs
     }
 
     fn micros(&mut self, now: Instant) -> u64 {
@@ -661,7 +692,7 @@ impl Relay {
     #[inline]
     fn try_forward(&mut self, now: Instant, src: PeerAddr, len: usize) -> Option<Outcome> {
         let m = *self.by_addr.get(&src)?;
-        let t = self.secs(now);
+        let t = self.forward_secs(now);
         let s = &mut self.sessions[m.session()];
         let other = s.slots[1 - m.slot()];
         if !other.used() {

@@ -505,3 +505,47 @@ fn bursts_are_forwarded_whole_and_in_order() {
         "no GSO batch was sent"
     );
 }
+
+#[test]
+fn a_gso_burst_crosses_the_relay_segment_by_segment_intact() {
+    // The sender cuts one send into 1200-byte segments (UDP_SEGMENT), as Quinn does: the relay
+    // takes it in as one GRO buffer and must forward every segment, the short tail included,
+    // each counted as a datagram of its own.
+    const UDP_SEGMENT: libc::c_int = 103;
+    let (h, relay) = relay_v4();
+    let (a, b) = (peer("127.0.0.2"), peer("127.0.0.3"));
+    reg(&a, relay, id(18));
+    reg(&b, relay, id(18));
+    let seg: libc::c_int = 1200;
+    // SAFETY: a valid fd and a pointer to a c_int of the stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&a),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&seg as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        eprintln!("SKIP: this kernel has no UDP GSO");
+        return;
+    }
+    let sizes = [1200, 1200, 1200, 1200, 1200, 700];
+    let mut burst = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        burst.extend(std::iter::repeat_n(i as u8 + 1, n));
+    }
+    a.send_to(&burst, relay).expect("send the GSO burst");
+    for (i, &n) in sizes.iter().enumerate() {
+        let (got, from) = recv(&b);
+        assert_eq!(from, relay);
+        assert_eq!(got.len(), n, "segment {i}: size");
+        assert!(
+            got.iter().all(|&x| x == i as u8 + 1),
+            "segment {i}: payload"
+        );
+    }
+    assert_eq!(queued(&b), None, "nothing beyond the six segments");
+    wait_stats(&h, "six forwarded", |s| s.forwarded_packets == 6);
+}

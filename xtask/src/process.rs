@@ -60,7 +60,11 @@ impl ChildGuard {
         let deadline = Instant::now() + timeout;
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let found = text
+            // Whole lines only: a line read while it is being written would yield a cut value
+            // (`127.0.0.` for an address), most often when another writer (valgrind) shares
+            // the log.
+            let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+            let found = whole
                 .lines()
                 .map(strip_ansi)
                 .find(|l| l.contains(needle))
@@ -85,6 +89,28 @@ impl ChildGuard {
                     self.name,
                     self.log.display(),
                     log_tail(&self.log, 10)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks the child to stop (SIGTERM) and waits up to `timeout` for it to exit, so that it
+    /// can write what it writes on exit (a profiler's output); kills it after that.
+    pub fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("child pid")?;
+        // SAFETY: kill(2) on our own unreaped child: the pid cannot have been reused.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().context("wait for child")? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM; see {}",
+                    self.name,
+                    self.log.display()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

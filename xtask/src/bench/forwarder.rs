@@ -11,6 +11,7 @@ use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use quic_relay::proto;
 
 use super::sys::{self, RecvBatch, Route};
 use crate::cli::Args;
@@ -46,7 +47,7 @@ pub fn main(args: &[String]) -> Result<()> {
     eprintln!("bench-forwarder listening addr={}", sock.local_addr()?);
     sock.set_read_timeout(Some(IDLE_CHECK))?;
     let route = |payload: &[u8], src: SocketAddrV4| match return_to {
-        _ if ack && payload.starts_with(b"REG:") => Route::Reply(b"ACK\n"),
+        _ if ack && proto::is_registration(payload) => Route::Reply(b"ACK\n"),
         Some(back) if src == to => Route::Forward(back),
         _ => Route::Forward(to),
     };

@@ -53,7 +53,12 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
-/// Median of the values (the mean of the middle two for an even count); NaN when empty.
+/// Whether `tool` is a file in one of the `PATH` directories.
+pub fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
 /// `cargo build --release --locked -p <each package>`, from the project root.
 pub fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -79,6 +84,7 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Median of the values (the mean of the middle two for an even count); NaN when empty.
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {

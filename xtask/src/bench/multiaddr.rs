@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use quic_relay::proto::{Registration, Reply, Uuid};
 
 use super::load::{Pacer, StopOnDrop};
 use super::sys::{self, RecvBatch, SendBatch, BATCH};
@@ -283,13 +284,17 @@ impl Fleet {
                     }
                     for i in 0..n {
                         let p = batch.payload(i);
-                        if !p.starts_with(b"ACK") {
-                            let word = p
-                                .strip_prefix(b"ERR ")
-                                .map(|r| String::from_utf8_lossy(r).trim().to_owned())
-                                .unwrap_or_else(|| "other".to_owned());
-                            *refused.entry(word).or_insert(0) += 1;
-                            continue;
+                        match Reply::parse(p) {
+                            Some(Reply::Ack { .. }) => {}
+                            other => {
+                                let word = match other {
+                                    Some(Reply::Err(Some(reason))) => reason.as_str(),
+                                    Some(Reply::Err(None)) => "unknown ERR",
+                                    _ => "other",
+                                };
+                                *refused.entry(word.to_owned()).or_insert(0) += 1;
+                                continue;
+                            }
                         }
                         let Some(m) = batch.local_ip(i).and_then(|ip| self.member_at(j, ip)) else {
                             *refused
@@ -360,24 +365,10 @@ impl Progress {
     }
 }
 
-/// `REG:<uuid>\n` (the original form) for session `k` of a fleet; the UUID is `nonce` and `k`
-/// in hex, so sessions of different fleets never collide.
-pub fn reg_datagram(nonce: u64, k: u64) -> [u8; 41] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let value = (u128::from(nonce) << 64) | u128::from(k);
-    let mut out = [0u8; 41];
-    out[..4].copy_from_slice(b"REG:");
-    let mut pos = 4;
-    for nibble in 0..32 {
-        if matches!(nibble, 8 | 12 | 16 | 20) {
-            out[pos] = b'-';
-            pos += 1;
-        }
-        out[pos] = HEX[((value >> (124 - 4 * nibble)) & 0xf) as usize];
-        pos += 1;
-    }
-    out[40] = b'\n';
-    out
+/// `REG:<uuid>\n` (the original form) for session `k` of a fleet; the UUID is `nonce` and `k`,
+/// so sessions of different fleets never collide. Encoded by the relay's own `proto`.
+pub fn reg_datagram(nonce: u64, k: u64) -> Vec<u8> {
+    Registration::original(Uuid::from_u64_pair(nonce, k)).encode()
 }
 
 #[cfg(test)]
@@ -426,7 +417,7 @@ mod tests {
                 let mut buf = [0u8; 64];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = acker.recv_from(&mut buf) {
-                        if buf[..n].starts_with(b"REG:") {
+                        if quic_relay::proto::is_registration(&buf[..n]) {
                             let _ = acker.send_to(b"ACK\n", from);
                         }
                     }

@@ -25,7 +25,7 @@ Each dial sends --bytes on one stream and checks the echo byte for byte; goodput
 the transfer's seconds. The connect time runs from the dialer's start to the finished handshake
 (registration, waiting for the peer, punching on the direct path, the QUIC handshake).
 
-  ratio    median relayed goodput / median direct goodput (target: >= 0.8)
+  ratio    median relayed goodput / median direct goodput (target: >= 0.95)
 
 Options:
   --quick       2 repetitions of 16 MiB (a CI smoke test)
@@ -40,7 +40,7 @@ the wrong path).
 ";
 
 /// The relayed path may cost at most this share of direct goodput (the issue's target).
-const RATIO_TARGET: f64 = 0.8;
+const RATIO_TARGET: f64 = 0.95;
 /// How long the relay and the listeners may take to come up.
 const STARTUP: Duration = Duration::from_secs(15);
 
@@ -202,8 +202,9 @@ pub fn run(args: &[String]) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "What limits it: each relayed packet takes one more hop through a user-space process \
-         (the relay's recvmmsg/sendmmsg loop: two more socket passes per packet). Its CPU \
+        "What limits it: each relayed GSO batch takes one more hop through a user-space \
+         process (the relay receives it whole with UDP GRO and sends it on as one GSO send: \
+         two more socket passes per batch, not per packet). Its CPU \
          (above) comes from the cores both QUIC endpoints need, and each packet also waits for \
          the relay to be scheduled, which lengthens the round trip Quinn's congestion control \
          and flow-control windows see; both grow with the machine's load. With a spare core \

@@ -302,7 +302,20 @@ pub struct RecvBatch {
 
 impl RecvBatch {
     pub fn new() -> Self {
-        RecvBatch {
+        Self::build(false)
+    }
+
+    /// Like [`RecvBatch::new`], and also collects control messages ([`RecvBatch::local_ip`],
+    /// [`RecvBatch::received_ns`]).
+    pub fn with_cmsgs() -> Self {
+        Self::build(true)
+    }
+
+    /// Allocates the buffers and points the kernel structures at them once: the vectors never
+    /// grow, so their heap storage (and every pointer into it) stays put even when the struct
+    /// moves. Each receive then only resets the fields the kernel wrote in the previous one.
+    fn build(want_cmsgs: bool) -> Self {
+        let mut b = RecvBatch {
             data: vec![0; BATCH * SLOT],
             // SAFETY: sockaddr_in is plain old data; all-zero is valid.
             srcs: vec![unsafe { zeroed() }; BATCH],
@@ -320,16 +333,37 @@ impl RecvBatch {
                 BATCH
             ],
             n: 0,
-            want_cmsgs: false,
+            want_cmsgs,
+        };
+        for i in 0..BATCH {
+            b.iovs.push(libc::iovec {
+                iov_base: b.data[i * SLOT..].as_mut_ptr().cast(),
+                iov_len: SLOT,
+            });
         }
+        for i in 0..BATCH {
+            let mut h = empty_mmsghdr();
+            h.msg_hdr.msg_name = (&mut b.srcs[i] as *mut libc::sockaddr_in).cast();
+            h.msg_hdr.msg_iov = &mut b.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            if want_cmsgs {
+                h.msg_hdr.msg_control = b.cmsgs[i].0.as_mut_ptr().cast();
+            }
+            b.hdrs.push(h);
+        }
+        b.reset(BATCH);
+        b
     }
 
-    /// Like [`RecvBatch::new`], and also collects control messages ([`RecvBatch::local_ip`],
-    /// [`RecvBatch::received_ns`]).
-    pub fn with_cmsgs() -> Self {
-        RecvBatch {
-            want_cmsgs: true,
-            ..RecvBatch::new()
+    /// Restores the fields the kernel overwrites (lengths, flags) in the first `n` headers.
+    fn reset(&mut self, n: usize) {
+        for h in &mut self.hdrs[..n] {
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if self.want_cmsgs {
+                h.msg_hdr.msg_controllen = size_of::<CmsgBuf>() as _;
+            }
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
         }
     }
 
@@ -337,27 +371,9 @@ impl RecvBatch {
     /// read timeout) for the first and then takes what is queued; with `MSG_DONTWAIT` it never
     /// blocks. A timeout or an empty socket yields `Ok(0)`.
     pub fn recv(&mut self, sock: &UdpSocket, flags: libc::c_int) -> io::Result<usize> {
+        // Only the headers the last call filled were written by the kernel.
+        self.reset(self.n);
         self.n = 0;
-        self.iovs.clear();
-        self.hdrs.clear();
-        for i in 0..BATCH {
-            self.iovs.push(libc::iovec {
-                iov_base: self.data[i * SLOT..].as_mut_ptr().cast(),
-                iov_len: SLOT,
-            });
-        }
-        for i in 0..BATCH {
-            let mut h = empty_mmsghdr();
-            h.msg_hdr.msg_name = (&mut self.srcs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
-            if self.want_cmsgs {
-                h.msg_hdr.msg_control = self.cmsgs[i].0.as_mut_ptr().cast();
-                h.msg_hdr.msg_controllen = size_of::<CmsgBuf>() as _;
-            }
-            self.hdrs.push(h);
-        }
         // SAFETY: BATCH valid mmsghdrs pointing into this struct's buffers, which stay put
         // for the duration of the call; a null timeout means "use the socket's".
         let rc = unsafe {
