@@ -14,37 +14,16 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+mod support;
+
 use netlab::{Lab, LabConfig, NatType, Side};
 use quic_relay::server::Server;
 use quic_relay::sessions::RelayConfig;
+use support::python;
 
 /// Bound for each step (registration, a 16 MiB echo through the relay on a busy machine).
 const WAIT: Duration = Duration::from_secs(120);
 const RELAY_PORT: u16 = 4433;
-
-/// The Python with peer_portal installed, or why there is none.
-fn python() -> Result<PathBuf, String> {
-    let py = std::env::var_os("PEER_PORTAL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python")
-        });
-    let ok = Command::new(&py)
-        .args(["-c", "import peer_portal"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        Ok(py)
-    } else {
-        Err(format!(
-            "{} cannot import peer_portal: build it into that venv (python/README.md, \
-             `maturin develop`) or set PEER_PORTAL_PYTHON",
-            py.display()
-        ))
-    }
-}
 
 /// Reads `child`'s stdout lines into a channel.
 fn lines(out: std::process::ChildStdout) -> mpsc::Receiver<String> {
