@@ -180,12 +180,16 @@ pub fn run(args: &[String]) -> Result<()> {
 
         let mq_socks = start_mqproxy(&mqproxy_bin, &log_dir)?;
         let ss = if have_ss {
-            Some(start_ss(&log_dir)?)
+            Some(retry_port_clash("shadowsocks-libev", || {
+                start_ss(&log_dir)
+            })?)
         } else {
             None
         };
         let ssr = match &ss_rust {
-            Some((local, server)) => Some(start_ss_rust(local, server, &log_dir)?),
+            Some((local, server)) => Some(retry_port_clash("shadowsocks-rust", || {
+                start_ss_rust(local, server, &log_dir)
+            })?),
             None => None,
         };
         let mut paths = vec![
@@ -317,9 +321,30 @@ fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
     Ok(p)
 }
 
+/// Attempts at starting a third-party proxy on picked ports: another process may take a port
+/// between its pick and the proxy's bind, which shows as a start that fails.
+const PORT_CLASH_ATTEMPTS: u32 = 3;
+
+/// Starts a proxy whose ports had to be picked in advance, again on fresh ports when the start
+/// fails (e.g. "Address already in use"), up to [`PORT_CLASH_ATTEMPTS`] times.
+fn retry_port_clash(what: &str, start: impl Fn() -> Result<Proxy>) -> Result<Proxy> {
+    let mut attempt = 1;
+    loop {
+        match start() {
+            Ok(p) => return Ok(p),
+            Err(e) if attempt < PORT_CLASH_ATTEMPTS => {
+                eprintln!("{what} did not start ({e:#}); again on other ports");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn start_ss(log_dir: &Path) -> Result<Proxy> {
     // shadowsocks-libev does not report a port it bound for 0: these are picked and released
-    // (the one place left; a clash shows as ss-server failing to bind, in its log).
+    // (the one place left, for programs that cannot do better); a clash makes the start fail,
+    // and `retry_port_clash` starts it again on other ports.
     let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
     let mut server = Command::new("ss-server");
     server.args([
