@@ -1,5 +1,5 @@
 //! The `cpu` part: CPU time per forwarded datagram at 50k/s, relay against the forwarder, from
-//! /proc/<pid>.
+//! `/proc/<pid>`.
 
 use std::net::{SocketAddrV4, UdpSocket};
 
