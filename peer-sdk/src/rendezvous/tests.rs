@@ -1,0 +1,274 @@
+//! Unit tests of the rendezvous machine, driven with a fake clock.
+
+use super::*;
+use quic_relay::proto::Reply;
+
+use crate::punch::{Kind, PunchPacket};
+
+const RELAY_RTT: Duration = Duration::from_millis(40);
+
+fn cfg() -> Config {
+    Config {
+        tcp: TcpFallback::Never,
+        tcp_after: Duration::from_millis(2500),
+        session: Uuid::from_u128(42),
+        token: None,
+        peer_id: 7,
+        keepalive: Duration::from_secs(10),
+        punch: true,
+        direct_timeout: Duration::from_secs(1),
+        local: Vec::new(),
+    }
+}
+
+fn drain(r: &mut Rendezvous) -> Vec<Transmit> {
+    std::iter::from_fn(|| r.poll_transmit()).collect()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
+fn ack(peer: Option<SocketAddr>) -> Reply {
+    Reply::Ack {
+        observed: Some(addr("198.18.1.1:5000")),
+        peer,
+        cookie: None,
+    }
+}
+
+/// Registers at `t0` and is answered `RELAY_RTT` later, unpaired.
+fn registered(t0: Instant) -> Rendezvous {
+    let mut r = Rendezvous::new(cfg());
+    r.handle_timeout(t0, t0);
+    let sent = drain(&mut r);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].dst, Dest::Relay);
+    r.handle_relay(t0 + RELAY_RTT, ack(None));
+    assert!(r.status().registered);
+    assert_eq!(r.relay_rtt(), Some(RELAY_RTT));
+    r
+}
+
+fn probes(t: &[Transmit]) -> Vec<(SocketAddr, Option<u32>)> {
+    t.iter()
+        .filter_map(|t| match t.dst {
+            Dest::Peer(a) => Some((a, t.ttl)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn registration_retries_back_off_then_keepalive_follows_the_ack() {
+    let t0 = Instant::now();
+    let mut r = Rendezvous::new(cfg());
+    assert_eq!(r.poll_timeout(t0, t0), t0, "registers at once");
+    let mut t = t0;
+    let mut sent_at = Vec::new();
+    while t < t0 + Duration::from_millis(5500) {
+        r.handle_timeout(t, t0);
+        for _ in drain(&mut r) {
+            sent_at.push((t - t0).as_millis());
+        }
+        t = r.poll_timeout(t, t0);
+    }
+    assert_eq!(
+        sent_at,
+        [0, 200, 600, 1400, 3000, 5000],
+        "200 ms doubling up to REG_RETRY_MAX"
+    );
+    r.handle_relay(t, ack(None));
+    assert!(r.status().registered);
+    assert_eq!(
+        r.relay_rtt(),
+        None,
+        "a retried registration gives no RTT sample"
+    );
+    // Answered: the next registration is the keepalive (or earlier if the peer is silent).
+    r.handle_timeout(t, t);
+    assert!(drain(&mut r).is_empty());
+    let next = r.poll_timeout(t, t);
+    assert!(next >= t + MIN_REREGISTER_GAP, "{:?}", next - t);
+}
+
+#[test]
+fn a_peer_notice_sends_low_ttl_probes_at_once_and_full_probes_after_the_synchronised_lead() {
+    let t0 = Instant::now();
+    let mut r = registered(t0);
+    let peer = addr("198.18.2.1:6000");
+    let notice = t0 + Duration::from_secs(2);
+    r.handle_relay(notice, ack(Some(peer)));
+    assert_eq!(probes(&drain(&mut r)), [(peer, Some(LOW_TTL))]);
+    // Full probes start SYNC_LEAD after the relay sent the notice, half an RTT before we
+    // got it.
+    let start = notice + SYNC_LEAD - RELAY_RTT / 2;
+    assert_eq!(r.poll_timeout(notice, notice), start);
+    r.handle_timeout(start - Duration::from_millis(1), notice);
+    assert!(
+        probes(&drain(&mut r)).is_empty(),
+        "nothing before the start"
+    );
+    r.handle_timeout(start, notice);
+    assert_eq!(probes(&drain(&mut r)), [(peer, None)]);
+    // Then every PUNCH_INTERVAL within the window.
+    let mut t = start;
+    let mut rounds = 1;
+    loop {
+        t = r.poll_timeout(t, t);
+        if t >= notice + cfg().direct_timeout {
+            break;
+        }
+        r.handle_timeout(t, t);
+        let p = probes(&drain(&mut r));
+        if !p.is_empty() {
+            assert_eq!(p, [(peer, None)], "at {:?}", t - notice);
+            rounds += 1;
+        }
+    }
+    assert!(
+        (8..=10).contains(&rounds),
+        "{rounds} full rounds in the window"
+    );
+}
+
+#[test]
+fn a_reply_to_our_nonce_makes_the_path_direct_and_silence_falls_back() {
+    let t0 = Instant::now();
+    let mut r = registered(t0);
+    let peer = addr("198.18.2.1:6000");
+    r.handle_relay(t0, ack(Some(peer)));
+    let t = t0 + SYNC_LEAD;
+    r.handle_timeout(t, t);
+    let sent = drain(&mut r);
+    let probe = sent
+        .iter()
+        .rev()
+        .find(|t| t.ttl.is_none() && matches!(t.dst, Dest::Peer(_)))
+        .expect("a full probe");
+    let probe = PunchPacket::decode(&probe.bytes).expect("a punch packet");
+    let key = PunchKey::new(cfg().session);
+    // A forged reply (wrong session) and a reply to a nonce we never sent change nothing.
+    let forged = PunchKey::new(Uuid::from_u128(1)).packet(Kind::Reply, 9, probe.nonce);
+    r.handle_punch(t, peer, forged);
+    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce ^ 1));
+    assert_eq!(r.status().path, Path::Relay);
+    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce));
+    assert_eq!(r.status().path, Path::Direct(peer));
+    // No reply for DIRECT_DEAD: back to the relay, probing on in the background with a
+    // low-TTL probe opening each round.
+    let mut now = t;
+    while r.status().path != Path::Relay {
+        now = r.poll_timeout(now, now);
+        r.handle_timeout(now, now);
+        drain(&mut r);
+        assert!(now < t + DIRECT_DEAD + PROBE_INTERVAL, "fell back in time");
+    }
+    assert!(now >= t + DIRECT_DEAD);
+    let next = r.poll_timeout(now, now);
+    r.handle_timeout(next, next);
+    let round = probes(&drain(&mut r));
+    assert_eq!(round.first(), Some(&(peer, Some(LOW_TTL))), "{round:?}");
+    assert_eq!(round.last(), Some(&(peer, None)), "{round:?}");
+}
+
+#[test]
+fn a_probe_is_answered_and_probed_back_and_its_source_becomes_a_candidate() {
+    let t0 = Instant::now();
+    let mut r = registered(t0);
+    let reflexive = addr("198.18.2.1:40001");
+    let key = PunchKey::new(cfg().session);
+    r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 9, 1234));
+    let sent = drain(&mut r);
+    assert_eq!(sent.len(), 2, "a reply and a probe back");
+    let reply = PunchPacket::decode(&sent[0].bytes).expect("reply");
+    assert_eq!((reply.kind, reply.nonce), (Kind::Reply, 1234));
+    assert_eq!(sent[1].dst, Dest::Peer(reflexive));
+    // Our own probe reflected by a hairpinning NAT is ignored.
+    r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 7, 1));
+    assert!(drain(&mut r).is_empty());
+}
+
+#[test]
+fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
+    let t0 = Instant::now();
+    let ours: SocketAddr = addr("100.64.1.2:5000");
+    let mut r = Rendezvous::new(Config {
+        local: vec![ours],
+        ..cfg()
+    });
+    r.handle_timeout(t0, t0);
+    drain(&mut r);
+    r.handle_relay(t0, ack(None));
+    let public = addr("198.18.1.1:6000");
+    r.handle_relay(t0, ack(Some(public)));
+    let key = PunchKey::new(cfg().session);
+    let offered: Vec<_> = drain(&mut r)
+        .into_iter()
+        .filter(|t| t.dst == Dest::Relay)
+        .collect();
+    assert_eq!(offered.len(), 1, "our list goes to the relay once paired");
+    let list = crate::candidates::Candidates::decode(&offered[0].bytes, &key).expect("ours");
+    assert_eq!((list.sender, list.addrs), (7, vec![ours]));
+    // The peer's list: a forged one is ignored, loopback is never probed, the rest is.
+    let lan = addr("100.64.1.3:7000");
+    let theirs = crate::candidates::Candidates {
+        sender: 9,
+        addrs: vec![addr("127.0.0.1:7000"), lan],
+    };
+    r.handle_candidates(t0, &theirs.encode(&PunchKey::new(Uuid::nil())));
+    assert!(drain(&mut r).is_empty());
+    r.handle_candidates(t0, &theirs.encode(&key));
+    let sent = drain(&mut r);
+    assert_eq!(probes(&sent), [(lan, None)]);
+    let nonce = PunchPacket::decode(&sent[0].bytes).expect("probe").nonce;
+    r.handle_punch(t0, lan, key.packet(Kind::Reply, 9, nonce));
+    assert_eq!(r.status().path, Path::Direct(lan));
+    // A later reply from the public address does not move us off the LAN.
+    let t = t0 + SYNC_LEAD;
+    r.handle_timeout(t, t);
+    for p in drain(&mut r) {
+        if let Some(pk) = PunchPacket::decode(&p.bytes) {
+            r.handle_punch(t, public, key.packet(Kind::Reply, 9, pk.nonce));
+        }
+    }
+    assert_eq!(r.status().path, Path::Direct(lan));
+    // Bounded: a new peer address (back on the relay path) gets the offer again, at most
+    // LAN_OFFERS times however long the peer stays unreachable.
+    let mut now = t;
+    r.handle_relay(now, ack(Some(addr("198.18.1.1:6001"))));
+    let mut offers = 0;
+    for _ in 0..50 {
+        offers += drain(&mut r)
+            .iter()
+            .filter(|t| crate::candidates::Candidates::looks_like(&t.bytes))
+            .count();
+        now = r.poll_timeout(now, now);
+        r.handle_timeout(now, now);
+    }
+    assert_eq!(offers, LAN_OFFERS as usize);
+}
+
+#[test]
+fn without_udp_answers_it_switches_to_tcp_once_and_stops_punching() {
+    let t0 = Instant::now();
+    let mut r = Rendezvous::new(Config {
+        tcp: TcpFallback::Auto,
+        ..cfg()
+    });
+    let mut t = t0;
+    loop {
+        assert!(t <= t0 + cfg().tcp_after, "switched by tcp_after");
+        r.handle_timeout(t, t0);
+        drain(&mut r);
+        if r.status().path == Path::RelayTcp {
+            break;
+        }
+        t = r.poll_timeout(t, t0);
+    }
+    assert!(matches!(r.poll_event(), Some(Event::StartTcp { .. })));
+    assert_eq!(r.poll_event(), None, "only once");
+    r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))));
+    let sent = drain(&mut r);
+    assert!(probes(&sent).is_empty(), "no punching over TCP: {sent:?}");
+}
