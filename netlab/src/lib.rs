@@ -45,6 +45,7 @@ pub mod lab;
 pub mod multipath;
 pub mod nat;
 pub mod netns;
+mod nft;
 pub mod probe;
 pub mod report;
 mod sys;
