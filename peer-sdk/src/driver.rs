@@ -72,6 +72,10 @@ impl Driver {
     async fn flush(&mut self) {
         while let Some(ev) = self.machine.poll_event() {
             match ev {
+                Event::SwitchRelay(relay) => {
+                    info!(%relay, "moving to the next relay");
+                    self.socket.set_relay(relay);
+                }
                 Event::StartTcp {
                     registration,
                     reason,

@@ -66,6 +66,9 @@
 //!   [`Options::tcp_fallback_after`], the SDK registers over a TCP connection to the relay's port
 //!   and carries the QUIC packets on it as length-prefixed datagrams, under the same
 //!   `quinn::Connection` ([`Path::RelayTcp`]; [`TcpFallback`] disables or forces it).
+//! - **Relay failover**: with several [`Options::relays`], a peer whose relay stops answering
+//!   moves to the next in [`Options::relay_order`] (both peers share it), registrations and
+//!   relayed traffic alike, under the same `quinn::Connection` ([`Status::relay`]).
 //! - **Verified TLS** ([`tls`]): the dialer pins the listener's certificate fingerprint, or the
 //!   application passes its own rustls configuration. There is no skip-verify mode.
 //!
@@ -182,7 +185,9 @@ impl Peer {
                         SocketAddr::V6(_) => Err(e),
                     })?,
             };
-            match Self::start(socket, control, opts.clone()).await {
+            // Failover goes on from here in the shared order, wrapping around.
+            let failover: Vec<SocketAddr> = order[i..].iter().chain(&order[..i]).copied().collect();
+            match Self::start(socket, control, opts.clone(), failover).await {
                 Ok(p) => return Ok(p),
                 Err(e @ Error::RelayUnreachable { .. }) if order.len() > 1 => {
                     info!(%relay, "relay unreachable, trying the next");
@@ -218,14 +223,25 @@ impl Peer {
             waited: Duration::ZERO,
         })?;
         let (socket, control) = PeerSocket::from_std(socket, relay)?;
-        Self::start(socket, control, opts).await
+        let order = opts.relay_order();
+        Self::start(socket, control, opts, order).await
     }
 
+    /// Starts the driver on `socket`, registered with the first of `relays` and failing over
+    /// to the others in turn.
     async fn start(
         socket: Arc<PeerSocket>,
         control: tokio::sync::mpsc::Receiver<socket::Control>,
         opts: Options,
+        relays: Vec<SocketAddr>,
     ) -> Result<Peer, Error> {
+        // Only relays this socket can send to, and that this host has a route to.
+        let relays: Vec<SocketAddr> = relays
+            .into_iter()
+            .enumerate()
+            .filter(|&(i, r)| i == 0 || (socket.can_reach(r) && routable(r)))
+            .map(|(_, r)| r)
+            .collect();
         // Quinn's endpoint reads the socket from now on: the wrapper passes relay replies and
         // punches to the driver, so the endpoint must exist before the first registration.
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -252,6 +268,7 @@ impl Peer {
                 keepalive: opts.keepalive,
                 punch: opts.strategy == Strategy::Auto,
                 direct_timeout: opts.direct_timeout,
+                relays,
                 local: if opts.strategy == Strategy::Auto {
                     quinn::AsyncUdpSocket::local_addr(&*socket)
                         .map(candidates::gather)

@@ -38,7 +38,11 @@ pub enum TcpFallback {
 /// How to reach the peer.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The relay (the first of [`Options::relays`] by the session's rendezvous hash).
+    /// The relays, tried in [`Options::relay_order`] (the session's rendezvous hash, the same
+    /// for both peers). A peer registers with the first that answers; when that relay stops
+    /// answering later (it died, or its host went away), the peer moves to the next one in the
+    /// same order, and so does the other peer: a relayed connection moves with them, about 4 s
+    /// after its relay died, without the application noticing (same `quinn::Connection`).
     pub relays: Vec<SocketAddr>,
     /// The session both peers name.
     pub session: Uuid,

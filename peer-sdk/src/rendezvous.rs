@@ -29,6 +29,12 @@ pub(crate) const REG_RETRY_MAX: Duration = Duration::from_secs(2);
 pub(crate) const SILENCE_REREGISTER: Duration = Duration::from_secs(3);
 /// At most one such extra registration per this interval.
 pub(crate) const MIN_REREGISTER_GAP: Duration = Duration::from_secs(1);
+/// A relay that answered before and now leaves registrations unanswered for this long (three
+/// of them: sent 0, 200 and 600 ms in) is taken for dead, and the peer moves to the next relay
+/// in [`Config::relays`]. The other peer, whose relay died too, moves to the same one. With the
+/// [`SILENCE_REREGISTER`] that notices a relayed connection's silence first, a connection
+/// moves about 4 s after its relay died.
+pub(crate) const RELAY_FAILOVER: Duration = Duration::from_secs(1);
 /// Probe interval while trying to open a direct path.
 pub(crate) const PUNCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Probe interval on a working direct path (keeps both NAT mappings open), and for background
@@ -72,6 +78,11 @@ pub struct Status {
     pub refused: Option<ErrReason>,
     /// Registrations sent so far (the first, retries and keepalives).
     pub registrations_sent: u64,
+    /// The relay in use: the first of [`crate::Options::relay_order`] that answered, or the one
+    /// a failover moved to.
+    pub relay: Option<SocketAddr>,
+    /// How often this peer moved to another relay because its relay stopped answering.
+    pub relay_moves: u64,
 }
 
 /// What the machine needs to know.
@@ -85,6 +96,9 @@ pub(crate) struct Config {
     pub keepalive: Duration,
     pub punch: bool,
     pub direct_timeout: Duration,
+    /// The relays to fail over between, the one in use first, then the rest in the order both
+    /// peers share ([`crate::Options::relay_order`], wrapping around).
+    pub relays: Vec<SocketAddr>,
     /// This host's local candidates ([`crate::candidates::gather`]), offered to the peer.
     pub local: Vec<SocketAddr>,
 }
@@ -112,6 +126,9 @@ pub(crate) struct Transmit {
 /// Something the IO side must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
+    /// Send what goes to the relay ([`Dest::Relay`], and Quinn's relayed datagrams) to this
+    /// address from now on: the relay in use stopped answering.
+    SwitchRelay(SocketAddr),
     /// Open the TCP connection to the relay (for good), registering with these bytes.
     StartTcp {
         registration: Vec<u8>,
@@ -129,6 +146,12 @@ pub(crate) struct Rendezvous {
     acked: bool,
     last_reg: Option<Instant>,
     reg_retry: Duration,
+    /// When the oldest registration the relay has not answered yet went out.
+    unanswered: Option<Instant>,
+    /// The relay answered at least once (a failover needs a relay that stopped answering).
+    ever_acked: bool,
+    /// Which of [`Config::relays`] is in use.
+    relay_index: usize,
     /// When the first UDP registration went out (for [`TcpFallback::Auto`]).
     first_reg: Option<Instant>,
     /// The registration whose ACK we wait for, to measure the relay round trip.
@@ -169,10 +192,15 @@ impl Rendezvous {
                 path: Path::Relay,
                 refused: None,
                 registrations_sent: 0,
+                relay: cfg.relays.first().copied(),
+                relay_moves: 0,
             },
             acked: false,
             last_reg: None,
             reg_retry: REG_RETRY_MIN,
+            unanswered: None,
+            ever_acked: false,
+            relay_index: 0,
             first_reg: None,
             rtt_probe: None,
             relay_rtt: None,
@@ -221,11 +249,14 @@ impl Rendezvous {
         let mut wake = now + PROBE_INTERVAL;
         let reg_due = match self.last_reg {
             None => now,
-            Some(t) if !self.acked => t + self.reg_retry,
+            Some(t) if !self.acked || self.unanswered.is_some() => t + self.reg_retry,
             Some(t) => (t + self.cfg.keepalive)
                 .min((t + MIN_REREGISTER_GAP).max(last_rx + SILENCE_REREGISTER)),
         };
         wake = wake.min(reg_due);
+        if let Some(t) = self.failover_due() {
+            wake = wake.min(t);
+        }
         if let (false, false, TcpFallback::Auto, Some(t)) =
             (self.tcp, self.acked, self.cfg.tcp, self.first_reg)
         {
@@ -291,14 +322,44 @@ impl Rendezvous {
             self.first_reg.get_or_insert(now);
         }
         self.last_reg = Some(now);
+        self.unanswered.get_or_insert(now);
         self.rtt_probe.get_or_insert(now);
         self.status.registrations_sent += 1;
+    }
+
+    /// When the relay in use counts as dead, if it does not answer before: only with another
+    /// relay to go to, over UDP, and for a relay that answered before.
+    fn failover_due(&self) -> Option<Instant> {
+        if self.cfg.relays.len() < 2 || self.tcp || !self.ever_acked {
+            return None;
+        }
+        self.unanswered.map(|t| t + RELAY_FAILOVER)
+    }
+
+    /// Moves to the next relay: the registration (and with it the relayed traffic) goes
+    /// there, as a new registration; the peer, whose relay died too, comes to the same one.
+    fn fail_over(&mut self, now: Instant) {
+        self.relay_index = (self.relay_index + 1) % self.cfg.relays.len();
+        let relay = self.cfg.relays[self.relay_index];
+        warn!(%relay, "the relay stopped answering; moving to the next relay");
+        self.events.push_back(Event::SwitchRelay(relay));
+        self.status.relay = Some(relay);
+        self.status.relay_moves += 1;
+        self.acked = false;
+        self.unanswered = None;
+        self.first_reg = None;
+        self.rtt_probe = None;
+        self.reg_retry = REG_RETRY_MIN;
+        self.register(now);
     }
 
     /// Timers: registration retries and keepalives, the switch to TCP, the punch rounds and
     /// the direct path's liveness. `last_rx`: when the socket last received a datagram from the
     /// peer (any path) or the relay.
     pub(crate) fn handle_timeout(&mut self, now: Instant, last_rx: Instant) {
+        if self.failover_due().is_some_and(|t| now >= t) {
+            self.fail_over(now);
+        }
         if !self.tcp
             && !self.acked
             && self.cfg.tcp == TcpFallback::Auto
@@ -311,7 +372,8 @@ impl Rendezvous {
         }
         match self.last_reg {
             None => self.register(now),
-            Some(t) if !self.acked => {
+            // Unanswered (before the first ACK, or since the last one): retry with backoff.
+            Some(t) if !self.acked || self.unanswered.is_some() => {
                 if now >= t + self.reg_retry {
                     self.reg_retry = (self.reg_retry * 2).min(REG_RETRY_MAX);
                     // A retry's ACK could answer either registration: no RTT sample.
@@ -348,6 +410,8 @@ impl Rendezvous {
 
     /// A reply from the relay (over UDP or TCP).
     pub(crate) fn handle_relay(&mut self, now: Instant, reply: Reply) {
+        // Any answer shows the relay alive.
+        self.unanswered = None;
         match reply {
             Reply::Ack {
                 observed,
@@ -366,6 +430,7 @@ impl Rendezvous {
                     debug!(?observed, rtt = ?self.relay_rtt, "registered with the relay");
                 }
                 self.acked = true;
+                self.ever_acked = true;
                 self.reg_retry = REG_RETRY_MIN;
                 if let Some(p) = peer {
                     if self.status.peer != Some(p) {

@@ -111,6 +111,8 @@ pub struct SocketStats {
 #[derive(Debug)]
 struct PathState {
     path: Path,
+    /// The relay in use (it changes when the peer fails over to another relay).
+    relay: SocketAddr,
     /// Last datagram from the peer on any path, or a relay reply: silence means the path broke.
     last_rx: Instant,
 }
@@ -134,6 +136,16 @@ impl Shared {
         changed
     }
 
+    /// The path and the relay in use, read together for one send.
+    fn route(&self) -> (Path, SocketAddr) {
+        let s = self.state.lock().expect("path lock poisoned");
+        (s.path, s.relay)
+    }
+
+    fn relay(&self) -> SocketAddr {
+        self.state.lock().expect("path lock poisoned").relay
+    }
+
     pub(crate) fn last_rx(&self) -> Instant {
         self.state.lock().expect("path lock poisoned").last_rx
     }
@@ -152,7 +164,6 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 pub struct PeerSocket {
     io: tokio::net::UdpSocket,
     inner: UdpSocketState,
-    relay: SocketAddr,
     v6: bool,
     pub(crate) shared: Arc<Shared>,
     control_tx: mpsc::Sender<Control>,
@@ -225,6 +236,7 @@ impl PeerSocket {
         let shared = Arc::new(Shared {
             state: Mutex::new(PathState {
                 path: Path::Relay,
+                relay: canonical(relay),
                 last_rx: Instant::now(),
             }),
             stats: SocketStats::default(),
@@ -234,7 +246,6 @@ impl PeerSocket {
         let s = PeerSocket {
             io,
             inner,
-            relay: canonical(relay),
             v6: local.is_ipv6(),
             shared,
             control_tx,
@@ -259,9 +270,19 @@ impl PeerSocket {
         self.wire(VIRTUAL_PEER)
     }
 
-    /// The relay's address.
+    /// The address of the relay in use.
     pub fn relay(&self) -> SocketAddr {
-        self.relay
+        self.shared.relay()
+    }
+
+    /// Whether this socket can send to `relay` (an IPv4-only socket cannot reach IPv6).
+    pub(crate) fn can_reach(&self, relay: SocketAddr) -> bool {
+        self.v6 || canonical(relay).is_ipv4()
+    }
+
+    /// Uses `relay` from now on, for registrations and relayed datagrams alike (a failover).
+    pub(crate) fn set_relay(&self, relay: SocketAddr) {
+        self.shared.state.lock().expect("path lock poisoned").relay = canonical(relay);
     }
 
     /// Sends a control datagram (registration, punch) from the shared socket.
@@ -426,7 +447,7 @@ impl PeerSocket {
     /// `stride` bytes each), hands them to the driver, and returns the bytes left for Quinn.
     fn demux(&self, from: SocketAddr, buf: &mut [u8], len: usize, stride: usize) -> usize {
         let from = canonical(from);
-        let from_relay = from == self.relay;
+        let from_relay = from == self.shared.relay();
         let stride = if stride == 0 { len } else { stride };
         let mut write = 0;
         let mut read = 0;
@@ -493,9 +514,10 @@ impl AsyncUdpSocket for PeerSocket {
             debug!(dst = %transmit.destination, "dropping a transmit to a non-peer address");
             return Ok(());
         }
-        let (dst, counter) = match self.shared.path() {
+        let (path, relay) = self.shared.route();
+        let (dst, counter) = match path {
             Path::Direct(a) => (a, &self.shared.stats.tx_direct),
-            Path::Relay => (self.relay, &self.shared.stats.tx_relay),
+            Path::Relay => (relay, &self.shared.stats.tx_relay),
             Path::RelayTcp => {
                 // A GSO batch is several datagrams of `segment_size` bytes: one frame each.
                 let seg = transmit

@@ -17,6 +17,7 @@ fn cfg() -> Config {
         keepalive: Duration::from_secs(10),
         punch: true,
         direct_timeout: Duration::from_secs(1),
+        relays: vec![addr("198.18.0.1:4433")],
         local: Vec::new(),
     }
 }
@@ -271,4 +272,91 @@ fn without_udp_answers_it_switches_to_tcp_once_and_stops_punching() {
     r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))));
     let sent = drain(&mut r);
     assert!(probes(&sent).is_empty(), "no punching over TCP: {sent:?}");
+}
+
+/// Runs the machine from `from` to `until` with the socket silent since `last_rx`, answering
+/// nothing; returns when each registration went out and the events.
+fn run_unanswered(
+    r: &mut Rendezvous,
+    from: Instant,
+    until: Instant,
+    last_rx: Instant,
+) -> (Vec<Duration>, Vec<Event>) {
+    let (mut regs, mut events) = (Vec::new(), Vec::new());
+    let mut t = from;
+    while t < until {
+        r.handle_timeout(t, last_rx);
+        events.extend(std::iter::from_fn(|| r.poll_event()));
+        for x in drain(r) {
+            if x.dst == Dest::Relay && !crate::candidates::Candidates::looks_like(&x.bytes) {
+                regs.push(t - from);
+            }
+        }
+        t = r.poll_timeout(t, last_rx);
+    }
+    (regs, events)
+}
+
+#[test]
+fn a_relay_that_stops_answering_is_left_for_the_next_one_within_seconds() {
+    let (r1, r2) = (addr("198.18.0.1:4433"), addr("198.18.0.9:4433"));
+    let t0 = Instant::now();
+    let mut r = Rendezvous::new(Config {
+        relays: vec![r1, r2],
+        punch: false,
+        ..cfg()
+    });
+    r.handle_timeout(t0, t0);
+    drain(&mut r);
+    r.handle_relay(t0, ack(Some(addr("198.18.2.1:6000"))));
+    assert_eq!(r.status().relay, Some(r1));
+    // The relay dies at t0 (the relayed connection falls silent): a silent re-registration at
+    // 3 s, two quick retries, and the move 1 s after the first.
+    let (regs, events) = run_unanswered(&mut r, t0, t0 + Duration::from_secs(5), t0);
+    assert_eq!(
+        events,
+        [Event::SwitchRelay(r2)],
+        "moved once, to the next relay"
+    );
+    assert_eq!(r.status().relay, Some(r2));
+    assert_eq!(r.status().relay_moves, 1);
+    let ms: Vec<u128> = regs.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(&ms[..4], [3000, 3200, 3600, 4000], "{ms:?}");
+    // The new relay answers: it is kept, and keepalives follow.
+    let t = t0 + Duration::from_secs(5);
+    r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))));
+    let (_, events) = run_unanswered(&mut r, t, t + Duration::from_secs(2), t);
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[test]
+fn a_lost_keepalive_is_retried_and_a_single_relay_is_never_left() {
+    let t0 = Instant::now();
+    let mut r = Rendezvous::new(Config {
+        relays: vec![addr("198.18.0.1:4433"), addr("198.18.0.9:4433")],
+        ..cfg()
+    });
+    r.handle_timeout(t0, t0);
+    drain(&mut r);
+    r.handle_relay(t0, ack(None));
+    // Traffic flows (last_rx = now), the keepalive at 10 s is lost; the retry 200 ms later is
+    // answered: no move.
+    let mut t = t0;
+    while t < t0 + cfg().keepalive {
+        r.handle_timeout(t, t);
+        drain(&mut r);
+        t = r.poll_timeout(t, t);
+    }
+    r.handle_timeout(t, t);
+    assert_eq!(drain(&mut r).len(), 1, "the keepalive");
+    let retry = r.poll_timeout(t, t);
+    assert_eq!(retry - t, REG_RETRY_MIN);
+    r.handle_timeout(retry, retry);
+    drain(&mut r);
+    r.handle_relay(retry, ack(None));
+    assert_eq!(r.poll_event(), None);
+    // One relay only: unanswered for long, it is never left (there is nowhere to go).
+    let mut one = registered(t0);
+    let (_, events) = run_unanswered(&mut one, t0, t0 + Duration::from_secs(30), t0);
+    assert!(events.is_empty(), "{events:?}");
 }
