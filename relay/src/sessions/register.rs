@@ -1,0 +1,297 @@
+//! Registration: joining, creating and moving session members, the ACKs and peer notices
+//! they earn, and the stateless cookies that verify an address.
+
+use super::*;
+
+impl Relay {
+    /// The ACK for the member in `slot` of session `i`.
+    fn ack_for(&self, i: usize, slot: usize) -> Reply {
+        let s = &self.sessions[i];
+        let me = s.slots[slot];
+        if !me.extended() {
+            return Reply::Ack {
+                observed: None,
+                peer: None,
+                cookie: None,
+            };
+        }
+        let other = s.slots[1 - slot];
+        Reply::Ack {
+            observed: Some(me.addr().to_socket_addr()),
+            peer: other.used().then(|| other.addr().to_socket_addr()),
+            cookie: (!me.verified()).then(|| self.cookie(s.id, me.addr(), self.cookie_epoch())),
+        }
+    }
+
+    /// The current cookie period's number (cookies of this one and the previous are accepted).
+    fn cookie_epoch(&self) -> u64 {
+        self.clock.1 / crate::defaults::COOKIE_PERIOD.as_micros().max(1) as u64
+    }
+
+    /// The cookie for `addr` in `session` during period `epoch`: a keyed hash, so the relay
+    /// keeps no state per cookie, and only whoever receives the ACK at `addr` learns it.
+    fn cookie(&self, session: Uuid, addr: PeerAddr, epoch: u64) -> proto::Cookie {
+        use hmac::Mac as _;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.cfg.cookie_key)
+            .expect("HMAC accepts keys of any length");
+        mac.update(session.as_bytes());
+        mac.update(&addr.ip);
+        mac.update(&addr.port.to_be_bytes());
+        mac.update(&[addr.tcp]);
+        mac.update(&epoch.to_be_bytes());
+        let out = mac.finalize().into_bytes();
+        proto::Cookie(u64::from_be_bytes(
+            out[..8].try_into().expect("SHA-256 is 32 bytes"),
+        ))
+    }
+
+    /// Whether `c` is the cookie of `addr` in `session` for this period or the previous one.
+    /// (A wrong guess is rejected with probability 1 - 2^-63.)
+    fn cookie_ok(&self, session: Uuid, addr: PeerAddr, c: proto::Cookie) -> bool {
+        let epoch = self.cookie_epoch();
+        self.cookie(session, addr, epoch) == c
+            || (epoch > 0 && self.cookie(session, addr, epoch - 1) == c)
+    }
+
+    /// Tells an extended other member of session `i` about a new or moved peer in `slot`.
+    fn notify_other(&mut self, i: usize, slot: usize, request_len: usize) {
+        let other = self.sessions[i].slots[1 - slot];
+        if other.used() && other.extended() {
+            let reply = self.ack_for(i, 1 - slot);
+            self.queue(other.addr(), reply, request_len);
+        }
+    }
+
+    pub(super) fn register(
+        &mut self,
+        now: Instant,
+        src: PeerAddr,
+        reg: &Registration,
+        request_len: usize,
+    ) {
+        if !self.rate_allows(now, src.ip) {
+            return self.refuse(src, ErrReason::Rate, request_len);
+        }
+        let ext = reg.extended.as_ref();
+        if !self.cfg.secrets.is_empty() {
+            let verdict = match ext.and_then(|e| e.token.as_ref()) {
+                None => Err(TokenError::BadMac),
+                Some(t) => t.verify(&self.cfg.secrets, reg.session, self.unix_now),
+            };
+            match verdict {
+                Ok(()) => {}
+                Err(TokenError::Expired) => {
+                    return self.refuse(src, ErrReason::Expired, request_len)
+                }
+                Err(_) => return self.refuse(src, ErrReason::Auth, request_len),
+            }
+        }
+        let t = self.secs(now);
+        let peer_id = ext.and_then(|e| e.peer).map(|PeerId(p)| p);
+        let mut flags = SLOT_USED;
+        if ext.is_some() {
+            flags |= SLOT_EXTENDED;
+        }
+        if peer_id.is_some() {
+            flags |= SLOT_HAS_PEER_ID;
+        }
+        // A TCP connection's handshake proved its address; a UDP member proves it by echoing
+        // the cookie the relay sent there.
+        if src.is_tcp() {
+            flags |= SLOT_VERIFIED;
+        } else if let Some(c) = ext.and_then(|e| e.cookie) {
+            if self.cookie_ok(reg.session, src, c) {
+                flags |= SLOT_VERIFIED;
+            } else {
+                self.stats.cookies_rejected += 1;
+            }
+        }
+        let slot_value = Slot {
+            ip: src.ip,
+            port: src.port,
+            flags,
+            tcp: src.tcp,
+            last_heard: t,
+            peer_id: peer_id.unwrap_or(0),
+        };
+        let current = self.by_addr.get(&src).copied();
+
+        let Some(&idx) = self.by_id.get(&reg.session) else {
+            return self.create(now, src, reg.session, slot_value, current, request_len);
+        };
+        let i = idx as usize;
+
+        // (a) Already a member at this very address: keepalive.
+        if let Some(m) = current.filter(|m| m.session() == i) {
+            let other = self.sessions[i].slots[1 - m.slot()];
+            if peer_id.is_some() && other.used() && other.peer_id() == peer_id {
+                // The other member already goes by this peer id: two peers cannot share one.
+                return self.refuse(src, ErrReason::Full, request_len);
+            }
+            let s = &mut self.sessions[i];
+            // Same address: a proof given before still holds.
+            let kept = s.slots[m.slot()].flags & SLOT_VERIFIED;
+            s.slots[m.slot()] = Slot {
+                flags: slot_value.flags | kept | SLOT_CONFIRMED,
+                ..slot_value
+            };
+            s.last_active = t;
+            self.count(RegResult::Refresh);
+            let ack = self.ack_for(i, m.slot());
+            self.queue(src, ack, request_len);
+            return;
+        }
+
+        // (b) A member that moved: same peer id, or (original form) same IP as a member that
+        // has no peer id. Rebinding happens only here, on a registration, never on data.
+        let s = &self.sessions[i];
+        let moving = match peer_id {
+            Some(p) => (0..2).find(|&k| s.slots[k].used() && s.slots[k].peer_id() == Some(p)),
+            None => {
+                // Only between UDP addresses: a TCP member without a peer id never moves (it
+                // leaves when its connection closes), and no REG over TCP takes a UDP member's
+                // slot by IP alone: a TCP connection acts only for itself.
+                let candidates = (0..2).filter(|&k| {
+                    let m = s.slots[k];
+                    m.used()
+                        && m.peer_id().is_none()
+                        && m.ip == src.ip
+                        && !m.is_tcp()
+                        && !src.is_tcp()
+                });
+                // Both members behind this IP: the one heard from least recently is the one whose
+                // NAT mapping went away.
+                candidates.min_by_key(|&k| s.slots[k].last_heard)
+            }
+        };
+        // An address leaving another session for this one does not count twice against its IP.
+        let held = u32::from(current.is_some());
+        if let Some(k) = moving {
+            let old = s.slots[k].addr();
+            if ip_limit_key(old.ip) != ip_limit_key(src.ip)
+                && self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip
+            {
+                return self.refuse(src, ErrReason::IpLimit, request_len);
+            }
+            if let Some(m) = current {
+                self.remove_member(m.session(), m.slot());
+            }
+            self.by_addr.remove(&old);
+            self.dec_ip(old.ip);
+            self.inc_ip(src.ip);
+            self.by_addr.insert(src, MemberRef::new(idx, k));
+            let s = &mut self.sessions[i];
+            s.slots[k] = Slot {
+                flags: slot_value.flags | SLOT_CONFIRMED,
+                ..slot_value
+            };
+            s.last_active = t;
+            self.count(RegResult::Rebind);
+            debug!(session = %reg.session, from = %old, to = %src, "member rebound");
+            let ack = self.ack_for(i, k);
+            self.queue(src, ack, request_len);
+            self.notify_other(i, k, request_len);
+            return;
+        }
+
+        // (c) A free slot: the second peer arrives. A member silent for the unpaired timeout
+        // (no registration, no data) is gone: a peer that crashed must not lock its session
+        // until the other side gives up too.
+        let stale_after = self.cfg.unpaired_timeout.as_secs().min(u32::MAX as u64) as u32;
+        let slots = self.sessions[i].slots;
+        let free = (0..2).find(|&k| !slots[k].used());
+        let stale = (0..2)
+            .filter(|&k| t.saturating_sub(slots[k].last_heard) >= stale_after)
+            .min_by_key(|&k| slots[k].last_heard);
+        let Some(k) = free.or(stale) else {
+            return self.refuse(src, ErrReason::Full, request_len);
+        };
+        if self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip {
+            return self.refuse(src, ErrReason::IpLimit, request_len);
+        }
+        if free.is_none() {
+            debug!(session = %reg.session, stale = %slots[k].addr(), peer = %src, "replacing a silent member");
+            self.remove_member(i, k);
+            self.stats.stale_replaced += 1;
+        }
+        if let Some(m) = current {
+            self.remove_member(m.session(), m.slot());
+        }
+        self.inc_ip(src.ip);
+        self.by_addr.insert(src, MemberRef::new(idx, k));
+        let s = &mut self.sessions[i];
+        s.slots[k] = Slot {
+            flags: slot_value.flags | SLOT_CONFIRMED,
+            ..slot_value
+        };
+        s.slots[1 - k].flags |= SLOT_CONFIRMED;
+        s.last_active = t;
+        self.stats.sessions_unpaired -= 1;
+        self.stats.sessions_paired += 1;
+        self.count(RegResult::Join);
+        debug!(session = %reg.session, peer = %src, "session paired");
+        let ack = self.ack_for(i, k);
+        self.queue(src, ack, request_len);
+        self.notify_other(i, k, request_len);
+    }
+
+    fn create(
+        &mut self,
+        now: Instant,
+        src: PeerAddr,
+        id: Uuid,
+        slot_value: Slot,
+        current: Option<MemberRef>,
+        request_len: usize,
+    ) {
+        let held = u32::from(current.is_some());
+        if self.ip_count(&src.ip) - held >= self.cfg.limits.max_sessions_per_ip {
+            return self.refuse(src, ErrReason::IpLimit, request_len);
+        }
+        let mut current = current;
+        if self.by_id.len() >= self.cfg.limits.max_sessions as usize {
+            if !self.evict_unconfirmed() {
+                return self.refuse(src, ErrReason::Capacity, request_len);
+            }
+            // The evicted session may have been the one this address was a member of.
+            current = self.by_addr.get(&src).copied();
+        }
+        if let Some(m) = current {
+            self.remove_member(m.session(), m.slot());
+        }
+        let t = self.secs(now);
+        let born = self.born;
+        self.born = self.born.wrapping_add(1);
+        let record = Session {
+            id,
+            slots: [slot_value, EMPTY_SLOT],
+            last_active: t,
+            born,
+        };
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.sessions[i as usize] = record;
+                i
+            }
+            None => {
+                self.sessions.push(record);
+                (self.sessions.len() - 1) as u32
+            }
+        };
+        self.by_id.insert(id, idx);
+        if self.young.len() >= self.young_cap() {
+            // Stale entries pile up behind a live one at the front: compact. Live entries are
+            // fewer than max_sessions, so this leaves at least half the room free.
+            let sessions = &self.sessions;
+            self.young.retain(|&e| evictable(sessions, e));
+        }
+        self.young.push_back((idx, born));
+        self.by_addr.insert(src, MemberRef::new(idx, 0));
+        self.inc_ip(src.ip);
+        self.stats.sessions_unpaired += 1;
+        self.count(RegResult::New);
+        debug!(session = %id, peer = %src, "session created");
+        let ack = self.ack_for(idx as usize, 0);
+        self.queue(src, ack, request_len);
+    }
+}
