@@ -75,6 +75,12 @@ pub struct Options {
     /// How long UDP registrations may go unanswered before [`TcpFallback::Auto`] tries TCP.
     /// Keep it below [`Options::register_timeout`].
     pub tcp_fallback_after: Duration,
+    /// The other IP family's address of relays in [`Options::relays`], as pairs (address in
+    /// `relays`, the same relay's address in the other family). A dual-stack peer registers at
+    /// both (the second as its *alternate address*, relay PROTOCOL.md §3.3), so that the relay
+    /// tells the other peer both of its public addresses, and probes both of the other peer's.
+    /// A host with a route to only one of the two uses that one.
+    pub relay_other_family: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Options {
@@ -97,7 +103,16 @@ impl Options {
             // Six UDP registrations (0.2 + 0.4 + 0.8 + 1.6 s of backoff): a lossy but working
             // UDP path answers one of them.
             tcp_fallback_after: Duration::from_millis(2500),
+            relay_other_family: Vec::new(),
         }
+    }
+
+    /// The same relay's address in the other IP family ([`Options::relay_other_family`]).
+    pub fn other_family_of(&self, relay: SocketAddr) -> Option<SocketAddr> {
+        self.relay_other_family
+            .iter()
+            .find(|(a, _)| *a == relay)
+            .map(|&(_, b)| b)
     }
 
     /// The relays in the order both peers try them: highest rendezvous (HRW) hash of

@@ -72,6 +72,12 @@ pub struct Status {
     pub observed: Option<SocketAddr>,
     /// The other peer's public address as the relay sees it (once paired).
     pub peer: Option<SocketAddr>,
+    /// This peer's address in the other IP family, as the relay sees its alternate
+    /// registration (a dual-stack peer with [`crate::Options::relay_other_family`]).
+    pub observed_alt: Option<SocketAddr>,
+    /// The other peer's address in its other IP family, when it registered one (relay
+    /// PROTOCOL.md §3.3): a further direct candidate.
+    pub peer_alt: Option<SocketAddr>,
     /// The path datagrams to the peer take now.
     pub path: Path,
     /// The relay refused the last registration, and why.
@@ -101,6 +107,9 @@ pub(crate) struct Config {
     pub relays: Vec<SocketAddr>,
     /// This host's local candidates ([`crate::candidates::gather`]), offered to the peer.
     pub local: Vec<SocketAddr>,
+    /// Also register at the relay's address of the other IP family ([`Dest::RelayAlt`]), as
+    /// this peer's alternate address.
+    pub alt_relay: bool,
 }
 
 /// Where a transmit goes.
@@ -108,6 +117,8 @@ pub(crate) struct Config {
 pub(crate) enum Dest {
     /// The relay over UDP.
     Relay,
+    /// The relay's address in the other IP family (our alternate registration).
+    RelayAlt,
     /// The relay over the TCP connection.
     RelayTcp,
     /// A peer candidate address.
@@ -142,6 +153,9 @@ pub(crate) struct Rendezvous {
     cfg: Config,
     key: PunchKey,
     reg_bytes: Vec<u8>,
+    /// Our alternate registration (relay PROTOCOL.md §3.3), sent beside every registration
+    /// once the relay knows us, when [`Config::alt_relay`].
+    alt_reg_bytes: Vec<u8>,
     status: Status,
     acked: bool,
     last_reg: Option<Instant>,
@@ -174,21 +188,16 @@ pub(crate) struct Rendezvous {
 
 impl Rendezvous {
     pub(crate) fn new(cfg: Config) -> Self {
-        let reg = Registration {
-            session: cfg.session,
-            extended: Some(Extended {
-                peer: Some(PeerId(cfg.peer_id)),
-                token: cfg.token,
-                cookie: None,
-            }),
-        };
         let mut r = Rendezvous {
             key: PunchKey::new(cfg.session),
-            reg_bytes: reg.encode(),
+            reg_bytes: registration(&cfg, None, false).encode(),
+            alt_reg_bytes: registration(&cfg, None, true).encode(),
             status: Status {
                 registered: false,
                 observed: None,
                 peer: None,
+                observed_alt: None,
+                peer_alt: None,
                 path: Path::Relay,
                 refused: None,
                 registrations_sent: 0,
@@ -318,6 +327,7 @@ impl Rendezvous {
     fn register(&mut self, now: Instant) {
         let bytes = self.reg_bytes.clone();
         self.queue(self.relay_dest(), bytes, None);
+        self.register_alt();
         if !self.tcp {
             self.first_reg.get_or_insert(now);
         }
@@ -395,21 +405,28 @@ impl Rendezvous {
         self.punch_tick(now);
     }
 
-    fn echo_cookie(&mut self, cookie: Cookie) {
-        let echo = Registration {
-            session: self.cfg.session,
-            extended: Some(Extended {
-                peer: Some(PeerId(self.cfg.peer_id)),
-                token: self.cfg.token,
-                cookie: Some(cookie),
-            }),
+    /// Our alternate registration, once the relay knows our primary one (it names the member
+    /// whose alternate address this is by peer id, and is refused before that member exists).
+    fn register_alt(&mut self) {
+        // Only at the relay we started with: the alternate address names that relay's other
+        // address, not a relay we failed over to.
+        if self.cfg.alt_relay && self.acked && !self.tcp && self.relay_index == 0 {
+            let bytes = self.alt_reg_bytes.clone();
+            self.queue(Dest::RelayAlt, bytes, None);
         }
-        .encode();
+    }
+
+    fn echo_cookie(&mut self, cookie: Cookie) {
+        let echo = registration(&self.cfg, Some(cookie), false).encode();
         self.queue(self.relay_dest(), echo, None);
     }
 
-    /// A reply from the relay (over UDP or TCP).
-    pub(crate) fn handle_relay(&mut self, now: Instant, reply: Reply) {
+    /// A reply from the relay (over UDP or TCP); `alt`: to our alternate registration.
+    pub(crate) fn handle_relay(&mut self, now: Instant, reply: Reply, alt: bool) {
+        if alt {
+            self.handle_alt_reply(now, reply);
+            return;
+        }
         // Any answer shows the relay alive.
         self.unanswered = None;
         match reply {
@@ -417,6 +434,7 @@ impl Rendezvous {
                 observed,
                 peer,
                 cookie,
+                peer_alt,
             } => {
                 if let Some(c) = cookie {
                     // The relay forwards nothing to us before we prove our address by echoing
@@ -426,11 +444,15 @@ impl Rendezvous {
                 if let Some(sent) = self.rtt_probe.take() {
                     self.relay_rtt = Some(now.saturating_duration_since(sent));
                 }
-                if !self.acked {
+                let first = !self.acked;
+                if first {
                     debug!(?observed, rtt = ?self.relay_rtt, "registered with the relay");
                 }
                 self.acked = true;
                 self.ever_acked = true;
+                if first {
+                    self.register_alt();
+                }
                 self.reg_retry = REG_RETRY_MIN;
                 if let Some(p) = peer {
                     if self.status.peer != Some(p) {
@@ -443,6 +465,11 @@ impl Rendezvous {
                 if peer.is_some() {
                     self.status.peer = peer;
                 }
+                self.peer_alt(peer_alt, now);
+            }
+            Reply::Err(Some(ErrReason::Moved)) if self.ever_acked && self.cfg.relays.len() > 1 => {
+                // A relay we failed over to is draining: on to the next one.
+                self.fail_over(now);
             }
             Reply::Err(reason) => {
                 warn!(
@@ -455,6 +482,41 @@ impl Rendezvous {
                 self.status.refused = Some(reason.unwrap_or(ErrReason::Malformed));
             }
         }
+    }
+
+    /// A reply to our alternate registration: what the relay sees of it, and the peer's
+    /// addresses. A refusal changes nothing (the primary registration carries the session).
+    fn handle_alt_reply(&mut self, now: Instant, reply: Reply) {
+        match reply {
+            Reply::Ack {
+                observed, peer_alt, ..
+            } => {
+                if self.status.observed_alt != observed {
+                    debug!(?observed, "the relay knows our alternate address");
+                }
+                self.status.observed_alt = observed;
+                self.peer_alt(peer_alt, now);
+            }
+            Reply::Err(reason) => debug!(
+                reason = reason.map_or("unknown", ErrReason::as_str),
+                "the relay refused our alternate registration"
+            ),
+        }
+    }
+}
+
+/// Our extended registration: with a cookie to echo, or as our alternate address.
+fn registration(cfg: &Config, cookie: Option<Cookie>, alt: bool) -> Registration {
+    Registration {
+        session: cfg.session,
+        extended: Some(Extended {
+            peer: Some(PeerId(cfg.peer_id)),
+            token: cfg.token,
+            cookie,
+            // We read the peer's alternate address in ACKs (`pa=`).
+            alt_aware: true,
+            alt,
+        }),
     }
 }
 

@@ -733,3 +733,54 @@ fn a_relayed_connection_survives_a_kill_9_of_its_relay() {
     server.join().expect("listener");
     assert_eq!(path, Path::Relay);
 }
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn dual_stack_peers_learn_each_others_ipv6_address_from_the_relay() {
+    netlab::require_lab!();
+    let lab = Lab::new(
+        LabConfig::new(NatType::Symmetric, NatType::PortRestrictedOpen)
+            .with_stacks(netlab::Stack::Dual, netlab::Stack::Dual),
+    )
+    .expect("lab");
+    let _relay = start_dual_stack_relay(&lab);
+    let s = session(NatType::Symmetric, NatType::PortRestrictedOpen, 11);
+    // One relay, named by its IPv4 address, with its IPv6 address as the other family's.
+    let opts = {
+        let mut o = options(&lab, s);
+        o.relay_other_family = vec![(
+            relay_addr(&lab),
+            SocketAddr::from((lab.relay_ip6(), RELAY_PORT)),
+        )];
+        o
+    };
+    let (pin, server) = listener(&lab, Side::A, opts.clone());
+    let (a6, b6) = (
+        lab.peer_ip6(Side::A).expect("A has IPv6"),
+        lab.peer_ip6(Side::B).expect("B has IPv6"),
+    );
+    let (path, _) = dial(&lab, Side::B, opts, pin, move |conn| async move {
+        let st = conn.status();
+        assert!(
+            st.observed.is_some_and(|o| o.is_ipv4()),
+            "registered over IPv4: {st:?}"
+        );
+        assert_eq!(
+            st.observed_alt.map(|a| a.ip()),
+            Some(std::net::IpAddr::V6(b6)),
+            "the relay saw our IPv6 address: {st:?}"
+        );
+        assert_eq!(
+            st.peer_alt.map(|a| a.ip()),
+            Some(std::net::IpAddr::V6(a6)),
+            "the relay told us the listener's IPv6 address: {st:?}"
+        );
+        stream_echo(&conn, 1 << 20).await;
+        conn.close(0, b"done").await;
+    });
+    server.join().expect("listener");
+    assert!(
+        matches!(path, Path::Direct(a) if a.ip() == std::net::IpAddr::V6(a6)),
+        "direct over IPv6: {path:?}"
+    );
+}

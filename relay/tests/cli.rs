@@ -380,6 +380,8 @@ fn registration(session: &str, token: Option<&str>) -> Vec<u8> {
             peer: None,
             token: token.map(|t| t.parse().expect("the printed token parses")),
             cookie: None,
+            alt_aware: false,
+            alt: false,
         }),
     }
     .encode()

@@ -171,6 +171,30 @@ impl Rendezvous {
         }
     }
 
+    /// The peer's address in its other IP family, as the relay reports it: one more
+    /// candidate, probed at once (low TTL first, as at the start of a round) and in every round
+    /// from now on. Its IPv6 is preferred over IPv4 paths ([`Rendezvous::rank`]).
+    pub(super) fn peer_alt(&mut self, alt: Option<SocketAddr>, now: Instant) {
+        let Some(alt) = alt else { return };
+        if self.status.peer_alt == Some(alt) && self.candidates.contains(&alt) {
+            return;
+        }
+        debug!(peer_alt = %alt, "the peer's alternate address");
+        self.status.peer_alt = Some(alt);
+        if self.tcp || self.status.peer.is_none() {
+            return;
+        }
+        self.add_candidate(alt);
+        if self.cfg.punch
+            && !matches!(self.status.path, Path::Direct(a) if self.rank(a) >= self.rank(alt))
+        {
+            self.low_ttl_probes(&[alt]);
+            if self.next_probe.is_none_or(|p| p > now + PUNCH_INTERVAL) {
+                self.next_probe = Some(now + PUNCH_INTERVAL);
+            }
+        }
+    }
+
     /// How much a direct path to `a` is preferred: IPv6 (no NAT on the way, no mapping to
     /// expire) over a local IPv4 candidate (the LAN) over a public IPv4 address.
     pub(super) fn rank(&self, a: SocketAddr) -> u8 {

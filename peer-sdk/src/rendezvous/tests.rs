@@ -19,6 +19,7 @@ fn cfg() -> Config {
         direct_timeout: Duration::from_secs(1),
         relays: vec![addr("198.18.0.1:4433")],
         local: Vec::new(),
+        alt_relay: false,
     }
 }
 
@@ -35,6 +36,7 @@ fn ack(peer: Option<SocketAddr>) -> Reply {
         observed: Some(addr("198.18.1.1:5000")),
         peer,
         cookie: None,
+        peer_alt: None,
     }
 }
 
@@ -45,7 +47,7 @@ fn registered(t0: Instant) -> Rendezvous {
     let sent = drain(&mut r);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].dst, Dest::Relay);
-    r.handle_relay(t0 + RELAY_RTT, ack(None));
+    r.handle_relay(t0 + RELAY_RTT, ack(None), false);
     assert!(r.status().registered);
     assert_eq!(r.relay_rtt(), Some(RELAY_RTT));
     r
@@ -79,7 +81,7 @@ fn registration_retries_back_off_then_keepalive_follows_the_ack() {
         [0, 200, 600, 1400, 3000, 5000],
         "200 ms doubling up to REG_RETRY_MAX"
     );
-    r.handle_relay(t, ack(None));
+    r.handle_relay(t, ack(None), false);
     assert!(r.status().registered);
     assert_eq!(
         r.relay_rtt(),
@@ -99,7 +101,7 @@ fn a_peer_notice_sends_low_ttl_probes_at_once_and_full_probes_after_the_synchron
     let mut r = registered(t0);
     let peer = addr("198.18.2.1:6000");
     let notice = t0 + Duration::from_secs(2);
-    r.handle_relay(notice, ack(Some(peer)));
+    r.handle_relay(notice, ack(Some(peer)), false);
     assert_eq!(probes(&drain(&mut r)), [(peer, Some(LOW_TTL))]);
     // Full probes start SYNC_LEAD after the relay sent the notice, half an RTT before we
     // got it.
@@ -138,7 +140,7 @@ fn a_reply_to_our_nonce_makes_the_path_direct_and_silence_falls_back() {
     let t0 = Instant::now();
     let mut r = registered(t0);
     let peer = addr("198.18.2.1:6000");
-    r.handle_relay(t0, ack(Some(peer)));
+    r.handle_relay(t0, ack(Some(peer)), false);
     let t = t0 + SYNC_LEAD;
     r.handle_timeout(t, t);
     let sent = drain(&mut r);
@@ -200,9 +202,9 @@ fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
     });
     r.handle_timeout(t0, t0);
     drain(&mut r);
-    r.handle_relay(t0, ack(None));
+    r.handle_relay(t0, ack(None), false);
     let public = addr("198.18.1.1:6000");
-    r.handle_relay(t0, ack(Some(public)));
+    r.handle_relay(t0, ack(Some(public)), false);
     let key = PunchKey::new(cfg().session);
     let offered: Vec<_> = drain(&mut r)
         .into_iter()
@@ -237,7 +239,7 @@ fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
     // Bounded: a new peer address (back on the relay path) gets the offer again, at most
     // LAN_OFFERS times however long the peer stays unreachable.
     let mut now = t;
-    r.handle_relay(now, ack(Some(addr("198.18.1.1:6001"))));
+    r.handle_relay(now, ack(Some(addr("198.18.1.1:6001"))), false);
     let mut offers = 0;
     for _ in 0..50 {
         offers += drain(&mut r)
@@ -269,7 +271,7 @@ fn without_udp_answers_it_switches_to_tcp_once_and_stops_punching() {
     }
     assert!(matches!(r.poll_event(), Some(Event::StartTcp { .. })));
     assert_eq!(r.poll_event(), None, "only once");
-    r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))));
+    r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))), false);
     let sent = drain(&mut r);
     assert!(probes(&sent).is_empty(), "no punching over TCP: {sent:?}");
 }
@@ -308,7 +310,7 @@ fn a_relay_that_stops_answering_is_left_for_the_next_one_within_seconds() {
     });
     r.handle_timeout(t0, t0);
     drain(&mut r);
-    r.handle_relay(t0, ack(Some(addr("198.18.2.1:6000"))));
+    r.handle_relay(t0, ack(Some(addr("198.18.2.1:6000"))), false);
     assert_eq!(r.status().relay, Some(r1));
     // The relay dies at t0 (the relayed connection falls silent): a silent re-registration at
     // 3 s, two quick retries, and the move 1 s after the first.
@@ -324,7 +326,7 @@ fn a_relay_that_stops_answering_is_left_for_the_next_one_within_seconds() {
     assert_eq!(&ms[..4], [3000, 3200, 3600, 4000], "{ms:?}");
     // The new relay answers: it is kept, and keepalives follow.
     let t = t0 + Duration::from_secs(5);
-    r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))));
+    r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))), false);
     let (_, events) = run_unanswered(&mut r, t, t + Duration::from_secs(2), t);
     assert!(events.is_empty(), "{events:?}");
 }
@@ -338,7 +340,7 @@ fn a_lost_keepalive_is_retried_and_a_single_relay_is_never_left() {
     });
     r.handle_timeout(t0, t0);
     drain(&mut r);
-    r.handle_relay(t0, ack(None));
+    r.handle_relay(t0, ack(None), false);
     // Traffic flows (last_rx = now), the keepalive at 10 s is lost; the retry 200 ms later is
     // answered: no move.
     let mut t = t0;
@@ -353,10 +355,113 @@ fn a_lost_keepalive_is_retried_and_a_single_relay_is_never_left() {
     assert_eq!(retry - t, REG_RETRY_MIN);
     r.handle_timeout(retry, retry);
     drain(&mut r);
-    r.handle_relay(retry, ack(None));
+    r.handle_relay(retry, ack(None), false);
     assert_eq!(r.poll_event(), None);
     // One relay only: unanswered for long, it is never left (there is nowhere to go).
     let mut one = registered(t0);
     let (_, events) = run_unanswered(&mut one, t0, t0 + Duration::from_secs(30), t0);
     assert!(events.is_empty(), "{events:?}");
+}
+
+#[test]
+fn a_dual_stack_peer_registers_its_alternate_address_and_probes_the_peers() {
+    let t0 = Instant::now();
+    let mut r = Rendezvous::new(Config {
+        alt_relay: true,
+        ..cfg()
+    });
+    r.handle_timeout(t0, t0);
+    let first = drain(&mut r);
+    assert_eq!(
+        first.len(),
+        1,
+        "no alternate before the relay knows us: {first:?}"
+    );
+    let reg = quic_relay::proto::parse_registration(&first[0].bytes).expect("registration");
+    assert!(reg.extended.expect("extended").alt_aware, "asks for pa=");
+    // Answered: the alternate registration follows at once, to the relay's other address.
+    r.handle_relay(t0, ack(None), false);
+    let alt = drain(&mut r);
+    assert_eq!(alt.len(), 1);
+    assert_eq!(alt[0].dst, Dest::RelayAlt);
+    let reg = quic_relay::proto::parse_registration(&alt[0].bytes).expect("registration");
+    let ext = reg.extended.expect("extended");
+    assert!(ext.alt && ext.peer == Some(PeerId(7)), "{ext:?}");
+    let mine = addr("[2001:db8:1:1::2]:5000");
+    r.handle_relay(
+        t0,
+        Reply::Ack {
+            observed: Some(mine),
+            peer: None,
+            cookie: None,
+            peer_alt: None,
+        },
+        true,
+    );
+    assert_eq!(r.status().observed_alt, Some(mine));
+    assert_eq!(
+        r.status().observed,
+        Some(addr("198.18.1.1:5000")),
+        "the primary stays"
+    );
+    // The peer notice names the peer's alternate (IPv6) address: probed at once, low TTL first.
+    let (peer, peer6) = (addr("198.18.2.1:6000"), addr("[2001:db8:2:1::2]:6000"));
+    r.handle_relay(
+        t0,
+        Reply::Ack {
+            observed: Some(addr("198.18.1.1:5000")),
+            peer: Some(peer),
+            cookie: None,
+            peer_alt: Some(peer6),
+        },
+        false,
+    );
+    assert_eq!(r.status().peer_alt, Some(peer6));
+    let sent = probes(&drain(&mut r));
+    assert!(sent.contains(&(peer6, Some(LOW_TTL))), "{sent:?}");
+    // Full probes go to both; a reply over IPv6 wins and is kept against IPv4 replies.
+    let t = t0 + SYNC_LEAD;
+    r.handle_timeout(t, t);
+    let key = PunchKey::new(cfg().session);
+    let round = drain(&mut r);
+    assert!(probes(&round).contains(&(peer6, None)), "{round:?}");
+    for p in &round {
+        if let (Dest::Peer(to), Some(pk)) = (p.dst, PunchPacket::decode(&p.bytes)) {
+            r.handle_punch(t, to, key.packet(Kind::Reply, 9, pk.nonce));
+        }
+    }
+    assert_eq!(r.status().path, Path::Direct(peer6));
+    // Keepalives re-register both addresses.
+    let k = t0 + cfg().keepalive;
+    r.handle_timeout(k, k);
+    let dsts: Vec<Dest> = drain(&mut r)
+        .iter()
+        .filter(|t| !matches!(t.dst, Dest::Peer(_)))
+        .map(|t| t.dst)
+        .collect();
+    assert_eq!(dsts, [Dest::Relay, Dest::RelayAlt]);
+}
+
+#[test]
+fn a_draining_relay_met_in_a_failover_sends_the_peer_on_to_the_next() {
+    let relays = [
+        addr("198.18.0.1:4433"),
+        addr("198.18.0.9:4433"),
+        addr("198.18.0.7:4433"),
+    ];
+    let t0 = Instant::now();
+    let mut r = Rendezvous::new(Config {
+        relays: relays.to_vec(),
+        ..cfg()
+    });
+    r.handle_timeout(t0, t0);
+    drain(&mut r);
+    r.handle_relay(t0, ack(None), false);
+    let (_, events) = run_unanswered(&mut r, t0, t0 + Duration::from_secs(5), t0);
+    assert_eq!(events, [Event::SwitchRelay(relays[1])]);
+    let t = t0 + Duration::from_secs(5);
+    r.handle_relay(t, Reply::Err(Some(ErrReason::Moved)), false);
+    assert_eq!(r.poll_event(), Some(Event::SwitchRelay(relays[2])));
+    assert_eq!(r.status().relay, Some(relays[2]));
+    assert_eq!(r.status().refused, None, "moved is no refusal");
 }

@@ -13,6 +13,7 @@ impl Relay {
                 observed: None,
                 peer: None,
                 cookie: None,
+                peer_alt: None,
             };
         }
         let other = s.slots[1 - slot];
@@ -20,6 +21,54 @@ impl Relay {
             observed: Some(me.addr().to_socket_addr()),
             peer: other.used().then(|| other.addr().to_socket_addr()),
             cookie: (!me.verified()).then(|| self.cookie(s.id, me.addr(), self.cookie_epoch())),
+            peer_alt: self.peer_alt_for(i, slot, me.flags),
+        }
+    }
+
+    /// The alternate address of the member other than `slot` in session `i`, for a
+    /// registrant with `flags` that reads it.
+    fn peer_alt_for(&self, i: usize, slot: usize, flags: u8) -> Option<SocketAddr> {
+        if flags & SLOT_ALT_AWARE == 0 || !self.sessions[i].slots[1 - slot].used() {
+            return None;
+        }
+        let other = MemberRef::new(i as u32, 1 - slot).0;
+        self.alts.get(&other).map(|a| a.to_socket_addr())
+    }
+
+    /// An alternate registration (`alt=1`, PROTOCOL.md §3.3): `src` becomes the alternate
+    /// address of the member with peer id `p`. It is no member address: it never rebinds or
+    /// joins, nothing is forwarded to or from it; the relay only reports it to the other
+    /// member, which may probe it for a direct path.
+    fn register_alt(&mut self, src: PeerAddr, reg: &Registration, p: u64, request_len: usize) {
+        let member = self.by_id.get(&reg.session).and_then(|&idx| {
+            let s = &self.sessions[idx as usize];
+            (0..2)
+                .find(|&k| s.slots[k].used() && s.slots[k].peer_id() == Some(p))
+                .map(|k| (idx as usize, k))
+        });
+        let Some((i, k)) = member else {
+            return self.refuse(src, ErrReason::NoMember, request_len);
+        };
+        if self.sessions[i].slots[k].addr() == src {
+            // Its own member address is no alternate.
+            return self.refuse(src, ErrReason::Malformed, request_len);
+        }
+        let key = MemberRef::new(i as u32, k).0;
+        let changed = self.alts.insert(key, src) != Some(src);
+        self.count(RegResult::Alt);
+        if changed {
+            debug!(session = %reg.session, peer = %self.sessions[i].slots[k].addr(), alt = %src, "alternate address");
+        }
+        let other = self.sessions[i].slots[1 - k];
+        let ack = Reply::Ack {
+            observed: Some(src.to_socket_addr()),
+            peer: other.used().then(|| other.addr().to_socket_addr()),
+            cookie: None,
+            peer_alt: self.peer_alt_for(i, k, SLOT_ALT_AWARE),
+        };
+        self.queue(src, ack, request_len);
+        if changed && other.flags & SLOT_ALT_AWARE != 0 {
+            self.notify_other(i, k, request_len);
         }
     }
 
@@ -86,11 +135,22 @@ impl Relay {
                 Err(_) => return self.refuse(src, ErrReason::Auth, request_len),
             }
         }
-        let t = self.secs(now);
         let peer_id = ext.and_then(|e| e.peer).map(|PeerId(p)| p);
+        if let (Some(p), true) = (peer_id, ext.is_some_and(|e| e.alt)) {
+            return self.register_alt(src, reg, p, request_len);
+        }
+        if self.draining && !self.by_id.contains_key(&reg.session) {
+            // No new sessions while draining (PROTOCOL.md §5.2); members of existing ones
+            // keep refreshing, and a peer may still join one.
+            return self.refuse(src, ErrReason::Moved, request_len);
+        }
+        let t = self.secs(now);
         let mut flags = SLOT_USED;
         if ext.is_some() {
             flags |= SLOT_EXTENDED;
+        }
+        if ext.is_some_and(|e| e.alt_aware) {
+            flags |= SLOT_ALT_AWARE;
         }
         if peer_id.is_some() {
             flags |= SLOT_HAS_PEER_ID;
