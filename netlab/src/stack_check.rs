@@ -44,8 +44,14 @@ pub struct StackReport {
 /// millisecond, as for the IPv4 probes.
 const WAIT: Duration = Duration::from_millis(300);
 
-fn receive(sock: &UdpSocket, want: &[u8]) -> Result<Option<SocketAddr>> {
-    sock.set_read_timeout(Some(WAIT))?;
+/// Waits up to `wait` for a datagram with exactly the bytes `want` on `sock` (others are
+/// skipped) and returns its source; `None` when none came.
+pub fn receive(
+    sock: &UdpSocket,
+    want: &[u8],
+    wait: Duration,
+) -> std::io::Result<Option<SocketAddr>> {
+    sock.set_read_timeout(Some(wait))?;
     let mut buf = [0u8; 32];
     loop {
         match sock.recv_from(&mut buf) {
@@ -59,7 +65,7 @@ fn receive(sock: &UdpSocket, want: &[u8]) -> Result<Option<SocketAddr>> {
             {
                 return Ok(None)
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -104,7 +110,7 @@ impl Lab {
         let peer = self.run_in(&self.peer_ns(side), || UdpSocket::bind("[::]:0"))??;
         let own = SocketAddrV6::new(ip, peer.local_addr()?.port(), 0, 0);
         peer.send_to(b"hello", server.local_addr()?)?;
-        let seen = match receive(&server, b"hello")? {
+        let seen = match receive(&server, b"hello", WAIT)? {
             Some(SocketAddr::V6(a)) => Some(a),
             Some(a) => bail!("an IPv6 datagram arrived from {a}"),
             None => None,
@@ -112,10 +118,10 @@ impl Lab {
         let mut reply_admitted = false;
         if let Some(from) = seen {
             server.send_to(b"welcome", from)?;
-            reply_admitted = receive(&peer, b"welcome")?.is_some();
+            reply_admitted = receive(&peer, b"welcome", WAIT)?.is_some();
         }
         stranger.send_to(b"knock", own)?;
-        let unsolicited_reached = receive(&peer, b"knock")?.is_some();
+        let unsolicited_reached = receive(&peer, b"knock", WAIT)?.is_some();
         Ok(V6Observation {
             own,
             seen,
@@ -160,9 +166,9 @@ impl StackReport {
                 let open = self.nat == NatType::None;
                 if v6.unsolicited_reached != open {
                     problems.push(format!(
-                        "unsolicited IPv6 {}, expected it to be {}",
-                        reached(v6.unsolicited_reached),
-                        reached(open)
+                        "unsolicited IPv6 {}, expected {}",
+                        crate::report::reach(v6.unsolicited_reached),
+                        crate::report::reach(open)
                     ));
                 }
             }
@@ -178,14 +184,6 @@ impl StackReport {
                 problems.join("; ")
             )
         }
-    }
-}
-
-fn reached(b: bool) -> &'static str {
-    if b {
-        "reached"
-    } else {
-        "dropped"
     }
 }
 
@@ -212,7 +210,7 @@ impl fmt::Display for StackReport {
                     } else {
                         "dropped"
                     },
-                    reached(v6.unsolicited_reached)
+                    crate::report::reach(v6.unsolicited_reached)
                 )
             }
         }

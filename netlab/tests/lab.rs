@@ -691,23 +691,7 @@ fn cleanup_removes_labs_of_dead_processes() -> Result<()> {
 /// Whether a datagram from `from` to `to` reaches `sock` within 300 ms.
 fn reaches(from: &UdpSocket, to: SocketAddr, sock: &UdpSocket) -> Result<bool> {
     from.send_to(b"knock", to)?;
-    sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-    let mut buf = [0u8; 16];
-    loop {
-        match sock.recv_from(&mut buf) {
-            Ok((n, _)) if &buf[..n] == b"knock" => return Ok(true),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(false)
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(netlab::stack_check::receive(sock, b"knock", Duration::from_millis(300))?.is_some())
 }
 
 #[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]

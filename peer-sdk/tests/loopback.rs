@@ -39,20 +39,7 @@ async fn pair(
     listener: Strategy,
     dialer: Options,
 ) -> (PeerConnection, tokio::task::JoinHandle<()>) {
-    let id = Identity::generate().expect("identity");
-    let pin = id.fingerprint();
-    let lopts = opts(relay, s, listener);
-    let server = tokio::spawn(async move {
-        let conn = peer_sdk::accept(lopts, ServerTls::Identity(id))
-            .await
-            .expect("accept");
-        echo(conn).await;
-    });
-    let conn = tokio::time::timeout(WAIT, peer_sdk::connect(dialer, ClientTls::Pinned(pin)))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    (conn, server)
+    pair_with(opts(relay, s, listener), dialer).await
 }
 
 async fn echo(conn: PeerConnection) {
