@@ -1,9 +1,57 @@
 //! Registration: joining, creating and moving session members, the ACKs and peer notices
-//! they earn, and the stateless cookies that verify an address.
+//! they earn (never longer than their request), and the stateless cookies that verify an
+//! address.
 
 use super::*;
 
 impl Relay {
+    /// Queues `reply` to `dst`, shortened or suppressed so that it is never longer than the
+    /// request that caused it (PROTOCOL.md §4.3).
+    pub(super) fn queue(&mut self, dst: PeerAddr, reply: Reply, request_len: usize) -> bool {
+        let mut payload = reply.encode();
+        if let Reply::Ack {
+            observed,
+            peer,
+            cookie,
+            peer_alt,
+        } = reply
+        {
+            // A registration padded for less than the whole ACK: first the peer's alternate
+            // address goes, then the cookie (an older client, padded for addresses only, gets
+            // its addresses but no cookie, and so stays unverified).
+            if peer_alt.is_some() && payload.as_bytes().len() > request_len {
+                payload = Reply::Ack {
+                    observed,
+                    peer,
+                    cookie,
+                    peer_alt: None,
+                }
+                .encode();
+            }
+            if cookie.is_some() && payload.as_bytes().len() > request_len {
+                payload = Reply::Ack {
+                    observed,
+                    peer,
+                    cookie: None,
+                    peer_alt: None,
+                }
+                .encode();
+            }
+        }
+        // The no-amplification rule: never answer with more bytes than were sent.
+        if payload.as_bytes().len() > request_len {
+            self.stats.replies_suppressed += 1;
+            return false;
+        }
+        self.transmits.push_back(Transmit { dst, payload });
+        true
+    }
+
+    pub(super) fn refuse(&mut self, src: PeerAddr, reason: ErrReason, request_len: usize) {
+        self.count(RegResult::Refused(reason));
+        self.queue(src, Reply::Err(Some(reason)), request_len);
+    }
+
     /// The ACK for the member in `slot` of session `i`.
     fn ack_for(&self, i: usize, slot: usize) -> Reply {
         let s = &self.sessions[i];
