@@ -23,10 +23,10 @@
 //! - [`logging`]: the binaries' log setup (colours only to a terminal, `NO_COLOR`) and
 //!   escaping of peer-chosen text.
 //! - [`metrics`]: Prometheus text of the counters and per-path health (`--metrics ADDR`).
-//! - [`uot`]: UDP over TCP: the `udp-over-tcp` tool's framings and socket loops, and sing-box
-//!   UoT (server side and [`uot::create_udp_proxy`]).
+//! - [`uot`]: sing-box UDP over TCP (server side and [`uot::create_udp_proxy`]) on the
+//!   `udp_over_tcp` crate's codec (that crate also holds the `udp-over-tcp` tool).
 //!
-//! Everything but `proto`, `socks`, `policy` and the pure `uot` codecs needs the default `runtime` feature.
+//! Everything but `proto`, `socks`, `policy` and `paths` needs the default `runtime` feature.
 
 #[cfg(feature = "runtime")]
 pub mod client;
@@ -54,6 +54,7 @@ pub mod transport;
 pub mod udp;
 #[cfg(feature = "runtime")]
 pub mod udpsocks;
+#[cfg(feature = "runtime")]
 pub mod uot;
 
 #[cfg(feature = "runtime")]

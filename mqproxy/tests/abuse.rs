@@ -1,7 +1,8 @@
-//! Attacks on the real binaries (`mqproxy server`, `udp-over-tcp`, `udpsocks`) on loopback,
-//! bounded in time and count, each asserting the figure that matters to a bystander: QUIC
-//! Initial floods, UDP session exhaustion, log injection and colours, destinations hidden in
-//! IPv6, idle `--psk` handshakes. Every test prints its figure (`FIGURE ...`).
+//! Attacks on the real binaries (`mqproxy server`, `udpsocks`) on loopback, bounded in time and
+//! count, each asserting the figure that matters to a bystander: QUIC Initial floods, UDP
+//! session exhaustion, log injection and colours, destinations hidden in IPv6. Every test prints
+//! its figure (`FIGURE ...`). udp-over-tcp's (its log files, idle `--psk` handshakes) are in
+//! that crate's tests/abuse.rs.
 //!
 //! `MQPROXY_ABUSE_BIN_DIR=DIR` runs the attacks against the binaries in DIR instead (an older
 //! build, to measure the figure before a fix); flags that build lacks are then left out.
@@ -32,7 +33,6 @@ fn bin(name: &str) -> PathBuf {
     }
     PathBuf::from(match name {
         "mqproxy" => env!("CARGO_BIN_EXE_mqproxy"),
-        "udp-over-tcp" => env!("CARGO_BIN_EXE_udp-over-tcp"),
         "udpsocks" => env!("CARGO_BIN_EXE_udpsocks"),
         other => panic!("no binary {other}"),
     })
@@ -116,13 +116,6 @@ fn field(line: &str, key: &str) -> String {
         .next()
         .unwrap_or("")
         .trim_matches('"')
-        .to_owned()
-}
-
-/// `X` from `Some(X)`, as `?` logs an `Option`.
-fn inner(v: &str) -> String {
-    v.trim_start_matches("Some(")
-        .trim_end_matches(')')
         .to_owned()
 }
 
@@ -555,47 +548,6 @@ async fn client_strings_cannot_forge_log_lines_and_files_get_no_colours() {
         "the client_id is logged escaped:\n{raw}"
     );
 
-    // udp-over-tcp (both roles, verbose) and udpsocks, logging to files too.
-    let mut l = Command::new(bin("udp-over-tcp"));
-    l.args([
-        "-v",
-        "--tcp-listen",
-        "127.0.0.1:0",
-        "--udp-bind",
-        "127.0.0.1:0",
-        "--udp-sendto",
-        "127.0.0.1:9",
-    ]);
-    let listener = Proc::start(l, "abuse-uot-l");
-    let running = listener.wait_for("udp-over-tcp running").await;
-    let tcp = inner(&field(&running, "tcp"));
-    let mut c = Command::new(bin("udp-over-tcp"));
-    c.args([
-        "-v",
-        "--tcp-connect",
-        &tcp,
-        "--udp-bind",
-        "127.0.0.1:0",
-        "--udp-sendto",
-        "127.0.0.1:9",
-    ]);
-    let connector = Proc::start(c, "abuse-uot-c");
-    connector.wait_for("tunnel connected").await;
-    listener.wait_for("tunnel connected").await;
-    for (what, p) in [
-        ("udp-over-tcp listener", &listener),
-        ("udp-over-tcp connector", &connector),
-    ] {
-        let raw = p.raw();
-        eprintln!(
-            "FIGURE {what}: ESC bytes in its log file {}",
-            raw.matches('\x1b').count()
-        );
-        assert!(
-            !raw.contains('\x1b'),
-            "ANSI codes in {what}'s log file:\n{raw}"
-        );
-    }
     // udpsocks logs nothing of its own today; it installs the same subscriber
     // (`mqproxy::logging::init`), whose terminal check the next test runs on a terminal.
 }
@@ -606,11 +558,13 @@ async fn colours_only_to_a_terminal_and_never_with_no_color() {
     if !common::have("script", &["--version"]) {
         return;
     }
+    let dir = temp_dir("abuse-colours");
     let run = |no_color: bool| {
-        let exe = bin("udp-over-tcp");
+        let exe = bin("mqproxy");
         let line = format!(
-            "timeout 2 {} -v --tcp-listen 127.0.0.1:0 --udp-bind 127.0.0.1:0 --udp-sendto 127.0.0.1:9",
-            exe.display()
+            "RUST_LOG=info timeout 2 {} server --listen 127.0.0.1:0 --token {TOKEN} --state-dir {}",
+            exe.display(),
+            dir.join("state").display()
         );
         let mut c = Command::new("script");
         c.args(["-qec", &line, "/dev/null"]).stdin(Stdio::null());
@@ -632,14 +586,8 @@ async fn colours_only_to_a_terminal_and_never_with_no_color() {
         c.matches('\x1b').count(),
         p.matches('\x1b').count()
     );
-    assert!(
-        c.contains("udp-over-tcp running") && c.contains('\x1b'),
-        "{c:?}"
-    );
-    assert!(
-        p.contains("udp-over-tcp running") && !p.contains('\x1b'),
-        "{p:?}"
-    );
+    assert!(c.contains("server running") && c.contains('\x1b'), "{c:?}");
+    assert!(p.contains("server running") && !p.contains('\x1b'), "{p:?}");
 }
 
 /// Issue 13, item 8: a destination hidden in an IPv6 address (NAT64 here: 64:ff9b::7f00:1 is
@@ -689,66 +637,4 @@ async fn embedded_ipv4_destinations_are_refused() {
         );
     }
     assert_eq!((udp_refused, udp_open), (1, 0));
-}
-
-/// Issue 13, item 10: 32 idle connections to a `--psk` listener do not keep the real peer out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_psk_handshakes_do_not_keep_the_peer_out() {
-    const IDLE: usize = 32;
-    let app = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let app_addr = app.local_addr().expect("addr");
-    let mut l = Command::new(bin("udp-over-tcp"));
-    l.args([
-        "-v",
-        "--tcp-listen",
-        "127.0.0.1:0",
-        "--udp-bind",
-        "127.0.0.1:0",
-    ])
-    .args(["--udp-sendto", &app_addr.to_string()])
-    .env("UDP_OVER_TCP_PSK", "correct horse");
-    let listener = Proc::start(l, "abuse-psk-l");
-    let running = listener.wait_for("udp-over-tcp running").await;
-    let tcp = inner(&field(&running, "tcp"));
-    // Idle connections: connected, never a byte.
-    let mut idle = Vec::new();
-    for _ in 0..IDLE {
-        idle.push(tokio::net::TcpStream::connect(&tcp).await.expect("connect"));
-    }
-    let t0 = Instant::now();
-    let mut c = Command::new(bin("udp-over-tcp"));
-    c.args(["-v", "--tcp-connect", &tcp, "--udp-bind", "127.0.0.1:0"])
-        .args(["--udp-sendto", "127.0.0.1:9"])
-        .env("UDP_OVER_TCP_PSK", "correct horse");
-    let connector = Proc::start(c, "abuse-psk-c");
-    let running = connector.wait_for("udp-over-tcp running").await;
-    let ingress_port: SocketAddr = inner(&field(&running, "udp"))
-        .parse()
-        .expect("the connector's UDP address");
-    // A datagram into the connector's side comes out at the listener's --udp-sendto.
-    let src = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let mut buf = [0u8; 64];
-    let mut through = None;
-    while t0.elapsed() < WAIT {
-        src.send_to(b"real peer", ingress_port).await.expect("send");
-        if let Ok(Ok((n, _))) =
-            tokio::time::timeout(Duration::from_millis(100), app.recv_from(&mut buf)).await
-        {
-            if &buf[..n] == b"real peer" {
-                through = Some(t0.elapsed());
-                break;
-            }
-        }
-    }
-    eprintln!("FIGURE --psk with {IDLE} idle connections: the real peer's first datagram through after {through:?}");
-    let through = through.expect("the real peer gets through at all");
-    assert!(
-        through < Duration::from_secs(2),
-        "the real peer waited {through:?}"
-    );
-    drop(idle);
 }

@@ -7,7 +7,6 @@ fn each_binary_names_itself_in_its_version() {
     for (name, exe) in [
         ("mqproxy", env!("CARGO_BIN_EXE_mqproxy")),
         ("udpsocks", env!("CARGO_BIN_EXE_udpsocks")),
-        ("udp-over-tcp", env!("CARGO_BIN_EXE_udp-over-tcp")),
     ] {
         let out = Command::new(exe)
             .arg("--version")

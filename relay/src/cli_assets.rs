@@ -1,6 +1,7 @@
 //! Shell completions and man pages from the binary's own clap definition, written when
 //! `cargo xtask dist` runs the binary with `CLI_ASSETS_DIR=<dir>` (so they always match the
-//! flags of the binary being shipped). mqproxy's binaries carry the same file.
+//! flags of the binary being shipped). The workspace's one copy: mqproxy's and udp-over-tcp's
+//! binaries include this file by `#[path]`.
 
 use std::path::Path;
 

@@ -44,6 +44,10 @@ const BINARIES: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// Binaries shipped in an archive whose package is not theirs, and their package: the
+/// udp-over-tcp tool ships with mqproxy, as it did before it became a crate of its own.
+const FOREIGN_BINARIES: &[(&str, &str)] = &[("udp-over-tcp", "udp-over-tcp")];
+
 /// How the binaries are asked for their completions and man pages (relay/src/cli_assets.rs).
 const CLI_ASSETS_ENV: &str = "CLI_ASSETS_DIR";
 
@@ -140,6 +144,9 @@ fn build(bins: &[(&str, &str, &[&str])]) -> Result<()> {
     for (name, _, binaries) in bins {
         cmd.args(["-p", name]);
         for b in *binaries {
+            if let Some((_, package)) = FOREIGN_BINARIES.iter().find(|(bin, _)| bin == b) {
+                cmd.args(["-p", package]);
+            }
             cmd.args(["--bin", b]);
         }
     }

@@ -1,7 +1,7 @@
 //! `mqproxy`: the command-line front end (`mqproxy server ...`, `mqproxy client ...`); parses
 //! options, installs logging and signal handling, and runs the library.
 
-#[path = "shared/cli_assets.rs"]
+#[path = "../../../relay/src/cli_assets.rs"]
 mod cli_assets;
 
 use anyhow::Context;

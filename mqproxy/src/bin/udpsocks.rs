@@ -1,7 +1,7 @@
 //! `udpsocks`: sends UDP packets to a target through a SOCKS5 proxy's UDP ASSOCIATE, prints
 //! each round trip and a summary, and exits non-zero when replies are missing.
 
-#[path = "shared/cli_assets.rs"]
+#[path = "../../../relay/src/cli_assets.rs"]
 mod cli_assets;
 
 use std::net::SocketAddr;

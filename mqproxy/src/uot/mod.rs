@@ -1,22 +1,30 @@
-//! UDP over TCP: the `udp-over-tcp` tool (three framings, both roles) and sing-box UoT.
+//! sing-box UDP-over-TCP in mqproxy: the server side (`mqproxy server` answers a CONNECT to the
+//! magic destinations) and [`create_udp_proxy`], on the pure codec of the `udp_over_tcp` crate,
+//! which also holds the `udp-over-tcp` tool.
 //!
-//! - [`framing`]: the tool's wire framings (`plain`, `flow`, `mullvad`); pure.
-//! - [`singbox`]: sing-box UoT v1/v2 requests and packets; pure.
-//! - [`psk`]: the optional pre-shared-key handshake that authenticates a tunnel.
-//! - [`tunnel`]: the tool's socket loops (listen/connect, reconnection, per-flow sockets).
+//! - [`singbox`]: the codec (re-exported), with [`singbox::magic_version`] on mqproxy's
+//!   [`TargetAddr`](crate::proto::TargetAddr); pure.
 //! - [`proxy`]: sing-box UoT served by `mqproxy server`, and [`create_udp_proxy`], which opens
 //!   such a stream through a SOCKS5 proxy and presents it as a local UDP socket.
 
-pub mod framing;
-#[cfg(feature = "runtime")]
-mod mmsg;
-#[cfg(feature = "runtime")]
 pub mod proxy;
-#[cfg(feature = "runtime")]
-pub mod psk;
-pub mod singbox;
-#[cfg(feature = "runtime")]
-pub mod tunnel;
 
-#[cfg(feature = "runtime")]
 pub use proxy::{create_udp_proxy, UdpProxy};
+
+/// sing-box UoT v1/v2 requests and packets: `udp_over_tcp::singbox`, with
+/// [`magic_version`](singbox::magic_version) taking the destination of a CONNECT as mqproxy
+/// parsed it.
+pub mod singbox {
+    pub use udp_over_tcp::singbox::*;
+
+    use crate::proto::TargetAddr;
+
+    /// The UoT version if a CONNECT to `addr` is one to the magic destinations (a name, compared
+    /// case-insensitively; the port is not checked, as sing does not check it either).
+    pub fn magic_version(addr: &TargetAddr) -> Option<Version> {
+        match addr {
+            TargetAddr::Domain(host, _) => udp_over_tcp::singbox::magic_version(host),
+            TargetAddr::Ip(_) => None,
+        }
+    }
+}

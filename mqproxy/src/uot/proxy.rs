@@ -15,8 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tracing::{debug, trace};
 
-use super::singbox::{self, Mode, PacketDecoder, Request, Version};
-use crate::proto::{DecodeError, TargetAddr};
+use udp_over_tcp::singbox::{self, Address, DecodeError, Mode, PacketDecoder, Request, Version};
+
+use crate::proto::TargetAddr;
 use crate::{socks, AbortOnDrop};
 
 /// The v2 request must arrive within this time after the CONNECT.
@@ -57,6 +58,26 @@ pub enum UotError {
     /// The stream has ended.
     #[error("the UoT stream ended")]
     Closed,
+}
+
+// The codec's address and mqproxy's have the same two cases; the codec's crate sits below
+// mqproxy and cannot name mqproxy's type, so the two convert at this boundary.
+impl From<Address> for TargetAddr {
+    fn from(a: Address) -> Self {
+        match a {
+            Address::Ip(a) => TargetAddr::Ip(a),
+            Address::Domain(d, p) => TargetAddr::Domain(d, p),
+        }
+    }
+}
+
+impl From<TargetAddr> for Address {
+    fn from(a: TargetAddr) -> Self {
+        match a {
+            TargetAddr::Ip(a) => Address::Ip(a),
+            TargetAddr::Domain(d, p) => Address::Domain(d, p),
+        }
+    }
 }
 
 /// Destination checks and limits applied by the server.
@@ -126,9 +147,10 @@ where
             let req = tokio::time::timeout(REQUEST_TIMEOUT, read_req)
                 .await
                 .map_err(|_| UotError::Timeout(REQUEST_TIMEOUT))??;
-            debug!(destination = %req.destination, connect = req.is_connect, "UoT v2 request");
+            let destination = TargetAddr::from(req.destination);
+            debug!(%destination, connect = req.is_connect, "UoT v2 request");
             if req.is_connect {
-                let dest = resolve(&req.destination, &policy).await?[0];
+                let dest = resolve(&destination, &policy).await?[0];
                 let sock = UdpSocket::bind(unspecified_for(dest.ip())).await?;
                 sock.connect(dest).await?;
                 return pump_connect(rd, wr, buf, sock, policy).await;
@@ -211,7 +233,7 @@ fn ignore_icmp(e: std::io::Error) -> Result<(usize, SocketAddr), std::io::Error>
 }
 
 fn encode_reply(mode: Mode, from: SocketAddr, payload: &[u8], out: &mut BytesMut) {
-    let src = TargetAddr::Ip(from);
+    let src = Address::Ip(from);
     // Received datagrams are < 64 KiB, so this cannot fail.
     let _ = singbox::encode_packet(mode, Some(&src), payload, out);
 }
@@ -279,7 +301,9 @@ struct AddressedSink<'a> {
 impl AsyncFnMutPacket for AddressedSink<'_> {
     async fn packet(&mut self, p: singbox::Packet) {
         *self.activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        let Some(addr) = p.addr else { return };
+        let Some(addr) = p.addr.map(TargetAddr::from) else {
+            return;
+        };
         let dest = match &addr {
             TargetAddr::Ip(a) if crate::policy::allowed(a.ip(), self.policy.allow_private) => {
                 Some(*a)
@@ -426,7 +450,7 @@ pub async fn create_udp_proxy(
     let mut req = BytesMut::new();
     Request {
         is_connect: true,
-        destination: target,
+        destination: target.into(),
     }
     .encode(&mut req);
     tcp.write_all(&req).await?;

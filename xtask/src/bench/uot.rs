@@ -18,7 +18,7 @@ use crate::process::ChildGuard;
 pub const HELP: &str = "\
 Usage: cargo xtask bench uot [options]
 
-Builds mqproxy (the udp-over-tcp binary) and xtask in release, then re-runs itself from the
+Builds udp-over-tcp and xtask in release, then re-runs itself from the
 release build. A sender and a receiver on 127.0.0.1 are measured over two paths in the same run:
 
   direct   sender → receiver (UDP)
@@ -91,7 +91,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let target = crate::target_dir().join("release");
     if !no_build {
-        super::build_release(&["xtask", "mqproxy"])?;
+        super::build_release(&["xtask", "udp-over-tcp"])?;
     }
     if cfg!(debug_assertions) {
         // A debug-built load generator would measure itself, not the tunnel.

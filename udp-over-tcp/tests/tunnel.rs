@@ -8,12 +8,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mqproxy::uot::framing::Framing;
-use mqproxy::uot::tunnel::{Metrics, TcpRole, Tunnel, TunnelConfig, UdpBind, UdpSendTo};
-use mqproxy::AbortOnDrop;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::time::timeout;
+use udp_over_tcp::framing::Framing;
+use udp_over_tcp::tunnel::{Metrics, TcpRole, Tunnel, TunnelConfig, UdpBind, UdpSendTo};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -41,7 +40,7 @@ struct Running {
     udp: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
     metrics: std::sync::Arc<Metrics>,
-    _task: AbortOnDrop<()>,
+    _task: tokio::task::JoinSet<()>,
 }
 
 async fn start(cfg: TunnelConfig) -> Running {
@@ -50,7 +49,12 @@ async fn start(cfg: TunnelConfig) -> Running {
         udp: t.udp_local_addr(),
         tcp: t.tcp_local_addr(),
         metrics: t.metrics(),
-        _task: AbortOnDrop(tokio::spawn(t.run(std::future::pending()))),
+        _task: {
+            // Dropping the set stops the tunnel.
+            let mut set = tokio::task::JoinSet::new();
+            set.spawn(t.run(std::future::pending()));
+            set
+        },
     }
 }
 

@@ -229,8 +229,8 @@ mod tests {
 
     async fn check(sizes: &[usize]) {
         // A burst of GSO sends lands at once: the receiver needs room for all of it.
-        let rx = crate::uot::tunnel::bind_udp("127.0.0.1:0".parse().expect("lit"), 8 << 20)
-            .expect("bind");
+        let rx =
+            crate::tunnel::bind_udp("127.0.0.1:0".parse().expect("lit"), 8 << 20).expect("bind");
         let tx = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let to = rx.local_addr().expect("addr");
         let batch: Vec<(SocketAddr, Bytes)> = sizes
@@ -297,8 +297,8 @@ mod tests {
             };
             assert_eq!(r, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
         };
-        let rx = crate::uot::tunnel::bind_udp("127.0.0.1:0".parse().expect("lit"), 8 << 20)
-            .expect("bind");
+        let rx =
+            crate::tunnel::bind_udp("127.0.0.1:0".parse().expect("lit"), 8 << 20).expect("bind");
         let tx = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
         let to = rx.local_addr().expect("addr");
         let batch = |tag: u8| -> Vec<(SocketAddr, Bytes)> {

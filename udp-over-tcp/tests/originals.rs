@@ -9,11 +9,11 @@
 //!   reaches (not crates.io, PyPI or Debian; CI cannot fetch GitHub), so CI runs
 //!   `framing::tests::flow_vectors_from_the_fork` instead: frames captured from the fork's binary.
 //!   With a binary built from its source at `target/interop-tools/bin/udp-over-tcp-flow-fork` (or
-//!   `UOT_FLOW_FORK_BIN`), `cargo test -p mqproxy --features interop-flow-fork --test
-//!   uot_originals` runs it too.
+//!   `UOT_FLOW_FORK_BIN`), `cargo test -p udp-over-tcp --features interop-flow-fork --test
+//!   originals` runs it too.
 //! - Mullvad's `udp2tcp`/`tcp2udp` (`--framing mullvad`) is `publish = false` and on no
 //!   registry either; `framing::tests::mullvad_vectors_from_udp2tcp` replays frames captured
-//!   from its binary, and `uot_tunnel.rs` plays its `u16 BE length` format byte for byte.
+//!   from its binary, and `tunnel.rs` plays its `u16 BE length` format byte for byte.
 //!
 //! Port preservation needs two hosts; loopback gives two addresses: application A and the
 //! connecting tunnel on 127.0.0.1, application B and the listening tunnel on 127.0.0.2. Each
@@ -27,12 +27,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mqproxy::uot::framing::Framing;
-use mqproxy::uot::tunnel::{Metrics, TcpRole, Tunnel, TunnelConfig, UdpBind, UdpSendTo};
-use mqproxy::AbortOnDrop;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
+use udp_over_tcp::framing::Framing;
+use udp_over_tcp::tunnel::{Metrics, TcpRole, Tunnel, TunnelConfig, UdpBind, UdpSendTo};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -201,7 +200,7 @@ fn listen_port_of(pid: u32) -> Option<u16> {
 struct Ours {
     metrics: std::sync::Arc<Metrics>,
     tcp: Option<SocketAddr>,
-    _task: AbortOnDrop<()>,
+    _task: tokio::task::JoinSet<()>,
 }
 
 async fn ours(role: TcpRole, bind: SocketAddr, sendto: SocketAddr, framing: Framing) -> Ours {
@@ -211,7 +210,12 @@ async fn ours(role: TcpRole, bind: SocketAddr, sendto: SocketAddr, framing: Fram
     Ours {
         metrics: t.metrics(),
         tcp: t.tcp_local_addr(),
-        _task: AbortOnDrop(tokio::spawn(t.run(std::future::pending()))),
+        _task: {
+            // Dropping the set stops the tunnel.
+            let mut set = tokio::task::JoinSet::new();
+            set.spawn(t.run(std::future::pending()));
+            set
+        },
     }
 }
 

@@ -2,7 +2,8 @@
 //! tool (same flags and defaults, `plain` framing byte-compatible), plus the per-flow fork's
 //! and Mullvad's framings and an optional pre-shared key.
 
-#[path = "shared/cli_assets.rs"]
+// One file for every binary of the workspace (relay, mqproxy's, this one).
+#[path = "../../relay/src/cli_assets.rs"]
 mod cli_assets;
 
 use std::net::SocketAddr;
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, CommandFactory as _, Parser};
-use mqproxy::uot::framing::Framing;
-use mqproxy::uot::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
+use udp_over_tcp::framing::Framing;
+use udp_over_tcp::tunnel::{self, TcpRole, Tunnel, TunnelConfig};
 
 /// Tunnel UDP datagrams over TCP, both ways, keeping datagram boundaries and ports.
 ///
@@ -73,13 +74,13 @@ fn main() -> anyhow::Result<()> {
     }
     let a = Args::parse();
     let level = if a.debug {
-        "mqproxy=trace,udp_over_tcp=trace"
+        "udp_over_tcp=trace"
     } else if a.verbose {
-        "mqproxy=debug,udp_over_tcp=info"
+        "udp_over_tcp=debug"
     } else {
         "warn"
     };
-    mqproxy::logging::init(level);
+    init_logging(level);
     let tcp = match (&a.tcp_listen, &a.tcp_connect) {
         (Some(l), None) => TcpRole::Listen(
             tunnel::parse_endpoint(l, std::net::Ipv4Addr::UNSPECIFIED.into())
@@ -114,6 +115,22 @@ fn main() -> anyhow::Result<()> {
         t.run(shutdown()).await;
         anyhow::Ok(())
     })
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`; ANSI colours only when stderr
+/// is a terminal and `NO_COLOR` (<https://no-color.org>) is unset or empty, as mqproxy's
+/// binaries do.
+fn init_logging(default_filter: &str) {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(!no_color && std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Completes on SIGINT or SIGTERM.

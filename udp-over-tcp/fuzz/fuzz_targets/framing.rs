@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqproxy::uot::framing::{self, Decoder, Framing, MAX_DATAGRAM};
+use udp_over_tcp::framing::{self, Decoder, Framing, MAX_DATAGRAM};
 
 fuzz_target!(|input: (u8, u8, &[u8])| {
     let (which, chunk, data) = input;

@@ -15,8 +15,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::proto::{parse_domain, DecodeError, TargetAddr};
-
 /// The v2 magic destination.
 pub const MAGIC_V2: &str = "sp.v2.udp-over-tcp.arpa";
 /// The v1 (legacy) magic destination.
@@ -25,10 +23,142 @@ pub const MAGIC_V1: &str = "sp.udp-over-tcp.arpa";
 /// Largest packet: the u16 length field's limit.
 pub const MAX_PACKET: usize = u16::MAX as usize;
 
+/// A destination or source as UoT carries it: an IP address or a domain name, with a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// An IP address and port.
+    Ip(SocketAddr),
+    /// A domain name (1..=255 bytes of UTF-8, no NUL) and port.
+    Domain(String, u16),
+}
+
+/// Malformed UoT bytes (or a packet too long to encode). A byte stream cannot resynchronise, so
+/// every decode error ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// A payload over [`MAX_PACKET`].
+    #[error("UoT packet too long: {0} bytes (limit {MAX_PACKET})")]
+    TooLong(usize),
+    /// A field holds a value the protocol does not allow.
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+/// The address-type bytes of one of UoT's two address layouts, which are the same but for them.
+#[derive(Debug, Clone, Copy)]
+struct AddrLayout {
+    ipv4: u8,
+    ipv6: u8,
+    fqdn: u8,
+    /// Whether IPv4-mapped IPv6 addresses are written and read as IPv4 (sing's packet
+    /// addresses; the request keeps whatever the client wrote).
+    unmap: bool,
+    /// Names the layout in errors.
+    what: &'static str,
+}
+
+/// The request's SOCKS layout.
+const SOCKS: AddrLayout = AddrLayout {
+    ipv4: 0x01,
+    ipv6: 0x04,
+    fqdn: 0x03,
+    unmap: false,
+    what: "address type",
+};
+
 /// Per-packet address types (sing's `uot.AddrParser`), not the SOCKS ones.
-const PA_IPV4: u8 = 0x00;
-const PA_IPV6: u8 = 0x01;
-const PA_FQDN: u8 = 0x02;
+const PACKET: AddrLayout = AddrLayout {
+    ipv4: 0x00,
+    ipv6: 0x01,
+    fqdn: 0x02,
+    unmap: true,
+    what: "UoT packet address type",
+};
+
+impl AddrLayout {
+    /// Appends `addr` (type, address, port BE).
+    fn encode(self, addr: &Address, out: &mut BytesMut) {
+        match addr {
+            Address::Ip(a) => {
+                let ip = match a.ip() {
+                    IpAddr::V6(v6) if self.unmap => {
+                        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+                    }
+                    ip => ip,
+                };
+                match ip {
+                    IpAddr::V4(v4) => {
+                        out.put_u8(self.ipv4);
+                        out.put_slice(&v4.octets());
+                    }
+                    IpAddr::V6(v6) => {
+                        out.put_u8(self.ipv6);
+                        out.put_slice(&v6.octets());
+                    }
+                }
+                out.put_u16(a.port());
+            }
+            Address::Domain(d, port) => {
+                // Decoded names are 1..=255 bytes; clamp so a caller's longer name cannot desync.
+                let d = &d.as_bytes()[..d.len().min(255)];
+                out.put_u8(self.fqdn);
+                out.put_u8(d.len() as u8);
+                out.put_slice(d);
+                out.put_u16(*port);
+            }
+        }
+    }
+
+    /// Parses an address and port from the front of `buf`; `Ok(None)`: more bytes are needed.
+    fn decode(self, buf: &[u8]) -> Result<Option<(Address, usize)>, DecodeError> {
+        let Some(&ty) = buf.first() else {
+            return Ok(None);
+        };
+        let (len, start) = if ty == self.ipv4 {
+            (4, 1)
+        } else if ty == self.ipv6 {
+            (16, 1)
+        } else if ty == self.fqdn {
+            match buf.get(1) {
+                None => return Ok(None),
+                Some(&n) => (n as usize, 2),
+            }
+        } else {
+            return Err(DecodeError::Invalid(self.what));
+        };
+        let total = start + len + 2;
+        if buf.len() < total {
+            return Ok(None);
+        }
+        let body = &buf[start..start + len];
+        let port = u16::from_be_bytes([buf[total - 2], buf[total - 1]]);
+        let addr = if ty == self.ipv4 {
+            let o: [u8; 4] = body.try_into().expect("length checked above");
+            Address::Ip(SocketAddr::new(Ipv4Addr::from(o).into(), port))
+        } else if ty == self.ipv6 {
+            let o: [u8; 16] = body.try_into().expect("length checked above");
+            // IPv4-mapped means IPv4 (as sing writes it): one address, one meaning, and it
+            // goes out on the IPv4 socket.
+            let v6 = Ipv6Addr::from(o);
+            let ip = match v6.to_ipv4_mapped() {
+                Some(v4) if self.unmap => IpAddr::V4(v4),
+                _ => IpAddr::V6(v6),
+            };
+            Address::Ip(SocketAddr::new(ip, port))
+        } else {
+            // Non-empty UTF-8 without NUL: a NUL would truncate the name in libc's resolver
+            // and resolve a different name than the one checked.
+            if body.is_empty() || body.contains(&0) {
+                return Err(DecodeError::Invalid("domain name"));
+            }
+            let name =
+                std::str::from_utf8(body).map_err(|_| DecodeError::Invalid("domain name"))?;
+            Address::Domain(name.to_owned(), port)
+        };
+        Ok(Some((addr, total)))
+    }
+}
 
 /// The UoT protocol version a magic destination selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,13 +169,16 @@ pub enum Version {
     V2,
 }
 
-/// The UoT version if `addr` is one of the magic destinations (names compare case-insensitively,
-/// like DNS; sing sends port 0 but the port is not checked, as sing does not check it either).
-pub fn magic_version(addr: &TargetAddr) -> Option<Version> {
-    match addr {
-        TargetAddr::Domain(d, _) if d.eq_ignore_ascii_case(MAGIC_V2) => Some(Version::V2),
-        TargetAddr::Domain(d, _) if d.eq_ignore_ascii_case(MAGIC_V1) => Some(Version::V1),
-        _ => None,
+/// The UoT version if a CONNECT to `host` is one to the magic destinations (names compare
+/// case-insensitively, like DNS; sing sends port 0 but the port is not checked, as sing does not
+/// check it either).
+pub fn magic_version(host: &str) -> Option<Version> {
+    if host.eq_ignore_ascii_case(MAGIC_V2) {
+        Some(Version::V2)
+    } else if host.eq_ignore_ascii_case(MAGIC_V1) {
+        Some(Version::V1)
+    } else {
+        None
     }
 }
 
@@ -64,7 +197,7 @@ pub struct Request {
     /// `isConnect`: packets go to `destination` only, without per-packet addresses.
     pub is_connect: bool,
     /// The destination (for non-connect streams, informational: packets carry their own).
-    pub destination: TargetAddr,
+    pub destination: Address,
 }
 
 impl Request {
@@ -80,7 +213,7 @@ impl Request {
     /// Appends the request.
     pub fn encode(&self, out: &mut BytesMut) {
         out.put_u8(u8::from(self.is_connect));
-        self.destination.encode(out);
+        SOCKS.encode(&self.destination, out);
     }
 
     /// Parses a request from the front of `buf`; `Ok(None)`: more bytes are needed.
@@ -93,7 +226,7 @@ impl Request {
             1 => true,
             _ => return Err(DecodeError::Invalid("UoT isConnect flag")),
         };
-        Ok(TargetAddr::decode(&buf[1..])?.map(|(destination, n)| {
+        Ok(SOCKS.decode(&buf[1..])?.map(|(destination, n)| {
             (
                 Request {
                     is_connect,
@@ -106,93 +239,26 @@ impl Request {
 }
 
 /// Appends a per-packet address in sing's `AddrParser` layout (`0x00/0x01/0x02`), then the port.
-pub fn encode_packet_addr(addr: &TargetAddr, out: &mut BytesMut) {
-    match addr {
-        TargetAddr::Ip(a) => {
-            match a.ip() {
-                IpAddr::V4(v4) => {
-                    out.put_u8(PA_IPV4);
-                    out.put_slice(&v4.octets());
-                }
-                IpAddr::V6(v6) => {
-                    // sing unmaps IPv4-mapped addresses before writing; so do we.
-                    match v6.to_ipv4_mapped() {
-                        Some(v4) => {
-                            out.put_u8(PA_IPV4);
-                            out.put_slice(&v4.octets());
-                        }
-                        None => {
-                            out.put_u8(PA_IPV6);
-                            out.put_slice(&v6.octets());
-                        }
-                    }
-                }
-            }
-            out.put_u16(a.port());
-        }
-        TargetAddr::Domain(d, port) => {
-            let d = &d.as_bytes()[..d.len().min(255)];
-            out.put_u8(PA_FQDN);
-            out.put_u8(d.len() as u8);
-            out.put_slice(d);
-            out.put_u16(*port);
-        }
-    }
+/// sing unmaps IPv4-mapped addresses before writing; so do we.
+pub fn encode_packet_addr(addr: &Address, out: &mut BytesMut) {
+    PACKET.encode(addr, out);
 }
 
 /// Parses a per-packet address and port; `Ok(None)`: more bytes are needed.
-pub fn decode_packet_addr(buf: &[u8]) -> Result<Option<(TargetAddr, usize)>, DecodeError> {
-    let Some(&ty) = buf.first() else {
-        return Ok(None);
-    };
-    let (ip_len, name_at) = match ty {
-        PA_IPV4 => (4, None),
-        PA_IPV6 => (16, None),
-        PA_FQDN => match buf.get(1) {
-            None => return Ok(None),
-            Some(&n) => (n as usize, Some(2)),
-        },
-        _ => return Err(DecodeError::Invalid("UoT packet address type")),
-    };
-    let start = name_at.unwrap_or(1);
-    let total = start + ip_len + 2;
-    if buf.len() < total {
-        return Ok(None);
-    }
-    let body = &buf[start..start + ip_len];
-    let port = u16::from_be_bytes([buf[total - 2], buf[total - 1]]);
-    let addr = match ty {
-        PA_IPV4 => {
-            let o: [u8; 4] = body.try_into().expect("length checked above");
-            TargetAddr::Ip(SocketAddr::new(Ipv4Addr::from(o).into(), port))
-        }
-        PA_IPV6 => {
-            let o: [u8; 16] = body.try_into().expect("length checked above");
-            // IPv4-mapped means IPv4 (as sing writes it): one address, one meaning, and it
-            // goes out on the IPv4 socket.
-            let v6 = Ipv6Addr::from(o);
-            let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-            TargetAddr::Ip(SocketAddr::new(ip, port))
-        }
-        _ => TargetAddr::Domain(parse_domain(body)?, port),
-    };
-    Ok(Some((addr, total)))
+pub fn decode_packet_addr(buf: &[u8]) -> Result<Option<(Address, usize)>, DecodeError> {
+    PACKET.decode(buf)
 }
 
 /// Appends one packet. `addr` is required in [`Mode::Addressed`] and ignored in
 /// [`Mode::Connect`]. Fails (writing nothing) for a payload over [`MAX_PACKET`].
 pub fn encode_packet(
     mode: Mode,
-    addr: Option<&TargetAddr>,
+    addr: Option<&Address>,
     payload: &[u8],
     out: &mut BytesMut,
 ) -> Result<(), DecodeError> {
     if payload.len() > MAX_PACKET {
-        return Err(DecodeError::TooLong {
-            field: "UoT packet",
-            len: payload.len() as u64,
-            limit: MAX_PACKET,
-        });
+        return Err(DecodeError::TooLong(payload.len()));
     }
     if mode == Mode::Addressed {
         let addr = addr.ok_or(DecodeError::Invalid("UoT packet without an address"))?;
@@ -207,7 +273,7 @@ pub fn encode_packet(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
     /// Destination (client to server) or source (server to client); `None` in connect mode.
-    pub addr: Option<TargetAddr>,
+    pub addr: Option<Address>,
     /// The datagram.
     pub payload: Bytes,
 }
@@ -282,8 +348,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn a(s: &str) -> TargetAddr {
-        TargetAddr::Ip(s.parse().expect("literal"))
+    fn a(s: &str) -> Address {
+        Address::Ip(s.parse().expect("literal"))
     }
 
     /// field-notes §5's golden vectors, from the sing Go code.
@@ -343,7 +409,7 @@ mod tests {
             "0120010db800000000000000000000000101bb0000"
         );
         let mut o = BytesMut::new();
-        let dns = TargetAddr::Domain("dns.example".into(), 53);
+        let dns = Address::Domain("dns.example".into(), 53);
         encode_packet(Mode::Addressed, Some(&dns), b"x", &mut o).expect("fits");
         assert_eq!(hex::encode(&o), "020b646e732e6578616d706c650035000178");
         assert_eq!(
@@ -373,26 +439,17 @@ mod tests {
         }
         .encode(&mut o);
         assert_eq!(hex::encode(&o), "01030b646e732e6578616d706c650035");
-        assert_eq!(
-            magic_version(&TargetAddr::Domain(MAGIC_V2.into(), 0)),
-            Some(Version::V2)
-        );
-        assert_eq!(
-            magic_version(&TargetAddr::Domain("SP.UDP-over-tcp.arpa".into(), 0)),
-            Some(Version::V1)
-        );
-        assert_eq!(
-            magic_version(&TargetAddr::Domain("example.com".into(), 0)),
-            None
-        );
+        assert_eq!(magic_version(MAGIC_V2), Some(Version::V2));
+        assert_eq!(magic_version("SP.UDP-over-tcp.arpa"), Some(Version::V1));
+        assert_eq!(magic_version("example.com"), None);
     }
 
     #[test]
     fn bad_input_is_an_error() {
         assert!(Request::decode(&[2, 1, 127, 0, 0, 1, 0, 53]).is_err());
         assert!(decode_packet_addr(&[0x03, 1, 2, 3, 4, 0, 1]).is_err());
-        assert!(decode_packet_addr(&[PA_FQDN, 0, 0, 1]).is_err());
-        assert!(decode_packet_addr(&[PA_FQDN, 1, 0, 0, 1]).is_err());
+        assert!(decode_packet_addr(&[PACKET.fqdn, 0, 0, 1]).is_err());
+        assert!(decode_packet_addr(&[PACKET.fqdn, 1, 0, 0, 1]).is_err());
         assert_eq!(decode_packet(Mode::Connect, &[0, 5, 1]), Ok(None));
         assert!(encode_packet(Mode::Addressed, None, b"x", &mut BytesMut::new()).is_err());
         assert!(encode_packet(
@@ -404,16 +461,16 @@ mod tests {
         .is_err());
     }
 
-    fn target() -> impl Strategy<Value = TargetAddr> {
+    fn target() -> impl Strategy<Value = Address> {
         prop_oneof![
             (any::<[u8; 4]>(), any::<u16>())
-                .prop_map(|(ip, p)| TargetAddr::Ip(SocketAddr::new(IpAddr::from(ip), p))),
+                .prop_map(|(ip, p)| Address::Ip(SocketAddr::new(IpAddr::from(ip), p))),
             (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| {
                 let v6 = Ipv6Addr::from(ip);
                 let ip = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-                TargetAddr::Ip(SocketAddr::new(ip, p))
+                Address::Ip(SocketAddr::new(ip, p))
             }),
-            ("[a-z0-9.-]{1,60}", any::<u16>()).prop_map(|(d, p)| TargetAddr::Domain(d, p)),
+            ("[a-z0-9.-]{1,60}", any::<u16>()).prop_map(|(d, p)| Address::Domain(d, p)),
         ]
     }
 

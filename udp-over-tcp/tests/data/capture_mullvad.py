@@ -4,7 +4,7 @@
 Mullvad's crate is `publish = false`: no registry CI reaches carries it (not crates.io, PyPI or
 Debian), so CI cannot run it. This script was run by hand against a binary built from its
 source (`cargo build --release --features clap --bin udp2tcp`) and its output committed as
-mullvad-vectors.txt, which mqproxy's tests replay.
+mullvad-vectors.txt, which udp-over-tcp's tests replay.
 
 Usage: capture_mullvad.py UDP2TCP_BINARY > mullvad-vectors.txt
 

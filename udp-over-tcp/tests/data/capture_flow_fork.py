@@ -3,7 +3,7 @@
 
 The fork is on no registry CI reaches (not crates.io, PyPI or Debian), so CI cannot run it; this
 script was run by hand against a binary built from the fork's source (`cargo build --release`)
-and its output committed as flow-fork-vectors.txt, which mqproxy's tests replay.
+and its output committed as flow-fork-vectors.txt, which udp-over-tcp's tests replay.
 
 Usage: capture_flow_fork.py FORK_BINARY > flow-fork-vectors.txt
 

@@ -389,7 +389,7 @@ mod tests {
     /// decoder must read them fed one byte per write.
     #[test]
     fn flow_vectors_from_the_fork() {
-        let vectors = include_str!("../../tests/data/flow-fork-vectors.txt");
+        let vectors = include_str!("../tests/data/flow-fork-vectors.txt");
         let mut seen = 0;
         for line in vectors.lines().filter(|l| !l.starts_with('#')) {
             let mut cols = line.split_whitespace();
@@ -431,7 +431,7 @@ mod tests {
     /// reaches, so the capture is committed), encoded and decoded one byte per write.
     #[test]
     fn mullvad_vectors_from_udp2tcp() {
-        let vectors = include_str!("../../tests/data/mullvad-vectors.txt");
+        let vectors = include_str!("../tests/data/mullvad-vectors.txt");
         let mut seen = 0;
         for line in vectors.lines().filter(|l| !l.starts_with('#')) {
             let (payload, wire) = line.split_once(' ').expect("two columns");

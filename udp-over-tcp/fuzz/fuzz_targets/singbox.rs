@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqproxy::uot::singbox::{decode_packet, encode_packet, Mode, Request};
+use udp_over_tcp::singbox::{decode_packet, encode_packet, Mode, Request};
 
 fuzz_target!(|input: (bool, &[u8])| {
     let (connect, data) = input;

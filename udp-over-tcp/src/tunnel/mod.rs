@@ -15,22 +15,34 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn};
 
-use super::framing::{self, Decoder, Framing, MAX_DATAGRAM};
-use super::{mmsg, psk};
-use crate::AbortOnDrop;
+use crate::framing::{self, Decoder, Framing, MAX_DATAGRAM};
+use crate::{mmsg, psk};
+
+mod config;
+mod queue;
+mod sockets;
+
+pub use config::{
+    parse_endpoint, parse_tcp_connect, parse_udp_bind, parse_udp_sendto, TcpRole, TunnelConfig,
+    TunnelError, UdpBind, UdpSendTo,
+};
+pub use queue::FrameQueue;
+use sockets::any_of;
+pub(crate) use sockets::bind_udp;
+pub use sockets::configure_tcp;
 
 /// Bytes of frames waiting for the TCP writer. 4 MiB holds ~3,400 datagrams of 1200 B, i.e.
 /// ~34 ms at 100,000/s: enough to ride out a scheduling hiccup on a busy two-core host, small
@@ -64,133 +76,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The TCP reader reads at least this much at a time.
 const READ_CHUNK: usize = 128 * 1024;
 
-/// Where the tool talks TCP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TcpRole {
-    /// `--tcp-listen`: accept the peer's connections (the newest one carries the tunnel).
-    Listen(SocketAddr),
-    /// `--tcp-connect`: connect (and reconnect) to `HOST:PORT`.
-    Connect(String),
-}
-
-/// `--udp-bind`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UdpBind {
-    /// One socket bound here: datagrams arriving on it enter the tunnel, datagrams leaving the
-    /// tunnel are sent from it (so their source port is this port: port-preserving).
-    Addr(SocketAddr),
-    /// One socket per flow (flow framing): created for each source address named in frames.
-    Auto,
-}
-
-/// `--udp-sendto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UdpSendTo {
-    /// Every datagram leaving the tunnel goes here.
-    Addr(SocketAddr),
-    /// `IP:auto` (flow framing): to this IP, at the source port the frame carries.
-    AutoPort(IpAddr),
-}
-
-/// Everything the tunnel needs.
-#[derive(Debug, Clone)]
-pub struct TunnelConfig {
-    /// Listen or connect.
-    pub tcp: TcpRole,
-    /// `--udp-bind`.
-    pub udp_bind: UdpBind,
-    /// `--udp-sendto`.
-    pub udp_sendto: UdpSendTo,
-    /// `--framing`.
-    pub framing: Framing,
-    /// `--psk`: authenticate the tunnel with this key.
-    pub psk: Option<Vec<u8>>,
-    /// Flow idle expiry (`--udp-bind auto`).
-    pub flow_idle: Duration,
-    /// Frame queue bound, bytes.
-    pub queue_bytes: usize,
-    /// UDP receive buffer asked for.
-    pub udp_recv_buffer: usize,
-}
-
-impl TunnelConfig {
-    /// A configuration with the defaults for everything but the addresses.
-    pub fn new(tcp: TcpRole, udp_bind: UdpBind, udp_sendto: UdpSendTo) -> Self {
-        TunnelConfig {
-            tcp,
-            udp_bind,
-            udp_sendto,
-            framing: Framing::Plain,
-            psk: None,
-            flow_idle: FLOW_IDLE,
-            queue_bytes: QUEUE_BYTES,
-            udp_recv_buffer: UDP_RECV_BUFFER,
-        }
-    }
-}
-
-/// Parses `PORT` or `ADDR:PORT` (`[v6]:PORT` for IPv6), with `default_ip` for a bare port.
-pub fn parse_endpoint(s: &str, default_ip: IpAddr) -> Result<SocketAddr, TunnelError> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(SocketAddr::new(default_ip, port));
-    }
-    s.parse()
-        .map_err(|_| TunnelError::BadEndpoint(s.to_owned()))
-}
-
-/// Parses `--udp-bind`: `auto`, `PORT` or `ADDR:PORT` (default address 0.0.0.0).
-pub fn parse_udp_bind(s: &str) -> Result<UdpBind, TunnelError> {
-    if s == "auto" {
-        return Ok(UdpBind::Auto);
-    }
-    parse_endpoint(s, Ipv4Addr::UNSPECIFIED.into()).map(UdpBind::Addr)
-}
-
-/// Parses `--udp-sendto`: `PORT`, `ADDR:PORT` or `IP:auto` (default address 127.0.0.1).
-pub fn parse_udp_sendto(s: &str) -> Result<UdpSendTo, TunnelError> {
-    if let Some(ip) = s.strip_suffix(":auto") {
-        let ip = ip.trim_start_matches('[').trim_end_matches(']');
-        return ip
-            .parse()
-            .map(UdpSendTo::AutoPort)
-            .map_err(|_| TunnelError::BadEndpoint(s.to_owned()));
-    }
-    parse_endpoint(s, Ipv4Addr::LOCALHOST.into()).map(UdpSendTo::Addr)
-}
-
-/// Parses `--tcp-connect`: `PORT` (to 127.0.0.1) or `HOST:PORT`.
-pub fn parse_tcp_connect(s: &str) -> Result<String, TunnelError> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(format!("127.0.0.1:{port}"));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(s.to_owned()),
-        _ => Err(TunnelError::BadEndpoint(s.to_owned())),
-    }
-}
-
-/// Why the tunnel could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TunnelError {
-    /// An address argument is neither `PORT` nor `ADDR:PORT`.
-    #[error("`{0}` is not PORT or ADDR:PORT (IPv6 as [ADDR]:PORT)")]
-    BadEndpoint(String),
-    /// The options contradict each other.
-    #[error("{0}")]
-    BadOptions(&'static str),
-    /// A socket could not be bound.
-    #[error("bind {what} {addr}: {source}")]
-    Bind {
-        /// Which socket.
-        what: &'static str,
-        /// Where.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
 /// Counters, all monotonic except `flows_open`.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -222,122 +107,11 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Frames waiting for the TCP writer, bounded in bytes. Producers never wait.
-#[derive(Debug)]
-pub struct FrameQueue {
-    buf: Mutex<BytesMut>,
-    ready: Notify,
-    cap: usize,
-    framing: Framing,
-}
-
-impl FrameQueue {
-    /// A queue of at most `cap` bytes of `framing` frames.
-    pub fn new(framing: Framing, cap: usize) -> Self {
-        FrameQueue {
-            buf: Mutex::new(BytesMut::with_capacity(cap.min(1 << 20))),
-            ready: Notify::new(),
-            cap,
-            framing,
-        }
-    }
-
-    /// Appends a frame; `false` if it does not fit (or is too long to frame): dropped.
-    pub fn push(&self, source: SocketAddr, payload: &[u8]) -> bool {
-        let need = self.framing.header_len() + payload.len();
-        {
-            let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-            if b.len() + need > self.cap
-                || framing::encode(self.framing, source, payload, &mut b).is_err()
-            {
-                return false;
-            }
-        }
-        self.ready.notify_one();
-        true
-    }
-
-    /// Waits for frames and swaps them into `out` (which must be empty).
-    pub async fn take(&self, out: &mut BytesMut) {
-        loop {
-            {
-                let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-                if !b.is_empty() {
-                    std::mem::swap(&mut *b, out);
-                    return;
-                }
-            }
-            self.ready.notified().await;
-        }
-    }
-
-    /// Drops whatever is queued; returns how many bytes.
-    pub fn clear(&self) -> usize {
-        let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        let n = b.len();
-        b.clear();
-        n
-    }
-}
-
-/// A UDP socket with a large receive buffer, bound to `addr`.
-pub(crate) fn bind_udp(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        let _ = s.set_only_v6(false);
-    }
-    set_recv_buffer(&s, recv_buffer);
-    s.bind(&addr.into())?;
-    s.set_nonblocking(true)?;
-    UdpSocket::from_std(s.into())
-}
-
-/// Asks for `size` bytes of receive buffer: forced with CAP_NET_ADMIN, else up to rmem_max.
-fn set_recv_buffer(s: &socket2::Socket, size: usize) {
-    use std::os::fd::AsRawFd;
-    let v = size.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: setsockopt on a valid fd with a pointer to a live c_int and its size.
-    let forced = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        let _ = s.set_recv_buffer_size(size);
-    }
-    let got = s.recv_buffer_size().unwrap_or(0);
-    if got < size {
-        debug!(
-            asked = size,
-            got, "smaller UDP receive buffer than asked; raise net.core.rmem_max for high rates"
-        );
-    }
-}
-
-/// Sets TCP_NODELAY: a frame must leave now, not after the peer's delayed ACK (the original's
-/// ~88 ms per round trip).
-pub fn configure_tcp(s: &TcpStream) -> std::io::Result<()> {
-    s.set_nodelay(true)
-}
-
-/// Unspecified address of `ip`'s family, port 0: where per-flow sockets bind.
-fn any_of(ip: IpAddr) -> SocketAddr {
-    match ip {
-        IpAddr::V4(_) => SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-        IpAddr::V6(_) => SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0),
-    }
-}
-
 struct Flow {
     socket: Arc<UdpSocket>,
     /// Milliseconds since the tunnel started, at the last datagram either way.
     last: Arc<AtomicU64>,
-    _task: AbortOnDrop<()>,
+    _task: JoinSet<()>,
 }
 
 /// Where datagrams leaving the tunnel go out.
@@ -445,7 +219,7 @@ impl Tunnel {
         let _ingress = self
             .udp
             .clone()
-            .map(|u| AbortOnDrop(tokio::spawn(udp_ingress(u, sh.clone(), None))));
+            .map(|u| spawn_owned(udp_ingress(u, sh.clone(), None)));
         let egress = Arc::new(tokio::sync::Mutex::new(match self.udp {
             Some(u) => Egress::Fixed(u),
             None => Egress::Flows(HashMap::new()),
@@ -542,6 +316,15 @@ async fn connect_loop(sh: Arc<Shared>, egress: Arc<tokio::sync::Mutex<Egress>>) 
     }
 }
 
+/// The address a pending handshake counts under: IPv4 (IPv4-mapped IPv6 too) as is, IPv6 by
+/// its /64, since one host commonly holds a whole /64 (mqproxy's UDP budget keys clients alike).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX)).into(),
+        v4 => v4,
+    }
+}
+
 /// Pending listener handshakes in arrival order: which to evict for a newcomer. Pure.
 #[derive(Debug, Default)]
 pub struct PendingHandshakes {
@@ -554,7 +337,7 @@ impl PendingHandshakes {
     /// make room (that address's oldest when it has [`MAX_HANDSHAKES_PER_IP`], else the
     /// oldest of all when there are [`MAX_HANDSHAKES`]).
     pub fn admit(&mut self, ip: std::net::IpAddr) -> (u64, Option<u64>) {
-        let key = crate::udp::client_key(ip);
+        let key = client_key(ip);
         let mine = self.q.iter().filter(|(_, k)| *k == key).count();
         let victim = if mine >= MAX_HANDSHAKES_PER_IP {
             self.q.iter().position(|(_, k)| *k == key)
@@ -592,7 +375,7 @@ async fn listen_loop(l: TcpListener, sh: Arc<Shared>, egress: Arc<tokio::sync::M
     let mut pending = PendingHandshakes::default();
     let mut aborts: std::collections::HashMap<u64, tokio::task::AbortHandle> =
         std::collections::HashMap::new();
-    let mut current: Option<AbortOnDrop<()>> = None;
+    let mut current: Option<JoinSet<()>> = None;
     loop {
         tokio::select! {
             accepted = l.accept() => {
@@ -652,10 +435,10 @@ async fn listen_loop(l: TcpListener, sh: Arc<Shared>, egress: Arc<tokio::sync::M
                 }
                 let sh2 = sh.clone();
                 let eg = egress.clone();
-                current = Some(AbortOnDrop(tokio::spawn(async move {
+                current = Some(spawn_owned(async move {
                     let why = serve_connection(s, sh2, eg.lock_owned().await).await;
                     warn!(%peer, reason = %why, "tunnel connection ended; waiting for the peer");
-                })));
+                }));
                 let _ = m;
             }
         }
@@ -677,18 +460,27 @@ async fn serve_connection(
         );
     }
     let (rd, wr) = s.into_split();
-    let reader = AbortOnDrop(tokio::spawn(read_loop(rd, sh.clone(), egress)));
+    let reader = spawn_owned(read_loop(rd, sh.clone(), egress));
     tokio::select! {
         r = reader_result(reader) => r,
         w = write_loop(wr, &sh) => w,
     }
 }
 
-async fn reader_result(mut t: AbortOnDrop<String>) -> String {
-    match (&mut t.0).await {
-        Ok(s) => s,
-        Err(e) => format!("reader task failed: {e}"),
+async fn reader_result(mut t: JoinSet<String>) -> String {
+    match t.join_next().await {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => format!("reader task failed: {e}"),
+        None => "reader task missing".to_owned(),
     }
+}
+
+/// Spawns `task` as the only member of a set: dropping the set aborts the task, so no task
+/// outlives what owns it (the tunnel, a connection, a flow).
+fn spawn_owned<T: Send + 'static>(task: impl Future<Output = T> + Send + 'static) -> JoinSet<T> {
+    let mut set = JoinSet::new();
+    set.spawn(task);
+    set
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, sh: &Shared) -> String {
@@ -826,11 +618,11 @@ fn flow_socket(
         }
     };
     let last = Arc::new(AtomicU64::new(now));
-    let task = AbortOnDrop(tokio::spawn(udp_ingress(
+    let task = spawn_owned(udp_ingress(
         sock.clone(),
         sh.clone(),
         Some((key, last.clone())),
-    )));
+    ));
     info!(flow = %key, local = ?sock.local_addr().ok(), "new flow");
     inc(&sh.metrics.flows_open);
     flows.insert(
@@ -906,7 +698,7 @@ mod tests {
 
     #[test]
     fn endpoints_follow_the_original_defaults() {
-        let any = Ipv4Addr::UNSPECIFIED.into();
+        let any = std::net::Ipv4Addr::UNSPECIFIED.into();
         assert_eq!(
             parse_endpoint("7878", any).ok(),
             Some("0.0.0.0:7878".parse().expect("lit"))
