@@ -11,6 +11,6 @@
 #[cfg(target_os = "linux")]
 pub mod send;
 #[cfg(target_os = "linux")]
-pub use send::{SendBatch, SendStats};
+pub use send::{Dest, SendBatch, SendStats};
 
 pub mod prometheus;

@@ -27,6 +27,44 @@ pub const MAX_GSO_BYTES: usize = 60_000;
 /// and a route (and so its MTU or device) can change.
 pub const GSO_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// A destination as the send path keeps it: the IPv6 address (IPv4 ones IPv4-mapped), port and
+/// IPv6 scope. Comparing two (to group a burst) and writing one as a `sockaddr` are a few
+/// instructions, where a [`SocketAddr`] would be taken apart for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dest {
+    ip: [u8; 16],
+    port: u16,
+    scope_id: u32,
+}
+
+/// The first 12 octets of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+impl Dest {
+    /// From an IPv6 address's octets (IPv4-mapped for an IPv4 destination) and a port.
+    #[inline]
+    pub const fn from_octets(ip: [u8; 16], port: u16) -> Self {
+        Dest {
+            ip,
+            port,
+            scope_id: 0,
+        }
+    }
+}
+
+impl From<SocketAddr> for Dest {
+    fn from(a: SocketAddr) -> Self {
+        match a {
+            SocketAddr::V4(a) => Dest::from_octets(a.ip().to_ipv6_mapped().octets(), a.port()),
+            SocketAddr::V6(a) => Dest {
+                ip: a.ip().octets(),
+                port: a.port(),
+                scope_id: a.scope_id(),
+            },
+        }
+    }
+}
+
 /// What one [`SendBatch::send`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SendStats {
@@ -158,10 +196,10 @@ impl SendBatch {
     /// calls as the capacity allows. A datagram the kernel refuses is counted and skipped. On a
     /// non-blocking socket that fills up, stops and says so ([`SendStats::blocked`]); the
     /// first [`SendStats::handled`] datagrams are done.
-    pub fn send<'p>(
+    pub fn send<'p, D: Into<Dest>>(
         &mut self,
         socket: BorrowedFd<'_>,
-        datagrams: impl IntoIterator<Item = (SocketAddr, &'p [u8])>,
+        datagrams: impl IntoIterator<Item = (D, &'p [u8])>,
     ) -> SendStats {
         let fd = socket.as_raw_fd();
         let gso = self.gso_enabled();
@@ -169,8 +207,9 @@ impl SendBatch {
         let (mut msgs, mut niov) = (0, 0);
         // The open message: destination, segment size, bytes, and whether a short segment
         // closed it (only the last segment may be shorter).
-        let mut open: Option<(SocketAddr, usize, usize, bool)> = None;
+        let mut open: Option<(Dest, usize, usize, bool)> = None;
         for (dst, payload) in datagrams {
+            let dst: Dest = dst.into();
             let len = payload.len();
             let iov = libc::iovec {
                 iov_base: payload.as_ptr().cast_mut().cast(),
@@ -346,36 +385,32 @@ fn gso_supported(fd: libc::c_int) -> bool {
 
 /// Writes `dst` as the socket's family wants it; returns the length, or `None` when an IPv4
 /// socket is asked to reach an IPv6 address.
+#[inline]
 fn write_sockaddr(
-    dst: SocketAddr,
+    dst: Dest,
     v6: bool,
     out: &mut libc::sockaddr_storage,
 ) -> Option<libc::socklen_t> {
-    let (ip, port) = match dst {
-        SocketAddr::V4(a) => (a.ip().to_ipv6_mapped().octets(), a.port()),
-        SocketAddr::V6(a) => (a.ip().octets(), a.port()),
-    };
     if v6 {
         // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
         let sin6 =
             unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
         sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        sin6.sin6_port = port.to_be();
+        sin6.sin6_port = dst.port.to_be();
         sin6.sin6_flowinfo = 0;
-        sin6.sin6_addr.s6_addr = ip;
-        sin6.sin6_scope_id = match dst {
-            SocketAddr::V6(a) => a.scope_id(),
-            SocketAddr::V4(_) => 0,
-        };
+        sin6.sin6_addr.s6_addr = dst.ip;
+        sin6.sin6_scope_id = dst.scope_id;
         Some(size_of::<libc::sockaddr_in6>() as libc::socklen_t)
     } else {
-        if ip[..12] != [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+        let ip = dst.ip;
+        if ip[..12] != V4_MAPPED_PREFIX {
             return None;
         }
         // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
         let sin = unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
         sin.sin_family = libc::AF_INET as libc::sa_family_t;
-        sin.sin_port = port.to_be();
+        sin.sin_port = dst.port.to_be();
+        // s_addr is in network order, as the octets are.
         sin.sin_addr.s_addr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
         Some(size_of::<libc::sockaddr_in>() as libc::socklen_t)
     }

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use netkit::SendBatch;
+use netkit::{Dest, SendBatch};
 use tracing::warn;
 
 use super::{Outcome, PeerAddr, Server};
@@ -132,7 +132,7 @@ impl Outbox {
                 Payload::Received { offset, len } => &bufs[offset..offset + len],
                 Payload::Reply(r) => replies[r].as_bytes(),
             };
-            (dst.to_socket_addr(), bytes)
+            (Dest::from_octets(dst.ip_octets(), dst.port()), bytes)
         });
         let st = self.batch.send(socket, datagrams);
         if st.failed > 0 {
