@@ -66,17 +66,14 @@ pub(crate) const PREFIX_LEN: u8 = 64;
 /// as part of a flow they started (address-and-port-dependent filtering, the common CPE
 /// default); with `udp_blocked`, forwarded UDP is dropped both ways, as for IPv4.
 pub(crate) fn firewall(udp_blocked: bool) -> String {
-    let mut out = String::from(
-        "table ip6 netlab6\ndelete table ip6 netlab6\ntable ip6 netlab6 {\n  chain forward {\n    \
-         type filter hook forward priority filter; policy accept;\n",
-    );
+    let mut rules = Vec::new();
     if udp_blocked {
-        out.push_str("    meta l4proto udp drop\n");
+        rules.push("meta l4proto udp drop".to_owned());
     }
-    out.push_str(
-        "    iifname \"wan\" ct state established,related accept\n    iifname \"wan\" drop\n  }\n}\n",
-    );
-    out
+    rules.extend(crate::nat::only_replies_from("wan"));
+    let mut t = crate::nft::Table::replace("ip6", "netlab6");
+    t.chain("forward", "filter hook forward priority filter", &rules);
+    t.finish()
 }
 
 /// Building the IPv6 half of a lab, and its addresses.

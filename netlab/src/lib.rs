@@ -32,6 +32,9 @@
 //!   on a test's own sockets.
 //! - [`wire`]: link shaping (delay, loss, rate) in user space.
 //! - [`report`]: the self-checks' measurements and what each NAT type must measure.
+//! - [`stack_check`]: the IP-family self-check (IPv4-only, dual-stack, IPv6-only peers, and the
+//!   IPv6 firewall of each router type).
+//! - `nft`: the builder of the nftables scripts.
 //! - [`netns`]: namespace plumbing (names, creation, running code inside) that [`lab`],
 //!   [`multipath`] and [`cleanup`] share.
 //! - [`cleanup`]: removing leftovers of labs whose process died.
@@ -45,8 +48,10 @@ pub mod lab;
 pub mod multipath;
 pub mod nat;
 pub mod netns;
+mod nft;
 pub mod probe;
 pub mod report;
+pub mod stack_check;
 mod sys;
 mod tools;
 pub mod wire;
@@ -60,6 +65,7 @@ pub use probe::{
     FilteringKind, MappingKind, ProbeOptions, PROBE_ALT_PORT, PROBE_PORT, RELAY_IP, RELAY_IP2,
 };
 pub use report::{Expected, NatReport, UdpReport};
+pub use stack_check::{StackReport, V6Observation};
 pub use sys::{block_termination_signals, enter_netns, wait_for_termination};
 pub use tools::{
     ignored_tests_requested, in_ci, lab_unavailable, require_lab, SkipReason, DEBIAN_PACKAGES,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use netlab::{Lab, LabConfig, LinkShape, NatType, Side};
+use netlab::{Lab, LabConfig, LinkShape, NatType, Side, Stack};
 
 /// A NAT lab: two peers behind real Linux NATs (network namespaces + nftables) and a relay host
 /// on a private "internet" (198.18.0.0/15). Needs root.
@@ -40,7 +40,9 @@ enum Cmd {
         #[arg(long)]
         no_check: bool,
     },
-    /// Build one lab per NAT type and check each behaves as named (mapping, filtering, TCP).
+    /// Build labs per NAT type and check each behaves as named (mapping, filtering, TCP), and
+    /// that IPv4-only, dual-stack and IPv6-only peers have the families and IPv6 firewall they
+    /// should.
     Check {
         /// Only these types (repeatable); default all.
         #[arg(long = "nat")]
@@ -189,18 +191,27 @@ fn up(config: LabConfig, self_check: bool) -> Result<ExitCode> {
 }
 
 fn check(nats: Vec<NatType>) -> Result<ExitCode> {
-    // One lab per type, all at once: each check spends most of its time waiting for probe
-    // timeouts, not CPU.
-    let results: Vec<(NatType, Result<Vec<netlab::NatReport>>)> = std::thread::scope(|s| {
+    // Two labs per type, all at once (each check spends most of its time waiting for probe
+    // timeouts, not CPU): IPv4-only peers for the NAT behaviour, and a dual-stack peer A with an
+    // IPv6-only peer B for the IP families and the router's IPv6 firewall.
+    let results: Vec<(NatType, Result<Vec<Report>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = nats
             .iter()
             .map(|&nat| {
-                s.spawn(move || -> Result<Vec<netlab::NatReport>> {
+                s.spawn(move || -> Result<Vec<Report>> {
+                    let mut reports = Vec::new();
                     let lab = Lab::new(LabConfig::new(nat, nat))?;
-                    Side::BOTH
-                        .iter()
-                        .map(|&side| lab.nat_report(side))
-                        .collect()
+                    for side in Side::BOTH {
+                        reports.push(Report::Nat(lab.nat_report(side)?));
+                        reports.push(Report::Stack(lab.stack_report(side)?));
+                    }
+                    drop(lab);
+                    let lab =
+                        Lab::new(LabConfig::new(nat, nat).with_stacks(Stack::Dual, Stack::V6))?;
+                    for side in Side::BOTH {
+                        reports.push(Report::Stack(lab.stack_report(side)?));
+                    }
+                    Ok(reports)
                 })
             })
             .collect();
@@ -223,7 +234,11 @@ fn check(nats: Vec<NatType>) -> Result<ExitCode> {
             }
             Ok(reports) => {
                 for report in reports {
-                    match report.verify() {
+                    let verdict = match &report {
+                        Report::Nat(r) => r.verify(),
+                        Report::Stack(r) => r.verify(),
+                    };
+                    match verdict {
                         Ok(()) => println!("ok   {report}"),
                         Err(e) => {
                             failed += 1;
@@ -247,4 +262,19 @@ fn check(nats: Vec<NatType>) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One line of `netlab check`.
+enum Report {
+    Nat(netlab::NatReport),
+    Stack(netlab::StackReport),
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Report::Nat(r) => r.fmt(f),
+            Report::Stack(r) => r.fmt(f),
+        }
+    }
 }

@@ -6,6 +6,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+use crate::nft::Table;
+
 /// How a peer reaches the public side.
 ///
 /// Named after the classic STUN (RFC 3489) types; RFC 4787 terms are in each variant's doc.
@@ -187,8 +189,7 @@ pub(crate) const LAN_IF: &str = "lan";
 
 /// The nftables ruleset (an `nft -f` script) that turns a router namespace into `nat`.
 ///
-/// Replaces the lab's table atomically (the script first makes sure the table exists, then
-/// deletes and recreates it in the same transaction). `None` for [`NatType::None`]: no router.
+/// Replaces the lab's table atomically ([`Table::replace`]). `None` for [`NatType::None`]: no router.
 ///
 /// `fullcone_timeout_s`: how long a full-cone mapping outlives the last outbound packet.
 #[cfg(test)]
@@ -215,44 +216,62 @@ pub(crate) fn ruleset_with(
         return None;
     }
     let wan = WAN_IF;
-    let mut out = String::new();
-    out.push_str("table ip netlab\ndelete table ip netlab\ntable ip netlab {\n");
+    let mut t = Table::replace("ip", "netlab");
     if nat == NatType::FullCone {
-        out.push_str(&format!(
-            "  map fullcone {{\n    type inet_service : ipv4_addr . inet_service\n    \
-             flags dynamic,timeout\n    timeout {fullcone_timeout_s}s\n    size 65536\n  }}\n"
-        ));
+        t.block(
+            "map fullcone",
+            &[
+                "type inet_service : ipv4_addr . inet_service".to_owned(),
+                "flags dynamic,timeout".to_owned(),
+                format!("timeout {fullcone_timeout_s}s"),
+                "size 65536".to_owned(),
+            ],
+        );
     }
     // A NAT needs a prerouting nat chain even when it has no rule: without one the kernel never
     // sets up the inbound half of NAT for packets that start a flow from outside.
-    out.push_str(
-        "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n",
-    );
+    let mut prerouting = Vec::new();
     if nat == NatType::FullCone {
         // Unsolicited UDP to a public port someone inside owns goes to that owner.
-        out.push_str(&format!(
-            "    iifname \"{wan}\" meta l4proto udp dnat ip to udp dport map @fullcone\n"
+        prerouting.push(format!(
+            "iifname \"{wan}\" meta l4proto udp dnat ip to udp dport map @fullcone"
         ));
         if hairpin {
-            out.push_str(&format!(
-                "    iifname \"{LAN_IF}\" ip daddr {wan_ip} meta l4proto udp dnat ip to udp dport \
-                 map @fullcone\n"
+            prerouting.push(format!(
+                "iifname \"{LAN_IF}\" ip daddr {wan_ip} meta l4proto udp dnat ip to udp dport \
+                 map @fullcone"
             ));
         }
     }
-    out.push_str("  }\n");
-    out.push_str(
-        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    t.chain(
+        "prerouting",
+        "nat hook prerouting priority dstnat",
+        &prerouting,
     );
+    let mut postrouting = Vec::new();
     if hairpin && nat == NatType::FullCone {
-        out.push_str(&format!(
-            "    oifname \"{LAN_IF}\" ct status dnat ip saddr 100.64.0.0/10 masquerade\n"
+        postrouting.push(format!(
+            "oifname \"{LAN_IF}\" ct status dnat ip saddr 100.64.0.0/10 masquerade"
         ));
     }
+    // A source NAT rule per protocol with its own choice of public port, then masquerade for
+    // the rest (ICMP).
+    let snat_each = |port: &dyn Fn(&str) -> String| -> Vec<String> {
+        ["udp", "tcp"]
+            .into_iter()
+            .map(|proto| {
+                format!(
+                    "oifname \"{wan}\" meta l4proto {proto} snat ip to {wan_ip} : {}",
+                    port(proto)
+                )
+            })
+            .chain([format!("oifname \"{wan}\" masquerade")])
+            .collect()
+    };
     match (nat, mapping) {
         (NatType::Symmetric, _) => {
             // A random public port per conntrack entry, so per destination: endpoint-dependent.
-            out.push_str(&format!("    oifname \"{wan}\" masquerade fully-random\n"));
+            postrouting.push(format!("oifname \"{wan}\" masquerade fully-random"));
         }
         (NatType::SymmetricSequential, _) => {
             // The next port per new conntrack entry (the counter advances once per flow: the nat
@@ -262,38 +281,39 @@ pub(crate) fn ruleset_with(
                 .map(|i| format!("{i} : {}", SEQUENTIAL_PORT_BASE + i))
                 .collect();
             let ports = ports.join(", ");
-            for proto in ["udp", "tcp"] {
-                out.push_str(&format!(
-                    "    oifname \"{wan}\" meta l4proto {proto} snat ip to {wan_ip} : numgen inc \
-                     mod {SEQUENTIAL_PORTS} map {{ {ports} }}\n"
-                ));
-            }
-            out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
+            postrouting.extend(snat_each(&|_| {
+                format!("numgen inc mod {SEQUENTIAL_PORTS} map {{ {ports} }}")
+            }));
         }
         (_, PortMapping::Masquerade) => {
-            out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
+            postrouting.push(format!("oifname \"{wan}\" masquerade"));
         }
         (_, PortMapping::Hashed { seed }) => {
-            for proto in ["udp", "tcp"] {
-                out.push_str(&format!(
-                    "    oifname \"{wan}\" meta l4proto {proto} snat ip to {wan_ip} : jhash ip saddr \
-                     . {proto} sport mod {HASHED_PORT_SPAN} seed {seed:#x} offset {HASHED_PORT_BASE}\n"
-                ));
-            }
-            out.push_str(&format!("    oifname \"{wan}\" masquerade\n"));
+            postrouting.extend(snat_each(&|proto| {
+                format!(
+                    "jhash ip saddr . {proto} sport mod {HASHED_PORT_SPAN} seed {seed:#x} offset \
+                     {HASHED_PORT_BASE}"
+                )
+            }));
         }
     }
-    out.push_str("  }\n");
+    t.chain(
+        "postrouting",
+        "nat hook postrouting priority srcnat",
+        &postrouting,
+    );
     if nat == NatType::FullCone {
         // Runs after source NAT (priority srcnat + 10), so `udp sport` is the public port; the
         // conntrack original tuple still holds the inside endpoint. Only packets that start or
         // continue an inside-initiated flow teach the map (not replies to outside senders).
-        out.push_str(&format!(
-            "  chain fullcone_learn {{\n    type filter hook postrouting priority srcnat + 10; \
-             policy accept;\n    oifname \"{wan}\" ct direction original meta l4proto udp update \
-             @fullcone {{ udp sport timeout {fullcone_timeout_s}s : ct original ip saddr . ct \
-             original proto-src }}\n  }}\n"
-        ));
+        t.chain(
+            "fullcone_learn",
+            "filter hook postrouting priority srcnat + 10",
+            &[format!(
+                "oifname \"{wan}\" ct direction original meta l4proto udp update @fullcone {{ udp \
+                 sport timeout {fullcone_timeout_s}s : ct original ip saddr . ct original proto-src }}"
+            )],
+        );
     }
     // The router's own firewall, as on home routers: nothing from outside reaches the router
     // itself unless it belongs to a known flow. Dropping here, before conntrack confirms the
@@ -303,19 +323,28 @@ pub(crate) fn ruleset_with(
     // port-restricted peers could then never punch unless their first packets crossed in flight.
     // `PortRestrictedOpen` models the routers without it.
     if nat.input_firewall() {
-        out.push_str(&format!(
-            "  chain input {{\n    type filter hook input priority filter; policy accept;\n    \
-             iifname \"{wan}\" ct state established,related accept\n    iifname \"{wan}\" drop\n  }}\n"
-        ));
-    }
-    if nat == NatType::UdpBlocked {
-        out.push_str(
-            "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    \
-             meta l4proto udp drop\n  }\n",
+        t.chain(
+            "input",
+            "filter hook input priority filter",
+            &only_replies_from(wan),
         );
     }
-    out.push_str("}\n");
-    Some(out)
+    if nat == NatType::UdpBlocked {
+        t.chain(
+            "forward",
+            "filter hook forward priority filter",
+            &["meta l4proto udp drop"],
+        );
+    }
+    Some(t.finish())
+}
+
+/// Rules that admit traffic arriving on `iface` only as part of a known flow (replies).
+pub(crate) fn only_replies_from(iface: &str) -> [String; 2] {
+    [
+        format!("iifname \"{iface}\" ct state established,related accept"),
+        format!("iifname \"{iface}\" drop"),
+    ]
 }
 
 #[cfg(test)]
@@ -323,6 +352,11 @@ mod tests {
     use super::*;
 
     const WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+
+    /// The ruleset of a router type, with the default full-cone timeout.
+    fn rules(nat: NatType, mapping: PortMapping) -> String {
+        ruleset(nat, WAN_IP, mapping, 120).expect("router type")
+    }
 
     #[test]
     fn names_round_trip() {
@@ -342,13 +376,7 @@ mod tests {
 
     #[test]
     fn port_restricted_is_plain_masquerade() {
-        let r = ruleset(
-            NatType::PortRestricted,
-            WAN_IP,
-            PortMapping::Masquerade,
-            120,
-        )
-        .expect("router type");
+        let r = rules(NatType::PortRestricted, PortMapping::Masquerade);
         assert_eq!(
             r,
             "table ip netlab\ndelete table ip netlab\ntable ip netlab {\n  chain prerouting {\n    \
@@ -363,7 +391,7 @@ mod tests {
     #[test]
     fn symmetric_is_random_even_after_rebind() {
         for mapping in [PortMapping::Masquerade, PortMapping::Hashed { seed: 7 }] {
-            let r = ruleset(NatType::Symmetric, WAN_IP, mapping, 120).expect("router type");
+            let r = rules(NatType::Symmetric, mapping);
             assert!(r.contains("masquerade fully-random\n"), "{r}");
             assert!(!r.contains("jhash"), "{r}");
         }
@@ -371,8 +399,7 @@ mod tests {
 
     #[test]
     fn full_cone_learns_after_snat_and_dnats_inbound() {
-        let r =
-            ruleset(NatType::FullCone, WAN_IP, PortMapping::Masquerade, 120).expect("router type");
+        let r = rules(NatType::FullCone, PortMapping::Masquerade);
         assert!(r.contains("dnat ip to udp dport map @fullcone"), "{r}");
         assert!(r.contains("priority srcnat + 10"), "{r}");
         assert!(r.contains("ct direction original"), "{r}");
@@ -398,20 +425,8 @@ mod tests {
 
     #[test]
     fn open_router_has_no_input_firewall_but_the_same_nat() {
-        let open = ruleset(
-            NatType::PortRestrictedOpen,
-            WAN_IP,
-            PortMapping::Masquerade,
-            120,
-        )
-        .expect("router type");
-        let closed = ruleset(
-            NatType::PortRestricted,
-            WAN_IP,
-            PortMapping::Masquerade,
-            120,
-        )
-        .expect("router type");
+        let open = rules(NatType::PortRestrictedOpen, PortMapping::Masquerade);
+        let closed = rules(NatType::PortRestricted, PortMapping::Masquerade);
         assert!(!open.contains("hook input"), "{open}");
         assert!(closed.contains("hook input"), "{closed}");
         let postrouting = |r: &str| r[r.find("chain postrouting").expect("chain")..].to_owned();
@@ -428,13 +443,10 @@ mod tests {
 
     #[test]
     fn sequential_symmetric_counts_ports_per_flow() {
-        let r = ruleset(
+        let r = rules(
             NatType::SymmetricSequential,
-            WAN_IP,
             PortMapping::Hashed { seed: 3 },
-            120,
-        )
-        .expect("router type");
+        );
         assert!(
             r.contains(
                 "udp snat ip to 198.18.1.1 : numgen inc mod 256 map { 0 : 40000, 1 : 40001,"
@@ -480,17 +492,12 @@ mod tests {
             r.contains("oifname \"lan\" ct status dnat ip saddr 100.64.0.0/10 masquerade"),
             "{r}"
         );
-        assert!(
-            !ruleset(NatType::FullCone, WAN_IP, PortMapping::Masquerade, 120)
-                .expect("router type")
-                .contains("iifname \"lan\"")
-        );
+        assert!(!rules(NatType::FullCone, PortMapping::Masquerade).contains("iifname \"lan\""));
     }
 
     #[test]
     fn udp_blocked_drops_forwarded_udp() {
-        let r = ruleset(NatType::UdpBlocked, WAN_IP, PortMapping::Masquerade, 120)
-            .expect("router type");
+        let r = rules(NatType::UdpBlocked, PortMapping::Masquerade);
         assert!(r.contains("hook forward"), "{r}");
         assert!(r.contains("meta l4proto udp drop"), "{r}");
     }

@@ -350,7 +350,8 @@ impl fmt::Display for NatReport {
     }
 }
 
-fn reach(b: bool) -> &'static str {
+/// `reached` or `blocked`, for reports.
+pub(crate) fn reach(b: bool) -> &'static str {
     if b {
         "reached"
     } else {

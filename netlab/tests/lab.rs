@@ -691,23 +691,7 @@ fn cleanup_removes_labs_of_dead_processes() -> Result<()> {
 /// Whether a datagram from `from` to `to` reaches `sock` within 300 ms.
 fn reaches(from: &UdpSocket, to: SocketAddr, sock: &UdpSocket) -> Result<bool> {
     from.send_to(b"knock", to)?;
-    sock.set_read_timeout(Some(Duration::from_millis(300)))?;
-    let mut buf = [0u8; 16];
-    loop {
-        match sock.recv_from(&mut buf) {
-            Ok((n, _)) if &buf[..n] == b"knock" => return Ok(true),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(false)
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(netlab::stack_check::receive(sock, b"knock", Duration::from_millis(300))?.is_some())
 }
 
 #[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
@@ -804,5 +788,31 @@ fn ipv6_hosts_have_global_addresses_behind_firewalls_that_admit_only_replies() -
     // IPv4: A is dual-stack behind its NAT; B has none (no route: the send fails).
     assert!(lab.probe_udp(Side::A)?.is_some(), "A has IPv4");
     assert!(lab.probe_udp(Side::B).is_err(), "B has no IPv4");
+    Ok(())
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn the_stack_self_check_sees_each_family_and_the_ipv6_firewall() -> Result<()> {
+    use netlab::Stack;
+    netlab::require_lab!(Ok(()));
+    // A behind a router (firewalled IPv6), B with no router (open IPv6).
+    let config = LabConfig::new(NatType::PortRestrictedOpen, NatType::None);
+    for (stacks, v6) in [
+        ((Stack::V4, Stack::V4), [false, false]),
+        ((Stack::Dual, Stack::V6), [true, true]),
+        ((Stack::V6, Stack::Dual), [true, true]),
+    ] {
+        let lab = Lab::new(config.with_stacks(stacks.0, stacks.1))?;
+        for (side, has_v6) in Side::BOTH.into_iter().zip(v6) {
+            let report = lab.stack_report(side)?;
+            report.verify()?;
+            assert_eq!(report.v6.is_some(), has_v6, "{report}");
+            if let Some(v6) = report.v6 {
+                assert_eq!(v6.seen, Some(v6.own), "no NAT66: {report}");
+                assert_eq!(v6.unsolicited_reached, side == Side::B, "{report}");
+            }
+        }
+    }
     Ok(())
 }

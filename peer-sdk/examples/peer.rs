@@ -1,10 +1,12 @@
 //! `peer`: a listener that echoes, and a dialer that measures, over a peer-sdk connection.
 //!
 //! ```text
-//! peer listen  --relay ADDR --session UUID            # prints {"fingerprint":"<hex>"} first
-//! peer connect --relay ADDR --session UUID --pin HEX --bytes N [--datagrams N]
-//!              [--relay-only] [--direct-timeout-ms MS] [--tcp auto|never|always]
+//! peer listen  --relay ADDR[,ADDR6] [--relay ...] --session UUID   # prints {"fingerprint":"<hex>"} first
+//! peer connect --relay ADDR[,ADDR6] [--relay ...] --session UUID --pin HEX --bytes N
+//!              [--datagrams N] [--relay-only] [--direct-timeout-ms MS] [--tcp auto|never|always]
 //! ```
+//! `--relay` repeats for several relays (tried, and failed over, in the order both peers share);
+//! `ADDR,ADDR6` names one relay by its addresses in both IP families.
 //! The dialer prints one JSON line: `{"path":"direct"|"relay"|"relay-tcp","connect_ms":..,"bytes":..,
 //! "secs":..,"mbps":..,"datagrams":..}` and exits non-zero on any failure.
 
@@ -28,9 +30,10 @@ struct Cli {
 
 #[derive(Debug, clap::Args)]
 struct Common {
-    /// The relay's UDP address.
-    #[arg(long)]
-    relay: SocketAddr,
+    /// A relay's UDP address; repeat for several relays (failover, drain). `ADDR,OTHER` gives
+    /// the same relay's address in the other IP family too (a dual-stack peer registers at both).
+    #[arg(long = "relay", required = true, value_parser = parse_relay)]
+    relays: Vec<(SocketAddr, Option<SocketAddr>)>,
     /// The session both peers name.
     #[arg(long)]
     session: Uuid,
@@ -78,8 +81,24 @@ enum Cmd {
     },
 }
 
+/// `ADDR` or `ADDR,OTHER_FAMILY_ADDR`.
+fn parse_relay(s: &str) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+    let addr = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("{a:?}: {e}"));
+    match s.split_once(',') {
+        None => Ok((addr(s)?, None)),
+        Some((a, b)) => Ok((addr(a)?, Some(addr(b)?))),
+    }
+}
+
 fn options(c: &Common) -> anyhow::Result<Options> {
-    let mut o = Options::new(c.relay, c.session);
+    let (first, _) = *c.relays.first().context("--relay is required")?;
+    let mut o = Options::new(first, c.session);
+    o.relays = c.relays.iter().map(|&(a, _)| a).collect();
+    o.relay_other_family = c
+        .relays
+        .iter()
+        .filter_map(|&(a, b)| b.map(|b| (a, b)))
+        .collect();
     o.direct_timeout = Duration::from_millis(c.direct_timeout_ms);
     if c.relay_only {
         o.strategy = Strategy::RelayOnly;

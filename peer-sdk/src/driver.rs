@@ -51,7 +51,9 @@ impl Driver {
             let wake = self.machine.poll_timeout(now, self.socket.shared.last_rx());
             tokio::select! {
                 c = self.control.recv() => match c {
-                    Some(Control::Relay(reply)) => self.machine.handle_relay(Instant::now(), reply),
+                    Some(Control::Relay { reply, alt }) => {
+                        self.machine.handle_relay(Instant::now(), reply, alt);
+                    }
                     Some(Control::Candidates(bytes)) => {
                         self.machine.handle_candidates(Instant::now(), &bytes);
                     }
@@ -72,6 +74,10 @@ impl Driver {
     async fn flush(&mut self) {
         while let Some(ev) = self.machine.poll_event() {
             match ev {
+                Event::SwitchRelay(relay) => {
+                    info!(%relay, "moving to the next relay");
+                    self.socket.set_relay(relay);
+                }
                 Event::StartTcp {
                     registration,
                     reason,
@@ -97,6 +103,10 @@ impl Driver {
                         .send_control(self.socket.relay(), &t.bytes)
                         .await
                 }
+                Dest::RelayAlt => match self.socket.relay_alt() {
+                    Some(alt) => self.socket.send_control(alt, &t.bytes).await,
+                    None => Ok(()),
+                },
                 Dest::Peer(dst) => match t.ttl {
                     Some(ttl) => self.socket.send_control_with_ttl(dst, &t.bytes, ttl),
                     None => self.socket.send_control(dst, &t.bytes).await,

@@ -66,6 +66,9 @@
 //!   [`Options::tcp_fallback_after`], the SDK registers over a TCP connection to the relay's port
 //!   and carries the QUIC packets on it as length-prefixed datagrams, under the same
 //!   `quinn::Connection` ([`Path::RelayTcp`]; [`TcpFallback`] disables or forces it).
+//! - **Relay failover**: with several [`Options::relays`], a peer whose relay stops answering
+//!   moves to the next in [`Options::relay_order`] (both peers share it), registrations and
+//!   relayed traffic alike, under the same `quinn::Connection` ([`Status::relay`]).
 //! - **Verified TLS** ([`tls`]): the dialer pins the listener's certificate fingerprint, or the
 //!   application passes its own rustls configuration. There is no skip-verify mode.
 //!
@@ -161,31 +164,54 @@ impl Peer {
     pub async fn bind(opts: Options) -> Result<Peer, Error> {
         let order = opts.relay_order();
         let mut last = None;
-        for (i, relay) in order.iter().enumerate() {
+        for (i, &listed) in order.iter().enumerate() {
+            // The relay's address in the other family serves when this host has no route to
+            // the listed one, and as our alternate registration when it has both.
+            let (relay, alt) = match opts.other_family_of(listed) {
+                Some(other) if !routable(listed) && routable(other) => (other, None),
+                Some(other) if routable(other) => (listed, Some(other)),
+                _ => (listed, None),
+            };
             // A relay address of a family this host has no route for (an IPv4 address on an
             // IPv6-only host, say) is skipped at once while others remain: waiting for its
             // registration to time out would only delay the one that works.
-            if i + 1 < order.len() && !routable(*relay) {
+            if i + 1 < order.len() && !routable(relay) {
                 info!(%relay, "no route to this relay address; trying the next");
                 continue;
             }
             let (socket, control) = match opts.bind {
-                Some(bind) => PeerSocket::bind(bind, *relay)?,
+                Some(bind) => PeerSocket::bind(bind, relay, alt)?,
                 // Dual-stack when the host allows it, so that IPv6 direct paths are possible
                 // whatever the relay's family; IPv4 otherwise.
-                None => PeerSocket::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0), *relay)
-                    .or_else(|e| match relay {
+                None => {
+                    PeerSocket::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0), relay, alt)
+                        .or_else(|e| match relay {
                         SocketAddr::V4(_) => PeerSocket::bind(
                             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
-                            *relay,
+                            relay,
+                            alt,
                         ),
                         SocketAddr::V6(_) => Err(e),
-                    })?,
+                    })?
+                }
             };
-            match Self::start(socket, control, opts.clone()).await {
+            // Failover goes on from here in the shared order, wrapping around.
+            let failover: Vec<SocketAddr> = order[i..].iter().chain(&order[..i]).copied().collect();
+            match Self::start(socket, control, opts.clone(), failover).await {
                 Ok(p) => return Ok(p),
                 Err(e @ Error::RelayUnreachable { .. }) if order.len() > 1 => {
                     info!(%relay, "relay unreachable, trying the next");
+                    last = Some(e);
+                }
+                // A draining relay (maintenance) sends new sessions on: both peers get the same
+                // answer and move to the same next relay.
+                Err(
+                    e @ Error::Refused {
+                        reason: Some(proto::ErrReason::Moved),
+                        ..
+                    },
+                ) if order.len() > 1 => {
+                    info!(%relay, "the relay is draining; trying the next");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -217,15 +243,27 @@ impl Peer {
             relay: SocketAddr::from(([0, 0, 0, 0], 0)),
             waited: Duration::ZERO,
         })?;
-        let (socket, control) = PeerSocket::from_std(socket, relay)?;
-        Self::start(socket, control, opts).await
+        let alt = opts.other_family_of(relay);
+        let (socket, control) = PeerSocket::from_std(socket, relay, alt)?;
+        let order = opts.relay_order();
+        Self::start(socket, control, opts, order).await
     }
 
+    /// Starts the driver on `socket`, registered with the first of `relays` and failing over
+    /// to the others in turn.
     async fn start(
         socket: Arc<PeerSocket>,
         control: tokio::sync::mpsc::Receiver<socket::Control>,
         opts: Options,
+        relays: Vec<SocketAddr>,
     ) -> Result<Peer, Error> {
+        // Only relays this socket can send to, and that this host has a route to.
+        let relays: Vec<SocketAddr> = relays
+            .into_iter()
+            .enumerate()
+            .filter(|&(i, r)| i == 0 || (socket.can_reach(r) && routable(r)))
+            .map(|(_, r)| r)
+            .collect();
         // Quinn's endpoint reads the socket from now on: the wrapper passes relay replies and
         // punches to the driver, so the endpoint must exist before the first registration.
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -252,6 +290,7 @@ impl Peer {
                 keepalive: opts.keepalive,
                 punch: opts.strategy == Strategy::Auto,
                 direct_timeout: opts.direct_timeout,
+                relays,
                 local: if opts.strategy == Strategy::Auto {
                     quinn::AsyncUdpSocket::local_addr(&*socket)
                         .map(candidates::gather)
@@ -259,6 +298,7 @@ impl Peer {
                 } else {
                     Vec::new()
                 },
+                alt_relay: socket.relay_alt().is_some(),
             },
         );
         let driver = AbortOnDrop(tokio::spawn(driver.run()));

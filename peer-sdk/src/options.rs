@@ -38,7 +38,11 @@ pub enum TcpFallback {
 /// How to reach the peer.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The relay (the first of [`Options::relays`] by the session's rendezvous hash).
+    /// The relays, tried in [`Options::relay_order`] (the session's rendezvous hash, the same
+    /// for both peers). A peer registers with the first that answers; when that relay stops
+    /// answering later (it died, or its host went away), the peer moves to the next one in the
+    /// same order, and so does the other peer: a relayed connection moves with them, about 4 s
+    /// after its relay died, without the application noticing (same `quinn::Connection`).
     pub relays: Vec<SocketAddr>,
     /// The session both peers name.
     pub session: Uuid,
@@ -71,6 +75,12 @@ pub struct Options {
     /// How long UDP registrations may go unanswered before [`TcpFallback::Auto`] tries TCP.
     /// Keep it below [`Options::register_timeout`].
     pub tcp_fallback_after: Duration,
+    /// The other IP family's address of relays in [`Options::relays`], as pairs (address in
+    /// `relays`, the same relay's address in the other family). A dual-stack peer registers at
+    /// both (the second as its *alternate address*, relay PROTOCOL.md §3.3), so that the relay
+    /// tells the other peer both of its public addresses, and probes both of the other peer's.
+    /// A host with a route to only one of the two uses that one.
+    pub relay_other_family: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Options {
@@ -93,7 +103,16 @@ impl Options {
             // Six UDP registrations (0.2 + 0.4 + 0.8 + 1.6 s of backoff): a lossy but working
             // UDP path answers one of them.
             tcp_fallback_after: Duration::from_millis(2500),
+            relay_other_family: Vec::new(),
         }
+    }
+
+    /// The same relay's address in the other IP family ([`Options::relay_other_family`]).
+    pub fn other_family_of(&self, relay: SocketAddr) -> Option<SocketAddr> {
+        self.relay_other_family
+            .iter()
+            .find(|(a, _)| *a == relay)
+            .map(|&(_, b)| b)
     }
 
     /// The relays in the order both peers try them: highest rendezvous (HRW) hash of

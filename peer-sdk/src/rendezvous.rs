@@ -4,36 +4,20 @@
 //! datagrams (`Rendezvous::handle_relay`, `Rendezvous::handle_punch`) and the time
 //! (`Rendezvous::handle_timeout`), and takes out what to send (`Rendezvous::poll_transmit`),
 //! when to wake it (`Rendezvous::poll_timeout`) and what changed (`Rendezvous::poll_event`,
-//! `Rendezvous::status`). `driver.rs` is the thin tokio task around it; the unit tests
-//! below drive it with a fake clock.
+//! `Rendezvous::status`). `driver.rs` is the thin tokio task around it.
 //!
-//! **Punch schedule.** When the relay pairs us with a peer (its ACK or peer notice names the
-//! peer's address), both peers hear of it within half a relay round trip of each other. Each
-//! then:
-//! 1. at once sends a probe with a low TTL (`LOW_TTL` (2)) to every candidate: it crosses the
-//!    peer's own NAT, which maps it, and dies in the network before it reaches the other
-//!    side's router. A full probe that reached a router before its owner had sent anything
-//!    would leave a conntrack entry there (on routers that accept inbound to themselves) that
-//!    the owner's own flow then clashes with, moving it to another public port;
-//! 2. starts full probes `SYNC_LEAD` (100 ms) after the relay sent the notice (half our measured relay
-//!    round trip ago), so both sides' low-TTL probes go out before either side's full probes
-//!    arrive; full probes repeat every `PUNCH_INTERVAL` (100 ms) for `Config::direct_timeout`;
-//! 3. answers every authenticated probe (and probes back, so a peer-reflexive address the other
-//!    side's NAT chose is validated too); a reply to one of our nonces makes that address the
-//!    direct path;
-//! 4. keeps a working direct path alive with a probe every `PROBE_INTERVAL` (1 s), falls back to
-//!    the relay after `DIRECT_DEAD` (3.5 s) without a reply, and keeps trying in the background at
-//!    `PROBE_INTERVAL` (1 s), each round opening with a low-TTL probe.
+//! The punch schedule itself (probes, candidates, the direct path's liveness) is in
+//! `rendezvous/schedule.rs`; the unit tests are in `rendezvous/tests.rs`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use quic_relay::proto::{Cookie, ErrReason, Extended, PeerId, Registration, Reply, Token};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use uuid::Uuid;
 
-use crate::punch::{Kind, PunchKey, PunchPacket};
+use crate::punch::PunchKey;
 use crate::socket::Path;
 use crate::TcpFallback;
 
@@ -45,6 +29,12 @@ pub(crate) const REG_RETRY_MAX: Duration = Duration::from_secs(2);
 pub(crate) const SILENCE_REREGISTER: Duration = Duration::from_secs(3);
 /// At most one such extra registration per this interval.
 pub(crate) const MIN_REREGISTER_GAP: Duration = Duration::from_secs(1);
+/// A relay that answered before and now leaves registrations unanswered for this long (three
+/// of them: sent 0, 200 and 600 ms in) is taken for dead, and the peer moves to the next relay
+/// in [`Config::relays`]. The other peer, whose relay died too, moves to the same one. With the
+/// [`SILENCE_REREGISTER`] that notices a relayed connection's silence first, a connection
+/// moves about 4 s after its relay died.
+pub(crate) const RELAY_FAILOVER: Duration = Duration::from_secs(1);
 /// Probe interval while trying to open a direct path.
 pub(crate) const PUNCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Probe interval on a working direct path (keeps both NAT mappings open), and for background
@@ -82,12 +72,23 @@ pub struct Status {
     pub observed: Option<SocketAddr>,
     /// The other peer's public address as the relay sees it (once paired).
     pub peer: Option<SocketAddr>,
+    /// This peer's address in the other IP family, as the relay sees its alternate
+    /// registration (a dual-stack peer with [`crate::Options::relay_other_family`]).
+    pub observed_alt: Option<SocketAddr>,
+    /// The other peer's address in its other IP family, when it registered one (relay
+    /// PROTOCOL.md §3.3): a further direct candidate.
+    pub peer_alt: Option<SocketAddr>,
     /// The path datagrams to the peer take now.
     pub path: Path,
     /// The relay refused the last registration, and why.
     pub refused: Option<ErrReason>,
     /// Registrations sent so far (the first, retries and keepalives).
     pub registrations_sent: u64,
+    /// The relay in use: the first of [`crate::Options::relay_order`] that answered, or the one
+    /// a failover moved to.
+    pub relay: Option<SocketAddr>,
+    /// How often this peer moved to another relay because its relay stopped answering.
+    pub relay_moves: u64,
 }
 
 /// What the machine needs to know.
@@ -101,8 +102,14 @@ pub(crate) struct Config {
     pub keepalive: Duration,
     pub punch: bool,
     pub direct_timeout: Duration,
+    /// The relays to fail over between, the one in use first, then the rest in the order both
+    /// peers share ([`crate::Options::relay_order`], wrapping around).
+    pub relays: Vec<SocketAddr>,
     /// This host's local candidates ([`crate::candidates::gather`]), offered to the peer.
     pub local: Vec<SocketAddr>,
+    /// Also register at the relay's address of the other IP family ([`Dest::RelayAlt`]), as
+    /// this peer's alternate address.
+    pub alt_relay: bool,
 }
 
 /// Where a transmit goes.
@@ -110,6 +117,8 @@ pub(crate) struct Config {
 pub(crate) enum Dest {
     /// The relay over UDP.
     Relay,
+    /// The relay's address in the other IP family (our alternate registration).
+    RelayAlt,
     /// The relay over the TCP connection.
     RelayTcp,
     /// A peer candidate address.
@@ -128,6 +137,9 @@ pub(crate) struct Transmit {
 /// Something the IO side must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Event {
+    /// Send what goes to the relay ([`Dest::Relay`], and Quinn's relayed datagrams) to this
+    /// address from now on: the relay in use stopped answering.
+    SwitchRelay(SocketAddr),
     /// Open the TCP connection to the relay (for good), registering with these bytes.
     StartTcp {
         registration: Vec<u8>,
@@ -141,10 +153,19 @@ pub(crate) struct Rendezvous {
     cfg: Config,
     key: PunchKey,
     reg_bytes: Vec<u8>,
+    /// Our alternate registration (relay PROTOCOL.md §3.3), sent beside every registration
+    /// once the relay knows us, when [`Config::alt_relay`].
+    alt_reg_bytes: Vec<u8>,
     status: Status,
     acked: bool,
     last_reg: Option<Instant>,
     reg_retry: Duration,
+    /// When the oldest registration the relay has not answered yet went out.
+    unanswered: Option<Instant>,
+    /// The relay answered at least once (a failover needs a relay that stopped answering).
+    ever_acked: bool,
+    /// Which of [`Config::relays`] is in use.
+    relay_index: usize,
     /// When the first UDP registration went out (for [`TcpFallback::Auto`]).
     first_reg: Option<Instant>,
     /// The registration whose ACK we wait for, to measure the relay round trip.
@@ -167,28 +188,28 @@ pub(crate) struct Rendezvous {
 
 impl Rendezvous {
     pub(crate) fn new(cfg: Config) -> Self {
-        let reg = Registration {
-            session: cfg.session,
-            extended: Some(Extended {
-                peer: Some(PeerId(cfg.peer_id)),
-                token: cfg.token,
-                cookie: None,
-            }),
-        };
         let mut r = Rendezvous {
             key: PunchKey::new(cfg.session),
-            reg_bytes: reg.encode(),
+            reg_bytes: registration(&cfg, None, false).encode(),
+            alt_reg_bytes: registration(&cfg, None, true).encode(),
             status: Status {
                 registered: false,
                 observed: None,
                 peer: None,
+                observed_alt: None,
+                peer_alt: None,
                 path: Path::Relay,
                 refused: None,
                 registrations_sent: 0,
+                relay: cfg.relays.first().copied(),
+                relay_moves: 0,
             },
             acked: false,
             last_reg: None,
             reg_retry: REG_RETRY_MIN,
+            unanswered: None,
+            ever_acked: false,
+            relay_index: 0,
             first_reg: None,
             rtt_probe: None,
             relay_rtt: None,
@@ -237,11 +258,14 @@ impl Rendezvous {
         let mut wake = now + PROBE_INTERVAL;
         let reg_due = match self.last_reg {
             None => now,
-            Some(t) if !self.acked => t + self.reg_retry,
+            Some(t) if !self.acked || self.unanswered.is_some() => t + self.reg_retry,
             Some(t) => (t + self.cfg.keepalive)
                 .min((t + MIN_REREGISTER_GAP).max(last_rx + SILENCE_REREGISTER)),
         };
         wake = wake.min(reg_due);
+        if let Some(t) = self.failover_due() {
+            wake = wake.min(t);
+        }
         if let (false, false, TcpFallback::Auto, Some(t)) =
             (self.tcp, self.acked, self.cfg.tcp, self.first_reg)
         {
@@ -303,18 +327,49 @@ impl Rendezvous {
     fn register(&mut self, now: Instant) {
         let bytes = self.reg_bytes.clone();
         self.queue(self.relay_dest(), bytes, None);
+        self.register_alt();
         if !self.tcp {
             self.first_reg.get_or_insert(now);
         }
         self.last_reg = Some(now);
+        self.unanswered.get_or_insert(now);
         self.rtt_probe.get_or_insert(now);
         self.status.registrations_sent += 1;
+    }
+
+    /// When the relay in use counts as dead, if it does not answer before: only with another
+    /// relay to go to, over UDP, and for a relay that answered before.
+    fn failover_due(&self) -> Option<Instant> {
+        if self.cfg.relays.len() < 2 || self.tcp || !self.ever_acked {
+            return None;
+        }
+        self.unanswered.map(|t| t + RELAY_FAILOVER)
+    }
+
+    /// Moves to the next relay: the registration (and with it the relayed traffic) goes
+    /// there, as a new registration; the peer, whose relay died too, comes to the same one.
+    fn fail_over(&mut self, now: Instant) {
+        self.relay_index = (self.relay_index + 1) % self.cfg.relays.len();
+        let relay = self.cfg.relays[self.relay_index];
+        warn!(%relay, "the relay stopped answering; moving to the next relay");
+        self.events.push_back(Event::SwitchRelay(relay));
+        self.status.relay = Some(relay);
+        self.status.relay_moves += 1;
+        self.acked = false;
+        self.unanswered = None;
+        self.first_reg = None;
+        self.rtt_probe = None;
+        self.reg_retry = REG_RETRY_MIN;
+        self.register(now);
     }
 
     /// Timers: registration retries and keepalives, the switch to TCP, the punch rounds and
     /// the direct path's liveness. `last_rx`: when the socket last received a datagram from the
     /// peer (any path) or the relay.
     pub(crate) fn handle_timeout(&mut self, now: Instant, last_rx: Instant) {
+        if self.failover_due().is_some_and(|t| now >= t) {
+            self.fail_over(now);
+        }
         if !self.tcp
             && !self.acked
             && self.cfg.tcp == TcpFallback::Auto
@@ -327,7 +382,8 @@ impl Rendezvous {
         }
         match self.last_reg {
             None => self.register(now),
-            Some(t) if !self.acked => {
+            // Unanswered (before the first ACK, or since the last one): retry with backoff.
+            Some(t) if !self.acked || self.unanswered.is_some() => {
                 if now >= t + self.reg_retry {
                     self.reg_retry = (self.reg_retry * 2).min(REG_RETRY_MAX);
                     // A retry's ACK could answer either registration: no RTT sample.
@@ -349,194 +405,36 @@ impl Rendezvous {
         self.punch_tick(now);
     }
 
-    fn punch_tick(&mut self, now: Instant) {
-        if !self.cfg.punch || self.candidates.is_empty() || self.tcp {
-            self.next_probe = None;
-            return;
-        }
-        if let Path::Direct(addr) = self.status.path {
-            let last = self.last_direct_reply.unwrap_or(now);
-            if now.saturating_duration_since(last) >= DIRECT_DEAD {
-                info!(%addr, "direct path lost; falling back to the relay");
-                self.set_path(self.relay_path());
-            }
-        }
-        if self.next_probe.is_some_and(|p| now < p) {
-            return;
-        }
-        let in_window = self
-            .peer_known_at
-            .is_some_and(|t| now < t + self.cfg.direct_timeout);
-        let direct = matches!(self.status.path, Path::Direct(_));
-        let interval = if in_window && !direct {
-            PUNCH_INTERVAL
-        } else {
-            PROBE_INTERVAL
-        };
-        self.next_probe = Some(now + interval);
-        let targets: Vec<SocketAddr> = match self.status.path {
-            // On a working direct path, keep just that one alive.
-            Path::Direct(a) => vec![a],
-            Path::Relay | Path::RelayTcp => {
-                let mut t = self.lan.clone();
-                t.extend(self.candidates.iter().filter(|c| !self.lan.contains(c)));
-                t
-            }
-        };
-        if !direct {
-            self.offer_local();
-        }
-        if !direct && !in_window {
-            // A background round: open our own mapping first, as at the start.
-            self.low_ttl_probes(&targets);
-        }
-        let probe = self.new_probe();
-        for dst in targets {
-            self.queue(Dest::Peer(dst), probe.to_vec(), None);
-        }
-    }
-
-    fn new_probe(&mut self) -> [u8; crate::punch::LEN] {
-        let nonce = self.new_nonce();
-        self.key
-            .packet(Kind::Probe, self.cfg.peer_id, nonce)
-            .encode()
-    }
-
-    /// Sends our local candidates to the peer through the relay (a few times per peer).
-    fn offer_local(&mut self) {
-        if self.cfg.local.is_empty() || self.lan_offers >= LAN_OFFERS || self.tcp {
-            return;
-        }
-        self.lan_offers += 1;
-        let msg = crate::candidates::Candidates {
-            sender: self.cfg.peer_id,
-            addrs: self.cfg.local.clone(),
-        }
-        .encode(&self.key);
-        self.queue(Dest::Relay, msg, None);
-    }
-
-    /// The peer's local candidates, as forwarded by the relay: authenticated, then probed at
-    /// once and in every round from now on.
-    pub(crate) fn handle_candidates(&mut self, _now: Instant, bytes: &[u8]) {
-        if self.tcp || !self.cfg.punch {
-            return;
-        }
-        let Some(c) = crate::candidates::Candidates::decode(bytes, &self.key) else {
-            debug!("dropping a malformed or unauthenticated candidate list");
-            return;
-        };
-        if c.sender == self.cfg.peer_id {
-            return;
-        }
-        let lan: Vec<SocketAddr> = c
-            .addrs
-            .into_iter()
-            .filter(|a| crate::candidates::usable(a.ip()) && a.port() != 0)
-            .take(crate::candidates::MAX_LOCAL_CANDIDATES)
-            .collect();
-        if lan == self.lan {
-            return;
-        }
-        debug!(?lan, "the peer's local candidates");
-        self.lan = lan;
-        let best = self.lan.iter().map(|&a| self.rank(a)).max().unwrap_or(0);
-        if !matches!(self.status.path, Path::Direct(a) if self.rank(a) >= best) {
-            let probe = self.new_probe();
-            for dst in self.lan.clone() {
-                self.queue(Dest::Peer(dst), probe.to_vec(), None);
-            }
-        }
-    }
-
-    fn low_ttl_probes(&mut self, targets: &[SocketAddr]) {
-        let probe = self.new_probe();
-        for &dst in targets {
-            self.queue(Dest::Peer(dst), probe.to_vec(), Some(LOW_TTL));
-        }
-    }
-
-    /// The relay pairs us with a peer at a new address: a new peer, or ours after a NAT
-    /// rebinding. What we knew of direct paths may be stale (an old peer still answering
-    /// probes would otherwise keep our traffic), so start over: relay path, fresh candidates,
-    /// no outstanding nonces, and a new punching window on the synchronised schedule.
-    fn new_peer_address(&mut self, p: SocketAddr, now: Instant) {
-        if self.peer_known_at.is_some() {
-            debug!(peer = %p, "the relay reports a new peer address; re-punching");
-        }
-        self.candidates.clear();
-        self.lan.clear();
-        self.lan_offers = 0;
-        self.nonces.clear();
-        self.last_direct_reply = None;
-        self.set_path(self.relay_path());
-        self.peer_known_at = Some(now);
-        if self.tcp {
-            return;
-        }
-        self.add_candidate(p);
-        if self.cfg.punch {
-            self.offer_local();
-            let targets = self.candidates.clone();
-            self.low_ttl_probes(&targets);
-            // The relay sent the notice about half a round trip ago; the peer's copy left at
-            // the same moment, so both sides count the lead from there.
-            let half_rtt = self.relay_rtt.unwrap_or_default() / 2;
-            self.next_probe = Some(now + SYNC_LEAD.saturating_sub(half_rtt));
-        }
-    }
-
-    /// How much a direct path to `a` is preferred: IPv6 (no NAT on the way, no mapping to
-    /// expire) over a local IPv4 candidate (the LAN) over a public IPv4 address.
-    fn rank(&self, a: SocketAddr) -> u8 {
-        if a.ip().to_canonical().is_ipv6() {
-            2
-        } else if self.lan.contains(&a) {
-            1
-        } else {
-            0
-        }
-    }
-
-    fn new_nonce(&mut self) -> u64 {
-        let nonce: u64 = rand::random();
-        if self.nonces.len() == MAX_NONCES {
-            self.nonces.pop_front();
-        }
-        self.nonces.push_back(nonce);
-        nonce
-    }
-
-    fn add_candidate(&mut self, a: SocketAddr) {
-        if !self.candidates.contains(&a) {
-            if self.candidates.len() == MAX_CANDIDATES {
-                self.candidates.pop();
-            }
-            self.candidates.insert(0, a);
+    /// Our alternate registration, once the relay knows our primary one (it names the member
+    /// whose alternate address this is by peer id, and is refused before that member exists).
+    fn register_alt(&mut self) {
+        // Only at the relay we started with: the alternate address names that relay's other
+        // address, not a relay we failed over to.
+        if self.cfg.alt_relay && self.acked && !self.tcp && self.relay_index == 0 {
+            let bytes = self.alt_reg_bytes.clone();
+            self.queue(Dest::RelayAlt, bytes, None);
         }
     }
 
     fn echo_cookie(&mut self, cookie: Cookie) {
-        let echo = Registration {
-            session: self.cfg.session,
-            extended: Some(Extended {
-                peer: Some(PeerId(self.cfg.peer_id)),
-                token: self.cfg.token,
-                cookie: Some(cookie),
-            }),
-        }
-        .encode();
+        let echo = registration(&self.cfg, Some(cookie), false).encode();
         self.queue(self.relay_dest(), echo, None);
     }
 
-    /// A reply from the relay (over UDP or TCP).
-    pub(crate) fn handle_relay(&mut self, now: Instant, reply: Reply) {
+    /// A reply from the relay (over UDP or TCP); `alt`: to our alternate registration.
+    pub(crate) fn handle_relay(&mut self, now: Instant, reply: Reply, alt: bool) {
+        if alt {
+            self.handle_alt_reply(now, reply);
+            return;
+        }
+        // Any answer shows the relay alive.
+        self.unanswered = None;
         match reply {
             Reply::Ack {
                 observed,
                 peer,
                 cookie,
+                peer_alt,
             } => {
                 if let Some(c) = cookie {
                     // The relay forwards nothing to us before we prove our address by echoing
@@ -546,10 +444,15 @@ impl Rendezvous {
                 if let Some(sent) = self.rtt_probe.take() {
                     self.relay_rtt = Some(now.saturating_duration_since(sent));
                 }
-                if !self.acked {
+                let first = !self.acked;
+                if first {
                     debug!(?observed, rtt = ?self.relay_rtt, "registered with the relay");
                 }
                 self.acked = true;
+                self.ever_acked = true;
+                if first {
+                    self.register_alt();
+                }
                 self.reg_retry = REG_RETRY_MIN;
                 if let Some(p) = peer {
                     if self.status.peer != Some(p) {
@@ -562,6 +465,11 @@ impl Rendezvous {
                 if peer.is_some() {
                     self.status.peer = peer;
                 }
+                self.peer_alt(peer_alt, now);
+            }
+            Reply::Err(Some(ErrReason::Moved)) if self.ever_acked && self.cfg.relays.len() > 1 => {
+                // A relay we failed over to is draining: on to the next one.
+                self.fail_over(now);
             }
             Reply::Err(reason) => {
                 warn!(
@@ -576,319 +484,43 @@ impl Rendezvous {
         }
     }
 
-    /// A punch packet (not yet authenticated) from `from`.
-    pub(crate) fn handle_punch(&mut self, now: Instant, from: SocketAddr, packet: PunchPacket) {
-        if self.tcp || packet.sender == self.cfg.peer_id || !self.key.verify(&packet) {
-            return; // our own, reflected; or forged
-        }
-        match packet.kind {
-            Kind::Probe => {
-                self.add_candidate(from);
-                let reply = self
-                    .key
-                    .packet(Kind::Reply, self.cfg.peer_id, packet.nonce)
-                    .encode();
-                self.queue(Dest::Peer(from), reply.to_vec(), None);
-                // The peer probes from an address we are not using (its NAT rebound, or it is
-                // the symmetric side of a punch): probe back at once, so its reply can move us
-                // there without waiting for the next round.
-                if self.cfg.punch && self.status.path != Path::Direct(from) {
-                    let probe = self.new_probe();
-                    self.queue(Dest::Peer(from), probe.to_vec(), None);
+    /// A reply to our alternate registration: what the relay sees of it, and the peer's
+    /// addresses. A refusal changes nothing (the primary registration carries the session).
+    fn handle_alt_reply(&mut self, now: Instant, reply: Reply) {
+        match reply {
+            Reply::Ack {
+                observed, peer_alt, ..
+            } => {
+                if self.status.observed_alt != observed {
+                    debug!(?observed, "the relay knows our alternate address");
                 }
+                self.status.observed_alt = observed;
+                self.peer_alt(peer_alt, now);
             }
-            Kind::Reply => {
-                if !self.nonces.contains(&packet.nonce) {
-                    return; // not an answer to a probe of ours (a replay)
-                }
-                // A better path stays preferred (IPv6, then the LAN, then public IPv4): a late
-                // reply on a worse one does not move us off it (nor prove it alive).
-                if let Path::Direct(current) = self.status.path {
-                    if self.rank(from) < self.rank(current) {
-                        return;
-                    }
-                }
-                self.last_direct_reply = Some(now);
-                if self.cfg.punch && self.status.path != Path::Direct(from) {
-                    info!(peer = %from, lan = self.lan.contains(&from), "direct path up");
-                    self.set_path(Path::Direct(from));
-                    self.next_probe = Some(now + PROBE_INTERVAL);
-                }
-            }
+            Reply::Err(reason) => debug!(
+                reason = reason.map_or("unknown", ErrReason::as_str),
+                "the relay refused our alternate registration"
+            ),
         }
     }
 }
+
+/// Our extended registration: with a cookie to echo, or as our alternate address.
+fn registration(cfg: &Config, cookie: Option<Cookie>, alt: bool) -> Registration {
+    Registration {
+        session: cfg.session,
+        extended: Some(Extended {
+            peer: Some(PeerId(cfg.peer_id)),
+            token: cfg.token,
+            cookie,
+            // We read the peer's alternate address in ACKs (`pa=`).
+            alt_aware: true,
+            alt,
+        }),
+    }
+}
+
+mod schedule;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use quic_relay::proto::Reply;
-
-    const RELAY_RTT: Duration = Duration::from_millis(40);
-
-    fn cfg() -> Config {
-        Config {
-            tcp: TcpFallback::Never,
-            tcp_after: Duration::from_millis(2500),
-            session: Uuid::from_u128(42),
-            token: None,
-            peer_id: 7,
-            keepalive: Duration::from_secs(10),
-            punch: true,
-            direct_timeout: Duration::from_secs(1),
-            local: Vec::new(),
-        }
-    }
-
-    fn drain(r: &mut Rendezvous) -> Vec<Transmit> {
-        std::iter::from_fn(|| r.poll_transmit()).collect()
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().expect("address")
-    }
-
-    fn ack(peer: Option<SocketAddr>) -> Reply {
-        Reply::Ack {
-            observed: Some(addr("198.18.1.1:5000")),
-            peer,
-            cookie: None,
-        }
-    }
-
-    /// Registers at `t0` and is answered `RELAY_RTT` later, unpaired.
-    fn registered(t0: Instant) -> Rendezvous {
-        let mut r = Rendezvous::new(cfg());
-        r.handle_timeout(t0, t0);
-        let sent = drain(&mut r);
-        assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].dst, Dest::Relay);
-        r.handle_relay(t0 + RELAY_RTT, ack(None));
-        assert!(r.status().registered);
-        assert_eq!(r.relay_rtt(), Some(RELAY_RTT));
-        r
-    }
-
-    fn probes(t: &[Transmit]) -> Vec<(SocketAddr, Option<u32>)> {
-        t.iter()
-            .filter_map(|t| match t.dst {
-                Dest::Peer(a) => Some((a, t.ttl)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn registration_retries_back_off_then_keepalive_follows_the_ack() {
-        let t0 = Instant::now();
-        let mut r = Rendezvous::new(cfg());
-        assert_eq!(r.poll_timeout(t0, t0), t0, "registers at once");
-        let mut t = t0;
-        let mut sent_at = Vec::new();
-        while t < t0 + Duration::from_millis(5500) {
-            r.handle_timeout(t, t0);
-            for _ in drain(&mut r) {
-                sent_at.push((t - t0).as_millis());
-            }
-            t = r.poll_timeout(t, t0);
-        }
-        assert_eq!(
-            sent_at,
-            [0, 200, 600, 1400, 3000, 5000],
-            "200 ms doubling up to REG_RETRY_MAX"
-        );
-        r.handle_relay(t, ack(None));
-        assert!(r.status().registered);
-        assert_eq!(
-            r.relay_rtt(),
-            None,
-            "a retried registration gives no RTT sample"
-        );
-        // Answered: the next registration is the keepalive (or earlier if the peer is silent).
-        r.handle_timeout(t, t);
-        assert!(drain(&mut r).is_empty());
-        let next = r.poll_timeout(t, t);
-        assert!(next >= t + MIN_REREGISTER_GAP, "{:?}", next - t);
-    }
-
-    #[test]
-    fn a_peer_notice_sends_low_ttl_probes_at_once_and_full_probes_after_the_synchronised_lead() {
-        let t0 = Instant::now();
-        let mut r = registered(t0);
-        let peer = addr("198.18.2.1:6000");
-        let notice = t0 + Duration::from_secs(2);
-        r.handle_relay(notice, ack(Some(peer)));
-        assert_eq!(probes(&drain(&mut r)), [(peer, Some(LOW_TTL))]);
-        // Full probes start SYNC_LEAD after the relay sent the notice, half an RTT before we
-        // got it.
-        let start = notice + SYNC_LEAD - RELAY_RTT / 2;
-        assert_eq!(r.poll_timeout(notice, notice), start);
-        r.handle_timeout(start - Duration::from_millis(1), notice);
-        assert!(
-            probes(&drain(&mut r)).is_empty(),
-            "nothing before the start"
-        );
-        r.handle_timeout(start, notice);
-        assert_eq!(probes(&drain(&mut r)), [(peer, None)]);
-        // Then every PUNCH_INTERVAL within the window.
-        let mut t = start;
-        let mut rounds = 1;
-        loop {
-            t = r.poll_timeout(t, t);
-            if t >= notice + cfg().direct_timeout {
-                break;
-            }
-            r.handle_timeout(t, t);
-            let p = probes(&drain(&mut r));
-            if !p.is_empty() {
-                assert_eq!(p, [(peer, None)], "at {:?}", t - notice);
-                rounds += 1;
-            }
-        }
-        assert!(
-            (8..=10).contains(&rounds),
-            "{rounds} full rounds in the window"
-        );
-    }
-
-    #[test]
-    fn a_reply_to_our_nonce_makes_the_path_direct_and_silence_falls_back() {
-        let t0 = Instant::now();
-        let mut r = registered(t0);
-        let peer = addr("198.18.2.1:6000");
-        r.handle_relay(t0, ack(Some(peer)));
-        let t = t0 + SYNC_LEAD;
-        r.handle_timeout(t, t);
-        let sent = drain(&mut r);
-        let probe = sent
-            .iter()
-            .rev()
-            .find(|t| t.ttl.is_none() && matches!(t.dst, Dest::Peer(_)))
-            .expect("a full probe");
-        let probe = PunchPacket::decode(&probe.bytes).expect("a punch packet");
-        let key = PunchKey::new(cfg().session);
-        // A forged reply (wrong session) and a reply to a nonce we never sent change nothing.
-        let forged = PunchKey::new(Uuid::from_u128(1)).packet(Kind::Reply, 9, probe.nonce);
-        r.handle_punch(t, peer, forged);
-        r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce ^ 1));
-        assert_eq!(r.status().path, Path::Relay);
-        r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce));
-        assert_eq!(r.status().path, Path::Direct(peer));
-        // No reply for DIRECT_DEAD: back to the relay, probing on in the background with a
-        // low-TTL probe opening each round.
-        let mut now = t;
-        while r.status().path != Path::Relay {
-            now = r.poll_timeout(now, now);
-            r.handle_timeout(now, now);
-            drain(&mut r);
-            assert!(now < t + DIRECT_DEAD + PROBE_INTERVAL, "fell back in time");
-        }
-        assert!(now >= t + DIRECT_DEAD);
-        let next = r.poll_timeout(now, now);
-        r.handle_timeout(next, next);
-        let round = probes(&drain(&mut r));
-        assert_eq!(round.first(), Some(&(peer, Some(LOW_TTL))), "{round:?}");
-        assert_eq!(round.last(), Some(&(peer, None)), "{round:?}");
-    }
-
-    #[test]
-    fn a_probe_is_answered_and_probed_back_and_its_source_becomes_a_candidate() {
-        let t0 = Instant::now();
-        let mut r = registered(t0);
-        let reflexive = addr("198.18.2.1:40001");
-        let key = PunchKey::new(cfg().session);
-        r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 9, 1234));
-        let sent = drain(&mut r);
-        assert_eq!(sent.len(), 2, "a reply and a probe back");
-        let reply = PunchPacket::decode(&sent[0].bytes).expect("reply");
-        assert_eq!((reply.kind, reply.nonce), (Kind::Reply, 1234));
-        assert_eq!(sent[1].dst, Dest::Peer(reflexive));
-        // Our own probe reflected by a hairpinning NAT is ignored.
-        r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 7, 1));
-        assert!(drain(&mut r).is_empty());
-    }
-
-    #[test]
-    fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
-        let t0 = Instant::now();
-        let ours: SocketAddr = addr("100.64.1.2:5000");
-        let mut r = Rendezvous::new(Config {
-            local: vec![ours],
-            ..cfg()
-        });
-        r.handle_timeout(t0, t0);
-        drain(&mut r);
-        r.handle_relay(t0, ack(None));
-        let public = addr("198.18.1.1:6000");
-        r.handle_relay(t0, ack(Some(public)));
-        let key = PunchKey::new(cfg().session);
-        let offered: Vec<_> = drain(&mut r)
-            .into_iter()
-            .filter(|t| t.dst == Dest::Relay)
-            .collect();
-        assert_eq!(offered.len(), 1, "our list goes to the relay once paired");
-        let list = crate::candidates::Candidates::decode(&offered[0].bytes, &key).expect("ours");
-        assert_eq!((list.sender, list.addrs), (7, vec![ours]));
-        // The peer's list: a forged one is ignored, loopback is never probed, the rest is.
-        let lan = addr("100.64.1.3:7000");
-        let theirs = crate::candidates::Candidates {
-            sender: 9,
-            addrs: vec![addr("127.0.0.1:7000"), lan],
-        };
-        r.handle_candidates(t0, &theirs.encode(&PunchKey::new(Uuid::nil())));
-        assert!(drain(&mut r).is_empty());
-        r.handle_candidates(t0, &theirs.encode(&key));
-        let sent = drain(&mut r);
-        assert_eq!(probes(&sent), [(lan, None)]);
-        let nonce = PunchPacket::decode(&sent[0].bytes).expect("probe").nonce;
-        r.handle_punch(t0, lan, key.packet(Kind::Reply, 9, nonce));
-        assert_eq!(r.status().path, Path::Direct(lan));
-        // A later reply from the public address does not move us off the LAN.
-        let t = t0 + SYNC_LEAD;
-        r.handle_timeout(t, t);
-        for p in drain(&mut r) {
-            if let Some(pk) = PunchPacket::decode(&p.bytes) {
-                r.handle_punch(t, public, key.packet(Kind::Reply, 9, pk.nonce));
-            }
-        }
-        assert_eq!(r.status().path, Path::Direct(lan));
-        // Bounded: a new peer address (back on the relay path) gets the offer again, at most
-        // LAN_OFFERS times however long the peer stays unreachable.
-        let mut now = t;
-        r.handle_relay(now, ack(Some(addr("198.18.1.1:6001"))));
-        let mut offers = 0;
-        for _ in 0..50 {
-            offers += drain(&mut r)
-                .iter()
-                .filter(|t| crate::candidates::Candidates::looks_like(&t.bytes))
-                .count();
-            now = r.poll_timeout(now, now);
-            r.handle_timeout(now, now);
-        }
-        assert_eq!(offers, LAN_OFFERS as usize);
-    }
-
-    #[test]
-    fn without_udp_answers_it_switches_to_tcp_once_and_stops_punching() {
-        let t0 = Instant::now();
-        let mut r = Rendezvous::new(Config {
-            tcp: TcpFallback::Auto,
-            ..cfg()
-        });
-        let mut t = t0;
-        loop {
-            assert!(t <= t0 + cfg().tcp_after, "switched by tcp_after");
-            r.handle_timeout(t, t0);
-            drain(&mut r);
-            if r.status().path == Path::RelayTcp {
-                break;
-            }
-            t = r.poll_timeout(t, t0);
-        }
-        assert!(matches!(r.poll_event(), Some(Event::StartTcp { .. })));
-        assert_eq!(r.poll_event(), None, "only once");
-        r.handle_relay(t, ack(Some(addr("198.18.2.1:6000"))));
-        let sent = drain(&mut r);
-        assert!(probes(&sent).is_empty(), "no punching over TCP: {sent:?}");
-    }
-}
+mod tests;

@@ -75,7 +75,9 @@ impl Path {
 /// A control datagram for the driver.
 #[derive(Debug)]
 pub(crate) enum Control {
-    Relay(Reply),
+    /// A relay reply; `alt`: to our registration of the other IP family (relay PROTOCOL.md
+    /// §3.3), from the relay's address in that family.
+    Relay { reply: Reply, alt: bool },
     /// The peer's local candidates, forwarded by the relay (authenticated by the driver).
     Candidates(Vec<u8>),
     Punch {
@@ -111,6 +113,8 @@ pub struct SocketStats {
 #[derive(Debug)]
 struct PathState {
     path: Path,
+    /// The relay in use (it changes when the peer fails over to another relay).
+    relay: SocketAddr,
     /// Last datagram from the peer on any path, or a relay reply: silence means the path broke.
     last_rx: Instant,
 }
@@ -134,6 +138,16 @@ impl Shared {
         changed
     }
 
+    /// The path and the relay in use, read together for one send.
+    fn route(&self) -> (Path, SocketAddr) {
+        let s = self.state.lock().expect("path lock poisoned");
+        (s.path, s.relay)
+    }
+
+    fn relay(&self) -> SocketAddr {
+        self.state.lock().expect("path lock poisoned").relay
+    }
+
     pub(crate) fn last_rx(&self) -> Instant {
         self.state.lock().expect("path lock poisoned").last_rx
     }
@@ -152,7 +166,9 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 pub struct PeerSocket {
     io: tokio::net::UdpSocket,
     inner: UdpSocketState,
-    relay: SocketAddr,
+    /// The same relay's address in the other IP family, registered as this peer's alternate
+    /// address (relay PROTOCOL.md §3.3), when the host has both families.
+    relay_alt: Option<SocketAddr>,
     v6: bool,
     pub(crate) shared: Arc<Shared>,
     control_tx: mpsc::Sender<Control>,
@@ -171,6 +187,7 @@ impl PeerSocket {
     pub(crate) fn bind(
         bind: SocketAddr,
         relay: SocketAddr,
+        relay_alt: Option<SocketAddr>,
     ) -> Result<(Arc<Self>, mpsc::Receiver<Control>), Error> {
         let map = |what: &'static str| {
             move |source| Error::Socket {
@@ -194,7 +211,7 @@ impl PeerSocket {
         let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
         socket.set_nonblocking(true).map_err(map("O_NONBLOCK"))?;
         socket.bind(&bind.into()).map_err(map("bind"))?;
-        Self::from_std(socket.into(), relay)
+        Self::from_std(socket.into(), relay, relay_alt)
     }
 
     /// Wraps a socket the application already holds (non-blocking is set here). The NAT mapping
@@ -202,6 +219,7 @@ impl PeerSocket {
     pub(crate) fn from_std(
         socket: std::net::UdpSocket,
         relay: SocketAddr,
+        relay_alt: Option<SocketAddr>,
     ) -> Result<(Arc<Self>, mpsc::Receiver<Control>), Error> {
         let local = socket.local_addr().map_err(|source| Error::Socket {
             addr: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0),
@@ -225,6 +243,7 @@ impl PeerSocket {
         let shared = Arc::new(Shared {
             state: Mutex::new(PathState {
                 path: Path::Relay,
+                relay: canonical(relay),
                 last_rx: Instant::now(),
             }),
             stats: SocketStats::default(),
@@ -234,7 +253,10 @@ impl PeerSocket {
         let s = PeerSocket {
             io,
             inner,
-            relay: canonical(relay),
+            // An IPv4-only socket cannot reach an IPv6 address.
+            relay_alt: relay_alt
+                .map(canonical)
+                .filter(|a| local.is_ipv6() || a.is_ipv4()),
             v6: local.is_ipv6(),
             shared,
             control_tx,
@@ -259,9 +281,25 @@ impl PeerSocket {
         self.wire(VIRTUAL_PEER)
     }
 
-    /// The relay's address.
+    /// The address of the relay in use.
     pub fn relay(&self) -> SocketAddr {
-        self.relay
+        self.shared.relay()
+    }
+
+    /// Whether this socket can send to `relay` (an IPv4-only socket cannot reach IPv6).
+    pub(crate) fn can_reach(&self, relay: SocketAddr) -> bool {
+        self.v6 || canonical(relay).is_ipv4()
+    }
+
+    /// Uses `relay` from now on, for registrations and relayed datagrams alike (a failover).
+    pub(crate) fn set_relay(&self, relay: SocketAddr) {
+        self.shared.state.lock().expect("path lock poisoned").relay = canonical(relay);
+    }
+
+    /// The relay's address in the other IP family, where this peer registers its alternate
+    /// address; `None` when it has none (or cannot reach it).
+    pub fn relay_alt(&self) -> Option<SocketAddr> {
+        self.relay_alt
     }
 
     /// Sends a control datagram (registration, punch) from the shared socket.
@@ -366,7 +404,11 @@ impl PeerSocket {
         self.shared.touch();
         if let Some(reply) = Reply::parse(datagram) {
             self.shared.stats.control.fetch_add(1, Ordering::Relaxed);
-            if self.control_tx.try_send(Control::Relay(reply)).is_err() {
+            if self
+                .control_tx
+                .try_send(Control::Relay { reply, alt: false })
+                .is_err()
+            {
                 self.shared
                     .stats
                     .control_dropped
@@ -426,7 +468,8 @@ impl PeerSocket {
     /// `stride` bytes each), hands them to the driver, and returns the bytes left for Quinn.
     fn demux(&self, from: SocketAddr, buf: &mut [u8], len: usize, stride: usize) -> usize {
         let from = canonical(from);
-        let from_relay = from == self.relay;
+        let alt = self.relay_alt == Some(from);
+        let from_relay = from == self.shared.relay() || alt;
         let stride = if stride == 0 { len } else { stride };
         let mut write = 0;
         let mut read = 0;
@@ -435,10 +478,12 @@ impl PeerSocket {
             let end = (read + stride).min(len);
             let seg = &buf[read..end];
             let control = if from_relay {
-                Reply::parse(seg).map(Control::Relay).or_else(|| {
-                    crate::candidates::Candidates::looks_like(seg)
-                        .then(|| Control::Candidates(seg.to_vec()))
-                })
+                Reply::parse(seg)
+                    .map(|reply| Control::Relay { reply, alt })
+                    .or_else(|| {
+                        crate::candidates::Candidates::looks_like(seg)
+                            .then(|| Control::Candidates(seg.to_vec()))
+                    })
             } else {
                 PunchPacket::decode(seg).map(|packet| Control::Punch { from, packet })
             };
@@ -493,9 +538,10 @@ impl AsyncUdpSocket for PeerSocket {
             debug!(dst = %transmit.destination, "dropping a transmit to a non-peer address");
             return Ok(());
         }
-        let (dst, counter) = match self.shared.path() {
+        let (path, relay) = self.shared.route();
+        let (dst, counter) = match path {
             Path::Direct(a) => (a, &self.shared.stats.tx_direct),
-            Path::Relay => (self.relay, &self.shared.stats.tx_relay),
+            Path::Relay => (relay, &self.shared.stats.tx_relay),
             Path::RelayTcp => {
                 // A GSO batch is several datagrams of `segment_size` bytes: one frame each.
                 let seg = transmit

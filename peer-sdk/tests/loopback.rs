@@ -39,20 +39,7 @@ async fn pair(
     listener: Strategy,
     dialer: Options,
 ) -> (PeerConnection, tokio::task::JoinHandle<()>) {
-    let id = Identity::generate().expect("identity");
-    let pin = id.fingerprint();
-    let lopts = opts(relay, s, listener);
-    let server = tokio::spawn(async move {
-        let conn = peer_sdk::accept(lopts, ServerTls::Identity(id))
-            .await
-            .expect("accept");
-        echo(conn).await;
-    });
-    let conn = tokio::time::timeout(WAIT, peer_sdk::connect(dialer, ClientTls::Pinned(pin)))
-        .await
-        .expect("connect in time")
-        .expect("connect");
-    (conn, server)
+    pair_with(opts(relay, s, listener), dialer).await
 }
 
 async fn echo(conn: PeerConnection) {
@@ -435,4 +422,66 @@ async fn registrations_keep_an_idle_tcp_link_open() {
     stream_echo(&conn, 1000).await;
     conn.close(0, b"done").await;
     server.abort();
+}
+
+/// Connects a listener and a dialer with their own options; the listener echoes.
+async fn pair_with(
+    lopts: Options,
+    dopts: Options,
+) -> (PeerConnection, tokio::task::JoinHandle<()>) {
+    let id = Identity::generate().expect("identity");
+    let pin = id.fingerprint();
+    let server = tokio::spawn(async move {
+        let conn = peer_sdk::accept(lopts, ServerTls::Identity(id))
+            .await
+            .expect("accept");
+        echo(conn).await;
+    });
+    let conn = tokio::time::timeout(WAIT, peer_sdk::connect(dopts, ClientTls::Pinned(pin)))
+        .await
+        .expect("connect in time")
+        .expect("connect");
+    (conn, server)
+}
+
+#[tokio::test]
+async fn a_draining_relay_sends_new_sessions_to_the_next_relay_and_finishes_its_own() {
+    let relays = [relay_on("127.0.0.1:0"), relay_on("127.0.0.1:0")];
+    let addrs: Vec<SocketAddr> = relays.iter().map(|r| r.local_addr()).collect();
+    let multi = |s: Uuid| {
+        let mut o = opts(addrs[0], s, Strategy::RelayOnly);
+        o.relays = addrs.clone();
+        o
+    };
+    let old = session(40);
+    let first = multi(old).relay_order()[0];
+    let draining = relays
+        .iter()
+        .find(|r| r.local_addr() == first)
+        .expect("relay");
+    let (conn, server) = pair_with(multi(old), multi(old)).await;
+    assert_eq!(conn.status().relay, Some(first));
+    stream_echo(&conn, 1 << 20).await;
+    draining.set_draining(true);
+    // A new session whose first relay in HRW order is the draining one: both peers are sent
+    // on (ERR moved) and meet at the next.
+    let new = (41..)
+        .map(session)
+        .find(|&s| multi(s).relay_order()[0] == first)
+        .expect("a session ordered like that");
+    let next = multi(new).relay_order()[1];
+    let (conn2, server2) = pair_with(multi(new), multi(new)).await;
+    assert_eq!(conn2.status().relay, Some(next), "moved on");
+    stream_echo(&conn2, 1 << 20).await;
+    // The existing session goes on through the draining relay until it ends.
+    stream_echo(&conn, 1 << 20).await;
+    datagram_echo(&conn, 20).await;
+    assert_eq!(conn.status().relay, Some(first));
+    assert_eq!(conn.status().relay_moves, 0);
+    let moved = draining.metrics().snapshot();
+    assert!(moved.forwarded_packets > 100, "{moved:?}");
+    for (c, s) in [(conn, server), (conn2, server2)] {
+        c.close(0, b"bye").await;
+        s.await.expect("listener");
+    }
 }

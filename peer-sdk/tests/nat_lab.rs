@@ -627,3 +627,160 @@ fn an_ipv4_only_and_an_ipv6_only_peer_meet_through_a_dual_stack_relay() {
     assert_eq!(path, Path::Relay, "no common family: the relay carries it");
     assert!(relay.metrics().snapshot().forwarded_packets > 100);
 }
+
+/// Set to a relay address, this test binary runs [`relay_process`] as a relay process (one a
+/// test can kill -9), in the namespace it was started in.
+const RELAY_CHILD: &str = "PEER_SDK_LAB_RELAY_CHILD";
+
+/// Not a test by itself: [`a_relayed_connection_survives_a_kill_9_of_its_relay`] starts this
+/// binary with [`RELAY_CHILD`] set to run a relay until it is killed. Without the variable (a
+/// plain `--include-ignored` run) it has nothing to do.
+#[ignore = "helper process of the relay failover lab test, started by it with PEER_SDK_LAB_RELAY_CHILD"]
+#[test]
+fn relay_process() {
+    let Some(addr) = std::env::var_os(RELAY_CHILD) else {
+        return;
+    };
+    let addr: SocketAddr = addr
+        .to_str()
+        .and_then(|a| a.parse().ok())
+        .expect("a relay address");
+    let _relay = Server::bind(addr, RelayConfig::default(), 4 << 20)
+        .expect("bind relay")
+        .spawn()
+        .expect("spawn relay");
+    println!("relay ready on {addr}");
+    loop {
+        std::thread::park(); // until killed
+    }
+}
+
+/// Starts a relay process on `addr` in the lab's relay namespace (killed with the lab at the
+/// latest) and waits until it serves.
+fn relay_child(lab: &Lab, addr: SocketAddr) -> std::process::Child {
+    use std::io::BufRead as _;
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    cmd.args([
+        "--exact",
+        "relay_process",
+        "--include-ignored",
+        "--nocapture",
+    ])
+    .env(RELAY_CHILD, addr.to_string())
+    .stdout(std::process::Stdio::piped());
+    let mut child = lab.spawn(&lab.relay_ns(), cmd).expect("relay process");
+    let out = child.stdout.take().expect("stdout");
+    let ready = std::io::BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("relay ready"));
+    assert!(ready, "relay process on {addr} did not start");
+    child
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn a_relayed_connection_survives_a_kill_9_of_its_relay() {
+    netlab::require_lab!();
+    let lab = Lab::new(LabConfig::new(NatType::Symmetric, NatType::Symmetric)).expect("lab");
+    let relays = [4433, 4434].map(|p| SocketAddr::from((lab.relay_ip(), p)));
+    let mut procs: Vec<_> = relays.iter().map(|&a| (a, relay_child(&lab, a))).collect();
+    let s = session(NatType::Symmetric, NatType::Symmetric, 10);
+    let opts = {
+        let mut o = options(&lab, s);
+        o.relays = relays.to_vec();
+        // Relay-only, so that the relay carries the connection.
+        o.strategy = peer_sdk::Strategy::RelayOnly;
+        o
+    };
+    let order = opts.relay_order();
+    let (first, next) = (order[0], order[1]);
+    let victim = procs.iter().position(|(a, _)| *a == first).expect("relay");
+    let (_, mut victim) = procs.remove(victim);
+    let (pin, server) = listener(&lab, Side::A, opts.clone());
+    let (path, _) = dial(&lab, Side::B, opts, pin, move |conn| async move {
+        assert_eq!(
+            conn.status().relay,
+            Some(first),
+            "on the first relay in HRW order"
+        );
+        let mut status = conn.watch_status();
+        let watched = conn.connection().clone();
+        let kill = async move {
+            // Mid-transfer: once a few MiB came back.
+            while watched.stats().udp_rx.bytes < 4 << 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let killed = Instant::now();
+            victim.kill().expect("kill -9 the relay");
+            let _ = victim.wait();
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                status.wait_for(|s| s.relay == Some(next)),
+            )
+            .await
+            .expect("moved to the next relay within 5 s")
+            .expect("status");
+            killed.elapsed()
+        };
+        // 16 MiB each way, byte for byte, on the same connection.
+        let ((), moved) = tokio::join!(stream_echo(&conn, 16 << 20), kill);
+        eprintln!("relay killed mid-transfer: moved to {next} after {moved:?}");
+        assert_eq!(conn.status().relay_moves, 1);
+        datagram_echo(&conn, 20).await;
+        conn.close(0, b"done").await;
+    });
+    server.join().expect("listener");
+    assert_eq!(path, Path::Relay);
+}
+
+#[ignore = "NAT lab: needs root, ip, nft, conntrack (apt-get install iproute2 nftables conntrack); run as root with `cargo test -- --ignored` (CI does)"]
+#[test]
+fn dual_stack_peers_learn_each_others_ipv6_address_from_the_relay() {
+    netlab::require_lab!();
+    let lab = Lab::new(
+        LabConfig::new(NatType::Symmetric, NatType::PortRestrictedOpen)
+            .with_stacks(netlab::Stack::Dual, netlab::Stack::Dual),
+    )
+    .expect("lab");
+    let _relay = start_dual_stack_relay(&lab);
+    let s = session(NatType::Symmetric, NatType::PortRestrictedOpen, 11);
+    // One relay, named by its IPv4 address, with its IPv6 address as the other family's.
+    let opts = {
+        let mut o = options(&lab, s);
+        o.relay_other_family = vec![(
+            relay_addr(&lab),
+            SocketAddr::from((lab.relay_ip6(), RELAY_PORT)),
+        )];
+        o
+    };
+    let (pin, server) = listener(&lab, Side::A, opts.clone());
+    let (a6, b6) = (
+        lab.peer_ip6(Side::A).expect("A has IPv6"),
+        lab.peer_ip6(Side::B).expect("B has IPv6"),
+    );
+    let (path, _) = dial(&lab, Side::B, opts, pin, move |conn| async move {
+        let st = conn.status();
+        assert!(
+            st.observed.is_some_and(|o| o.is_ipv4()),
+            "registered over IPv4: {st:?}"
+        );
+        assert_eq!(
+            st.observed_alt.map(|a| a.ip()),
+            Some(std::net::IpAddr::V6(b6)),
+            "the relay saw our IPv6 address: {st:?}"
+        );
+        assert_eq!(
+            st.peer_alt.map(|a| a.ip()),
+            Some(std::net::IpAddr::V6(a6)),
+            "the relay told us the listener's IPv6 address: {st:?}"
+        );
+        stream_echo(&conn, 1 << 20).await;
+        conn.close(0, b"done").await;
+    });
+    server.join().expect("listener");
+    assert!(
+        matches!(path, Path::Direct(a) if a.ip() == std::net::IpAddr::V6(a6)),
+        "direct over IPv6: {path:?}"
+    );
+}

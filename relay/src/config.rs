@@ -153,6 +153,12 @@ pub struct Args {
     #[arg(long, env = "QUIC_RELAY_METRICS")]
     pub metrics: Option<SocketAddr>,
 
+    /// Start in drain mode: refuse registrations for new sessions (`ERR moved`, clients go to
+    /// their next relay) and serve existing ones until they end (PROTOCOL.md §5.2). SIGUSR1
+    /// turns drain mode on in a running relay, SIGUSR2 off.
+    #[arg(long, env = "QUIC_RELAY_DRAIN")]
+    pub drain: bool,
+
     /// Do not accept TCP. By default the relay also listens on TCP at the same address and port,
     /// for peers whose networks block UDP (datagrams framed with a u16 length; PROTOCOL.md §11).
     #[arg(long, env = "QUIC_RELAY_NO_TCP")]

@@ -55,6 +55,11 @@ fn main() -> anyhow::Result<()> {
             signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
         let mut sigint =
             signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+        // Drain mode for planned maintenance (PROTOCOL.md §5.2): on with SIGUSR1, off with SIGUSR2.
+        let mut drain_on =
+            signal(SignalKind::user_defined1()).context("cannot install SIGUSR1 handler")?;
+        let mut drain_off =
+            signal(SignalKind::user_defined2()).context("cannot install SIGUSR2 handler")?;
         let mut server =
             Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
         if let Some(tcp) = args.tcp_config() {
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 )))
             }
         };
+        server.set_draining(args.drain);
         let mut relay = server.spawn()?;
         info!(
             addr = %relay.local_addr(),
@@ -90,12 +96,17 @@ fn main() -> anyhow::Result<()> {
             reg_rate_per_ip = args.reg_rate_per_ip,
             tokens_required = !config.secrets.is_empty(),
             tcp = !args.no_tcp,
+            draining = args.drain,
             "quic-relay listening"
         );
-        let reason = tokio::select! {
-            _ = sigterm.recv() => "SIGTERM",
-            _ = sigint.recv() => "SIGINT",
-            () = relay.exited() => "relay thread ended",
+        let reason = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+                () = relay.exited() => break "relay thread ended",
+                _ = drain_on.recv() => relay.set_draining(true),
+                _ = drain_off.recv() => relay.set_draining(false),
+            }
         };
         info!(reason, "shutting down");
         let clean = relay.shutdown();

@@ -69,7 +69,7 @@ pub struct TcpCounters {
 /// The published counters. Cheap to read from any thread.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    regs: [AtomicU64; 12],
+    regs: [AtomicU64; RegResult::ALL.len()],
     forwarded_packets: AtomicU64,
     forwarded_bytes: AtomicU64,
     dropped_unknown_source: AtomicU64,
@@ -122,7 +122,7 @@ impl Metrics {
     /// A copy of the last published state-machine counters.
     pub fn snapshot(&self) -> Stats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut regs = [0; 12];
+        let mut regs = [0; RegResult::ALL.len()];
         for (v, a) in regs.iter_mut().zip(&self.regs) {
             *v = get(a);
         }

@@ -47,6 +47,15 @@ pub const COOKIE_PARAM_LEN: usize = 3 + 16;
 /// answering with more bytes than it was sent.
 pub const MAX_COOKIE_REPLY_LEN: usize = MAX_REPLY_LEN + COOKIE_PARAM_LEN;
 
+/// What the other member's alternate address adds to an ACK: `" pa="` and an address of up to
+/// 47 characters (PROTOCOL.md §3.3).
+pub const ALT_PARAM_LEN: usize = 4 + 47;
+
+/// The longest ACK: two addresses, a cookie and the peer's alternate address. Registrations of
+/// clients that read alternate addresses (`ax=1`, `alt=1`) are padded to this length by
+/// [`Registration::encode`].
+pub const MAX_ALT_REPLY_LEN: usize = MAX_COOKIE_REPLY_LEN + ALT_PARAM_LEN;
+
 /// Longest parameter key; keys are short lowercase words.
 const MAX_KEY_LEN: usize = 16;
 
@@ -166,6 +175,12 @@ pub struct Extended {
     pub token: Option<Token>,
     /// `c=`: the cookie of the relay's last ACK, echoed to prove the address (PROTOCOL.md §12).
     pub cookie: Option<Cookie>,
+    /// `ax=1`: the client reads the other member's alternate address (`pa=`) in ACKs
+    /// (PROTOCOL.md §3.3). Implied by `alt=1`.
+    pub alt_aware: bool,
+    /// `alt=1`: this registration is not a member's but the *alternate address* (the other IP
+    /// family) of the member with peer id `p` (PROTOCOL.md §3.3).
+    pub alt: bool,
 }
 
 /// Why a datagram that starts with `REG:` is not a valid registration.
@@ -326,7 +341,29 @@ fn parse_body(datagram: &[u8], needs_reply_room: bool) -> Result<Registration, P
                 }
                 e.cookie = Some(Cookie(parse_hex_u64(value).ok_or(ParseError::BadParam)?));
             }
+            b"ax" | b"alt" => {
+                let flag = if key == b"ax" {
+                    &mut e.alt_aware
+                } else {
+                    &mut e.alt
+                };
+                if *flag {
+                    return Err(ParseError::DuplicateParam);
+                }
+                if value != b"1" {
+                    return Err(ParseError::BadParam);
+                }
+                *flag = true;
+            }
             _ => {} // forward compatibility: unknown parameters (and `pad=`) are ignored
+        }
+    }
+    if let Some(e) = ext.as_mut() {
+        // An alternate registration reads the ACK's `pa=` like any other.
+        e.alt_aware |= e.alt;
+        if e.alt && e.peer.is_none() {
+            // The alternate address of whom?
+            return Err(ParseError::BadParam);
         }
     }
     if needs_reply_room && ext.is_some() && datagram.len() < MAX_REPLY_LEN {
@@ -429,7 +466,8 @@ impl Registration {
 
     /// Encodes the registration. Extended registrations are padded (with a `pad=` parameter) to
     /// at least [`MAX_COOKIE_REPLY_LEN`] bytes: the relay requires [`MAX_REPLY_LEN`], and the
-    /// rest leaves room for a cookie in its ACK.
+    /// rest leaves room for a cookie in its ACK; with `ax=1` or `alt=1`, to
+    /// [`MAX_ALT_REPLY_LEN`], room for the peer's alternate address too.
     pub fn encode(&self) -> Vec<u8> {
         let mut s = String::with_capacity(MAX_REPLY_LEN + 8);
         s.push_str("REG:");
@@ -445,8 +483,18 @@ impl Registration {
             if let Some(Cookie(c)) = ext.cookie {
                 let _ = write!(s, " c={c:016x}");
             }
+            if ext.alt {
+                s.push_str(" alt=1");
+            } else if ext.alt_aware {
+                s.push_str(" ax=1");
+            }
             // Unknown parameters are ignored by the relay; `pad=` fills up to the reply size.
-            let missing = MAX_COOKIE_REPLY_LEN.saturating_sub(s.len() + 1);
+            let reply_len = if ext.alt_aware || ext.alt {
+                MAX_ALT_REPLY_LEN
+            } else {
+                MAX_COOKIE_REPLY_LEN
+            };
+            let missing = reply_len.saturating_sub(s.len() + 1);
             if missing > 0 {
                 s.push_str(" pad=");
                 let zeros = missing.saturating_sub(5);
@@ -478,11 +526,15 @@ pub enum ErrReason {
     Auth,
     /// The token's expiry has passed.
     Expired,
+    /// An alternate registration (`alt=1`) names a peer id that is no member of the session.
+    NoMember,
+    /// The relay is draining for maintenance: it takes no new peers; use the next relay.
+    Moved,
 }
 
 impl ErrReason {
     /// Every reason, for metrics and tests.
-    pub const ALL: [ErrReason; 8] = [
+    pub const ALL: [ErrReason; 10] = [
         ErrReason::Malformed,
         ErrReason::Short,
         ErrReason::Full,
@@ -491,6 +543,8 @@ impl ErrReason {
         ErrReason::Rate,
         ErrReason::Auth,
         ErrReason::Expired,
+        ErrReason::NoMember,
+        ErrReason::Moved,
     ];
 
     /// The word on the wire.
@@ -504,6 +558,8 @@ impl ErrReason {
             ErrReason::Rate => "rate",
             ErrReason::Auth => "auth",
             ErrReason::Expired => "expired",
+            ErrReason::NoMember => "no-member",
+            ErrReason::Moved => "moved",
         }
     }
 
@@ -525,6 +581,9 @@ pub enum Reply {
         /// Present until this member has proved its address: echo it in a registration
         /// (`c=`, [`Extended::cookie`]) at once; the relay forwards nothing to it before.
         cookie: Option<Cookie>,
+        /// `pa=`: the other member's alternate address (its other IP family), for a client
+        /// that asked for it ([`Extended::alt_aware`]).
+        peer_alt: Option<SocketAddr>,
     },
     /// Refused. The reason is `None` for a word this version does not know.
     Err(Option<ErrReason>),
@@ -533,7 +592,7 @@ pub enum Reply {
 /// A reply encoded into a fixed buffer: the relay's hot path never allocates.
 #[derive(Clone, Copy)]
 pub struct ReplyBuf {
-    buf: [u8; MAX_COOKIE_REPLY_LEN],
+    buf: [u8; MAX_ALT_REPLY_LEN],
     len: u8,
 }
 
@@ -550,7 +609,7 @@ impl std::fmt::Debug for ReplyBuf {
 impl ReplyBuf {
     /// `ACK\n`, the reply to almost every registration, built once at compile time.
     const ACK: ReplyBuf = {
-        let mut buf = [0; MAX_COOKIE_REPLY_LEN];
+        let mut buf = [0; MAX_ALT_REPLY_LEN];
         let mut i = 0;
         while i < ACK.len() {
             buf[i] = ACK[i];
@@ -578,7 +637,7 @@ struct ReplyWriter<'a>(&'a mut ReplyBuf);
 
 impl std::fmt::Write for ReplyWriter<'_> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        if self.0.len as usize + s.len() > MAX_COOKIE_REPLY_LEN {
+        if self.0.len as usize + s.len() > MAX_ALT_REPLY_LEN {
             return Err(std::fmt::Error);
         }
         self.0.push(s.as_bytes());
@@ -595,7 +654,7 @@ impl Reply {
     /// Encodes the reply. `Ack` with neither address is the original `ACK\n`.
     pub fn encode(&self) -> ReplyBuf {
         let mut out = ReplyBuf {
-            buf: [0; MAX_COOKIE_REPLY_LEN],
+            buf: [0; MAX_ALT_REPLY_LEN],
             len: 0,
         };
         match *self {
@@ -604,16 +663,20 @@ impl Reply {
                 observed: Some(me),
                 peer,
                 cookie,
+                peer_alt,
             } => {
                 let mut w = ReplyWriter(&mut out);
-                // Cannot fail: two socket addresses and a cookie fit in MAX_COOKIE_REPLY_LEN by
-                // construction.
+                // Cannot fail: two socket addresses, a cookie and an alternate address fit in
+                // MAX_ALT_REPLY_LEN by construction.
                 let _ = write!(w, "ACK {}", canonical(me));
                 if let Some(p) = peer {
                     let _ = write!(w, " {}", canonical(p));
                 }
                 if let Some(Cookie(c)) = cookie {
                     let _ = write!(w, " c={c:016x}");
+                }
+                if let Some(a) = peer_alt {
+                    let _ = write!(w, " pa={}", canonical(a));
                 }
                 out.push(b"\n");
             }
@@ -634,6 +697,7 @@ impl Reply {
                 observed: None,
                 peer: None,
                 cookie: None,
+                peer_alt: None,
             });
         }
         if let Some(reason) = line.strip_prefix(b"ERR ") {
@@ -642,27 +706,26 @@ impl Reply {
         let addrs = std::str::from_utf8(line.strip_prefix(b"ACK ")?).ok()?;
         let mut parts = addrs.split(' ').peekable();
         let observed = Some(parts.next()?.parse().ok()?);
-        let peer = match parts.next_if(|p| !p.starts_with("c=")) {
+        let peer = match parts.next_if(|p| !p.contains('=')) {
             Some(p) => Some(p.parse().ok()?),
             None => None,
         };
-        let cookie = match parts.next() {
-            Some(c) => {
-                let hex = c.strip_prefix("c=")?;
-                if hex.len() != 16 {
-                    return None;
+        let (mut cookie, mut peer_alt) = (None, None);
+        for part in parts {
+            let (key, value) = part.split_once('=')?;
+            match key {
+                "c" if cookie.is_none() && value.len() == 16 => {
+                    cookie = Some(Cookie(parse_hex_u64(value.as_bytes())?));
                 }
-                Some(Cookie(parse_hex_u64(hex.as_bytes())?))
+                "pa" if peer_alt.is_none() => peer_alt = Some(value.parse().ok()?),
+                _ => return None,
             }
-            None => None,
-        };
-        if parts.next().is_some() {
-            return None;
         }
         Some(Reply::Ack {
             observed,
             peer,
             cookie,
+            peer_alt,
         })
     }
 }

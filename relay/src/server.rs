@@ -304,11 +304,17 @@ impl Server {
         );
     }
 
+    /// Drain mode from the start ([`ServerHandle::set_draining`]).
+    pub fn set_draining(&self, on: bool) {
+        crate::tcp::lock(&self.core).relay.set_draining(on);
+    }
+
     /// Runs the loop on a thread of its own; the handle stops it.
     pub fn spawn(self) -> Result<ServerHandle, Error> {
         let shutdown = Arc::new(AtomicBool::new(false));
         let local_addr = self.local_addr;
         let metrics = self.metrics.clone();
+        let core = self.core.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let flag = shutdown.clone();
         let thread = std::thread::Builder::new()
@@ -321,6 +327,7 @@ impl Server {
             .map_err(Error::Thread)?;
         Ok(ServerHandle {
             shutdown,
+            core,
             thread: Some(thread),
             local_addr,
             metrics,
@@ -342,6 +349,8 @@ impl Server {
 #[derive(Debug)]
 pub struct ServerHandle {
     shutdown: Arc<AtomicBool>,
+    /// The session table, for drain mode.
+    core: Arc<Mutex<Core>>,
     thread: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -357,6 +366,18 @@ impl ServerHandle {
     /// The relay's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Drain mode on or off (PROTOCOL.md §5.2): while on, registrations for new sessions are
+    /// refused with `ERR moved`, and existing sessions go on until they end.
+    pub fn set_draining(&self, on: bool) {
+        crate::tcp::lock(&self.core).relay.set_draining(on);
+        info!(draining = on, "drain mode");
+    }
+
+    /// Whether the relay is draining.
+    pub fn draining(&self) -> bool {
+        crate::tcp::lock(&self.core).relay.draining()
     }
 
     /// Completes when the relay thread has ended (after [`ServerHandle::shutdown`], or by a

@@ -265,17 +265,20 @@ pub enum RegResult {
     Refresh,
     /// A member moved to a new address (NAT rebinding).
     Rebind,
+    /// A member's alternate address (its other IP family) registered or refreshed.
+    Alt,
     /// Refused.
     Refused(ErrReason),
 }
 
 impl RegResult {
     /// Every result, for metrics.
-    pub const ALL: [RegResult; 12] = [
+    pub const ALL: [RegResult; 15] = [
         RegResult::New,
         RegResult::Join,
         RegResult::Refresh,
         RegResult::Rebind,
+        RegResult::Alt,
         RegResult::Refused(ErrReason::Malformed),
         RegResult::Refused(ErrReason::Short),
         RegResult::Refused(ErrReason::Full),
@@ -284,6 +287,8 @@ impl RegResult {
         RegResult::Refused(ErrReason::Rate),
         RegResult::Refused(ErrReason::Auth),
         RegResult::Refused(ErrReason::Expired),
+        RegResult::Refused(ErrReason::NoMember),
+        RegResult::Refused(ErrReason::Moved),
     ];
 
     /// Metric label.
@@ -293,6 +298,7 @@ impl RegResult {
             RegResult::Join => "join",
             RegResult::Refresh => "refresh",
             RegResult::Rebind => "rebind",
+            RegResult::Alt => "alt",
             RegResult::Refused(r) => r.as_str(),
         }
     }
@@ -309,7 +315,7 @@ impl RegResult {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Registrations by result, indexed like [`RegResult::ALL`].
-    pub regs: [u64; 12],
+    pub regs: [u64; RegResult::ALL.len()],
     /// Datagrams forwarded.
     pub forwarded_packets: u64,
     /// Payload bytes forwarded.
@@ -363,6 +369,8 @@ const SLOT_VERIFIED: u8 = 8;
 /// The member's session heard a second registration (a refresh, a rebind or the other peer's
 /// join): it is not flood debris, and is never evicted to make room.
 const SLOT_CONFIRMED: u8 = 16;
+/// The member reads the other member's alternate address in its ACKs (`ax=1`, PROTOCOL.md §3.3).
+const SLOT_ALT_AWARE: u8 = 32;
 
 /// One member of a session. 32 bytes: the address is stored as IP and port, its transport in
 /// `tcp` (a whole [`PeerAddr`] would pad the slot to 40 bytes).
@@ -493,6 +501,10 @@ pub struct Relay {
     free: Vec<u32>,
     by_id: HashMap<Uuid, u32>,
     by_addr: HashMap<PeerAddr, MemberRef>,
+    /// Members' alternate addresses (their other IP family, PROTOCOL.md §3.3), by
+    /// [`MemberRef`]: at most one per member, removed with it. Kept beside the slab rather
+    /// than in [`Slot`], whose size the memory target rests on: few members have one.
+    alts: HashMap<u32, PeerAddr>,
     /// Memberships per [`ip_limit_key`].
     per_ip: HashMap<[u8; 16], u32>,
     /// Sessions in order of creation, oldest first, as candidates for eviction when the table
@@ -508,6 +520,8 @@ pub struct Relay {
     next_tick: Instant,
     transmits: VecDeque<Transmit>,
     stats: Stats,
+    /// Draining for maintenance: registrations for new sessions are refused with `moved`.
+    draining: bool,
 }
 
 impl std::fmt::Debug for Relay {
@@ -533,6 +547,7 @@ impl Relay {
             free: Vec::new(),
             by_id: HashMap::new(),
             by_addr: HashMap::new(),
+            alts: HashMap::new(),
             per_ip: HashMap::new(),
             young: VecDeque::new(),
             born: 0,
@@ -542,6 +557,7 @@ impl Relay {
             next_tick: now + TICK,
             transmits: VecDeque::with_capacity(4),
             stats: Stats::default(),
+            draining: false,
         }
     }
 
@@ -549,6 +565,18 @@ impl Relay {
     /// The server calls this every tick, so a clock step is picked up within one.
     pub fn set_wall_clock(&mut self, unix_secs: u64) {
         self.unix_now = unix_secs;
+    }
+
+    /// Drain mode (PROTOCOL.md §5.2): while on, a registration that would create a session is
+    /// refused with `ERR moved`; existing sessions go on (refreshes, rebinds, the second peer
+    /// joining, forwarding) until they end.
+    pub fn set_draining(&mut self, on: bool) {
+        self.draining = on;
+    }
+
+    /// Whether the relay is draining.
+    pub fn draining(&self) -> bool {
+        self.draining
     }
 
     /// Counters so far.
@@ -723,39 +751,6 @@ impl Relay {
     /// When [`Relay::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Instant {
         self.next_tick
-    }
-
-    fn queue(&mut self, dst: PeerAddr, reply: Reply, request_len: usize) -> bool {
-        let mut payload = reply.encode();
-        if let Reply::Ack {
-            observed,
-            peer,
-            cookie: Some(_),
-        } = reply
-        {
-            if payload.as_bytes().len() > request_len {
-                // An older client's registration, padded for addresses only: it gets its
-                // addresses but no cookie (and so stays unverified).
-                payload = Reply::Ack {
-                    observed,
-                    peer,
-                    cookie: None,
-                }
-                .encode();
-            }
-        }
-        // The no-amplification rule: never answer with more bytes than were sent.
-        if payload.as_bytes().len() > request_len {
-            self.stats.replies_suppressed += 1;
-            return false;
-        }
-        self.transmits.push_back(Transmit { dst, payload });
-        true
-    }
-
-    fn refuse(&mut self, src: PeerAddr, reason: ErrReason, request_len: usize) {
-        self.count(RegResult::Refused(reason));
-        self.queue(src, Reply::Err(Some(reason)), request_len);
     }
 
     fn count(&mut self, r: RegResult) {

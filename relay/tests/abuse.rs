@@ -133,6 +133,8 @@ fn ext_reg(session: Uuid, peer: u64, cookie: Option<quic_relay::proto::Cookie>) 
             peer: Some(PeerId(peer)),
             token: None,
             cookie,
+            alt_aware: false,
+            alt: false,
         }),
     }
     .encode()

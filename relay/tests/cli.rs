@@ -131,6 +131,7 @@ fn help_explains_every_flag_and_its_environment_variable() {
         "--tcp-handshake-timeout-secs",
         "--tcp-idle-timeout-secs",
         "--tcp-write-queue",
+        "--drain",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
         let env = format!(
@@ -380,6 +381,8 @@ fn registration(session: &str, token: Option<&str>) -> Vec<u8> {
             peer: None,
             token: token.map(|t| t.parse().expect("the printed token parses")),
             cookie: None,
+            alt_aware: false,
+            alt: false,
         }),
     }
     .encode()
@@ -511,4 +514,45 @@ fn version_names_the_binary() {
         out.trim(),
         format!("quic-relay {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+#[test]
+fn drain_mode_refuses_new_sessions_with_moved_and_keeps_existing_ones() {
+    const OLD: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let new = |i: u32| format!("0b7e4a3c-5d2f-4e8a-9c1b-2a3d4e5f{i:04x}");
+    let mut relay = Relay::start(&["--bind", "127.0.0.1", "--port", "0", "--no-tcp"], &[]);
+    let addr = relay.wait_bound();
+    relay.wait_log("quic-relay listening");
+    // A session from before the drain: one member, from a socket kept for later.
+    let member = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    member.set_read_timeout(Some(WAIT)).expect("timeout");
+    let old_reg = registration(OLD, None);
+    member.send_to(&old_reg, addr).expect("send");
+    let mut buf = [0u8; 256];
+    let n = member.recv(&mut buf).expect("ACK");
+    assert!(buf[..n].starts_with(b"ACK "));
+    // SIGUSR1: new sessions are sent on; the existing one still takes its second peer.
+    relay.signal(libc::SIGUSR1);
+    relay.wait_log("draining=true");
+    assert_eq!(ask(addr, &registration(&new(1), None)), "ERR moved");
+    assert!(
+        ask(addr, &registration(OLD, None)).starts_with("ACK "),
+        "joins the old session"
+    );
+    member.send_to(&old_reg, addr).expect("send");
+    let n = member.recv(&mut buf).expect("ACK");
+    assert!(buf[..n].starts_with(b"ACK "), "the member refreshes");
+    // SIGUSR2: back to normal.
+    relay.signal(libc::SIGUSR2);
+    relay.wait_log("draining=false");
+    assert!(ask(addr, &registration(&new(2), None)).starts_with("ACK "));
+    drop(relay);
+    // --drain: draining from the start.
+    let mut relay = Relay::start(
+        &["--bind", "127.0.0.1", "--port", "0", "--no-tcp", "--drain"],
+        &[],
+    );
+    let addr = relay.wait_bound();
+    relay.wait_log("quic-relay listening");
+    assert_eq!(ask(addr, &registration(&new(3), None)), "ERR moved");
 }

@@ -63,6 +63,8 @@ fn reg_ext(
             cookie: None,
             peer: Some(PeerId(peer)),
             token,
+            alt_aware: false,
+            alt: false,
         }),
     };
     s.send_to(&r.encode(), relay).expect("send REG");

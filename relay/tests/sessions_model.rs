@@ -279,6 +279,8 @@ fn datagram(op: &Op, cookie: Option<proto::Cookie>) -> (Vec<u8>, Kind) {
                     cookie,
                     peer: peer.map(PeerId),
                     token,
+                    alt_aware: false,
+                    alt: false,
                 }),
             };
             (
@@ -421,6 +423,7 @@ impl Model {
             observed,
             peer,
             cookie: Some(_),
+            ..
         } = reply
         {
             if reply.encode().as_bytes().len() > request_len {
@@ -429,6 +432,7 @@ impl Model {
                     observed,
                     peer,
                     cookie: None,
+                    peer_alt: None,
                 };
             }
         }
@@ -467,6 +471,7 @@ impl Model {
                 cookie: None,
                 observed: None,
                 peer: None,
+                peer_alt: None,
             };
         }
         Reply::Ack {
@@ -474,6 +479,7 @@ impl Model {
             cookie: (!me.verified).then_some(proto::Cookie(0)),
             observed: Some(me.addr.to_socket_addr()),
             peer: s.slots[1 - k].map(|o| o.addr.to_socket_addr()),
+            peer_alt: None,
         }
     }
 
@@ -935,12 +941,14 @@ fn normalized(sent: &[(PeerAddr, Vec<u8>)]) -> Vec<(PeerAddr, Vec<u8>)> {
                 observed,
                 peer,
                 cookie: Some(_),
+                peer_alt: None,
             }) => (
                 *d,
                 Reply::Ack {
                     observed,
                     peer,
                     cookie: Some(proto::Cookie(0)),
+                    peer_alt: None,
                 }
                 .encode()
                 .as_bytes()

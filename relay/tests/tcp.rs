@@ -41,6 +41,8 @@ fn reg_bytes(session: Uuid, peer: u64) -> Vec<u8> {
             cookie: None,
             peer: Some(PeerId(peer)),
             token: None,
+            alt_aware: false,
+            alt: false,
         }),
     }
     .encode()
@@ -84,6 +86,8 @@ fn udp_reg(s: &UdpSocket, relay: SocketAddr, session: Uuid, peer: u64) -> Vec<u8
             peer: Some(PeerId(peer)),
             token: None,
             cookie: Some(c),
+            alt_aware: false,
+            alt: false,
         }),
     }
     .encode();
@@ -138,7 +142,8 @@ fn tcp_member_and_udp_member_exchange_datagrams_both_ways() {
         Reply::Ack {
             cookie: None,
             observed: Some(tcp_local),
-            peer: None
+            peer: None,
+            peer_alt: None
         },
         "the relay reports the TCP connection's address"
     );
@@ -150,7 +155,8 @@ fn tcp_member_and_udp_member_exchange_datagrams_both_ways() {
         Some(Reply::Ack {
             cookie: None,
             observed: Some(u.local_addr().expect("local")),
-            peer: Some(tcp_local)
+            peer: Some(tcp_local),
+            peer_alt: None
         })
     );
     // The TCP member is told about its new peer, over TCP.
@@ -159,7 +165,8 @@ fn tcp_member_and_udp_member_exchange_datagrams_both_ways() {
         Some(Reply::Ack {
             cookie: None,
             observed: Some(tcp_local),
-            peer: Some(u.local_addr().expect("local"))
+            peer: Some(u.local_addr().expect("local")),
+            peer_alt: None
         })
     );
 

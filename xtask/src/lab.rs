@@ -13,7 +13,7 @@ Usage: cargo xtask lab <up|check|matrix|cleanup> [args]   (needs root, ip, nft, 
         build a lab (nat: none, full-cone, port-restricted, port-restricted-open,
         symmetric, symmetric-sequential, udp-blocked), print its topology and NAT
         self-checks, wait for Ctrl-C, then remove it
-  lab check [--nat <nat>]...   verify every (or the named) NAT type behaves as named
+  lab check [--nat <nat>]...   verify every (or the named) NAT type behaves as named, IPv4 and IPv6
   lab matrix [--repeat N] [--nat <nat>]...
         connect two peer-sdk peers through a relay for every ordered pair (A dials,
         B listens) of the punchable NAT types (or the named ones), N times each in

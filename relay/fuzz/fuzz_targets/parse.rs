@@ -56,10 +56,12 @@ fuzz_target!(|data: &[u8]| {
                 observed,
                 peer,
                 cookie,
+                peer_alt,
             } => Reply::Ack {
                 observed: observed.map(canonical),
                 peer: peer.map(canonical),
                 cookie,
+                peer_alt: peer_alt.map(canonical),
             },
             err => err,
         };

@@ -150,7 +150,7 @@ fn registration(id: Uuid, extended: &Option<(Option<u8>, Option<TokenSpec>)>) ->
                 id,
                 WALL0.saturating_add_signed(i64::from(t.expiry_offset)),
             )
-        }),
+        }), alt_aware: false, alt: false,
     });
     Registration {
         session: id,

@@ -26,6 +26,8 @@ fn ext(peer: Option<u64>, token: Option<Token>) -> Registration {
             cookie: None,
             peer: peer.map(PeerId),
             token,
+            alt_aware: false,
+            alt: false,
         }),
     }
 }
@@ -443,6 +445,7 @@ fn reply_snapshots_and_parse_back() {
                 cookie: None,
                 observed: None,
                 peer: None,
+                peer_alt: None,
             },
             b"ACK\n",
         ),
@@ -451,6 +454,7 @@ fn reply_snapshots_and_parse_back() {
                 cookie: None,
                 observed: Some(sa("198.18.0.1:4433")),
                 peer: None,
+                peer_alt: None,
             },
             b"ACK 198.18.0.1:4433\n",
         ),
@@ -459,6 +463,7 @@ fn reply_snapshots_and_parse_back() {
                 cookie: None,
                 observed: Some(sa("[2001:db8::1]:1")),
                 peer: Some(sa("198.18.0.2:2")),
+                peer_alt: None,
             },
             b"ACK [2001:db8::1]:1 198.18.0.2:2\n",
         ),
@@ -467,6 +472,7 @@ fn reply_snapshots_and_parse_back() {
                 cookie: None,
                 observed: Some(sa("198.18.0.2:65535")),
                 peer: Some(sa("[2001:db8::1]:0")),
+                peer_alt: None,
             },
             b"ACK 198.18.0.2:65535 [2001:db8::1]:0\n",
         ),
@@ -475,6 +481,7 @@ fn reply_snapshots_and_parse_back() {
                 cookie: Some(Cookie(0x0123_4567_89ab_cdef)),
                 observed: Some(sa("198.18.0.2:7")),
                 peer: None,
+                peer_alt: None,
             },
             b"ACK 198.18.0.2:7 c=0123456789abcdef\n",
         ),
@@ -483,6 +490,7 @@ fn reply_snapshots_and_parse_back() {
                 cookie: Some(Cookie(1)),
                 observed: Some(sa("198.18.0.2:7")),
                 peer: Some(sa("198.18.0.3:8")),
+                peer_alt: None,
             },
             b"ACK 198.18.0.2:7 198.18.0.3:8 c=0000000000000001\n",
         ),
@@ -504,6 +512,7 @@ fn reply_snapshots_and_parse_back() {
         cookie: None,
         observed: Some(v4_mapped),
         peer: Some(sa("[::ffff:10.0.0.1]:5")),
+        peer_alt: None,
     };
     assert_eq!(
         mapped.encode().as_bytes(),
@@ -515,6 +524,7 @@ fn reply_snapshots_and_parse_back() {
             cookie: None,
             observed: Some(sa("198.18.0.1:4433")),
             peer: Some(sa("10.0.0.1:5")),
+            peer_alt: None,
         })
     );
 }
@@ -526,6 +536,7 @@ fn longest_reply_fits_max_reply_len_exactly() {
         cookie: None,
         observed: Some(big),
         peer: Some(big),
+        peer_alt: None,
     };
     let bytes = reply.encode();
     assert_eq!(bytes.as_bytes().len(), MAX_REPLY_LEN);
@@ -536,6 +547,7 @@ fn longest_reply_fits_max_reply_len_exactly() {
         cookie: Some(Cookie(u64::MAX)),
         observed: Some(big),
         peer: Some(big),
+        peer_alt: None,
     };
     let bytes = reply.encode();
     assert_eq!(bytes.as_bytes().len(), MAX_COOKIE_REPLY_LEN);
@@ -550,6 +562,8 @@ fn cookies_round_trip_in_registrations_and_malformed_ones_are_refused() {
             peer: Some(PeerId(5)),
             token: None,
             cookie: Some(Cookie(0xfeed_0000_0000_beef)),
+            alt_aware: false,
+            alt: false,
         }),
     };
     let bytes = reg.encode();
@@ -579,7 +593,7 @@ fn cookies_round_trip_in_registrations_and_malformed_ones_are_refused() {
 
 #[test]
 fn err_reply_snapshots() {
-    let expected: [(ErrReason, &[u8]); 8] = [
+    let expected: [(ErrReason, &[u8]); 10] = [
         (ErrReason::Malformed, b"ERR malformed\n"),
         (ErrReason::Short, b"ERR short\n"),
         (ErrReason::Full, b"ERR full\n"),
@@ -588,6 +602,8 @@ fn err_reply_snapshots() {
         (ErrReason::Rate, b"ERR rate\n"),
         (ErrReason::Auth, b"ERR auth\n"),
         (ErrReason::Expired, b"ERR expired\n"),
+        (ErrReason::NoMember, b"ERR no-member\n"),
+        (ErrReason::Moved, b"ERR moved\n"),
     ];
     assert_eq!(
         expected.map(|(r, _)| r),
@@ -742,6 +758,8 @@ fn arb_registration() -> impl Strategy<Value = Registration> {
                 cookie: cookie.map(Cookie),
                 peer: peer.map(PeerId),
                 token,
+                alt_aware: false,
+                alt: false,
             }),
     );
     (any::<u128>(), extended).prop_map(|(id, extended)| Registration {
@@ -884,15 +902,20 @@ proptest! {
         observed in prop::option::of(arb_canonical_addr()),
         peer in prop::option::of(arb_canonical_addr()),
         cookie in prop::option::of(any::<u64>()),
+        peer_alt in prop::option::of(arb_canonical_addr()),
     ) {
         // `peer` or a cookie without `observed` encodes as the original ACK; the relay never
         // sends that.
         let peer = peer.filter(|_| observed.is_some());
         let cookie = cookie.filter(|_| observed.is_some()).map(Cookie);
-        let reply = Reply::Ack { cookie, observed, peer };
+        let peer_alt = peer_alt.filter(|_| observed.is_some());
+        let reply = Reply::Ack { cookie, observed, peer, peer_alt };
         let bytes = reply.encode();
-        prop_assert!(bytes.as_bytes().len() <= MAX_COOKIE_REPLY_LEN);
-        if cookie.is_none() {
+        prop_assert!(bytes.as_bytes().len() <= MAX_ALT_REPLY_LEN);
+        if peer_alt.is_none() {
+            prop_assert!(bytes.as_bytes().len() <= MAX_COOKIE_REPLY_LEN);
+        }
+        if cookie.is_none() && peer_alt.is_none() {
             prop_assert!(bytes.as_bytes().len() <= MAX_REPLY_LEN);
         }
         prop_assert_eq!(Reply::parse(bytes.as_bytes()), Some(reply));
@@ -1048,6 +1071,7 @@ fn original_ack_is_the_original_bytes() {
         cookie: None,
         observed: None,
         peer: None,
+        peer_alt: None,
     };
     assert_eq!(ack.encode().as_bytes(), b"ACK\n");
     // A peer without an observed address is still the original form.
@@ -1055,6 +1079,81 @@ fn original_ack_is_the_original_bytes() {
         cookie: None,
         observed: None,
         peer: Some(sa("198.18.0.1:1")),
+        peer_alt: None,
     };
     assert_eq!(ack.encode().as_bytes(), b"ACK\n");
+}
+
+#[test]
+fn alternate_address_parameters_parse_encode_and_pad() {
+    let session = Uuid::from_u128(0x1f);
+    let reg = |alt_aware, alt| Registration {
+        session,
+        extended: Some(Extended {
+            peer: Some(PeerId(0x1f)),
+            alt_aware,
+            alt,
+            ..Default::default()
+        }),
+    };
+    for (r, param) in [(reg(true, false), " ax=1 "), (reg(true, true), " alt=1 ")] {
+        let bytes = r.encode();
+        assert_eq!(bytes.len(), MAX_ALT_REPLY_LEN, "padded for the longest ACK");
+        assert!(String::from_utf8_lossy(&bytes).contains(param));
+        assert_eq!(parse_registration(&bytes), Ok(r));
+    }
+    // alt=1 implies ax=1; it needs a peer id; values other than 1 and repeats are refused.
+    let pad = "0".repeat(100);
+    let p = |s: &str| parse_registration(format!("REG:{session} {s} pad={pad}\n").as_bytes());
+    assert!(matches!(
+        p("p=1f alt=1"),
+        Ok(Registration {
+            extended: Some(Extended {
+                alt_aware: true,
+                alt: true,
+                ..
+            }),
+            ..
+        })
+    ));
+    assert_eq!(p("alt=1"), Err(ParseError::BadParam));
+    assert_eq!(p("p=1f ax=2"), Err(ParseError::BadParam));
+    assert_eq!(p("p=1f ax=1 ax=1"), Err(ParseError::DuplicateParam));
+    // Without them: the classic length, no `ax`.
+    assert_eq!(reg(false, false).encode().len(), MAX_COOKIE_REPLY_LEN);
+}
+
+#[test]
+fn ack_with_the_peers_alternate_address_snapshot_and_parse() {
+    let reply = Reply::Ack {
+        observed: Some(sa("198.18.1.1:5000")),
+        peer: Some(sa("198.18.2.1:6000")),
+        cookie: Some(Cookie(0x8f41d2c07a5e9b13)),
+        peer_alt: Some(sa("[2001:db8:2:1::2]:6000")),
+    };
+    let bytes = reply.encode();
+    assert_eq!(
+        bytes.as_bytes(),
+        b"ACK 198.18.1.1:5000 198.18.2.1:6000 c=8f41d2c07a5e9b13 pa=[2001:db8:2:1::2]:6000\n"
+    );
+    assert_eq!(Reply::parse(bytes.as_bytes()), Some(reply));
+    // `pa=` without a cookie; and the longest ACK fits MAX_ALT_REPLY_LEN exactly.
+    assert_eq!(
+        Reply::parse(b"ACK 198.18.1.1:5000 198.18.2.1:6000 pa=[2001:db8::1]:1\n"),
+        Some(Reply::Ack {
+            observed: Some(sa("198.18.1.1:5000")),
+            peer: Some(sa("198.18.2.1:6000")),
+            cookie: None,
+            peer_alt: Some(sa("[2001:db8::1]:1")),
+        })
+    );
+    let big = sa("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535");
+    let longest = Reply::Ack {
+        observed: Some(big),
+        peer: Some(big),
+        cookie: Some(Cookie(u64::MAX)),
+        peer_alt: Some(big),
+    };
+    assert_eq!(longest.encode().as_bytes().len(), MAX_ALT_REPLY_LEN);
+    assert_eq!(Reply::parse(b"ACK 198.18.1.1:5000 pa=nonsense\n"), None);
 }

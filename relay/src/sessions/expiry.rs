@@ -123,6 +123,7 @@ impl Relay {
         self.by_addr.remove(&addr);
         self.dec_ip(addr.ip);
         self.sessions[i].slots[slot] = EMPTY_SLOT;
+        self.alts.remove(&MemberRef::new(i as u32, slot).0);
         if was_paired {
             self.stats.sessions_paired -= 1;
             self.stats.sessions_unpaired += 1;

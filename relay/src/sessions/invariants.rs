@@ -7,6 +7,14 @@ impl Relay {
     /// one does not hold.
     #[doc(hidden)]
     pub fn check_invariants(&self) {
+        for &k in self.alts.keys() {
+            let m = MemberRef(k);
+            let slot = self.sessions[m.session()].slots[m.slot()];
+            assert!(
+                slot.used() && slot.peer_id().is_some(),
+                "an alternate address outlived its member"
+            );
+        }
         let mut members = 0;
         let mut paired = 0;
         let mut unpaired = 0;

@@ -1,9 +1,57 @@
 //! Registration: joining, creating and moving session members, the ACKs and peer notices
-//! they earn, and the stateless cookies that verify an address.
+//! they earn (never longer than their request), and the stateless cookies that verify an
+//! address.
 
 use super::*;
 
 impl Relay {
+    /// Queues `reply` to `dst`, shortened or suppressed so that it is never longer than the
+    /// request that caused it (PROTOCOL.md §4.3).
+    pub(super) fn queue(&mut self, dst: PeerAddr, reply: Reply, request_len: usize) -> bool {
+        let mut payload = reply.encode();
+        if let Reply::Ack {
+            observed,
+            peer,
+            cookie,
+            peer_alt,
+        } = reply
+        {
+            // A registration padded for less than the whole ACK: first the peer's alternate
+            // address goes, then the cookie (an older client, padded for addresses only, gets
+            // its addresses but no cookie, and so stays unverified).
+            if peer_alt.is_some() && payload.as_bytes().len() > request_len {
+                payload = Reply::Ack {
+                    observed,
+                    peer,
+                    cookie,
+                    peer_alt: None,
+                }
+                .encode();
+            }
+            if cookie.is_some() && payload.as_bytes().len() > request_len {
+                payload = Reply::Ack {
+                    observed,
+                    peer,
+                    cookie: None,
+                    peer_alt: None,
+                }
+                .encode();
+            }
+        }
+        // The no-amplification rule: never answer with more bytes than were sent.
+        if payload.as_bytes().len() > request_len {
+            self.stats.replies_suppressed += 1;
+            return false;
+        }
+        self.transmits.push_back(Transmit { dst, payload });
+        true
+    }
+
+    pub(super) fn refuse(&mut self, src: PeerAddr, reason: ErrReason, request_len: usize) {
+        self.count(RegResult::Refused(reason));
+        self.queue(src, Reply::Err(Some(reason)), request_len);
+    }
+
     /// The ACK for the member in `slot` of session `i`.
     fn ack_for(&self, i: usize, slot: usize) -> Reply {
         let s = &self.sessions[i];
@@ -13,6 +61,7 @@ impl Relay {
                 observed: None,
                 peer: None,
                 cookie: None,
+                peer_alt: None,
             };
         }
         let other = s.slots[1 - slot];
@@ -20,6 +69,54 @@ impl Relay {
             observed: Some(me.addr().to_socket_addr()),
             peer: other.used().then(|| other.addr().to_socket_addr()),
             cookie: (!me.verified()).then(|| self.cookie(s.id, me.addr(), self.cookie_epoch())),
+            peer_alt: self.peer_alt_for(i, slot, me.flags),
+        }
+    }
+
+    /// The alternate address of the member other than `slot` in session `i`, for a
+    /// registrant with `flags` that reads it.
+    fn peer_alt_for(&self, i: usize, slot: usize, flags: u8) -> Option<SocketAddr> {
+        if flags & SLOT_ALT_AWARE == 0 || !self.sessions[i].slots[1 - slot].used() {
+            return None;
+        }
+        let other = MemberRef::new(i as u32, 1 - slot).0;
+        self.alts.get(&other).map(|a| a.to_socket_addr())
+    }
+
+    /// An alternate registration (`alt=1`, PROTOCOL.md §3.3): `src` becomes the alternate
+    /// address of the member with peer id `p`. It is no member address: it never rebinds or
+    /// joins, nothing is forwarded to or from it; the relay only reports it to the other
+    /// member, which may probe it for a direct path.
+    fn register_alt(&mut self, src: PeerAddr, reg: &Registration, p: u64, request_len: usize) {
+        let member = self.by_id.get(&reg.session).and_then(|&idx| {
+            let s = &self.sessions[idx as usize];
+            (0..2)
+                .find(|&k| s.slots[k].used() && s.slots[k].peer_id() == Some(p))
+                .map(|k| (idx as usize, k))
+        });
+        let Some((i, k)) = member else {
+            return self.refuse(src, ErrReason::NoMember, request_len);
+        };
+        if self.sessions[i].slots[k].addr() == src {
+            // Its own member address is no alternate.
+            return self.refuse(src, ErrReason::Malformed, request_len);
+        }
+        let key = MemberRef::new(i as u32, k).0;
+        let changed = self.alts.insert(key, src) != Some(src);
+        self.count(RegResult::Alt);
+        if changed {
+            debug!(session = %reg.session, peer = %self.sessions[i].slots[k].addr(), alt = %src, "alternate address");
+        }
+        let other = self.sessions[i].slots[1 - k];
+        let ack = Reply::Ack {
+            observed: Some(src.to_socket_addr()),
+            peer: other.used().then(|| other.addr().to_socket_addr()),
+            cookie: None,
+            peer_alt: self.peer_alt_for(i, k, SLOT_ALT_AWARE),
+        };
+        self.queue(src, ack, request_len);
+        if changed && other.flags & SLOT_ALT_AWARE != 0 {
+            self.notify_other(i, k, request_len);
         }
     }
 
@@ -86,11 +183,22 @@ impl Relay {
                 Err(_) => return self.refuse(src, ErrReason::Auth, request_len),
             }
         }
-        let t = self.secs(now);
         let peer_id = ext.and_then(|e| e.peer).map(|PeerId(p)| p);
+        if let (Some(p), true) = (peer_id, ext.is_some_and(|e| e.alt)) {
+            return self.register_alt(src, reg, p, request_len);
+        }
+        if self.draining && !self.by_id.contains_key(&reg.session) {
+            // No new sessions while draining (PROTOCOL.md §5.2); members of existing ones
+            // keep refreshing, and a peer may still join one.
+            return self.refuse(src, ErrReason::Moved, request_len);
+        }
+        let t = self.secs(now);
         let mut flags = SLOT_USED;
         if ext.is_some() {
             flags |= SLOT_EXTENDED;
+        }
+        if ext.is_some_and(|e| e.alt_aware) {
+            flags |= SLOT_ALT_AWARE;
         }
         if peer_id.is_some() {
             flags |= SLOT_HAS_PEER_ID;

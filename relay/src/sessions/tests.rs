@@ -94,6 +94,8 @@ impl Harness {
                 cookie,
                 peer: Some(PeerId(peer)),
                 token: None,
+                alt_aware: false,
+                alt: false,
             }),
         };
         let (out, replies) = self.send_as(from, &reg.encode());
@@ -607,6 +609,7 @@ fn an_older_clients_short_registration_gets_its_addresses_without_a_cookie() {
             observed: Some(long.parse().expect("addr")),
             peer: Some(other.parse().expect("addr")),
             cookie: None,
+            peer_alt: None,
         })
     );
 }
@@ -646,6 +649,8 @@ fn tokens_accept_refuse_and_expire() {
             cookie: None,
             peer: Some(PeerId(1)),
             token: Some(Token::mint(key, uuid(U1), expiry)),
+            alt_aware: false,
+            alt: false,
         }),
     };
     // The original form cannot carry a token.
@@ -1017,4 +1022,196 @@ fn a_closed_connection_leaves_its_session_and_the_rest_expires_as_usual() {
     h.at(32.5);
     assert_eq!(h.relay.session_count(), 0);
     h.relay.check_invariants();
+}
+
+/// An extended registration with `ax=1` (reads `pa=`), or `alt=1` (an alternate address).
+fn alt_reg(session: &str, peer: u64, alt: bool, cookie: Option<Cookie>) -> Vec<u8> {
+    Registration {
+        session: uuid(session),
+        extended: Some(Extended {
+            cookie,
+            peer: Some(PeerId(peer)),
+            token: None,
+            alt_aware: true,
+            alt,
+        }),
+    }
+    .encode()
+}
+
+/// Registers `from` with `ax=1` and echoes the cookie; returns the last reply to `from`.
+fn reg_alt_aware(h: &mut Harness, from: &str, session: &str, peer: u64) -> Vec<u8> {
+    let (_, replies) = h.send(from, &alt_reg(session, peer, false, None));
+    let first = reply_to(&replies, from);
+    match Reply::parse(&first) {
+        Some(Reply::Ack {
+            cookie: Some(c), ..
+        }) => reply_to(
+            &h.send(from, &alt_reg(session, peer, false, Some(c))).1,
+            from,
+        ),
+        _ => first,
+    }
+}
+
+fn ack_of(bytes: &[u8]) -> (Option<SocketAddr>, Option<SocketAddr>, Option<SocketAddr>) {
+    match Reply::parse(bytes) {
+        Some(Reply::Ack {
+            observed,
+            peer,
+            peer_alt,
+            ..
+        }) => (observed, peer, peer_alt),
+        other => panic!(
+            "not an ACK: {other:?} ({:?})",
+            String::from_utf8_lossy(bytes)
+        ),
+    }
+}
+
+#[test]
+fn an_alternate_registration_is_reported_to_the_peer_and_never_becomes_a_member() {
+    let mut h = Harness::new();
+    let (a4, a6) = ("198.18.1.1:5000", "[2001:db8:1:1::2]:5000");
+    let (b4, b6) = ("198.18.2.1:6000", "[2001:db8:2:1::2]:6000");
+    reg_alt_aware(&mut h, a4, U1, 0xa);
+    // A's IPv6 address as its alternate: answered with what the relay sees there.
+    let (out, replies) = h.send(a6, &alt_reg(U1, 0xa, true, None));
+    assert_eq!(out, Outcome::Registration);
+    assert_eq!(
+        ack_of(&reply_to(&replies, a6)).0,
+        Some(addr(a6).to_socket_addr())
+    );
+    assert_eq!(h.relay.stats().reg(RegResult::Alt), 1);
+    assert!(
+        !h.relay.is_member(addr(a6)),
+        "an alternate address is no member"
+    );
+    // B joins: its ACK names A's primary and A's alternate; A's notice has no alternate for B.
+    let to_b = ack_of(&reg_alt_aware(&mut h, b4, U1, 0xb));
+    assert_eq!(to_b.1, Some(addr(a4).to_socket_addr()));
+    assert_eq!(to_b.2, Some(addr(a6).to_socket_addr()));
+    // B registers its alternate: A is told at once (a peer notice), and B's ACK there names A's.
+    let (_, replies) = h.send(b6, &alt_reg(U1, 0xb, true, None));
+    assert_eq!(
+        ack_of(&reply_to(&replies, b6)).2,
+        Some(addr(a6).to_socket_addr())
+    );
+    let to_a = ack_of(&reply_to(&replies, a4));
+    assert_eq!(to_a.1, Some(addr(b4).to_socket_addr()));
+    assert_eq!(to_a.2, Some(addr(b6).to_socket_addr()));
+    // The same alternate again (a keepalive) notifies nobody.
+    let (_, replies) = h.send(b6, &alt_reg(U1, 0xb, true, None));
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    // Nothing is forwarded from (or to) an alternate address.
+    assert_eq!(h.data(a6), Outcome::Dropped(DropReason::UnknownSource));
+    assert_eq!(h.data(a4), Outcome::Forward(addr(b4)));
+    // A client that did not ask (`ax=1`) never gets `pa=` (older parsers refuse it).
+    let (_, replies) = h.reg_ext("198.18.3.1:7000", U2, 0xc);
+    assert!(!String::from_utf8_lossy(&replies[0].1).contains("pa="));
+}
+
+#[test]
+fn an_alternate_registration_needs_a_member_and_leaves_with_it() {
+    let mut h = Harness::new();
+    let a6 = "[2001:db8:1:1::2]:5000";
+    // No session, or no member with that peer id: refused, nothing created.
+    let (_, replies) = h.send(a6, &alt_reg(U1, 0xa, true, None));
+    assert_eq!(
+        Reply::parse(&reply_to(&replies, a6)),
+        Some(Reply::Err(Some(ErrReason::NoMember)))
+    );
+    assert_eq!(h.relay.session_count(), 0);
+    reg_alt_aware(&mut h, "198.18.1.1:5000", U1, 0xa);
+    let (_, replies) = h.send(a6, &alt_reg(U1, 0xb, true, None));
+    assert_eq!(
+        Reply::parse(&reply_to(&replies, a6)),
+        Some(Reply::Err(Some(ErrReason::NoMember)))
+    );
+    // Without a peer id it does not parse at all.
+    let (_, replies) = h.send(
+        a6,
+        format!("REG:{U1} alt=1 pad={}\n", "0".repeat(120)).as_bytes(),
+    );
+    assert_eq!(
+        Reply::parse(&reply_to(&replies, a6)),
+        Some(Reply::Err(Some(ErrReason::Malformed)))
+    );
+    // Accepted, then the member leaves: the alternate goes with it (the invariants check that
+    // no alternate outlives its member after every datagram).
+    h.send(a6, &alt_reg(U1, 0xa, true, None));
+    let bye = proto::Bye {
+        session: uuid(U1),
+        peer: Some(PeerId(0xa)),
+    };
+    h.send("198.18.1.1:5000", &bye.encode());
+    assert_eq!(h.relay.session_count(), 0);
+    // A new member in the recycled record starts without one.
+    reg_alt_aware(&mut h, "198.18.2.1:6000", U2, 0xb);
+    let to_c = ack_of(&reg_alt_aware(&mut h, "198.18.3.1:7000", U2, 0xc));
+    assert_eq!(to_c.1, Some(addr("198.18.2.1:6000").to_socket_addr()));
+    assert_eq!(to_c.2, None);
+}
+
+#[test]
+fn the_peers_alternate_address_is_dropped_before_the_cookie_when_the_request_is_short() {
+    let mut h = Harness::new();
+    // Long IPv6 addresses: the whole ACK would not fit a cookie-sized request.
+    let (a4, a6, b4) = (
+        "[2001:db8:1:1:ffff:ffff:ffff:ffff]:65001",
+        "198.18.1.1:5000",
+        "[2001:db8:2:1:ffff:ffff:ffff:ffff]:65000",
+    );
+    reg_alt_aware(&mut h, a4, U1, 0xa);
+    h.send(a6, &alt_reg(U1, 0xa, true, None));
+    // B asks for `pa=` but pads only to the cookie length: it gets its cookie, not `pa=`.
+    let mut short = alt_reg(U1, 0xb, false, None);
+    short.truncate(proto::MAX_COOKIE_REPLY_LEN - 1);
+    short.push(b'\n');
+    let (_, replies) = h.send(b4, &short);
+    let bytes = reply_to(&replies, b4);
+    assert!(bytes.len() <= short.len());
+    assert!(
+        matches!(
+            Reply::parse(&bytes),
+            Some(Reply::Ack {
+                cookie: Some(_),
+                peer_alt: None,
+                ..
+            })
+        ),
+        "{:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+}
+
+#[test]
+fn a_draining_relay_refuses_new_sessions_and_keeps_existing_ones() {
+    let mut h = Harness::new();
+    h.reg_ext("198.18.1.1:5000", U1, 0xa);
+    h.relay.set_draining(true);
+    assert!(h.relay.draining());
+    // A new session: moved.
+    let (bytes, _) = h.reg_ext("198.18.3.1:7000", U2, 0xc);
+    assert_eq!(
+        Reply::parse(&bytes),
+        Some(Reply::Err(Some(ErrReason::Moved)))
+    );
+    assert_eq!(h.relay.stats().reg(RegResult::Refused(ErrReason::Moved)), 1);
+    // The existing one: its second peer still joins, both refresh, data flows.
+    let (bytes, _) = h.reg_ext("198.18.2.1:6000", U1, 0xb);
+    assert_eq!(
+        ack_of(&bytes).1,
+        Some(addr("198.18.1.1:5000").to_socket_addr())
+    );
+    let (bytes, _) = h.reg_ext("198.18.1.1:5000", U1, 0xa);
+    assert!(matches!(Reply::parse(&bytes), Some(Reply::Ack { .. })));
+    assert_eq!(
+        h.data("198.18.1.1:5000"),
+        Outcome::Forward(addr("198.18.2.1:6000"))
+    );
+    // Drained no longer: new sessions are welcome again.
+    h.relay.set_draining(false);
+    let (bytes, _) = h.reg_ext("198.18.3.1:7000", U2, 0xc);
+    assert!(matches!(Reply::parse(&bytes), Some(Reply::Ack { .. })));
 }

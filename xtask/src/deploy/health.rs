@@ -213,6 +213,8 @@ pub fn relay_health(addr: SocketAddr, timeout: Duration, secret: Option<&[u8]>) 
                     peer: None,
                     token: Some(Token::mint(secret, session, now + 600)),
                     cookie: None,
+                    alt_aware: false,
+                    alt: false,
                 }),
             }
             .encode()
