@@ -5,7 +5,7 @@
 //! - `Listener` is a registered listening peer (`bind`) whose certificate fingerprint is
 //!   known before anyone dials; `Listener::accept` turns it into a `Connection`.
 //! - `connect` dials a listener with its fingerprint pinned.
-//! - `Connection` carries messages (one length-prefixed unidirectional QUIC stream per
+//! - `Connection` (module `connection`) carries messages (one length-prefixed unidirectional QUIC stream per
 //!   direction, see [`frame`]), unreliable datagrams, and the path.
 //!
 //! Every blocking call releases the GIL while it waits and checks for signals (Ctrl-C) every
@@ -14,12 +14,11 @@
 
 #![allow(unsafe_op_in_unsafe_fn)] // pyo3's generated glue
 
+mod connection;
 pub mod frame;
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use peer_sdk::quinn;
@@ -27,10 +26,10 @@ use peer_sdk::{ClientTls, Fingerprint, Identity, Options, Peer, PeerConnection, 
 use peer_sdk::{Strategy, Uuid};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
-use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
+use pyo3::IntoPyObjectExt as _;
 
-use crate::frame::{Message, MAX_MESSAGE_BYTES};
+use crate::connection::Connection;
+use crate::frame::MAX_MESSAGE_BYTES;
 
 /// How often a blocking call wakes to let Python handle signals (Ctrl-C): short enough to feel
 /// immediate, long enough to cost nothing.
@@ -108,6 +107,51 @@ where
         match r {
             Ok(v) => return Ok(v),
             Err(_) => py.check_signals()?,
+        }
+    }
+}
+
+/// How a call waits for its result: every blocking call and its `*_async` twin share one body
+/// and differ only in this.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// On the calling thread, the GIL released ([`block_on`]).
+    Block,
+    /// As an asyncio awaitable ([`future_into_py`]).
+    Async,
+}
+
+impl Wait {
+    fn of(asynchronous: bool) -> Self {
+        if asynchronous {
+            Wait::Async
+        } else {
+            Wait::Block
+        }
+    }
+
+    /// Runs `fut` and makes its Python value with `done` (under the GIL); returns the value, or
+    /// an awaitable of it.
+    fn run<'py, F, T>(
+        self,
+        py: Python<'py>,
+        fut: F,
+        done: fn(Python<'_>, F::Output) -> PyResult<T>,
+    ) -> PyResult<Bound<'py, PyAny>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+        T: for<'a> IntoPyObject<'a> + Send + 'static,
+    {
+        match self {
+            Wait::Block => {
+                let out = block_on(py, fut)?;
+                done(py, out)?.into_bound_py_any(py)
+            }
+            Wait::Async => future_into_py(py, async move {
+                let out = fut.await;
+                Python::attach(|py| done(py, out))
+            }),
         }
     }
 }
@@ -289,27 +333,25 @@ impl Listener {
     }
 
     /// Waits (without a limit; Ctrl-C interrupts) for the dialer and returns the connection.
-    fn accept(&self, py: Python<'_>) -> PyResult<Connection> {
-        let (peer, id) = self.take(py)?;
-        let conn = block_on(py, peer.accept(ServerTls::Identity(id)))?
-            .map_err(|e| Failure::from(e).into_py(py))?;
-        Ok(Connection::new(conn))
+    fn accept<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.accept_with(py, Wait::Block)
     }
 
     /// `accept` as an asyncio awaitable.
     fn accept_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let (peer, id) = self.take(py)?;
-        future_into_py(py, async move {
-            let conn = peer.accept(ServerTls::Identity(id)).await;
-            Python::attach(|py| match conn {
-                Ok(c) => Ok(Connection::new(c)),
-                Err(e) => Err(Failure::from(e).into_py(py)),
-            })
-        })
+        self.accept_with(py, Wait::Async)
     }
 }
 
 impl Listener {
+    fn accept_with<'py>(&self, py: Python<'py>, wait: Wait) -> PyResult<Bound<'py, PyAny>> {
+        let (peer, id) = self.take(py)?;
+        wait.run(py, peer.accept(ServerTls::Identity(id)), |py, c| {
+            c.map(Connection::new)
+                .map_err(|e| Failure::from(e).into_py(py))
+        })
+    }
+
     fn take(&self, py: Python<'_>) -> PyResult<(Peer, Identity)> {
         self.peer
             .lock()
@@ -340,17 +382,20 @@ async fn bind_inner(opts: Options) -> Result<Listener, Failure> {
 }
 
 /// Registers a listening peer for `session` at `relay` with a fresh self-signed certificate.
+/// With `_async` (what `bind_async` passes), an asyncio awaitable of it.
 #[pyfunction]
-#[pyo3(signature = (relay, session, *, relay_only=false, local_port=0, register_timeout=10.0, direct_timeout=1.0))]
-fn bind(
-    py: Python<'_>,
+#[pyo3(signature = (relay, session, *, relay_only=false, local_port=0, register_timeout=10.0, direct_timeout=1.0, _async=false))]
+#[allow(clippy::too_many_arguments)]
+fn bind<'py>(
+    py: Python<'py>,
     relay: &str,
     session: &str,
     relay_only: bool,
     local_port: u16,
     register_timeout: f64,
     direct_timeout: f64,
-) -> PyResult<Listener> {
+    _async: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let o = options(
         relay,
         session,
@@ -362,35 +407,7 @@ fn bind(
         direct_timeout,
     )
     .map_err(|e| e.into_py(py))?;
-    block_on(py, bind_inner(o))?.map_err(|e| e.into_py(py))
-}
-
-/// `bind` as an asyncio awaitable.
-#[pyfunction]
-#[pyo3(signature = (relay, session, *, relay_only=false, local_port=0, register_timeout=10.0, direct_timeout=1.0))]
-fn bind_async<'py>(
-    py: Python<'py>,
-    relay: &str,
-    session: &str,
-    relay_only: bool,
-    local_port: u16,
-    register_timeout: f64,
-    direct_timeout: f64,
-) -> PyResult<Bound<'py, PyAny>> {
-    let o = options(
-        relay,
-        session,
-        relay_only,
-        local_port,
-        register_timeout,
-        0.0,
-        direct_timeout,
-    )
-    .map_err(|e| e.into_py(py))?;
-    future_into_py(py, async move {
-        let l = bind_inner(o).await;
-        Python::attach(|py| l.map_err(|e| e.into_py(py)))
-    })
+    Wait::of(_async).run(py, bind_inner(o), |py, l| l.map_err(|e| e.into_py(py)))
 }
 
 async fn connect_inner(opts: Options, pin: Fingerprint) -> Result<PeerConnection, Failure> {
@@ -406,41 +423,11 @@ fn parse_pin(py: Python<'_>, pin: &str) -> PyResult<Fingerprint> {
 }
 
 /// Dials the listener of `session` at `relay`, accepting only the certificate whose SHA-256
-/// fingerprint is `pin`.
+/// fingerprint is `pin`. With `_async` (what `connect_async` passes), an asyncio awaitable.
 #[pyfunction]
-#[pyo3(signature = (relay, session, pin, *, relay_only=false, local_port=0, register_timeout=10.0, peer_timeout=60.0, direct_timeout=1.0))]
+#[pyo3(signature = (relay, session, pin, *, relay_only=false, local_port=0, register_timeout=10.0, peer_timeout=60.0, direct_timeout=1.0, _async=false))]
 #[allow(clippy::too_many_arguments)]
-fn connect(
-    py: Python<'_>,
-    relay: &str,
-    session: &str,
-    pin: &str,
-    relay_only: bool,
-    local_port: u16,
-    register_timeout: f64,
-    peer_timeout: f64,
-    direct_timeout: f64,
-) -> PyResult<Connection> {
-    let pin = parse_pin(py, pin)?;
-    let o = options(
-        relay,
-        session,
-        relay_only,
-        local_port,
-        register_timeout,
-        peer_timeout,
-        direct_timeout,
-    )
-    .map_err(|e| e.into_py(py))?;
-    let c = block_on(py, connect_inner(o, pin))?.map_err(|e| e.into_py(py))?;
-    Ok(Connection::new(c))
-}
-
-/// `connect` as an asyncio awaitable.
-#[pyfunction]
-#[pyo3(signature = (relay, session, pin, *, relay_only=false, local_port=0, register_timeout=10.0, peer_timeout=60.0, direct_timeout=1.0))]
-#[allow(clippy::too_many_arguments)]
-fn connect_async<'py>(
+fn connect<'py>(
     py: Python<'py>,
     relay: &str,
     session: &str,
@@ -450,6 +437,7 @@ fn connect_async<'py>(
     register_timeout: f64,
     peer_timeout: f64,
     direct_timeout: f64,
+    _async: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let pin = parse_pin(py, pin)?;
     let o = options(
@@ -462,335 +450,9 @@ fn connect_async<'py>(
         direct_timeout,
     )
     .map_err(|e| e.into_py(py))?;
-    future_into_py(py, async move {
-        let c = connect_inner(o, pin).await;
-        Python::attach(|py| c.map(Connection::new).map_err(|e| e.into_py(py)))
+    Wait::of(_async).run(py, connect_inner(o, pin), |py, c| {
+        c.map(Connection::new).map_err(|e| e.into_py(py))
     })
-}
-
-/// The sending half: one unidirectional stream, opened on first use.
-#[derive(Debug, Default)]
-struct Sender {
-    stream: Option<quinn::SendStream>,
-    /// A send was interrupted mid-message (Ctrl-C, asyncio cancellation): the stream's framing
-    /// is lost, so later sends fail instead of sending garbage.
-    broken: bool,
-}
-
-/// Marks the sender broken unless the write completes.
-struct BreakUnlessDone<'a>(&'a mut Sender, bool);
-
-impl Drop for BreakUnlessDone<'_> {
-    fn drop(&mut self) {
-        if !self.1 {
-            self.0.broken = true;
-        }
-    }
-}
-
-/// State shared by a connection's Python object, its reader task and its async calls.
-struct Inner {
-    conn: quinn::Connection,
-    peer: std::sync::Mutex<Option<PeerConnection>>,
-    sender: Mutex<Sender>,
-    received: Mutex<mpsc::UnboundedReceiver<(Message, OwnedSemaphorePermit)>>,
-    status: tokio::sync::watch::Receiver<peer_sdk::Status>,
-    closed: AtomicBool,
-    _reader: AbortOnDrop,
-}
-
-/// Aborts the reader task with the connection.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl Inner {
-    /// Writes one framed message.
-    async fn send(&self, data: &[u8]) -> Result<(), Failure> {
-        if data.len() > MAX_MESSAGE_BYTES {
-            return Err(Failure::TooLarge(data.len(), MAX_MESSAGE_BYTES));
-        }
-        let mut guard = self.sender.lock().await;
-        let sender = &mut *guard;
-        if sender.broken {
-            return Err(Failure::Closed(
-                "an earlier send was interrupted mid-message; the message stream is unusable: \
-                 open a new Portal"
-                    .into(),
-            ));
-        }
-        if sender.stream.is_none() {
-            let s = self.conn.open_uni().await.map_err(|e| closed(&e))?;
-            sender.stream = Some(s);
-        }
-        let mut done = BreakUnlessDone(sender, false);
-        let stream = done.0.stream.as_mut().expect("opened above");
-        let r = frame::write(stream, data).await;
-        done.1 = true;
-        r.map_err(|e| Failure::Closed(format!("send failed: {e}")))
-    }
-
-    async fn recv(&self) -> Result<Message, Failure> {
-        let mut rx = self.received.lock().await;
-        match rx.recv().await {
-            Some((m, _permit)) => Ok(m),
-            None => Err(closed_reason(&self.conn)),
-        }
-    }
-}
-
-fn closed(e: &quinn::ConnectionError) -> Failure {
-    Failure::Closed(format!("connection closed: {e}"))
-}
-
-fn closed_reason(conn: &quinn::Connection) -> Failure {
-    match conn.close_reason() {
-        Some(e) => closed(&e),
-        None => Failure::Closed("the peer closed its message stream".into()),
-    }
-}
-
-/// Reads the peer's message stream into the bounded queue until it ends.
-async fn reader(
-    conn: quinn::Connection,
-    tx: mpsc::UnboundedSender<(Message, OwnedSemaphorePermit)>,
-) {
-    let budget = Arc::new(Semaphore::new(RECV_BUFFER_BYTES));
-    let Ok(mut stream) = conn.accept_uni().await else {
-        return;
-    };
-    loop {
-        match frame::read(&mut stream, &budget).await {
-            Ok(Some(m)) => {
-                if tx.send(m).is_err() {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "bad message stream from the peer; closing");
-                conn.close(frame::PROTOCOL_ERROR.into(), e.to_string().as_bytes());
-                return;
-            }
-        }
-    }
-}
-
-/// An established connection to the peer.
-#[pyclass(module = "peer_portal._core")]
-struct Connection {
-    inner: Arc<Inner>,
-}
-
-impl Connection {
-    fn new(pc: PeerConnection) -> Connection {
-        let conn = pc.connection().clone();
-        let status = pc.watch_status();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let reader = AbortOnDrop(runtime().spawn(reader(conn.clone(), tx)));
-        Connection {
-            inner: Arc::new(Inner {
-                conn,
-                peer: std::sync::Mutex::new(Some(pc)),
-                sender: Mutex::new(Sender::default()),
-                received: Mutex::new(rx),
-                status,
-                closed: AtomicBool::new(false),
-                _reader: reader,
-            }),
-        }
-    }
-}
-
-fn timeout_of(timeout_ms: Option<f64>) -> PyResult<Option<Duration>> {
-    timeout_ms
-        .map(|ms| {
-            Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
-                PyValueError::new_err(format!(
-                    "timeout_ms = {ms}: expected a non-negative number of milliseconds or None"
-                ))
-            })
-        })
-        .transpose()
-}
-
-/// Awaits `fut` for at most `limit` (forever when `None`); `None` on timeout.
-async fn within<F: Future>(limit: Option<Duration>, fut: F) -> Option<F::Output> {
-    match limit {
-        Some(d) => tokio::time::timeout(d, fut).await.ok(),
-        None => Some(fut.await),
-    }
-}
-
-fn message_to_py(py: Python<'_>, m: Message) -> PyResult<Py<PyAny>> {
-    let b = PyBytes::new_with(py, m.len, |buf| {
-        m.copy_to(buf);
-        Ok(())
-    })?;
-    Ok(b.into_any().unbind())
-}
-
-#[pymethods]
-impl Connection {
-    /// Sends one message (its boundaries are kept). Blocks, without the GIL, while QUIC flow
-    /// control holds it back.
-    fn send(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let inner = &self.inner;
-        block_on(py, inner.send(data))?.map_err(|e| e.into_py(py))
-    }
-
-    /// `send` as an asyncio awaitable.
-    fn send_async<'py>(&self, py: Python<'py>, data: Vec<u8>) -> PyResult<Bound<'py, PyAny>> {
-        let inner = self.inner.clone();
-        future_into_py(py, async move {
-            let r = inner.send(&data).await;
-            Python::attach(|py| r.map_err(|e| e.into_py(py)))
-        })
-    }
-
-    /// The next message, or `None` when `timeout_ms` passes first (`None`: wait forever).
-    #[pyo3(signature = (timeout_ms=None))]
-    fn recv(&self, py: Python<'_>, timeout_ms: Option<f64>) -> PyResult<Py<PyAny>> {
-        let limit = timeout_of(timeout_ms)?;
-        let inner = &self.inner;
-        match block_on(py, within(limit, inner.recv()))? {
-            None => Ok(py.None()),
-            Some(Ok(m)) => message_to_py(py, m),
-            Some(Err(e)) => Err(e.into_py(py)),
-        }
-    }
-
-    /// `recv` as an asyncio awaitable.
-    #[pyo3(signature = (timeout_ms=None))]
-    fn recv_async<'py>(
-        &self,
-        py: Python<'py>,
-        timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let limit = timeout_of(timeout_ms)?;
-        let inner = self.inner.clone();
-        future_into_py(py, async move {
-            let r = within(limit, inner.recv()).await;
-            Python::attach(|py| match r {
-                None => Ok(py.None()),
-                Some(Ok(m)) => message_to_py(py, m),
-                Some(Err(e)) => Err(e.into_py(py)),
-            })
-        })
-    }
-
-    /// Sends one unreliable datagram (it may be lost; at most `max_datagram_size` bytes).
-    fn send_datagram(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        self.inner
-            .conn
-            .send_datagram(data.to_vec().into())
-            .map_err(|e| match e {
-                quinn::SendDatagramError::TooLarge => {
-                    Failure::TooLarge(data.len(), self.inner.conn.max_datagram_size().unwrap_or(0))
-                }
-                quinn::SendDatagramError::ConnectionLost(e) => closed(&e),
-                e => Failure::Datagram(format!("datagram not sent: {e}")),
-            })
-            .map_err(|e| e.into_py(py))
-    }
-
-    /// The next datagram, or `None` when `timeout_ms` passes first.
-    #[pyo3(signature = (timeout_ms=None))]
-    fn recv_datagram(&self, py: Python<'_>, timeout_ms: Option<f64>) -> PyResult<Py<PyAny>> {
-        let limit = timeout_of(timeout_ms)?;
-        let conn = self.inner.conn.clone();
-        match block_on(py, within(limit, conn.read_datagram()))? {
-            None => Ok(py.None()),
-            Some(Ok(d)) => Ok(PyBytes::new(py, &d).into_any().unbind()),
-            Some(Err(e)) => Err(closed(&e).into_py(py)),
-        }
-    }
-
-    /// `recv_datagram` as an asyncio awaitable.
-    #[pyo3(signature = (timeout_ms=None))]
-    fn recv_datagram_async<'py>(
-        &self,
-        py: Python<'py>,
-        timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let limit = timeout_of(timeout_ms)?;
-        let conn = self.inner.conn.clone();
-        future_into_py(py, async move {
-            let r = within(limit, conn.read_datagram()).await;
-            Python::attach(|py| match r {
-                None => Ok(py.None()),
-                Some(Ok(d)) => Ok(PyBytes::new(py, &d).into_any().unbind()),
-                Some(Err(e)) => Err(closed(&e).into_py(py)),
-            })
-        })
-    }
-
-    /// The largest datagram the path takes now (`None` if the peer does not accept datagrams).
-    #[getter]
-    fn max_datagram_size(&self) -> Option<usize> {
-        self.inner.conn.max_datagram_size()
-    }
-
-    /// The path datagrams take now: `"direct"`, `"relay"` or `"relay-tcp"`.
-    #[getter]
-    fn path(&self) -> &'static str {
-        self.inner.status.borrow().path.kind()
-    }
-
-    /// Waits until the path differs from `current` and returns the new one, or `None` when
-    /// `timeout_ms` passes first or the connection is gone.
-    #[pyo3(signature = (current, timeout_ms=None))]
-    fn wait_path_change(
-        &self,
-        py: Python<'_>,
-        current: String,
-        timeout_ms: Option<f64>,
-    ) -> PyResult<Option<&'static str>> {
-        let limit = timeout_of(timeout_ms)?;
-        let mut rx = self.inner.status.clone();
-        let r = block_on(
-            py,
-            within(limit, async move {
-                rx.wait_for(|s| s.path.kind() != current)
-                    .await
-                    .ok()
-                    .map(|s| s.path.kind())
-            }),
-        )?;
-        Ok(r.flatten())
-    }
-
-    /// Whether the connection is open (not closed by either side, not timed out).
-    fn is_connected(&self) -> bool {
-        !self.inner.closed.load(Ordering::Relaxed) && self.inner.conn.close_reason().is_none()
-    }
-
-    /// Closes the connection (at once; the peer is told within [`CLOSE_WAIT`]). Idempotent.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        self.inner.closed.store(true, Ordering::Relaxed);
-        let pc = self
-            .inner
-            .peer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(pc) = pc {
-            // Let the peer read what was sent before the close.
-            let sender = &self.inner.sender;
-            block_on(py, async move {
-                if let Some(s) = sender.lock().await.stream.as_mut() {
-                    let _ = s.finish();
-                    let _ = tokio::time::timeout(CLOSE_WAIT, s.stopped()).await;
-                }
-                let _ = tokio::time::timeout(CLOSE_WAIT, pc.close(0, b"closed")).await;
-            })?;
-        }
-        Ok(())
-    }
 }
 
 /// The module `peer_portal._core`.
@@ -798,9 +460,15 @@ impl Connection {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(new_session, m)?)?;
     m.add_function(wrap_pyfunction!(bind, m)?)?;
-    m.add_function(wrap_pyfunction!(bind_async, m)?)?;
     m.add_function(wrap_pyfunction!(connect, m)?)?;
-    m.add_function(wrap_pyfunction!(connect_async, m)?)?;
+    // The asyncio twins are the same functions returning an awaitable.
+    let partial = m.py().import("functools")?.getattr("partial")?;
+    let kwargs = pyo3::types::PyDict::new(m.py());
+    kwargs.set_item("_async", true)?;
+    for name in ["bind", "connect"] {
+        let twin = partial.call((m.getattr(name)?,), Some(&kwargs))?;
+        m.add(format!("{name}_async"), twin)?;
+    }
     m.add_class::<Listener>()?;
     m.add_class::<Connection>()?;
     m.add("MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES)?;

@@ -7,13 +7,8 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tracing::{debug, warn};
 
 use crate::sessions::{RegResult, Stats};
 
@@ -320,101 +315,13 @@ impl Metrics {
     }
 }
 
-/// Connections the metrics endpoint serves at once; scrapers need one or two.
-const MAX_METRICS_CONNECTIONS: usize = 16;
-/// A scrape that does not send its request within this long is dropped.
-const METRICS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest request head read; a scrape's is a few hundred bytes.
-const MAX_REQUEST_BYTES: usize = 8192;
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
-///
-/// Deliberately tiny (HTTP/1.0-style, one response per connection): a full HTTP stack would
-/// be most of the relay's build time for one read-only page.
+/// Serves `GET /metrics` on `listener` until `shutdown` completes, with the workspace's small
+/// Prometheus responder ([`netkit::prometheus`]): a full HTTP stack would be most of the
+/// relay's build time for one read-only page.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "metrics accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    debug!(%peer, "metrics connection refused: too many at once");
-                    continue;
-                };
-                let metrics = metrics.clone();
-                tasks.spawn(async move {
-                    let _permit = permit;
-                    let _ = tokio::time::timeout(
-                        METRICS_REQUEST_TIMEOUT,
-                        respond(stream, &metrics),
-                    )
-                    .await;
-                });
-            }
-        }
-    }
-    tasks.shutdown().await;
-}
-
-async fn respond(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut n = 0;
-    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
-        && !buf[..n].windows(2).any(|w| w == b"\n\n")
-    {
-        if n == buf.len() {
-            return stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").await;
-        }
-        let r = stream.read(&mut buf[n..]).await?;
-        if r == 0 {
-            return Ok(());
-        }
-        n += r;
-    }
-    let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let (status, ctype, body) = match (method, path) {
-        (b"GET", b"/metrics") | (b"GET", b"/") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found; try /metrics\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_string(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    netkit::prometheus::serve(listener, Arc::new(move || metrics.render()), shutdown).await;
 }

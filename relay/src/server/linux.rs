@@ -1,10 +1,11 @@
 //! Batched I/O with `recvmmsg`/`sendmmsg`.
 
 use std::mem::{size_of, zeroed};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use netkit::{Dest, SendBatch};
 use tracing::warn;
 
 use super::{Outcome, PeerAddr, Server};
@@ -41,37 +42,6 @@ fn to_peer(ss: &libc::sockaddr_storage) -> Option<PeerAddr> {
             ))
         }
         _ => None,
-    }
-}
-
-/// Writes `dst` as the socket's family wants it; returns the length, or `None` when an IPv4
-/// socket is asked to reach an IPv6 peer (impossible: such a peer could not have sent to it).
-fn write_sockaddr(
-    dst: PeerAddr,
-    v6: bool,
-    out: &mut libc::sockaddr_storage,
-) -> Option<libc::socklen_t> {
-    let ip = dst.ip_octets();
-    if v6 {
-        // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
-        let sin6 =
-            unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-        sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        sin6.sin6_port = dst.port().to_be();
-        sin6.sin6_flowinfo = 0;
-        sin6.sin6_addr.s6_addr = ip;
-        sin6.sin6_scope_id = 0;
-        Some(size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-    } else {
-        if ip[..12] != V4_MAPPED[..12] {
-            return None;
-        }
-        // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-        let sin = unsafe { &mut *(out as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-        sin.sin_family = libc::AF_INET as libc::sa_family_t;
-        sin.sin_port = dst.port().to_be();
-        sin.sin_addr.s_addr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-        Some(size_of::<libc::sockaddr_in>() as libc::socklen_t)
     }
 }
 
@@ -136,303 +106,51 @@ fn gro_segment(h: &libc::msghdr) -> Option<usize> {
     None
 }
 
-/// `UDP_SEGMENT` (linux/udp.h): a send carrying this control message is cut by the kernel
-/// into datagrams of the given size.
-const UDP_SEGMENT: libc::c_int = 103;
-/// Most segments the kernel takes in one GSO send (UDP_MAX_SEGMENTS on older kernels).
-const MAX_GSO_SEGMENTS: usize = 64;
-/// Most bytes in one GSO send: an IP packet's limit less headers, with margin.
-const MAX_GSO_BYTES: usize = 60_000;
-
-/// After a GSO batch fails (e.g. `EMSGSIZE`: segments larger than the route's MTU), the
-/// batch goes out datagram by datagram and GSO rests this long before the next batch tries
-/// it again. One failed attempt per second costs one system call; losing GSO for good (as
-/// before) made every later burst cost one send per datagram for the rest of the process.
-pub(super) const GSO_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Whether forwarded bursts go out as GSO batches now.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Gso {
-    supported: bool,
-    paused_until: Option<Instant>,
-}
-
-impl Gso {
-    pub(super) fn new(supported: bool) -> Self {
-        Gso {
-            supported,
-            paused_until: None,
-        }
-    }
-
-    /// Whether to build GSO batches for a send at `now`.
-    pub(super) fn enabled(&self, now: Instant) -> bool {
-        self.supported && self.paused_until.is_none_or(|t| now >= t)
-    }
-
-    /// A GSO batch failed at `now`: rest for [`GSO_RETRY_AFTER`].
-    pub(super) fn failed(&mut self, now: Instant) {
-        self.paused_until = Some(now + GSO_RETRY_AFTER);
-    }
-}
-
-/// Room for one `cmsghdr` + `u16`, aligned for `cmsghdr`.
+/// Room for one `cmsghdr` + an int (the GRO segment size), aligned for `cmsghdr`.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
 struct CmsgBuf([u64; 4]);
 
-/// Whether this kernel supports UDP GSO (since Linux 4.18).
-fn gso_supported(fd: libc::c_int) -> bool {
-    let mut val: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid fd and an int-sized out buffer.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_UDP,
-            UDP_SEGMENT,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    r == 0
-}
-
-/// Turns the list of sends into `mmsghdr`s, returning how many. Consecutive forwards to the
-/// same peer with the same size (a burst of one flow, the common case under load) become
-/// one GSO send: one trip through the stack for up to 64 datagrams, gathered straight from
-/// the receive buffers. Everything else is one message per datagram.
-#[allow(clippy::too_many_arguments)]
-fn build_sends(
-    sends: &[(Payload, PeerAddr)],
-    bufs: &mut [u8],
-    replies: &[ReplyBuf],
-    v6: bool,
-    gso: bool,
-    names: &mut [libc::sockaddr_storage],
-    iovs: &mut [libc::iovec],
-    cmsgs: &mut [CmsgBuf],
-    hdrs: &mut [libc::mmsghdr],
-) -> usize {
-    let base = bufs.as_mut_ptr();
-    let iov_of = |p: Payload| -> libc::iovec {
-        let (ptr, len) = match p {
-            Payload::Received { offset, len } => {
-                // SAFETY: in bounds: offset + len lies within one received buffer.
-                let ptr = unsafe { base.add(offset) };
-                (ptr, len)
-            }
-            Payload::Reply(r) => (
-                replies[r].as_bytes().as_ptr().cast_mut(),
-                replies[r].as_bytes().len(),
-            ),
-        };
-        libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        }
-    };
-    let mut count = 0;
-    let mut next_iov = 0;
-    let mut i = 0;
-    while i < sends.len() {
-        let (payload, dst) = sends[i];
-        // How many following sends join this one in a GSO batch.
-        let mut run = 1;
-        if let (true, Payload::Received { len: seg, .. }) = (gso, payload) {
-            let mut total = seg;
-            while i + run < sends.len() && run < MAX_GSO_SEGMENTS && seg > 0 {
-                match sends[i + run] {
-                    (Payload::Received { len, .. }, d)
-                        if d == dst && len <= seg && len > 0 && total + len <= MAX_GSO_BYTES =>
-                    {
-                        total += len;
-                        run += 1;
-                        if len < seg {
-                            break; // only the last segment may be shorter
-                        }
-                    }
-                    _ => break,
-                }
-            }
-        }
-        let Some(namelen) = write_sockaddr(dst, v6, &mut names[count]) else {
-            i += run;
-            continue;
-        };
-        let first_iov = next_iov;
-        for &(p, _) in &sends[i..i + run] {
-            iovs[next_iov] = iov_of(p);
-            next_iov += 1;
-        }
-        let h = &mut hdrs[count].msg_hdr;
-        h.msg_name = (&mut names[count] as *mut libc::sockaddr_storage).cast();
-        h.msg_namelen = namelen;
-        h.msg_iov = &mut iovs[first_iov];
-        h.msg_iovlen = run as _;
-        h.msg_flags = 0;
-        if run > 1 {
-            let Payload::Received { len: seg, .. } = payload else {
-                unreachable!("GSO runs are forwards")
-            };
-            let buf = &mut cmsgs[count];
-            h.msg_control = (buf as *mut CmsgBuf).cast();
-            // SAFETY: CMSG_SPACE of a u16 fits the 32-byte aligned buffer.
-            unsafe {
-                h.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(h);
-                (*c).cmsg_level = libc::SOL_UDP;
-                (*c).cmsg_type = UDP_SEGMENT;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
-            }
-        } else {
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-        }
-        count += 1;
-        i += run;
-    }
-    count
-}
-
-/// Sends each iovec of `msg` as a datagram of its own (the fallback when GSO fails).
-fn send_separately(fd: libc::c_int, msg: &libc::msghdr, errors: &std::sync::atomic::AtomicU64) {
-    // msg_iovlen is size_t on glibc but int on musl.
-    #[allow(clippy::unnecessary_cast)]
-    let n = msg.msg_iovlen as usize;
-    for k in 0..n {
-        // SAFETY: msg was built by build_sends: msg_iov has msg_iovlen valid entries and
-        // msg_name a valid address.
-        let r = unsafe {
-            let iov = &*msg.msg_iov.add(k);
-            libc::sendto(
-                fd,
-                iov.iov_base,
-                iov.iov_len,
-                0,
-                msg.msg_name.cast(),
-                msg.msg_namelen,
-            )
-        };
-        if r < 0 {
-            errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Sends every message of `hdrs`. A message that fails is skipped (counted), except a GSO
-/// batch, whose datagrams are then sent one by one; returns that batch's error, if any.
-pub(super) fn send_all(
-    fd: libc::c_int,
-    hdrs: &mut [libc::mmsghdr],
-    io: &crate::metrics::IoCounters,
-) -> Option<std::io::Error> {
-    let count = hdrs.len();
-    let mut gso_error = None;
-    let mut off = 0;
-    while off < count {
-        // SAFETY: hdrs[off..count] describe valid buffers and addresses.
-        let r = unsafe {
-            libc::sendmmsg(
-                fd,
-                hdrs.as_mut_ptr().add(off),
-                (count - off) as libc::c_uint,
-                0,
-            )
-        };
-        if r >= 0 {
-            off += r as usize;
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        if hdrs[off].msg_hdr.msg_controllen != 0 {
-            // A GSO batch the kernel or the device would not take (EMSGSIZE for segments
-            // above the MTU, EIO without checksum offload): its datagrams go one by one.
-            send_separately(fd, &hdrs[off].msg_hdr, &io.send_errors);
-            gso_error = Some(err);
-        } else {
-            // This datagram cannot go (firewall, no route, ...): skip it, keep the rest.
-            io.send_errors.fetch_add(1, Ordering::Relaxed);
-        }
-        off += 1;
-    }
-    gso_error
-}
-
 /// The send side of the loop: the sends gathered from one batch, the replies they point into,
-/// and the message buffers they are built in. Allocated once; none of its vectors grows.
+/// and the batched sender (`sendmmsg` + UDP GSO). Allocated once; none of its vectors grows.
 struct Outbox {
     sends: Vec<(Payload, PeerAddr)>,
     replies: Vec<ReplyBuf>,
-    names: Vec<libc::sockaddr_storage>,
-    iovs: Vec<libc::iovec>,
-    cmsgs: Vec<CmsgBuf>,
-    hdrs: Vec<libc::mmsghdr>,
-    gso: Gso,
+    batch: SendBatch,
 }
 
 impl Outbox {
-    fn new(gso: Gso) -> Self {
-        Outbox {
-            sends: Vec::with_capacity(MAX_SENDS),
-            replies: Vec::with_capacity(2 * BATCH),
-            // SAFETY: all-zero is a valid value for these plain C structs.
-            names: vec![unsafe { zeroed() }; MAX_SENDS],
-            iovs: vec![
-                libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0
-                };
-                MAX_SENDS
-            ],
-            cmsgs: vec![CmsgBuf([0; 4]); MAX_SENDS],
-            // SAFETY: as above.
-            hdrs: vec![unsafe { zeroed() }; MAX_SENDS],
-            gso,
-        }
-    }
-
-    /// Builds the gathered sends into messages (GSO runs where possible when `gso_enabled`),
-    /// sends them, counts what happened and empties the outbox.
-    fn flush(
-        &mut self,
-        fd: libc::c_int,
-        bufs: &mut [u8],
-        v6: bool,
-        gso_enabled: bool,
-        io: &crate::metrics::IoCounters,
-        now: Instant,
-    ) {
+    /// Sends what is gathered (forwards straight out of `bufs`), counts what happened and
+    /// empties the outbox.
+    fn flush(&mut self, socket: BorrowedFd<'_>, bufs: &[u8], io: &crate::metrics::IoCounters) {
         if self.sends.is_empty() {
             return;
         }
-        let count = build_sends(
-            &self.sends,
-            bufs,
-            &self.replies,
-            v6,
-            gso_enabled,
-            &mut self.names,
-            &mut self.iovs,
-            &mut self.cmsgs,
-            &mut self.hdrs,
-        );
-        for h in &self.hdrs[..count] {
-            if h.msg_hdr.msg_controllen != 0 {
-                io.gso_batches.fetch_add(1, Ordering::Relaxed);
-                io.gso_datagrams
-                    .fetch_add(h.msg_hdr.msg_iovlen as u64, Ordering::Relaxed);
-            }
+        let replies = &self.replies;
+        let datagrams = self.sends.iter().map(|&(payload, dst)| {
+            let bytes = match payload {
+                Payload::Received { offset, len } => &bufs[offset..offset + len],
+                Payload::Reply(r) => replies[r].as_bytes(),
+            };
+            (Dest::from_octets(dst.ip_octets(), dst.port()), bytes)
+        });
+        let st = self.batch.send(socket, datagrams);
+        if st.failed > 0 {
+            io.send_errors.fetch_add(st.failed, Ordering::Relaxed);
         }
-        if let Some(err) = send_all(fd, &mut self.hdrs[..count], io) {
-            self.gso.failed(now);
-            let failures = io.gso_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if st.gso_messages > 0 {
+            io.gso_batches.fetch_add(st.gso_messages, Ordering::Relaxed);
+            io.gso_datagrams
+                .fetch_add(st.gso_datagrams, Ordering::Relaxed);
+        }
+        if st.gso_fallbacks > 0 {
+            let failures = io
+                .gso_failures
+                .fetch_add(st.gso_fallbacks, Ordering::Relaxed)
+                + st.gso_fallbacks;
             if failures.is_power_of_two() {
-                warn!(error = %err, failures, retry_after = ?GSO_RETRY_AFTER,
+                let error = st.gso_error.map(std::io::Error::from_raw_os_error);
+                warn!(error = ?error, failures, retry_after = ?netkit::send::GSO_RETRY_AFTER,
                     "UDP GSO send failed; sent that burst datagram by datagram");
             }
         }
@@ -446,7 +164,6 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
     // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and affects only this thread.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
     let fd = server.socket.as_raw_fd();
-    let v6 = server.local_addr.is_ipv6();
     let mut bufs = vec![0u8; BATCH * MAX_DATAGRAM];
     // SAFETY: all-zero is a valid value for these plain C structs.
     let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; BATCH];
@@ -462,9 +179,23 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
     let gro = enable_gro(fd);
     tracing::debug!(gro, "UDP receive offload");
     let mut recv_cmsgs: Vec<CmsgBuf> = vec![CmsgBuf([0; 4]); BATCH];
-    let gso = Gso::new(gso_supported(fd));
-    tracing::debug!(?gso, "UDP segmentation offload for forwarded bursts");
-    let mut out = Outbox::new(gso);
+    let batch = match SendBatch::for_socket(&server.socket, MAX_SENDS) {
+        Ok(b) => b,
+        Err(e) => {
+            // getsockname on a bound socket does not fail; if it did, nothing could be sent.
+            warn!(error = %e, "cannot set up batched sends; relay loop not started");
+            return;
+        }
+    };
+    tracing::debug!(
+        gso = batch.gso_supported(),
+        "UDP segmentation offload for forwarded bursts"
+    );
+    let mut out = Outbox {
+        sends: Vec::with_capacity(MAX_SENDS),
+        replies: Vec::with_capacity(2 * BATCH),
+        batch,
+    };
     let metrics = server.metrics.clone();
     let io = &metrics.io;
 
@@ -529,7 +260,6 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         // One lock per batch: uncontended (the TCP thread takes it per TCP frame only),
         // it costs a couple of atomic operations, not one per datagram.
         let mut core = lock(&server.core);
-        let gso_now = out.gso.enabled(now);
         for i in 0..n as usize {
             let len = hdrs[i].msg_len as usize;
             if hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -575,7 +305,7 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
                 }
                 if out.sends.len() + 3 > MAX_SENDS {
                     // Only with GRO buffers: send what is gathered to make room.
-                    out.flush(fd, &mut bufs, v6, gso_now, io, now);
+                    out.flush(server.socket.as_fd(), &bufs, io);
                 }
                 if end == len {
                     break;
@@ -585,7 +315,7 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         }
         Server::maybe_tick(&metrics, now, &mut core);
         drop(core);
-        out.flush(fd, &mut bufs, v6, gso_now, io, now);
+        out.flush(server.socket.as_fd(), &bufs, io);
         // Under load, datagrams trickle in while a batch is processed; waking for each
         // handful costs more than the datagrams themselves. After a partial batch of
         // several, give the next ones a moment to gather (interrupt moderation). A lone
@@ -594,133 +324,5 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         if (2..BATCH).contains(&(n as usize)) {
             std::thread::sleep(COALESCE);
         }
-    }
-}
-#[cfg(test)]
-mod tests {
-    //! GSO recovery on real loopback sockets. `SO_NO_CHECK` makes the kernel refuse every
-    //! UDP GSO send on that socket (`EINVAL`, net/ipv4/udp.c) while plain sends work: a
-    //! stand-in for the `EMSGSIZE` of a route whose MTU is below the segment size, which
-    //! loopback (MTU 64 KiB) cannot produce.
-
-    use std::net::UdpSocket;
-    use std::os::fd::AsRawFd;
-    use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
-
-    use super::*;
-    use crate::metrics::IoCounters;
-
-    fn set_no_check(s: &UdpSocket, on: bool) {
-        let v: libc::c_int = on.into();
-        // SAFETY: a valid fd and a pointer to a c_int of the stated size.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NO_CHECK,
-                (&v as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "SO_NO_CHECK: {}", std::io::Error::last_os_error());
-    }
-
-    /// Sends `n` datagrams of `len` bytes from `tx` to `rx` the way the relay loop does,
-    /// as one GSO batch when `gso`; returns the batch's error and the sizes `rx` got.
-    fn burst(
-        tx: &UdpSocket,
-        rx: &UdpSocket,
-        n: usize,
-        len: usize,
-        gso: bool,
-        io: &IoCounters,
-    ) -> (Option<std::io::Error>, Vec<usize>) {
-        let mut bufs = vec![7u8; crate::defaults::BATCH * MAX_DATAGRAM];
-        let dst = PeerAddr::from(rx.local_addr().expect("rx addr"));
-        let sends: Vec<(Payload, PeerAddr)> = (0..n)
-            .map(|index| {
-                (
-                    Payload::Received {
-                        offset: index * MAX_DATAGRAM,
-                        len,
-                    },
-                    dst,
-                )
-            })
-            .collect();
-        // SAFETY: all-zero is a valid value for these plain C structs.
-        let mut names: Vec<libc::sockaddr_storage> = vec![unsafe { zeroed() }; n];
-        let mut iovs = vec![
-            libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0
-            };
-            n
-        ];
-        let mut cmsgs = vec![CmsgBuf([0; 4]); n];
-        // SAFETY: as above.
-        let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; n];
-        let count = build_sends(
-            &sends,
-            &mut bufs,
-            &[],
-            false,
-            gso,
-            &mut names,
-            &mut iovs,
-            &mut cmsgs,
-            &mut hdrs,
-        );
-        assert_eq!(count, if gso { 1 } else { n }, "messages built");
-        let err = send_all(tx.as_raw_fd(), &mut hdrs[..count], io);
-        rx.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        while got.len() < n {
-            match rx.recv(&mut buf) {
-                Ok(k) => got.push(k),
-                Err(_) => break,
-            }
-        }
-        (err, got)
-    }
-
-    #[test]
-    fn a_refused_gso_batch_is_resent_one_by_one_and_gso_resumes() {
-        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind tx");
-        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind rx");
-        if !gso_supported(tx.as_raw_fd()) {
-            eprintln!("SKIP: this kernel has no UDP GSO");
-            return;
-        }
-        let io = IoCounters::default();
-        set_no_check(&tx, true);
-        let (err, got) = burst(&tx, &rx, 8, 1200, true, &io);
-        assert!(
-            err.is_some(),
-            "the kernel took a GSO batch with SO_NO_CHECK set"
-        );
-        assert_eq!(
-            got,
-            vec![1200; 8],
-            "the refused batch arrives whole, datagram by datagram"
-        );
-        assert_eq!(io.send_errors.load(Ordering::Relaxed), 0);
-
-        // The loop pauses GSO after the failure, and only for GSO_RETRY_AFTER.
-        let t0 = Instant::now();
-        let mut gso = Gso::new(true);
-        assert!(gso.enabled(t0));
-        gso.failed(t0);
-        assert!(!gso.enabled(t0 + GSO_RETRY_AFTER / 2));
-        assert!(gso.enabled(t0 + GSO_RETRY_AFTER));
-
-        // Later bursts go as GSO batches again once the kernel takes them.
-        set_no_check(&tx, false);
-        let (err, got) = burst(&tx, &rx, 8, 1200, gso.enabled(t0 + GSO_RETRY_AFTER), &io);
-        assert!(err.is_none(), "GSO batch refused: {err:?}");
-        assert_eq!(got, vec![1200; 8], "the GSO batch arrives as 8 datagrams");
     }
 }

@@ -53,6 +53,64 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
+/// The options every measuring bench takes: `--quick`, `--no-build` and `--reps N`.
+#[derive(Debug, Clone, Copy)]
+pub struct Common {
+    /// `--quick`: shorter runs (CI).
+    pub quick: bool,
+    /// `--no-build`: use the release binaries as they are.
+    pub no_build: bool,
+    reps: Option<usize>,
+}
+
+impl Common {
+    /// Takes the common options from `a`; `None` when `--help`/`-h` asked for `help`, which is
+    /// then printed.
+    pub fn parse(a: &mut crate::cli::Args, help: &str) -> Result<Option<Self>> {
+        if a.flag("--help") || a.flag("-h") {
+            print!("{help}");
+            return Ok(None);
+        }
+        Ok(Some(Common {
+            quick: a.flag("--quick"),
+            no_build: a.flag("--no-build"),
+            reps: a.parsed("--reps")?,
+        }))
+    }
+
+    /// `quick` under `--quick`, else `full`.
+    pub fn pick<T>(&self, quick: T, full: T) -> T {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+
+    /// Repetitions: `--reps`, else the default for the mode; at least one.
+    pub fn reps(&self, quick: usize, full: usize) -> usize {
+        self.reps.unwrap_or(self.pick(quick, full)).max(1)
+    }
+}
+
+/// In a debug build of xtask, runs the release one instead with the same arguments (plus
+/// `--no-build`: the caller has just built it): a debug-built load generator would measure
+/// itself, not what it loads. Returns only on failure, or at once in a release build.
+pub fn exec_release(bench: &str, args: &[String]) -> Result<()> {
+    use anyhow::Context as _;
+    use std::os::unix::process::CommandExt as _;
+    if !cfg!(debug_assertions) {
+        return Ok(());
+    }
+    let release = crate::target_dir().join("release").join("xtask");
+    let err = std::process::Command::new(&release)
+        .args(["bench", bench])
+        .args(args)
+        .arg("--no-build")
+        .exec();
+    Err(err).with_context(|| format!("exec {}", release.display()))
+}
+
 /// Whether `tool` is a file in one of the `PATH` directories.
 pub fn which(tool: &str) -> bool {
     std::env::var_os("PATH")

@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -106,13 +105,10 @@ struct Plan {
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
+    let Some(common) = super::Common::parse(&mut a, HELP)? else {
         return Ok(());
-    }
-    let quick = a.flag("--quick");
-    let no_build = a.flag("--no-build");
-    let reps: Option<usize> = a.parsed("--reps")?;
+    };
+    let (quick, no_build) = (common.quick, common.no_build);
     let only = a.value("--only")?;
     a.finish()?;
     let (run_udp, run_tcp) = match only.as_deref() {
@@ -122,7 +118,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(other) => bail!("--only takes `udp` or `tcp`, not `{other}`"),
     };
     let plan = Plan {
-        reps: reps.unwrap_or(if quick { 1 } else { 5 }).max(1),
+        reps: common.reps(1, 5),
         udp_duration: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
         tcp_bytes: if quick { 64 << 20 } else { 256 << 20 },
         run_udp,
@@ -132,16 +128,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !no_build {
         super::build_release(&["xtask", "mqproxy"])?;
     }
-    if cfg!(debug_assertions) {
-        // A debug-built load generator would measure itself, not the proxies.
-        let release = target.join("xtask");
-        let err = Command::new(&release)
-            .args(["bench", "mqproxy"])
-            .args(args)
-            .arg("--no-build")
-            .exec();
-        return Err(err).with_context(|| format!("exec {}", release.display()));
-    }
+    super::exec_release("mqproxy", args)?;
     let log_dir = crate::target_dir().join("bench-mqproxy");
     let mqproxy_bin = target.join("mqproxy");
     if !mqproxy_bin.is_file() {

@@ -94,13 +94,11 @@ pub fn maturin(args: &[&str]) -> Result<()> {
 
 pub fn run_bench(args: &[String]) -> Result<()> {
     let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
+    let Some(common) = super::Common::parse(&mut a, HELP)? else {
         return Ok(());
-    }
-    let quick = a.flag("--quick");
-    let no_build = a.flag("--no-build");
-    let reps: u32 = a.parsed("--reps")?.unwrap_or(if quick { 1 } else { 3 });
+    };
+    let (quick, no_build) = (common.quick, common.no_build);
+    let reps = common.reps(1, 3);
     let rtt: u32 = a
         .parsed("--rtt-count")?
         .unwrap_or(if quick { 200 } else { 2000 });

@@ -56,16 +56,11 @@ struct Dial {
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
+    let Some(common) = super::Common::parse(&mut a, HELP)? else {
         return Ok(());
-    }
-    let quick = a.flag("--quick");
-    let no_build = a.flag("--no-build");
-    let reps: usize = a
-        .parsed("--reps")?
-        .unwrap_or(if quick { 2 } else { 5 })
-        .max(1);
+    };
+    let (quick, no_build) = (common.quick, common.no_build);
+    let reps = common.reps(2, 5);
     let bytes: u64 = a
         .parsed("--bytes")?
         .unwrap_or(if quick { 16 << 20 } else { 256 << 20 });

@@ -3,7 +3,6 @@
 //! 100,000/s, the highest rate with at most 1 % loss, and the round-trip time, with ratios.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -70,13 +69,10 @@ struct Plan {
 
 pub fn run(args: &[String]) -> Result<()> {
     let mut a = Args::new(args);
-    if a.flag("--help") || a.flag("-h") {
-        print!("{HELP}");
+    let Some(common) = super::Common::parse(&mut a, HELP)? else {
         return Ok(());
-    }
-    let quick = a.flag("--quick");
-    let no_build = a.flag("--no-build");
-    let reps: Option<usize> = a.parsed("--reps")?;
+    };
+    let (quick, no_build) = (common.quick, common.no_build);
     let framing = a.value("--framing")?.unwrap_or_else(|| "plain".into());
     a.finish()?;
     let framings: Vec<&str> = match framing.as_str() {
@@ -85,7 +81,7 @@ pub fn run(args: &[String]) -> Result<()> {
         other => bail!("--framing {other}: use plain, flow, mullvad or all"),
     };
     let plan = Plan {
-        reps: reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        reps: common.reps(1, 3),
         duration: Duration::from_secs_f64(if quick { 1.0 } else { 2.0 }),
         quick,
     };
@@ -93,16 +89,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !no_build {
         super::build_release(&["xtask", "udp-over-tcp"])?;
     }
-    if cfg!(debug_assertions) {
-        // A debug-built load generator would measure itself, not the tunnel.
-        let release = target.join("xtask");
-        let err = Command::new(&release)
-            .args(["bench", "uot"])
-            .args(args)
-            .arg("--no-build")
-            .exec();
-        return Err(err).with_context(|| format!("exec {}", release.display()));
-    }
+    super::exec_release("uot", args)?;
     let bin = target.join("udp-over-tcp");
     if !bin.is_file() {
         bail!("{} not found (build it first)", bin.display());

@@ -11,7 +11,6 @@ mod reg;
 mod report;
 
 use std::net::Ipv4Addr;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -172,16 +171,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !opts.no_build {
         build(opts.relay_bin.is_none())?;
     }
-    if cfg!(debug_assertions) {
-        // A debug-built load generator or forwarder would measure itself, not the relay.
-        let release = target.join("xtask");
-        let err = Command::new(&release)
-            .args(["bench", "relay"])
-            .args(args)
-            .arg("--no-build")
-            .exec();
-        return Err(err).with_context(|| format!("exec {}", release.display()));
-    }
+    super::exec_release("relay", args)?;
     let mut ctx = Ctx {
         relay_bin: opts.relay_bin.unwrap_or_else(|| target.join("quic-relay")),
         xtask_bin: std::env::current_exe().context("path of this xtask binary")?,

@@ -1,0 +1,16 @@
+//! `netkit`: the socket plumbing the workspace's binaries share, so each is written once.
+//!
+//! Modules:
+//! - [`send`] (Linux): [`SendBatch`], datagrams to many destinations in one `sendmmsg(2)`,
+//!   runs of equal-size datagrams to one destination as one UDP GSO message, with the fallback
+//!   when the kernel or the device refuses GSO. Blocking or non-blocking sockets.
+//! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
+//!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
+//!   not justify an HTTP stack in the build.
+
+#[cfg(target_os = "linux")]
+pub mod send;
+#[cfg(target_os = "linux")]
+pub use send::{Dest, SendBatch, SendStats};
+
+pub mod prometheus;
