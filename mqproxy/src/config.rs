@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::client::ClientConfig;
-use crate::rendezvous::{parse_relay_token, RelayTarget};
+use crate::relay_session::{parse_relay_token, RelayTarget};
 use crate::server::{self, ServerConfig};
 use crate::tls::{ClientVerify, ServerCert};
 
@@ -530,13 +530,13 @@ impl ClientOpts {
             c.udp_idle_timeout = Some(positive_secs("--udp-idle-timeout", s)?);
         }
         let relay_path = usize::from(c.relay.is_some() && !paths.is_empty());
-        if paths.len() + relay_path > crate::paths::MAX_PATHS {
+        if paths.len() + relay_path > crate::multipath::sched::MAX_PATHS {
             return Err(ConfigError::Invalid {
                 flag: "--path",
                 value: format!("{} addresses", paths.len()),
                 reason: format!(
                     "at most {} paths{}",
-                    crate::paths::MAX_PATHS,
+                    crate::multipath::sched::MAX_PATHS,
                     if relay_path == 1 {
                         ", the relay session counting as one"
                     } else {
@@ -603,7 +603,7 @@ mod tests {
         assert_eq!(c.token, b"fromfile");
         assert_eq!(c.udp_idle_timeout, Duration::from_secs(9));
         assert!(!c.udp_enabled);
-        assert_eq!(c.max_conns, server::DEFAULT_MAX_CONNS);
+        assert_eq!(c.max_conns, crate::defaults::DEFAULT_MAX_CONNS);
 
         std::fs::write(&f, "listn = \"x\"\n").expect("write");
         let err = ServerOpts {
@@ -788,7 +788,7 @@ mod tests {
         .resolve()
         .expect("valid");
         assert_eq!(c.paths.len(), 2);
-        assert_eq!(c.scheduler, crate::paths::Scheduler::Backup);
+        assert_eq!(c.scheduler, crate::multipath::sched::Scheduler::Backup);
         let err = ClientOpts {
             scheduler: Some("fastest".into()),
             ..base.clone()

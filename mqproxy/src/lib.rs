@@ -16,7 +16,7 @@
 //! - [`multipath`]: the path table of a bundle (a QUIC connection per path, health
 //!   monitors), per-packet UDP scheduling and striped TCP flows.
 //! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
-//! - [`rendezvous`]: both roles through a `quic-relay` session (`--relay`, `--session`) for a
+//! - [`relay_session`]: both roles through a `quic-relay` session (`--relay`, `--session`) for a
 //!   server with no open port: hole-punched direct path when possible, relayed otherwise.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`config`]: command-line and TOML options for both roles.
@@ -32,17 +32,16 @@
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+pub mod defaults;
 #[cfg(feature = "runtime")]
 pub mod logging;
 #[cfg(feature = "runtime")]
 pub mod metrics;
-#[cfg(feature = "runtime")]
 pub mod multipath;
-pub mod paths;
 pub mod policy;
 pub mod proto;
 #[cfg(feature = "runtime")]
-pub mod rendezvous;
+pub mod relay_session;
 #[cfg(feature = "runtime")]
 pub mod server;
 pub mod socks;
@@ -57,7 +56,7 @@ pub mod udpsocks;
 pub mod uot;
 
 #[cfg(feature = "runtime")]
-/// The peer SDK the relay mode ([`rendezvous`]) reaches its server through.
+/// The peer SDK the relay mode ([`relay_session`]) reaches its server through.
 pub use peer_sdk;
 
 #[cfg(feature = "runtime")]

@@ -75,5 +75,17 @@ pub enum DecodeError {
     Truncated(&'static str),
 }
 
+/// Application close codes of the proxy's QUIC connections.
+pub mod close {
+    /// Normal shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// The token was wrong (or the version unsupported).
+    pub const AUTH_FAILED: u32 = 0x10;
+    /// The peer broke the protocol.
+    pub const PROTOCOL_ERROR: u32 = 0x11;
+    /// The client did not authenticate in time.
+    pub const AUTH_TIMEOUT: u32 = 0x12;
+}
+
 #[cfg(test)]
 mod tests;

@@ -66,7 +66,7 @@ pub struct Opts {
     pub http: bool,
     /// Multipath: the client's local addresses, one path each.
     pub paths: Vec<std::net::IpAddr>,
-    pub scheduler: mqproxy::paths::Scheduler,
+    pub scheduler: mqproxy::multipath::sched::Scheduler,
     /// Serve both `--metrics` pages (on loopback, any port).
     pub metrics: bool,
 }

@@ -20,46 +20,25 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::defaults::{
+    AUTH_TIMEOUT, BUNDLE_GRACE, CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNS,
+    DEFAULT_UDP_IDLE_TIMEOUT, DNS_TIMEOUT, EVENT_QUEUE, HANDSHAKE_TIMEOUT, MAX_FLOWS,
+    REASSEMBLY_BUDGET, STREAM_HEADER_TIMEOUT, UDP_BATCH,
+};
+use crate::multipath::sched::{Scheduler, MAX_PATHS};
 use crate::multipath::{self, FlowError, PathTable, Subflow};
-use crate::paths::{Scheduler, MAX_PATHS};
+use crate::proto::close;
 use crate::proto::{
     self, AuthStatus, CloseReason, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler,
     TargetAddr, UdpStatus, BUNDLE_ID_LEN, FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
 use crate::tls::{self, ServerCert, TlsError};
-use crate::transport::{self, close, FrameReader, TransportError};
-use crate::udp::{PreOpenBuffer, SessionTable, REASSEMBLY_BUDGET};
+use crate::transport::{self, FrameReader, TransportError};
+use crate::udp::{PreOpenBuffer, SessionTable};
 
-/// How long a client has to finish the QUIC handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client has to authenticate after the handshake; it holds a `--max-conns` slot
-/// meanwhile, so this bounds how long a silent client blocks others.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a new stream may take to say what it is.
-pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// TCP connect timeout towards a destination.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// DNS timeout for a destination name.
-pub const DNS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default `--udp-idle-timeout`.
-pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default QUIC idle timeout (the client keeps it alive at a third of this).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `--max-conns`: connections between handshake and authentication. Only connections
-/// from validated addresses (after a QUIC Retry) take a slot, so a flood of Initials from
-/// spoofed or silent sources cannot fill them; 256 leaves room for many clients
-/// reconnecting at once after a server restart.
-pub const DEFAULT_MAX_CONNS: usize = 256;
-/// UDP packets one session forwards per wake-up before yielding to the others.
-const UDP_BATCH: usize = 64;
-/// Session open/close notices queued from stream tasks to the connection loop; a notice per
-/// session event, so the session cap bounds what can be outstanding.
-const EVENT_QUEUE: usize = crate::udp::DEFAULT_MAX_SESSIONS;
-/// How long a multipath bundle outlives its last path: a client whose every path dropped at
-/// once (a flapping uplink) gets its UDP sessions and TCP flows back if a path returns in time.
-pub const BUNDLE_GRACE: Duration = Duration::from_secs(10);
-/// Striped TCP flows per bundle (each holds two [`multipath::FLOW_WINDOW`] buffers at most).
-pub const MAX_FLOWS: usize = 1024;
+pub mod relay;
+
+pub use relay::{RelayServer, RelayServerError};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -88,8 +67,8 @@ pub struct ServerConfig {
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
     /// Wait for clients in this relay session instead of listening on `listen` (see
-    /// [`crate::rendezvous::RelayServer`]).
-    pub relay: Option<crate::rendezvous::RelayTarget>,
+    /// [`relay::RelayServer`]).
+    pub relay: Option<crate::relay_session::RelayTarget>,
     /// With `relay`: listen on `listen` as well, both front ends sharing one state (see
     /// [`Server::relay_front`]).
     pub also_listen: bool,
@@ -107,9 +86,9 @@ impl ServerConfig {
             udp_enabled: true,
             cert,
             max_conns: DEFAULT_MAX_CONNS,
-            max_udp_sessions: crate::udp::DEFAULT_MAX_SESSIONS,
+            max_udp_sessions: crate::defaults::DEFAULT_MAX_SESSIONS,
             max_udp_sessions_total: None,
-            max_udp_sessions_per_client: crate::udp::DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            max_udp_sessions_per_client: crate::defaults::DEFAULT_MAX_SESSIONS_PER_CLIENT,
             allow_private: false,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             relay: None,
@@ -209,7 +188,7 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     metrics: Option<std::net::TcpListener>,
     /// The relay front end's path gauges, when one runs beside (for the metrics page).
-    relay_paths: Option<Arc<crate::rendezvous::PathMetrics>>,
+    relay_paths: Option<Arc<crate::relay_session::PathMetrics>>,
     ctx: Arc<Ctx>,
     fingerprint: peer_sdk::tls::Fingerprint,
     /// The TLS configuration, for a relay front end beside the listener.
@@ -219,7 +198,7 @@ pub struct Server {
 impl Ctx {
     /// Loads the certificate (logging the fingerprint clients pin) and builds the shared state
     /// of both front ends: the UDP listener ([`Server`]) and the relay
-    /// ([`crate::rendezvous::RelayServer`]).
+    /// ([`relay::RelayServer`]).
     pub(crate) fn new(cfg: ServerConfig) -> Result<(Arc<Ctx>, tls::LoadedCert), ServerError> {
         let cert = tls::load_server_cert(&cfg.cert)?;
         let fingerprint = cert.fingerprint;
@@ -285,7 +264,7 @@ impl Ctx {
     /// paths; `relay` adds the relay-session path gauges.
     pub(crate) fn render_metrics(
         &self,
-        relay: Option<&Arc<crate::rendezvous::PathMetrics>>,
+        relay: Option<&Arc<crate::relay_session::PathMetrics>>,
     ) -> String {
         use crate::metrics::{Exposition, Kind};
         let m = &self.metrics;
@@ -439,7 +418,7 @@ impl Ctx {
     pub(crate) fn serve_metrics(
         self: &Arc<Self>,
         listener: Option<std::net::TcpListener>,
-        relay: Option<Arc<crate::rendezvous::PathMetrics>>,
+        relay: Option<Arc<crate::relay_session::PathMetrics>>,
     ) -> Option<crate::AbortOnDrop<()>> {
         let l = listener?;
         let l = match l
@@ -510,15 +489,10 @@ impl Server {
     /// Also waits for clients in the configured relay session (`--listen` with `--relay`):
     /// registers with the relay and returns that front end, which shares this server's
     /// state (a multipath client's relay path joins its direct paths' bundle). Run both.
-    pub async fn relay_front(
-        &mut self,
-    ) -> Result<crate::rendezvous::RelayServer, crate::rendezvous::RelayServerError> {
-        let front = crate::rendezvous::RelayServer::beside(
-            self.ctx.clone(),
-            self.tls.clone(),
-            self.fingerprint,
-        )
-        .await?;
+    pub async fn relay_front(&mut self) -> Result<relay::RelayServer, relay::RelayServerError> {
+        let front =
+            relay::RelayServer::beside(self.ctx.clone(), self.tls.clone(), self.fingerprint)
+                .await?;
         self.relay_paths = Some(front.path_metrics());
         Ok(front)
     }

@@ -17,44 +17,26 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::defaults::{
+    AUTH_RESPONSE_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN, CONNECT_RESPONSE_TIMEOUT, CONNECT_WAIT,
+    INGRESS_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE, MAX_INGRESS_CONNECTIONS,
+    MAX_SESSIONS_PER_ASSOCIATION, PATH_BACKOFF_MAX, REASSEMBLY_BUDGET, REFUSED_HOLD,
+};
+use crate::multipath::sched::{DupFilter, Scheduler, MAX_PATHS};
 use crate::multipath::{self, FlowError, PathReport, PathTable, Subflow};
-use crate::paths::{DupFilter, Scheduler, MAX_PATHS};
+use crate::proto::close;
 use crate::proto::{
     self, AuthStatus, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler, TargetAddr,
     UdpStatus, BUNDLE_ID_LEN, FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
 use crate::socks::{self, SocksError};
 use crate::tls::{self, ClientVerify, TlsError};
-use crate::transport::{self, close, Dialer, FrameReader, QuicDialer, TransportError};
-use crate::udp::REASSEMBLY_BUDGET;
+use crate::transport::{self, Dialer, FrameReader, QuicDialer, TransportError};
 use crate::AbortOnDrop;
 
-/// How long a request waits for the connection to the server to come (back) up.
-pub const CONNECT_WAIT: Duration = Duration::from_secs(10);
-/// How long the server may take to answer a CONNECT (its DNS and TCP timeouts, plus margin).
-pub const CONNECT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a SOCKS or HTTP client may take to send its greeting and request.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the server may take to answer authentication.
-pub const AUTH_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// First reconnection delay; doubles per failure up to [`BACKOFF_MAX`], each with ±50 % jitter
-/// so many clients do not reconnect in lockstep after a server restart.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest reconnection delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// Longest redial delay of one path of a multipath client (the others carry the traffic
-/// meanwhile, and a path that comes back should be in use again within seconds).
-pub const PATH_BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Concurrent SOCKS/HTTP client connections: each holds a task and buffers (~130 KiB while
-/// splicing), so this caps the client at roughly half a GiB.
-pub const MAX_INGRESS_CONNECTIONS: usize = 4096;
-/// Destinations (= UDP sessions) per UDP association; the server's per-connection default.
-pub const MAX_SESSIONS_PER_ASSOCIATION: usize = crate::udp::DEFAULT_MAX_SESSIONS;
-/// After the server refuses a destination, packets to it are dropped for this long before the
-/// next attempt, so a chatty client does not turn every packet into an OPEN.
-pub const REFUSED_HOLD: Duration = Duration::from_secs(1);
-/// Largest SOCKS handshake message (greeting, auth or request) buffered.
-const MAX_HANDSHAKE: usize = 1024;
+pub mod relay;
+
+pub use relay::{PathDialer, RelayDialer};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -80,8 +62,8 @@ pub struct ClientConfig {
     /// Name sent to the server, for its logs.
     pub client_id: String,
     /// Reach the server through this relay session instead of `server` (see
-    /// [`crate::rendezvous`]); `server` then only names it in logs.
-    pub relay: Option<crate::rendezvous::RelayTarget>,
+    /// [`crate::relay_session`]); `server` then only names it in logs.
+    pub relay: Option<crate::relay_session::RelayTarget>,
     /// Local addresses to reach the server from, one QUIC connection (path) each; empty: one
     /// path from any address.
     pub paths: Vec<std::net::IpAddr>,
@@ -101,7 +83,7 @@ impl ClientConfig {
             socks5: "127.0.0.1:1080".parse().expect("literal"),
             http: None,
             verify,
-            idle_timeout: crate::server::DEFAULT_IDLE_TIMEOUT,
+            idle_timeout: crate::defaults::DEFAULT_IDLE_TIMEOUT,
             udp_idle_timeout: None,
             socks_auth: None,
             client_id: format!("mqproxy/{}", env!("CARGO_PKG_VERSION")),
@@ -806,7 +788,7 @@ async fn read_msg<T>(
             }
         }
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+    tokio::time::timeout(INGRESS_HANDSHAKE_TIMEOUT, fut)
         .await
         .map_err(|_| IngressError::Timeout)?
 }
