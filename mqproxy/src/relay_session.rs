@@ -46,20 +46,6 @@ impl RelayTarget {
     }
 }
 
-/// Why a relay token does not parse.
-#[derive(Debug, thiserror::Error)]
-#[error("expected EXPIRY:MAC (Unix seconds, ':', 64 hex digits), as minted for the relay's --secret-file")]
-pub struct BadRelayToken;
-
-/// Parses `EXPIRY:MAC`, the form `peer_sdk::proto::Token` travels in (`t=` on the wire).
-pub fn parse_relay_token(s: &str) -> Result<Token, BadRelayToken> {
-    let (expiry, mac) = s.trim().split_once(':').ok_or(BadRelayToken)?;
-    let expiry = expiry.parse().map_err(|_| BadRelayToken)?;
-    let mut m = [0u8; 32];
-    hex::decode_to_slice(mac, &mut m).map_err(|_| BadRelayToken)?;
-    Ok(Token { expiry, mac: m })
-}
-
 /// Which path carries the proxy's connection, for either role.
 #[derive(Debug, Default)]
 pub struct PathMetrics {
@@ -185,42 +171,6 @@ impl Live {
         Live {
             _watch: AbortOnDrop(watch),
             conn,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn relay_token_round_trip(expiry: u64, mac: [u8; 32]) {
-            let t = parse_relay_token(&format!("{expiry}:{}", hex::encode(mac))).expect("valid");
-            prop_assert_eq!(t, Token { expiry, mac });
-        }
-
-        #[test]
-        fn relay_token_parser_never_panics(s in ".{0,100}") {
-            let _ = parse_relay_token(&s);
-        }
-    }
-
-    #[test]
-    fn relay_tokens_parse_and_bad_ones_are_refused() {
-        let mac = "ab".repeat(32);
-        let t = parse_relay_token(&format!("1700000000:{mac}")).expect("valid");
-        assert_eq!(t.expiry, 1_700_000_000);
-        assert_eq!(t.mac, [0xab; 32]);
-        for bad in [
-            "",
-            "1700000000",
-            "x:ab",
-            &format!("1:{}", "ab".repeat(31)),
-            &format!(":{mac}"),
-        ] {
-            assert!(parse_relay_token(bad).is_err(), "{bad:?} parsed");
         }
     }
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn, Instrument};
 use crate::defaults::{BACKOFF_MAX, BACKOFF_MIN};
 use crate::proto::close;
 use crate::relay_session::{describe, Live, PathMetrics, RelayTarget};
-use crate::server::{self, Ctx, ServerConfig, ServerError};
+use crate::server::{self, ServerConfig, ServerError, ServerState};
 use crate::tls::{self};
 use crate::transport::{self};
 
@@ -38,7 +38,7 @@ pub enum RelayServerError {
 /// a client's connection ends, the server registers again and waits for the next one.
 #[derive(Debug)]
 pub struct RelayServer {
-    ctx: Arc<Ctx>,
+    ctx: Arc<ServerState>,
     target: RelayTarget,
     tls: Arc<rustls::ServerConfig>,
     transport: Arc<TransportConfig>,
@@ -56,7 +56,7 @@ impl RelayServer {
     /// Loads the certificate and registers with the relay.
     pub async fn bind(cfg: ServerConfig) -> Result<Self, RelayServerError> {
         let target = cfg.relay.clone().ok_or(RelayServerError::NoRelay)?;
-        let (ctx, cert) = Ctx::new(cfg)?;
+        let (ctx, cert) = ServerState::new(cfg)?;
         let fingerprint = cert.fingerprint;
         let tls = tls::rustls_server_config(cert).map_err(ServerError::from)?;
         let transport = Arc::new(transport::transport_config(ctx.cfg().idle_timeout, true));
@@ -81,7 +81,7 @@ impl RelayServer {
     /// shares the listener's state, so a multipath client's relay path joins the bundle of its
     /// direct paths. Registers with the relay.
     pub(crate) async fn beside(
-        ctx: Arc<Ctx>,
+        ctx: Arc<ServerState>,
         tls: Arc<rustls::ServerConfig>,
         fingerprint: peer_sdk::Fingerprint,
     ) -> Result<Self, RelayServerError> {
@@ -108,7 +108,7 @@ impl RelayServer {
     }
 
     /// The proxy's counters.
-    pub fn metrics(&self) -> Arc<server::Metrics> {
+    pub fn metrics(&self) -> Arc<server::ServerCounters> {
         self.ctx.metrics().clone()
     }
 
