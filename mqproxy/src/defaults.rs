@@ -20,7 +20,7 @@ pub const MAX_STREAMS: u32 = 4096;
 /// more (and typical NAT UDP bindings, 30 s and up) from timing the connection out.
 pub const KEEPALIVE_MAX: Duration = Duration::from_secs(5);
 
-/// Initial RTT estimate of path connections (see [`path_transport_config`]).
+/// Initial RTT estimate of path connections (see [`path_transport_config`](crate::transport::path_transport_config)).
 pub const PATH_INITIAL_RTT: Duration = Duration::from_millis(100);
 
 /// Kernel buffer asked for on the QUIC UDP socket, each way. The default (~208 KiB) overflows
@@ -161,6 +161,7 @@ pub const RECEIVED_ACK_EVERY: u64 = 64 * 1024;
 /// download does not hold the paths; above it, only what is written is, so the senders' path
 /// room fills and they wait: memory stays bounded at the price of head-of-line blocking.
 pub const RECEIVE_BUDGET: u64 = 128 << 20;
+/// Events queued from subflow readers to their flow: each carries at most one chunk and the
 /// reorder window bounds the chunks outstanding.
 pub const FLOW_EVENTS: usize = 256;
 

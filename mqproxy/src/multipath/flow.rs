@@ -38,7 +38,6 @@ fn received_to_ack(in_order: u64, written: u64, last: u64, unwritten: u64) -> u6
         last.max(written)
     }
 }
-/// Events queued from subflow readers to their flow: each carries at most one chunk and the
 
 /// One subflow of a striped flow: a bidi stream on one path.
 #[derive(Debug)]

@@ -132,7 +132,7 @@ impl PathTable {
         }
     }
 
-    /// Turns silence detection on: for bundles whose paths send [`PATH_KEEPALIVE`]s.
+    /// Turns silence detection on: for bundles whose paths send [`PATH_KEEPALIVE`](crate::defaults::PATH_KEEPALIVE)s.
     pub fn detect_silence(&self) {
         self.detect_silence.store(true, Ordering::Relaxed);
     }
