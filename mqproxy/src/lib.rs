@@ -2,47 +2,51 @@
 //! ASSOCIATE over QUIC (UDP as QUIC DATAGRAMs), after the original C mqproxy: one connection,
 //! or one per network path with `--path` (multipath: TCP striped, UDP scheduled per packet).
 //!
-//! Modules:
-//! - [`proto`]: the wire format (control frames, the DATAGRAM header, fragmentation and
-//!   reassembly); pure, no IO. `PROTOCOL.md` beside `Cargo.toml` describes it in prose.
+//! Modules, lowest first; a module imports only modules above it in this list (pure ones need
+//! no runtime and do no IO):
+//! - [`defaults`]: every timeout and limit with its reason; pure.
+//! - [`proto`]: the wire format (varints, target addresses, control frames, the DATAGRAM
+//!   header with fragmentation and reassembly, subflow records, close codes); pure.
+//!   `PROTOCOL.md` beside `Cargo.toml` describes it in prose.
 //! - [`socks`]: SOCKS5 (RFC 1928, RFC 1929) and HTTP CONNECT parsing; pure.
-//! - [`transport`]: the seam between the proxy and QUIC (dialing, frame IO on streams).
-//! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
-//! - [`server`]: the QUIC server: authentication, TCP CONNECT, UDP sessions.
 //! - [`policy`]: the destination policy every server-side front end applies; pure.
-//! - [`udp`]: the server's UDP session table, pre-OPEN buffer and idle timing.
-//! - [`paths`]: multipath scheduling, the reorder and send buffers of striped TCP flows and
-//!   the UDP duplicate filter; pure.
-//! - [`multipath`]: the path table of a bundle (a QUIC connection per path, health
-//!   monitors), per-packet UDP scheduling and striped TCP flows.
-//! - [`client`]: the SOCKS5/HTTP listener side, with reconnection.
-//! - [`rendezvous`]: both roles through a `quic-relay` session (`--relay`, `--session`) for a
-//!   server with no open port: hole-punched direct path when possible, relayed otherwise.
+//! - [`multipath::sched`]: scheduling, reorder and send buffers, the UDP duplicate filter; pure.
+//! - [`logging`]: the binaries' log setup and escaping of peer-chosen text.
+//! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
+//! - [`udp`]: the server's UDP session table, pre-OPEN buffer, budget and idle timing.
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
-//! - [`config`]: command-line and TOML options for both roles.
-//! - [`logging`]: the binaries' log setup (colours only to a terminal, `NO_COLOR`) and
-//!   escaping of peer-chosen text.
+//! - [`relay_session`]: what both roles share about a `quic-relay` session (`--relay`,
+//!   `--session`): where they meet, which path carries the connection.
+//! - [`transport`]: the seam between the proxy and QUIC (dialing, frame IO on streams).
+//! - [`multipath`]: the path table of a bundle ([`multipath::table`]) and striped TCP flows
+//!   ([`multipath::flow`]).
 //! - [`metrics`]: Prometheus text of the counters and per-path health (`--metrics ADDR`).
 //! - [`uot`]: sing-box UDP over TCP (server side and [`uot::create_udp_proxy`]) on the
 //!   `udp_over_tcp` crate's codec (that crate also holds the `udp-over-tcp` tool).
+//! - [`server`]: the QUIC server: `auth`, `bundle` (paths and the DATAGRAM loop), `streams`
+//!   (TCP CONNECT, UDP sessions, striped flows), `counters`, and the `relay` front end.
+//! - [`client`]: the SOCKS5/HTTP listener side: `link` (the bundle of path connections,
+//!   reconnection, DATAGRAM dispatch), `ingress` (SOCKS/HTTP, TCP), `udp` (UDP ASSOCIATE),
+//!   and the `relay` dialer.
+//! - [`config`]: command-line and TOML options for both roles.
 //!
-//! Everything but `proto`, `socks`, `policy` and `paths` needs the default `runtime` feature.
+//! Everything but `defaults`, `proto`, `socks`, `policy` and `multipath::sched` needs the
+//! default `runtime` feature.
 
 #[cfg(feature = "runtime")]
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+pub mod defaults;
 #[cfg(feature = "runtime")]
 pub mod logging;
 #[cfg(feature = "runtime")]
 pub mod metrics;
-#[cfg(feature = "runtime")]
 pub mod multipath;
-pub mod paths;
 pub mod policy;
 pub mod proto;
 #[cfg(feature = "runtime")]
-pub mod rendezvous;
+pub mod relay_session;
 #[cfg(feature = "runtime")]
 pub mod server;
 pub mod socks;
@@ -58,17 +62,10 @@ pub mod udpsocks;
 pub mod uot;
 
 #[cfg(feature = "runtime")]
-/// The peer SDK the relay mode ([`rendezvous`]) reaches its server through.
+/// The peer SDK the relay mode ([`relay_session`]) reaches its server through.
 pub use peer_sdk;
 
 #[cfg(feature = "runtime")]
-/// Spawned-task handle that aborts the task when dropped, so no task outlives its owner.
-#[derive(Debug)]
-pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
-
-#[cfg(feature = "runtime")]
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// Spawned-task handle that aborts the task when dropped (peer-sdk's), so no task outlives
+/// its owner.
+pub use peer_sdk::AbortOnDrop;

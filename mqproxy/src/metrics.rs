@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use crate::multipath::PathReport;
-use crate::rendezvous::PathMetrics;
+use crate::relay_session::PathMetrics;
 
 /// Scrapes answered at once; more wait in the kernel's backlog.
 const MAX_SCRAPES: usize = 8;

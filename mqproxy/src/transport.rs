@@ -1,5 +1,5 @@
 //! The seam between the proxy and QUIC: how a client gets a `quinn::Connection` ([`Dialer`]:
-//! direct here, through a relay session in [`crate::rendezvous`]), the shared transport parameters,
+//! direct here, through a relay session in [`crate::relay_session`]), the shared transport parameters,
 //! and control-frame IO on streams.
 
 use std::future::Future;
@@ -10,34 +10,11 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, TransportConfig, VarInt};
 
+use crate::defaults::{
+    CONNECTION_WINDOW, DATAGRAM_BUFFER, KEEPALIVE_MAX, MAX_STREAMS, PATH_INITIAL_RTT,
+    STREAM_WINDOW, UDP_SOCKET_BUFFER,
+};
 use crate::proto::{self, DecodeError, Frame};
-
-/// Bytes of DATAGRAMs quinn may queue each way. At 1,400 bytes each this is ~6,000 packets:
-/// enough to ride out a scheduling hiccup at a few hundred Mbit/s without dropping.
-pub const DATAGRAM_BUFFER: usize = 8 << 20;
-/// Per-stream receive window: one TCP flow can keep ~8 MiB in flight (about 650 Mbit/s at
-/// 100 ms RTT).
-pub const STREAM_WINDOW: u32 = 8 << 20;
-/// Connection-wide receive and send windows, shared by all flows.
-pub const CONNECTION_WINDOW: u32 = 32 << 20;
-/// Concurrent bidi streams the peer may open: the UDP session cap plus room for TCP flows.
-pub const MAX_STREAMS: u32 = 4096;
-
-/// Longest interval between client keepalives: keeps a server whose idle timeout is 15 s or
-/// more (and typical NAT UDP bindings, 30 s and up) from timing the connection out.
-pub const KEEPALIVE_MAX: Duration = Duration::from_secs(5);
-
-/// Application close codes.
-pub mod close {
-    /// Normal shutdown.
-    pub const SHUTDOWN: u32 = 0;
-    /// The token was wrong (or the version unsupported).
-    pub const AUTH_FAILED: u32 = 0x10;
-    /// The peer broke the protocol.
-    pub const PROTOCOL_ERROR: u32 = 0x11;
-    /// The client did not authenticate in time.
-    pub const AUTH_TIMEOUT: u32 = 0x12;
-}
 
 /// Errors moving frames over a stream or dialing.
 #[derive(Debug, thiserror::Error)]
@@ -107,13 +84,13 @@ pub fn transport_config(idle_timeout: Duration, keepalive: bool) -> TransportCon
 }
 
 /// Transport parameters of one path of a multipath client: keepalives every
-/// [`PATH_KEEPALIVE`](crate::multipath::PATH_KEEPALIVE) and a
-/// [`PATH_IDLE_TIMEOUT`](crate::multipath::PATH_IDLE_TIMEOUT), so a dead path is noticed and
+/// [`PATH_KEEPALIVE`](crate::defaults::PATH_KEEPALIVE) and a
+/// [`PATH_IDLE_TIMEOUT`](crate::defaults::PATH_IDLE_TIMEOUT), so a dead path is noticed and
 /// dropped within about a second (the server's longer idle timeout does not matter: the
 /// smaller of both sides' applies).
 pub fn path_transport_config() -> TransportConfig {
-    let mut t = transport_config(crate::multipath::PATH_IDLE_TIMEOUT, true);
-    t.keep_alive_interval(Some(crate::multipath::PATH_KEEPALIVE));
+    let mut t = transport_config(crate::defaults::PATH_IDLE_TIMEOUT, true);
+    t.keep_alive_interval(Some(crate::defaults::PATH_KEEPALIVE));
     // A handshake gives up after three probe timeouts, and before the first RTT sample the
     // probe timeout follows this estimate: with the RFC 9002 default (333 ms) each redial of a
     // lost path takes ~3 s to fail, so a path that heals meanwhile waits that long to be used
@@ -122,15 +99,6 @@ pub fn path_transport_config() -> TransportConfig {
     t.initial_rtt(PATH_INITIAL_RTT);
     t
 }
-
-/// Initial RTT estimate of path connections (see [`path_transport_config`]).
-pub const PATH_INITIAL_RTT: Duration = Duration::from_millis(100);
-
-/// Kernel buffer asked for on the QUIC UDP socket, each way. The default (~208 KiB) overflows
-/// under a burst of GSO-sized sends at Gbit/s rates, and every overflow is a loss that halves
-/// the congestion window: with it, one TCP flow ran at ~2 Gbit/s on loopback with hundreds of
-/// receive-buffer drops per GiB.
-pub const UDP_SOCKET_BUFFER: usize = 8 << 20;
 
 /// A UDP socket for a QUIC endpoint, with [`UDP_SOCKET_BUFFER`] buffers where the kernel allows
 /// (`SO_*BUFFORCE` with CAP_NET_ADMIN, else up to `net.core.[rw]mem_max`).
@@ -209,7 +177,7 @@ pub trait Dialer: Send + Sync + 'static {
     }
 
     /// Which path a relay-session connection uses, for dialers that go through one.
-    fn path_metrics(&self) -> Option<Arc<crate::rendezvous::PathMetrics>> {
+    fn path_metrics(&self) -> Option<Arc<crate::relay_session::PathMetrics>> {
         None
     }
 }

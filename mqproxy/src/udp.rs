@@ -11,35 +11,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 
+use crate::defaults::{
+    FDS_PER_SESSION, MAX_SESSIONS_TOTAL_CEILING, PRE_OPEN_BYTES, PRE_OPEN_PACKETS, PRE_OPEN_TTL,
+    SESSION_FD_SHARE_DIVISOR,
+};
 use crate::proto::UdpStatus;
-
-/// UDP sessions per connection (the original's limit): a client behind one SOCKS listener
-/// rarely talks to more destinations at once, and each costs a socket on the server.
-pub const DEFAULT_MAX_SESSIONS: usize = 1024;
-/// Default `--max-udp-sessions-per-client`: sessions all connections from one client address
-/// (an IPv6 /64) may hold together. Two connections' worth of [`DEFAULT_MAX_SESSIONS`]: a
-/// multipath client or a reconnect overlapping its old connection fits, ten connections do not.
-pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 2 * DEFAULT_MAX_SESSIONS;
-/// File descriptors one UDP session holds: its socket and the clone the dispatcher sends on.
-pub const FDS_PER_SESSION: u64 = 2;
-/// Share of `RLIMIT_NOFILE` the default process-wide session cap may use: half, so the QUIC
-/// socket, TCP CONNECT streams (one descriptor each) and the metrics page keep the other half
-/// and a client opening sessions cannot make the server's own `socket()` or `accept()` fail.
-pub const SESSION_FD_SHARE_DIVISOR: u64 = 2;
-/// Upper bound of the derived process-wide cap, whatever `RLIMIT_NOFILE` allows: each session
-/// also costs a task and kernel socket buffers (about 200 KiB of receive buffer at the
-/// default `rmem_default`), so an unlimited descriptor table must not mean unlimited memory.
-pub const MAX_SESSIONS_TOTAL_CEILING: usize = 65_536;
-/// Pre-OPEN buffer: packets held per connection (the original's 16).
-pub const PRE_OPEN_PACKETS: usize = 16;
-/// Pre-OPEN buffer: bytes held per connection (the original's 32 KiB).
-pub const PRE_OPEN_BYTES: usize = 32 * 1024;
-/// Pre-OPEN buffer: how long a packet waits for its session (the original's 250 ms; an OPEN
-/// sent with the packet arrives within about one RTT).
-pub const PRE_OPEN_TTL: Duration = Duration::from_millis(250);
-/// Reassembly memory per connection across all its sessions: 4 slots × 64 KiB per session
-/// would allow 256 MiB at 1,024 sessions, so a connection-wide budget bounds it.
-pub const REASSEMBLY_BUDGET: usize = 8 << 20;
 
 /// DATAGRAMs (raw, header included) that arrived for a session id not yet open.
 #[derive(Debug, Default)]
@@ -148,7 +124,7 @@ pub struct Session {
     /// Last packet either way.
     pub activity: Activity,
     /// Packet ids already delivered towards the destination (copies over a second path).
-    pub dup: Mutex<crate::paths::DupFilter>,
+    pub dup: Mutex<crate::multipath::sched::DupFilter>,
 }
 
 /// Sessions of one connection, capped.
@@ -204,7 +180,7 @@ impl SessionTable {
             socket,
             sender,
             activity: Activity::new(self.epoch),
-            dup: Mutex::new(crate::paths::DupFilter::default()),
+            dup: Mutex::new(crate::multipath::sched::DupFilter::default()),
         });
         m.insert(id, s.clone());
         Ok(s)

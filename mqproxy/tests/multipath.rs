@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use mqproxy::paths::Scheduler;
+use mqproxy::multipath::sched::Scheduler;
 use mqproxy::proto::TargetAddr;
 use mqproxy::udpsocks::UdpAssociation;
 use sha2::{Digest, Sha256};

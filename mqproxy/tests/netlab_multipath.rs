@@ -551,7 +551,7 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
     let rx = || -> Result<u64> { Ok(lab.client_if_bytes(0)?.0 + lab.client_if_bytes(1)?.0) };
     let start_rx = rx()?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while rx()? - start_rx < mqproxy::multipath::FLOW_WINDOW as u64 {
+    while rx()? - start_rx < mqproxy::defaults::FLOW_WINDOW as u64 {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the stalled flow did not fill its window"
@@ -567,7 +567,7 @@ fn a_stalled_reader_does_not_block_other_flows() -> Result<()> {
         .context("no unwritten-bytes gauge")?;
     eprintln!("the client holds {held} bytes for the unread flow");
     assert!(
-        held > f64::from(4 << 20) && held <= mqproxy::multipath::FLOW_WINDOW as f64,
+        held > f64::from(4 << 20) && held <= mqproxy::defaults::FLOW_WINDOW as f64,
         "unwritten bytes {held}"
     );
     // A second download through the same paths completes meanwhile.

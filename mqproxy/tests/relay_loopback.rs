@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use mqproxy::client::RelayDialer;
 use mqproxy::client::{Client, ClientConfig};
 use mqproxy::peer_sdk::{Fingerprint, Uuid};
-use mqproxy::rendezvous::{PathMetrics, RelayDialer, RelayServer, RelayTarget};
+use mqproxy::relay_session::{PathMetrics, RelayTarget};
+use mqproxy::server::RelayServer;
 use mqproxy::tls::ClientVerify;
 use mqproxy::{proto::TargetAddr, udpsocks::UdpAssociation, AbortOnDrop};
 use quic_relay::server::{Server as Relay, ServerHandle};
@@ -47,7 +49,7 @@ async fn start_server(
 ) -> (
     Fingerprint,
     Arc<PathMetrics>,
-    Arc<mqproxy::server::Metrics>,
+    Arc<mqproxy::server::ServerCounters>,
     AbortOnDrop<()>,
 ) {
     let dir = temp_dir("relay-srv");
@@ -236,7 +238,7 @@ async fn a_relay_that_requires_tokens_admits_the_server_and_client_that_carry_on
         + 3600;
     let minted = quic_relay::proto::Token::mint(&secret, t.session, expiry);
     let flag = format!("{}:{}", minted.expiry, hex::encode(minted.mac));
-    t.token = Some(mqproxy::rendezvous::parse_relay_token(&flag).expect("token parses"));
+    t.token = Some(flag.parse().expect("token parses"));
     let (fp, _paths, server_metrics, _server) = start_server(t.clone()).await;
     let (socks, client_paths, _client) = start_client(t, ClientVerify::Pinned(fp)).await;
     let (echo, _e) = tcp_echo().await;

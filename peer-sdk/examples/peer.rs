@@ -109,13 +109,11 @@ fn options(c: &Common) -> anyhow::Result<Options> {
         Tcp::Always => TcpFallback::Always,
     };
     if let Some(t) = &c.token {
-        let (exp, mac) = t.split_once(':').context("--token is <expiry>:<hex mac>")?;
-        let mut m = [0u8; 32];
-        hex_decode(mac, &mut m).context("--token mac must be 64 hex digits")?;
-        o.token = Some(peer_sdk::proto::Token {
-            expiry: exp.parse().context("--token expiry")?,
-            mac: m,
-        });
+        o.token = Some(
+            t.parse::<peer_sdk::proto::Token>()
+                .ok()
+                .context("--token is <expiry>:<64 hex digits mac>")?,
+        );
     }
     Ok(o)
 }
@@ -126,16 +124,6 @@ fn rand_id() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(std::process::id().into());
     h.finish() | 1
-}
-
-fn hex_decode(s: &str, out: &mut [u8; 32]) -> Option<()> {
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(())
 }
 
 #[tokio::main]

@@ -115,11 +115,12 @@ use crate::socket::PeerSocket;
 pub use crate::socket::{Path, SocketStats};
 pub use crate::tls::{ClientTls, Fingerprint, Identity, ServerTls};
 
-/// Aborts the task when dropped, so no driver outlives its peer.
+/// A spawned task's handle that aborts the task when dropped, so no task (a peer's driver,
+/// or any task of a crate built on this one) outlives its owner.
 #[derive(Debug)]
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop<T = ()>(pub tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

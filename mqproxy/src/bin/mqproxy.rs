@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
                         relay.run(stopped(stop_rx))
                     );
                 } else if cfg.relay.is_some() {
-                    let server = mqproxy::rendezvous::RelayServer::bind(cfg)
+                    let server = mqproxy::server::RelayServer::bind(cfg)
                         .await
                         .context("starting the server in the relay session")?;
                     server.run(shutdown_signal()).await;

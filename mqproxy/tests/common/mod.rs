@@ -66,7 +66,7 @@ pub struct Opts {
     pub http: bool,
     /// Multipath: the client's local addresses, one path each.
     pub paths: Vec<std::net::IpAddr>,
-    pub scheduler: mqproxy::paths::Scheduler,
+    pub scheduler: mqproxy::multipath::sched::Scheduler,
     /// Serve both `--metrics` pages (on loopback, any port).
     pub metrics: bool,
 }
@@ -93,8 +93,8 @@ pub struct Harness {
     pub fingerprint: String,
     pub socks: SocketAddr,
     pub http: Option<SocketAddr>,
-    pub server: Arc<mqproxy::server::Metrics>,
-    pub client: Arc<mqproxy::client::Metrics>,
+    pub server: Arc<mqproxy::server::ServerCounters>,
+    pub client: Arc<mqproxy::client::ClientCounters>,
     pub paths: mqproxy::client::PathsHandle,
     /// The `--metrics` pages, with [`Opts::metrics`].
     pub client_metrics_addr: Option<SocketAddr>,

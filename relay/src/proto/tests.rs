@@ -834,6 +834,19 @@ fn check_parse(dgram: &[u8]) -> Result<(), TestCaseError> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
+    /// `Display` writes what `FromStr` reads: the one text form of a token (`t=`, `--relay-token`).
+    #[test]
+    fn token_text_round_trips(t in arb_token()) {
+        let text = t.to_string();
+        prop_assert_eq!(text.len(), text.find(':').expect("colon") + 1 + 64);
+        prop_assert_eq!(text.parse::<Token>(), Ok(t));
+    }
+
+    #[test]
+    fn token_from_str_never_panics(s in ".{0,100}") {
+        let _ = s.parse::<Token>();
+    }
+
     #[test]
     fn registration_round_trips(reg in arb_registration()) {
         let bytes = reg.encode();

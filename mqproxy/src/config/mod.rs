@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use crate::client::ClientConfig;
-use crate::rendezvous::{parse_relay_token, RelayTarget};
+use crate::relay_session::RelayTarget;
 use crate::server::{self, ServerConfig};
 use crate::tls::{ClientVerify, ServerCert};
 
@@ -135,11 +135,14 @@ fn resolve_relay(
     })?;
     let token = token
         .map(|t| {
-            parse_relay_token(&t).map_err(|e| ConfigError::Invalid {
-                flag: "--relay-token",
-                value: t.clone(),
-                reason: e.to_string(),
-            })
+            t.parse::<peer_sdk::proto::Token>()
+                .map_err(|_| ConfigError::Invalid {
+                    flag: "--relay-token",
+                    value: t.clone(),
+                    reason: "expected EXPIRY:MAC (Unix seconds, ':', 64 hex digits), as minted \
+                             for the relay's --secret-file"
+                        .into(),
+                })
         })
         .transpose()?;
     Ok(Some(RelayTarget {
@@ -530,13 +533,13 @@ impl ClientOpts {
             c.udp_idle_timeout = Some(positive_secs("--udp-idle-timeout", s)?);
         }
         let relay_path = usize::from(c.relay.is_some() && !paths.is_empty());
-        if paths.len() + relay_path > crate::paths::MAX_PATHS {
+        if paths.len() + relay_path > crate::multipath::sched::MAX_PATHS {
             return Err(ConfigError::Invalid {
                 flag: "--path",
                 value: format!("{} addresses", paths.len()),
                 reason: format!(
                     "at most {} paths{}",
-                    crate::paths::MAX_PATHS,
+                    crate::multipath::sched::MAX_PATHS,
                     if relay_path == 1 {
                         ", the relay session counting as one"
                     } else {
@@ -579,229 +582,4 @@ impl ClientOpts {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cli_overrides_file_overrides_defaults() {
-        let dir = std::env::temp_dir().join(format!("mqproxy-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let f = dir.join("server.toml");
-        std::fs::write(
-            &f,
-            "listen = \"127.0.0.1:5000\"\ntoken = \"fromfile\"\nudp-idle-timeout = 7\nno-udp = true\n",
-        )
-        .expect("write");
-        let opts = ServerOpts {
-            config: Some(f.clone()),
-            udp_idle_timeout: Some(9),
-            state_dir: Some(dir.clone()),
-            ..Default::default()
-        };
-        let c = opts.resolve().expect("valid");
-        assert_eq!(c.listen, "127.0.0.1:5000".parse().expect("lit"));
-        assert_eq!(c.token, b"fromfile");
-        assert_eq!(c.udp_idle_timeout, Duration::from_secs(9));
-        assert!(!c.udp_enabled);
-        assert_eq!(c.max_conns, server::DEFAULT_MAX_CONNS);
-
-        std::fs::write(&f, "listn = \"x\"\n").expect("write");
-        let err = ServerOpts {
-            config: Some(f),
-            ..Default::default()
-        }
-        .resolve()
-        .expect_err("unknown key");
-        assert!(err.to_string().contains("listn"), "{err}");
-    }
-
-    #[test]
-    fn token_file_and_verification_rules() {
-        let dir = std::env::temp_dir().join(format!("mqproxy-token-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let f = dir.join("token");
-        std::fs::write(&f, "s3cret\n").expect("write");
-        let base = ClientOpts {
-            server: Some("example.com:4433".into()),
-            token_file: Some(f),
-            ..Default::default()
-        };
-        let err = base.clone().resolve().expect_err("no verification");
-        assert!(err.to_string().contains("--insecure"), "{err}");
-        let c = ClientOpts {
-            insecure: true,
-            ..base.clone()
-        }
-        .resolve()
-        .expect("valid");
-        assert_eq!(c.token, b"s3cret");
-        let err = ClientOpts {
-            server_cert_sha256: Some("zz".into()),
-            ..base
-        }
-        .resolve()
-        .expect_err("bad pin");
-        assert!(err.to_string().contains("64 hex digits"), "{err}");
-    }
-
-    #[test]
-    fn relay_flags_need_each_other_and_valid_values() {
-        const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
-        let relay: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
-        let relay_flag = Some(relay.to_string());
-        let client = ClientOpts {
-            token: Some("t".into()),
-            server_cert_sha256: Some("ab".repeat(32)),
-            ..Default::default()
-        };
-        let err = |o: ClientOpts| o.resolve().expect_err("invalid").to_string();
-        let e = err(ClientOpts {
-            relay: relay_flag.clone(),
-            ..client.clone()
-        });
-        assert!(e.contains("--session"), "{e}");
-        let e = err(ClientOpts {
-            session: Some(S.into()),
-            ..client.clone()
-        });
-        assert!(e.contains("--relay"), "{e}");
-        let e = err(ClientOpts {
-            relay: relay_flag.clone(),
-            session: Some("not-a-uuid".into()),
-            ..client.clone()
-        });
-        assert!(e.contains("--session") && e.contains("UUID"), "{e}");
-        let e = err(ClientOpts {
-            relay: relay_flag.clone(),
-            session: Some(S.into()),
-            relay_token: Some("12:zz".into()),
-            ..client.clone()
-        });
-        assert!(e.contains("--relay-token"), "{e}");
-        let e = err(ClientOpts {
-            relay: relay_flag.clone(),
-            session: Some(S.into()),
-            server: Some("example.com:4433".into()),
-            ..client.clone()
-        });
-        assert!(
-            e.contains("--server") && e.contains("--relay") && e.contains("--path"),
-            "{e}"
-        );
-        // With --path, --server and --relay together: direct paths plus the relay path.
-        let c = ClientOpts {
-            relay: relay_flag.clone(),
-            session: Some(S.into()),
-            server: Some("198.18.0.1:4433".into()),
-            path: vec!["198.18.10.2".parse().expect("lit")],
-            ..client.clone()
-        }
-        .resolve()
-        .expect("valid");
-        assert_eq!(c.server, "198.18.0.1:4433");
-        assert_eq!(c.paths.len(), 1);
-        assert!(c.relay.is_some());
-        let e = err(ClientOpts {
-            relay: relay_flag.clone(),
-            session: Some(S.into()),
-            server: Some("198.18.0.1:4433".into()),
-            path: (1..=8u8)
-                .map(|i| std::net::IpAddr::from([198, 18, 10, i]))
-                .collect(),
-            ..client.clone()
-        });
-        assert!(e.contains("relay session counting as one"), "{e}");
-        let c = ClientOpts {
-            relay: relay_flag.clone(),
-            session: Some(S.into()),
-            relay_token: Some(format!("1700000000:{}", "cd".repeat(32))),
-            ..client.clone()
-        }
-        .resolve()
-        .expect("valid");
-        let r = c.relay.expect("relay set");
-        assert_eq!(r.relay, relay);
-        assert_eq!(r.session.to_string(), S);
-        assert_eq!(r.token.expect("token").expiry, 1_700_000_000);
-
-        // The server: the same keys from a config file.
-        let dir = std::env::temp_dir().join(format!("mqproxy-relay-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let f = dir.join("server.toml");
-        std::fs::write(
-            &f,
-            format!("token = \"t\"\nrelay = \"{relay}\"\nsession = \"{S}\"\n"),
-        )
-        .expect("write");
-        let server = ServerOpts {
-            config: Some(f),
-            state_dir: Some(dir),
-            ..Default::default()
-        };
-        let c = server.clone().resolve().expect("valid");
-        assert_eq!(c.relay.expect("relay set").relay, relay);
-        assert!(!c.also_listen);
-        // --listen with --relay: both front ends.
-        let c = ServerOpts {
-            listen: Some("198.18.0.1:4433".parse().expect("lit")),
-            ..server
-        }
-        .resolve()
-        .expect("valid");
-        assert!(c.also_listen && c.relay.is_some());
-        assert_eq!(c.listen, "198.18.0.1:4433".parse().expect("lit"));
-
-        // Names resolve (localhost: no network needed); junk is refused with the flag named.
-        let c = ClientOpts {
-            relay: Some("localhost:4433".into()),
-            session: Some(S.into()),
-            ..client.clone()
-        }
-        .resolve()
-        .expect("localhost resolves");
-        let r = c.relay.expect("relay set").relay;
-        assert!(r.ip().is_loopback() && r.port() == 4433, "{r}");
-        let e = err(ClientOpts {
-            relay: Some("no-port".into()),
-            session: Some(S.into()),
-            ..client
-        });
-        assert!(e.contains("--relay") && e.contains("HOST:PORT"), "{e}");
-    }
-
-    #[test]
-    fn paths_and_scheduler() {
-        let base = ClientOpts {
-            server: Some("example.com:4433".into()),
-            token: Some("t".into()),
-            insecure: true,
-            ..Default::default()
-        };
-        let c = ClientOpts {
-            path: vec![
-                "198.18.0.1".parse().expect("lit"),
-                "100.64.0.1".parse().expect("lit"),
-            ],
-            scheduler: Some("backup".into()),
-            ..base.clone()
-        }
-        .resolve()
-        .expect("valid");
-        assert_eq!(c.paths.len(), 2);
-        assert_eq!(c.scheduler, crate::paths::Scheduler::Backup);
-        let err = ClientOpts {
-            scheduler: Some("fastest".into()),
-            ..base.clone()
-        }
-        .resolve()
-        .expect_err("unknown scheduler");
-        assert!(err.to_string().contains("--scheduler"), "{err}");
-        let err = ClientOpts {
-            path: vec!["198.18.0.1".parse().expect("lit"); 2],
-            ..base
-        }
-        .resolve()
-        .expect_err("duplicate path");
-        assert!(err.to_string().contains("twice"), "{err}");
-    }
-}
+mod tests;
