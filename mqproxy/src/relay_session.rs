@@ -22,12 +22,17 @@ use tracing::{info, Instrument};
 use crate::proto::close;
 use crate::AbortOnDrop;
 
-/// Where both ends meet: the relay, the session id they share, and the relay's token when it
+/// Where both ends meet: the relays, the session id they share, and the relay's token when it
 /// requires one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayTarget {
-    /// The relay's UDP address.
-    pub relay: SocketAddr,
+    /// The relays' UDP addresses (at least one). peer-sdk tries them in the session's
+    /// rendezvous-hash order, which both ends compute alike when they list the same relays,
+    /// and fails over to the next when one dies or drains.
+    pub relays: Vec<SocketAddr>,
+    /// The other IP family's address of some of `relays`, as (address in `relays`, other
+    /// address) pairs: a dual-stack end registers at both.
+    pub relay_other_family: Vec<(SocketAddr, SocketAddr)>,
     /// The session both ends name (the server's "address").
     pub session: Uuid,
     /// The relay token (`--relay-token EXPIRY:HEX`), when the relay has `--secret-file`.
@@ -35,8 +40,27 @@ pub struct RelayTarget {
 }
 
 impl RelayTarget {
+    /// A target with one relay, no token.
+    pub fn new(relay: SocketAddr, session: Uuid) -> Self {
+        RelayTarget {
+            relays: vec![relay],
+            relay_other_family: Vec::new(),
+            session,
+            token: None,
+        }
+    }
+
     pub(crate) fn options(&self, peer_id: u64, transport: Arc<TransportConfig>) -> Options {
-        let mut o = Options::new(self.relay, self.session);
+        // `relays` is never empty (the config refuses that); the first is only a placeholder
+        // until the list replaces it.
+        let first = self
+            .relays
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut o = Options::new(first, self.session);
+        o.relays = self.relays.clone();
+        o.relay_other_family = self.relay_other_family.clone();
         o.token = self.token;
         // The same id across reconnects lets a new socket take over this end's slot in the
         // session at once instead of waiting for the relay to expire the old one.

@@ -1,6 +1,7 @@
 //! The relay mode on loopback, in process, with a real quic-relay: SOCKS5 TCP and UDP through
 //! a relay session with the path reported by both ends; a client with the wrong certificate
-//! pin refused while the server goes on to serve the next, correct client; relay tokens.
+//! pin refused while the server goes on to serve the next, correct client; relay tokens; two
+//! relays, the first in both ends' order draining, so the pair meets on the second.
 
 mod common;
 
@@ -17,8 +18,9 @@ use mqproxy::relay_session::{PathMetrics, RelayTarget};
 use mqproxy::server::RelayServer;
 use mqproxy::tls::ClientVerify;
 use mqproxy::{proto::TargetAddr, udpsocks::UdpAssociation, AbortOnDrop};
+use quic_relay::proto::ErrReason;
 use quic_relay::server::{Server as Relay, ServerHandle};
-use quic_relay::sessions::RelayConfig;
+use quic_relay::sessions::{RegResult, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -36,11 +38,10 @@ fn start_relay_with(cfg: RelayConfig) -> ServerHandle {
 }
 
 fn target(relay: &ServerHandle, n: u128) -> RelayTarget {
-    RelayTarget {
-        relay: relay.local_addr(),
-        session: Uuid::from_u128(0x6d71_0000_0000_4000_8000_0000_0000_0000 | n),
-        token: None,
-    }
+    RelayTarget::new(
+        relay.local_addr(),
+        Uuid::from_u128(0x6d71_0000_0000_4000_8000_0000_0000_0000 | n),
+    )
 }
 
 /// A relay-mode server; returns its pin and path metrics.
@@ -245,4 +246,60 @@ async fn a_relay_that_requires_tokens_admits_the_server_and_client_that_carry_on
     echo_through(socks, echo).await;
     assert_eq!(client_paths.connections.load(Ordering::Relaxed), 1);
     assert_eq!(gauge(&server_metrics.authenticated), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_relays_the_pair_meets_on_the_next_when_the_first_drains() {
+    init_tracing();
+    let relays = [start_relay(), start_relay()];
+    let t = target(&relays[0], 4);
+    // The relay both ends try first: the session's rendezvous-hash order, as peer-sdk
+    // computes it. It drains, so it answers every registration `ERR moved`.
+    let mut o = mqproxy::peer_sdk::Options::new(relays[0].local_addr(), t.session);
+    o.relays = relays.iter().map(|r| r.local_addr()).collect();
+    let order = o.relay_order();
+    let (first, next) = if order[0] == relays[0].local_addr() {
+        (&relays[0], &relays[1])
+    } else {
+        (&relays[1], &relays[0])
+    };
+    first.set_draining(true);
+    // The ends list the relays in different orders: only the set matters.
+    let server_t = RelayTarget {
+        relays: vec![relays[0].local_addr(), relays[1].local_addr()],
+        ..t.clone()
+    };
+    let client_t = RelayTarget {
+        relays: vec![relays[1].local_addr(), relays[0].local_addr()],
+        ..t
+    };
+    let (fp, server_paths, server_metrics, _server) = start_server(server_t).await;
+    let (socks, client_paths, _client) = start_client(client_t, ClientVerify::Pinned(fp)).await;
+    let (echo, _e) = tcp_echo().await;
+    echo_through(socks, echo).await;
+    assert_eq!(client_paths.connections.load(Ordering::Relaxed), 1);
+    assert_eq!(server_paths.connections.load(Ordering::Relaxed), 1);
+    assert_eq!(gauge(&server_metrics.authenticated), 1);
+
+    // The relays publish their counters at their next timer tick: wait for the pairing to show.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (drained, used) = loop {
+        let (d, u) = (first.metrics().snapshot(), next.metrics().snapshot());
+        if u.reg(RegResult::Join) >= 1 && d.reg(RegResult::Refused(ErrReason::Moved)) >= 2 {
+            break (d, u);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second relay paired the session and the first refused both ends; \
+             drained {d:?}, used {u:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        drained.reg(RegResult::New),
+        0,
+        "the draining relay took no session"
+    );
+    assert_eq!(drained.reg(RegResult::Join), 0);
+    assert_eq!(used.reg(RegResult::New), 1, "{used:?}");
 }

@@ -80,7 +80,7 @@ impl Dialer for RelayDialer {
         let conn = pc.connection().clone();
         let (path, direct_addr) = describe(pc.path());
         info!(
-            relay = %self.target.relay,
+            relay = ?pc.status().relay,
             session = %self.target.session,
             path,
             ?direct_addr,

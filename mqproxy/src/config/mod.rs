@@ -101,33 +101,51 @@ fn resolve_token(token: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>
     Ok(t)
 }
 
-/// The relay session from `--relay`, `--session` and `--relay-token` (all or none of the
-/// first two).
+/// Most `--relay` flags: peer-sdk fails over along the list, and a handful of relays covers
+/// any deployment; the cap keeps a runaway config from making every registration walk a long
+/// list.
+const MAX_RELAYS: usize = 16;
+
+/// The relay session from `--relay` (repeatable), `--session` and `--relay-token` (all or
+/// none of the first two).
 fn resolve_relay(
-    relay: Option<String>,
+    relays: Vec<String>,
     session: Option<String>,
     token: Option<String>,
 ) -> Result<Option<RelayTarget>, ConfigError> {
-    let (relay, session) = match (relay, session) {
-        (None, None) if token.is_some() => {
+    let (relays, session) = match (relays.is_empty(), session) {
+        (true, None) if token.is_some() => {
             return Err(ConfigError::Missing(
                 "--relay and --session for --relay-token",
             ))
         }
-        (None, None) => return Ok(None),
-        (Some(_), None) => {
+        (true, None) => return Ok(None),
+        (false, None) => {
             return Err(ConfigError::Missing(
                 "--session UUID for --relay (the same on server and client; e.g. from `quic-relay session`)",
             ))
         }
-        (None, Some(_)) => return Err(ConfigError::Missing("--relay ADDR for --session")),
-        (Some(r), Some(s)) => (r, s),
+        (true, Some(_)) => return Err(ConfigError::Missing("--relay ADDR for --session")),
+        (false, Some(s)) => (relays, s),
     };
-    let relay = resolve_addr(&relay).map_err(|reason| ConfigError::Invalid {
-        flag: "--relay",
-        value: relay.clone(),
-        reason,
-    })?;
+    if relays.len() > MAX_RELAYS {
+        return Err(ConfigError::Invalid {
+            flag: "--relay",
+            value: relays.join(" "),
+            reason: format!("at most {MAX_RELAYS} relays"),
+        });
+    }
+    let mut addrs = Vec::with_capacity(relays.len());
+    let mut relay_other_family = Vec::new();
+    for r in &relays {
+        let (addr, other) = resolve_relay_addr(r).map_err(|reason| ConfigError::Invalid {
+            flag: "--relay",
+            value: r.clone(),
+            reason,
+        })?;
+        addrs.push(addr);
+        relay_other_family.extend(other.map(|o| (addr, o)));
+    }
     let session = peer_sdk::Uuid::parse_str(session.trim()).map_err(|e| ConfigError::Invalid {
         flag: "--session",
         value: session.clone(),
@@ -146,10 +164,43 @@ fn resolve_relay(
         })
         .transpose()?;
     Ok(Some(RelayTarget {
-        relay,
+        relays: addrs,
+        relay_other_family,
         session,
         token,
     }))
+}
+
+/// One `--relay` value: `HOST:PORT`, or `HOST:PORT,OTHER_HOST:PORT` naming the same relay by
+/// its address in the other IP family too (as peer-sdk's `peer` example takes it).
+fn resolve_relay_addr(value: &str) -> Result<(SocketAddr, Option<SocketAddr>), String> {
+    let Some((a, b)) = value.split_once(',') else {
+        return Ok((resolve_addr(value.trim())?, None));
+    };
+    let a = resolve_addr(a.trim())?;
+    let b = resolve_addr(b.trim()).map_err(|e| format!("the other-family address: {e}"))?;
+    if a.is_ipv4() == b.is_ipv4() {
+        return Err(format!(
+            "{a} and {b} are in the same IP family; ADDR,OTHER names one relay by an IPv4 \
+             and an IPv6 address"
+        ));
+    }
+    Ok((a, Some(b)))
+}
+
+/// A TOML value that is one string or a list of them (`relay = "a:1"` or
+/// `relay = ["a:1", "b:2"]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `HOST:PORT` to one address: an IP literal as is, a name through the system resolver (IPv4
@@ -251,8 +302,13 @@ pub struct ServerOpts {
     /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
     /// otherwise. Needs --session. Given together with --listen, the server does both: a
     /// multipath client (--path ... --relay ...) then uses the relay session as one more path.
-    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
-    pub relay: Option<String>,
+    /// Repeat for several relays (in the config file: a list): both ends order them by a hash
+    /// of the session, so server and client must list the same relays (in any order) to meet
+    /// on the same one, and both move to the next when it dies or drains. HOST:PORT,OTHER
+    /// gives the same relay's address in the other IP family as well.
+    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT[,OTHER]")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub relay: Vec<String>,
     /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`; with --relay.
     #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
     pub session: Option<String>,
@@ -285,7 +341,11 @@ impl ServerOpts {
             _ => return Err(ConfigError::Missing("--cert and --key together")),
         };
         let relay = resolve_relay(
-            self.relay.or(file.relay),
+            if self.relay.is_empty() {
+                file.relay
+            } else {
+                self.relay
+            },
             self.session.or(file.session),
             self.relay_token.or(file.relay_token),
         )?;
@@ -407,9 +467,14 @@ pub struct ClientOpts {
     /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
     /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
     /// otherwise. Needs --session. With --server and --path, the relay session is one more
-    /// path of the multipath bundle (the server runs --listen and --relay together).
-    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT")]
-    pub relay: Option<String>,
+    /// path of the multipath bundle (the server runs --listen and --relay together). Repeat
+    /// for several relays (in the config file: a list), the same ones the server lists: both
+    /// ends order them by a hash of the session, meet on the first that answers, and move to
+    /// the next when it dies or drains. HOST:PORT,OTHER gives the same relay's address in the
+    /// other IP family as well.
+    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT[,OTHER]")]
+    #[serde(deserialize_with = "one_or_many")]
+    pub relay: Vec<String>,
     /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`; with --relay.
     #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
     pub session: Option<String>,
@@ -442,7 +507,11 @@ impl ClientOpts {
     pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
         let file: ClientOpts = load_file(self.config.as_deref())?;
         let relay = resolve_relay(
-            self.relay.or(file.relay),
+            if self.relay.is_empty() {
+                file.relay
+            } else {
+                self.relay
+            },
             self.session.or(file.session),
             self.relay_token.or(file.relay_token),
         )?;
@@ -462,7 +531,7 @@ impl ClientOpts {
             }
             (Some(s), None) => s,
             // Only names the server in logs.
-            (None, Some(r)) => format!("session {} at relay {}", r.session, r.relay),
+            (None, Some(r)) => format!("session {} at relays {:?}", r.session, r.relays),
             (None, None) => {
                 return Err(ConfigError::Missing(
                     "--server HOST:PORT (or --relay ADDR --session UUID)",

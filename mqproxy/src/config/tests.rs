@@ -68,7 +68,7 @@ fn token_file_and_verification_rules() {
 fn relay_flags_need_each_other_and_valid_values() {
     const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let relay: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
-    let relay_flag = Some(relay.to_string());
+    let relay_flag = vec![relay.to_string()];
     let client = ClientOpts {
         token: Some("t".into()),
         server_cert_sha256: Some("ab".repeat(32)),
@@ -140,7 +140,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     .resolve()
     .expect("valid");
     let r = c.relay.expect("relay set");
-    assert_eq!(r.relay, relay);
+    assert_eq!(r.relays, [relay]);
     assert_eq!(r.session.to_string(), S);
     assert_eq!(r.token.expect("token").expiry, 1_700_000_000);
 
@@ -159,7 +159,7 @@ fn relay_flags_need_each_other_and_valid_values() {
         ..Default::default()
     };
     let c = server.clone().resolve().expect("valid");
-    assert_eq!(c.relay.expect("relay set").relay, relay);
+    assert_eq!(c.relay.expect("relay set").relays, [relay]);
     assert!(!c.also_listen);
     // --listen with --relay: both front ends.
     let c = ServerOpts {
@@ -173,16 +173,16 @@ fn relay_flags_need_each_other_and_valid_values() {
 
     // Names resolve (localhost: no network needed); junk is refused with the flag named.
     let c = ClientOpts {
-        relay: Some("localhost:4433".into()),
+        relay: vec!["localhost:4433".into()],
         session: Some(S.into()),
         ..client.clone()
     }
     .resolve()
     .expect("localhost resolves");
-    let r = c.relay.expect("relay set").relay;
+    let r = c.relay.expect("relay set").relays[0];
     assert!(r.ip().is_loopback() && r.port() == 4433, "{r}");
     let e = err(ClientOpts {
-        relay: Some("no-port".into()),
+        relay: vec!["no-port".into()],
         session: Some(S.into()),
         ..client
     });
@@ -223,4 +223,105 @@ fn paths_and_scheduler() {
     .resolve()
     .expect_err("duplicate path");
     assert!(err.to_string().contains("twice"), "{err}");
+}
+
+#[test]
+fn several_relays_from_flags_or_a_toml_list() {
+    const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+    let client = ClientOpts {
+        token: Some("t".into()),
+        server_cert_sha256: Some("ab".repeat(32)),
+        session: Some(S.into()),
+        ..Default::default()
+    };
+    let a: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
+    let b: SocketAddr = "198.18.0.2:4433".parse().expect("lit");
+    let b6: SocketAddr = "[2001:db8::2]:4433".parse().expect("lit");
+    let c = ClientOpts {
+        relay: vec![a.to_string(), format!("{b},{b6}")],
+        ..client.clone()
+    }
+    .resolve()
+    .expect("valid");
+    let r = c.relay.expect("relay set");
+    assert_eq!(r.relays, [a, b]);
+    assert_eq!(r.relay_other_family, [(b, b6)]);
+
+    // Each bad value is named in the error, the good ones around it are not.
+    let err = |relay: Vec<String>| {
+        ClientOpts {
+            relay,
+            ..client.clone()
+        }
+        .resolve()
+        .expect_err("invalid")
+        .to_string()
+    };
+    let e = err(vec![a.to_string(), "198.18.0.9".into()]);
+    assert!(e.contains("--relay") && e.contains("198.18.0.9"), "{e}");
+    assert!(!e.contains("198.18.0.1:4433"), "{e}");
+    let e = err(vec![format!("{a},{b}")]);
+    assert!(e.contains("same IP family"), "{e}");
+    let e = err(vec![format!("{a},junk")]);
+    assert!(e.contains("other-family") && e.contains("junk"), "{e}");
+    let e = err((1..=17).map(|i| format!("198.18.1.{i}:4433")).collect());
+    assert!(e.contains("at most 16"), "{e}");
+
+    // The config file: a list, and a single string still works; flags replace the file's.
+    let dir = std::env::temp_dir().join(format!("mqproxy-relays-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let list = dir.join("list.toml");
+    std::fs::write(
+        &list,
+        format!("token = \"t\"\nsession = \"{S}\"\nrelay = [\"{a}\", \"{b},{b6}\"]\n"),
+    )
+    .expect("write");
+    let server = ServerOpts {
+        config: Some(list),
+        state_dir: Some(dir.clone()),
+        ..Default::default()
+    };
+    let r = server.clone().resolve().expect("valid").relay.expect("set");
+    assert_eq!(r.relays, [a, b]);
+    assert_eq!(r.relay_other_family, [(b, b6)]);
+    let r = ServerOpts {
+        relay: vec![b.to_string()],
+        ..server
+    }
+    .resolve()
+    .expect("valid")
+    .relay
+    .expect("set");
+    assert_eq!(r.relays, [b], "the command line overrides the file");
+    let one = dir.join("one.toml");
+    std::fs::write(
+        &one,
+        format!("token = \"t\"\nsession = \"{S}\"\nrelay = \"{a}\"\n"),
+    )
+    .expect("write");
+    let r = ServerOpts {
+        config: Some(one),
+        state_dir: Some(dir.clone()),
+        ..Default::default()
+    }
+    .resolve()
+    .expect("valid")
+    .relay
+    .expect("set");
+    assert_eq!(r.relays, [a]);
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("token = \"t\"\nsession = \"{S}\"\nrelay = [\"{a}\", \"nope\"]\n"),
+    )
+    .expect("write");
+    let e = ServerOpts {
+        config: Some(bad),
+        state_dir: Some(dir),
+        ..Default::default()
+    }
+    .resolve()
+    .expect_err("bad relay in the file")
+    .to_string();
+    assert!(e.contains("--relay") && e.contains("\"nope\""), "{e}");
 }

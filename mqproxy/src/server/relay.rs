@@ -120,7 +120,7 @@ impl RelayServer {
     async fn register(&self) -> Result<Peer, peer_sdk::Error> {
         let peer = Peer::bind(self.target.options(self.peer_id, self.transport.clone())).await?;
         info!(
-            relay = %self.target.relay,
+            relay = ?peer.status().relay,
             session = %self.target.session,
             fingerprint = %self.fingerprint,
             observed = ?peer.status().observed,
@@ -171,7 +171,7 @@ impl RelayServer {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    warn!(relay = %self.target.relay, session = %self.target.session, error = %e,
+                    warn!(relays = ?self.target.relays, session = %self.target.session, error = %e,
                         "relay session failed; registering again");
                     BACKOFF_MIN
                         .saturating_mul(1 << failures.min(10))
