@@ -10,7 +10,8 @@
 //!   stream it is given).
 //! - [`tunnel`]: the tool's socket loops: listen/connect with reconnection, per-flow sockets,
 //!   bounded queues.
-//! - `mmsg` (private): batched UDP sends (`sendmmsg`, UDP GSO) for the tunnel's egress.
+//! - `mmsg` (private): the tunnel's egress on `netkit::SendBatch` (batched `sendmmsg`, UDP
+//!   GSO).
 //!
 //! Everything but `framing` and `singbox` needs the default `runtime` feature.
 

@@ -304,7 +304,9 @@ impl<D: Dialer> Client<D> {
             }
             let link = self.link.clone();
             let render = Arc::new(move || link.render_metrics());
-            tasks.spawn(crate::metrics::serve(l, render, std::future::pending()).in_current_span());
+            tasks.spawn(
+                netkit::prometheus::serve(l, render, std::future::pending()).in_current_span(),
+            );
         }
         let slots = Arc::new(Semaphore::new(MAX_INGRESS_CONNECTIONS));
         info!(socks5 = %self.socks_addr(), http = ?self.http_addr(), server = %self.link.cfg.server, "client running");

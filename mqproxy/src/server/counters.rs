@@ -232,7 +232,7 @@ impl ServerState {
         let ctx = self.clone();
         let render = Arc::new(move || ctx.render_metrics(relay.as_ref()));
         Some(crate::AbortOnDrop(tokio::spawn(
-            crate::metrics::serve(l, render, std::future::pending()).in_current_span(),
+            netkit::prometheus::serve(l, render, std::future::pending()).in_current_span(),
         )))
     }
 }

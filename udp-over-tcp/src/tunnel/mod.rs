@@ -116,7 +116,8 @@ struct Flow {
 
 /// Where datagrams leaving the tunnel go out.
 enum Egress {
-    Fixed(Arc<UdpSocket>),
+    /// The one UDP socket, with its batched sender's buffers.
+    Fixed(Arc<UdpSocket>, Box<mmsg::Sender>),
     Flows(HashMap<SocketAddr, Flow>),
 }
 
@@ -137,7 +138,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Tunnel {
     shared: Arc<Shared>,
-    udp: Option<Arc<UdpSocket>>,
+    udp: Option<(Arc<UdpSocket>, mmsg::Sender)>,
     listener: Option<TcpListener>,
 }
 
@@ -162,13 +163,16 @@ impl Tunnel {
             ));
         }
         let udp = match cfg.udp_bind {
-            UdpBind::Addr(a) => Some(Arc::new(bind_udp(a, cfg.udp_recv_buffer).map_err(
-                |source| TunnelError::Bind {
+            UdpBind::Addr(a) => {
+                let bind_err = |source| TunnelError::Bind {
                     what: "UDP",
                     addr: a,
                     source,
-                },
-            )?)),
+                };
+                let u = bind_udp(a, cfg.udp_recv_buffer).map_err(bind_err)?;
+                let sender = mmsg::Sender::for_socket(&u).map_err(bind_err)?;
+                Some((Arc::new(u), sender))
+            }
             UdpBind::Auto => None,
         };
         let listener = match &cfg.tcp {
@@ -200,7 +204,7 @@ impl Tunnel {
 
     /// The bound UDP address (`None` with `--udp-bind auto`).
     pub fn udp_local_addr(&self) -> Option<SocketAddr> {
-        self.udp.as_ref().and_then(|u| u.local_addr().ok())
+        self.udp.as_ref().and_then(|(u, _)| u.local_addr().ok())
     }
 
     /// The TCP listening address (`None` when connecting).
@@ -218,10 +222,10 @@ impl Tunnel {
         let sh = self.shared;
         let _ingress = self
             .udp
-            .clone()
-            .map(|u| spawn_owned(udp_ingress(u, sh.clone(), None)));
+            .as_ref()
+            .map(|(u, _)| spawn_owned(udp_ingress(u.clone(), sh.clone(), None)));
         let egress = Arc::new(tokio::sync::Mutex::new(match self.udp {
-            Some(u) => Egress::Fixed(u),
+            Some((u, sender)) => Egress::Fixed(u, Box::new(sender)),
             None => Egress::Flows(HashMap::new()),
         }));
         let main = async {
@@ -530,7 +534,7 @@ async fn read_loop(
             match dec.next_frame() {
                 Ok(Some(f)) => match (&*egress, sh.cfg.udp_sendto) {
                     // The common case: gather this read's datagrams for one sendmmsg.
-                    (Egress::Fixed(_), UdpSendTo::Addr(a)) => batch.push((a, f.payload)),
+                    (Egress::Fixed(..), UdpSendTo::Addr(a)) => batch.push((a, f.payload)),
                     _ => send_out(&mut egress, &sh, f).await,
                 },
                 Ok(None) => break,
@@ -540,10 +544,10 @@ async fn read_loop(
                 }
             }
         }
-        if let (Egress::Fixed(sock), false) = (&*egress, batch.is_empty()) {
-            let (ok, failed) = mmsg::send_all(sock, &batch).await;
-            m.udp_out.fetch_add(ok, Ordering::Relaxed);
-            m.udp_send_errors.fetch_add(failed, Ordering::Relaxed);
+        if let (Egress::Fixed(sock, sender), false) = (&mut *egress, batch.is_empty()) {
+            let st = sender.send_all(sock, &batch).await;
+            m.udp_out.fetch_add(st.sent, Ordering::Relaxed);
+            m.udp_send_errors.fetch_add(st.failed, Ordering::Relaxed);
             batch.clear();
         }
         if let Some(e) = broken {
@@ -564,7 +568,7 @@ async fn send_out(egress: &mut Egress, sh: &Arc<Shared>, f: framing::Frame) {
         }
     };
     let sock = match egress {
-        Egress::Fixed(s) => s.clone(),
+        Egress::Fixed(s, _) => s.clone(),
         Egress::Flows(flows) => {
             let Some(key) = f.source else {
                 inc(&m.dropped_frames);
