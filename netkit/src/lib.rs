@@ -3,7 +3,8 @@
 //! Modules:
 //! - [`send`] (Linux): [`SendBatch`], datagrams to many destinations in one `sendmmsg(2)`,
 //!   runs of equal-size datagrams to one destination as one UDP GSO message, with the fallback
-//!   when the kernel or the device refuses GSO. Blocking or non-blocking sockets.
+//!   when the kernel or the device refuses GSO. Blocking or non-blocking sockets. Given as a
+//!   list, or pushed one datagram at a time ([`Pending`]) by a loop that decides as it goes.
 //! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
 //!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
 //!   not justify an HTTP stack in the build.
@@ -11,6 +12,6 @@
 #[cfg(target_os = "linux")]
 pub mod send;
 #[cfg(target_os = "linux")]
-pub use send::{Dest, SendBatch, SendStats};
+pub use send::{Dest, Pending, SendBatch, SendStats};
 
 pub mod prometheus;

@@ -1,5 +1,5 @@
-//! The `instr` part: user-space instructions per forwarded datagram at a paced 4k/s, counted by
-//! callgrind, relay against the forwarder. At that rate nearly every wake-up carries one
+//! The `instr` part: user-space instructions per forwarded datagram at a paced 4k/s, one in
+//! flight, counted by callgrind, relay against the forwarder. Every wake-up carries one
 //! datagram, so batching hides nothing: what the count shows is each datagram's own work.
 //! Unlike CPU time it does not wobble with the host's load, so small changes show.
 //!
@@ -22,12 +22,16 @@ use crate::process::ChildGuard;
 /// Target from the issue: the relay's own work per datagram at most this multiple of the
 /// forwarder's.
 const INSTR_TARGET_RATIO: f64 = 1.5;
-/// Offered rate: low enough that the kernel rarely queues a second datagram before the server
-/// wakes (so per-datagram costs are not amortised by batching), and well within what a server
-/// slowed down ~50x by valgrind can serve without loss.
+/// Offered rate: paced, so that the length of a run (and with it the work both contenders do
+/// by the clock: timers, idle wake-ups) is set by the plan, not by how fast the server
+/// answers; well within what a server slowed down ~50x by valgrind can serve.
 const INSTR_RATE: u64 = 4_000;
 /// How long the receiver waits for a late datagram before it counts the run as over.
 const QUIET: Duration = Duration::from_millis(500);
+/// How long the sender waits for a datagram to arrive before it sends the next one anyway
+/// (and counts it lost unless it turns up by the end). A relayed datagram under valgrind
+/// takes well under a millisecond.
+const LOST: Duration = Duration::from_millis(100);
 /// The last stretch before each send that the sender spins rather than sleeps.
 const SPIN: Duration = Duration::from_micros(60);
 /// How long a program under valgrind may take to exit after SIGTERM (it writes its profile).
@@ -39,7 +43,8 @@ const VALGRIND_STARTUP: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, Copy)]
 struct Counted {
     instructions: u64,
-    /// Calls of `recvmmsg`: the server's wake-ups.
+    /// Calls of `recvmmsg` (libc's or a Rust function of that name calling the kernel
+    /// directly): the server's wake-ups.
     wakeups: u64,
     delivered: u64,
     sent: u64,
@@ -150,40 +155,40 @@ fn run_one(ctx: &Ctx, who: &str, rep: usize, duration: Duration) -> Result<Count
     })
 }
 
-/// Sends `count` datagrams from `a` to `to`, one at a time and evenly spaced at [`INSTR_RATE`]
-/// (not in bursts as the load generator does: a burst would let the server take several
-/// datagrams per wake-up, which is what this part must not measure), and counts those `b`
-/// receives.
+/// Sends `count` datagrams from `a` to `to`, evenly spaced at [`INSTR_RATE`] and one at a time:
+/// each is sent only once the one before it reached `b` (or was given up after [`LOST`]), so
+/// every wake-up of the server carries exactly one datagram, whatever the host's load. Pacing
+/// alone let a late-scheduled sender or server find two or more queued (1.1-1.6 datagrams per
+/// wake-up from run to run on a busy host), which moved both contenders' counts by a fifth
+/// and the ratio with them. Returns how many `b` received.
 fn paced(a: &UdpSocket, to: SocketAddrV4, b: &UdpSocket, count: u64) -> Result<u64> {
     let period = Duration::from_secs(1) / INSTR_RATE as u32;
     let payload = vec![0x5a; DATAGRAM];
-    b.set_read_timeout(Some(QUIET))?;
-    std::thread::scope(|s| {
-        let receiver = s.spawn(|| {
-            let mut buf = vec![0u8; 2 * DATAGRAM];
-            let mut got = 0u64;
-            // Ends once nothing has arrived for QUIET after the sender is done (or at all).
-            while got < count && b.recv(&mut buf).is_ok() {
-                got += 1;
-            }
-            got
-        });
-        let start = Instant::now();
-        for i in 0..count {
-            let due = start + period * i as u32;
-            // Sleep through most of the gap, then spin: a sleep alone overshoots by tens of
-            // µs and would bunch datagrams after a late wake-up.
-            let now = Instant::now();
-            if due > now + SPIN {
-                std::thread::sleep(due - now - SPIN);
-            }
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-            a.send_to(&payload, to).context("send")?;
+    let mut buf = vec![0u8; 2 * DATAGRAM];
+    b.set_read_timeout(Some(LOST))?;
+    let mut got = 0u64;
+    let start = Instant::now();
+    for i in 0..count {
+        let due = start + period * i as u32;
+        // Sleep through most of the gap, then spin: a sleep alone overshoots by tens of µs.
+        let now = Instant::now();
+        if due > now + SPIN {
+            std::thread::sleep(due - now - SPIN);
         }
-        Ok(receiver.join().expect("receiver thread does not panic"))
-    })
+        while Instant::now() < due {
+            std::hint::spin_loop();
+        }
+        a.send_to(&payload, to).context("send")?;
+        if b.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+    }
+    // A datagram given up on may still arrive late; it was sent, so it counts.
+    b.set_read_timeout(Some(QUIET))?;
+    while got < count && b.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    Ok(got)
 }
 
 fn log(ctx: &Ctx, tag: &str) -> PathBuf {
@@ -211,6 +216,15 @@ fn parse_total(text: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Whether callgrind's function name `fname` is `name`: the C function itself, or a Rust
+/// function of that name in any module (`quic_relay::server::linux::recvmmsg`).
+fn names(fname: &str, name: &str) -> bool {
+    fname == name
+        || fname
+            .strip_suffix(name)
+            .is_some_and(|path| path.ends_with("::"))
+}
+
 /// How many times the profiled program called the function `name`, summed over its callers.
 /// Callgrind names a function once (`fn=(id) name` or `cfn=(id) name`) and later by its id
 /// alone (`cfn=(id)`); each
@@ -222,7 +236,7 @@ fn calls_to(text: &str, name: &str) -> u64 {
     for line in text.lines() {
         if let Some((id, fname)) = line.strip_prefix("fn=").and_then(|r| r.split_once(' ')) {
             // A function first named where it is defined keeps that id as a callee too.
-            if fname == name {
+            if names(fname, name) {
                 target = Some(id);
             }
         } else if let Some(rest) = line.strip_prefix("cfn=") {
@@ -230,7 +244,7 @@ fn calls_to(text: &str, name: &str) -> u64 {
                 Some((id, f)) => (id, Some(f)),
                 None => (rest, None),
             };
-            if fname == Some(name) {
+            if fname.is_some_and(|f| names(f, name)) {
                 target = Some(id);
             }
             current = target == Some(id);
@@ -260,6 +274,9 @@ mod tests {
         assert_eq!(calls_to(profile, "sendmmsg"), 6);
         assert_eq!(calls_to(profile, "other"), 9);
         assert_eq!(calls_to(profile, "absent"), 0);
+        let rust = "fn=(1) main\ncfn=(2) app::io::recvmmsg\ncalls=5 0x10\n1 1\n\
+                    cfn=(3) app::io::not_recvmmsg\ncalls=9 0x20\n1 1\n";
+        assert_eq!(calls_to(rust, "recvmmsg"), 5);
     }
 
     #[test]
