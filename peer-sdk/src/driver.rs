@@ -98,11 +98,12 @@ impl Driver {
                     );
                 }
                 Event::KeepSocket(i) => {
-                    debug!(
-                        socket = i,
-                        "keeping the birthday socket that won; closing the rest"
-                    );
+                    debug!(socket = i, "the birthday socket that won carries the path");
                     self.socket.keep_extra(i);
+                }
+                Event::CloseLosers => {
+                    debug!("closing the birthday sockets that lost");
+                    self.socket.close_losers();
                 }
                 Event::CloseSockets => {
                     debug!("closing the birthday sockets");

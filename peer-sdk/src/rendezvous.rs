@@ -158,8 +158,10 @@ pub(crate) enum Event {
     /// Open this many extra sockets for birthday punching (numbered from 0).
     OpenSockets(u16),
     /// Extra socket `n` won: Quinn's traffic to the direct address goes through it from now
-    /// on; close the others.
+    /// on.
     KeepSocket(u16),
+    /// Close every extra socket but the winner.
+    CloseLosers,
     /// Close every extra socket (the winner too): birthday punching is over or void.
     CloseSockets,
 }

@@ -19,7 +19,7 @@
 //!    1 - (1 - 256/64512)^1200 ≈ 99 %;
 //! 3. a hit reaches one of the extra sockets, which answers; the normal probe and reply make
 //!    that (socket, address) the direct path, and the socket wrapper sends Quinn's traffic
-//!    through that socket and closes the rest.
+//!    through that socket and closes the rest ([`LOSER_GRACE`] later).
 //!
 //! **Who is hard.** A NAT that rewrote our port (the relay saw another port than our socket's)
 //! is taken for endpoint-dependent; one that kept it for endpoint-independent. The peer's
@@ -65,6 +65,10 @@ pub const PROBE_LEAD: Duration = Duration::from_millis(100);
 /// How long the hard side keeps its extra sockets without a winner: the easy side's whole
 /// burst (1200 probes at 500/s: 2.4 s) after its lead, plus a round trip.
 pub const LIFETIME: Duration = Duration::from_millis(3500);
+/// How long the hard side keeps its losing sockets open after a win, their QUIC datagrams
+/// still handed to Quinn: one burst can hit several sockets, and the easy side may have
+/// settled on another one than ours until that one falls silent (two probe intervals).
+pub const LOSER_GRACE: Duration = Duration::from_secs(3);
 /// Ports after the relay-observed one the easy side probes first (port prediction for
 /// sequential NATs): the hard side's 256 new flows plus as many again for other hosts'
 /// flows on the same NAT meanwhile.
@@ -113,6 +117,8 @@ pub(crate) struct Birthday {
     ports: PortSequence,
     /// The extra socket that won (the hard side).
     pub(crate) winner: Option<(u16, SocketAddr)>,
+    /// When the losing sockets close (the hard side, after a win).
+    losers_close_at: Option<Instant>,
 }
 
 /// The easy side's probe order: the predicted window after `base`, then every other port once
@@ -200,6 +206,7 @@ impl Rendezvous {
         }
         match &self.birthday {
             Some(b) if !b.status.finished => Some(b.next),
+            Some(b) if b.losers_close_at.is_some() => b.losers_close_at,
             Some(_) => None,
             None => self
                 .peer_known_at
@@ -231,6 +238,11 @@ impl Rendezvous {
         let Some(b) = self.birthday.as_mut() else {
             return;
         };
+        if b.losers_close_at.is_some_and(|t| now >= t) {
+            b.losers_close_at = None;
+            self.events.push_back(Event::CloseLosers);
+            return;
+        }
         if b.status.finished || now < b.next {
             return;
         }
@@ -273,6 +285,7 @@ impl Rendezvous {
             nonce,
             ports: PortSequence::new(peer.port(), rand::random()),
             winner: None,
+            losers_close_at: None,
         });
         self.publish_birthday();
     }
@@ -352,7 +365,7 @@ impl Rendezvous {
 
     /// A reply to one of our probes arrived through extra socket `via` (the hard side): that
     /// socket carries the direct path from now on, and the others close.
-    pub(super) fn birthday_won(&mut self, via: u16, from: SocketAddr) {
+    pub(super) fn birthday_won(&mut self, now: Instant, via: u16, from: SocketAddr) {
         let Some(b) = self.birthday.as_mut() else {
             return;
         };
@@ -361,6 +374,7 @@ impl Rendezvous {
         }
         info!(socket = via, peer = %from, openers = b.status.packets, "birthday punch won");
         b.winner = Some((via, from));
+        b.losers_close_at = Some(now + LOSER_GRACE);
         b.status.won = true;
         b.status.finished = true;
         self.events.push_back(Event::KeepSocket(via));

@@ -287,7 +287,7 @@ impl Rendezvous {
                     }
                 }
                 if let Some(i) = via {
-                    self.birthday_won(i, from);
+                    self.birthday_won(now, i, from);
                 }
                 self.last_direct_reply = Some(now);
                 if self.cfg.punch && self.status.path != Path::Direct(from) {

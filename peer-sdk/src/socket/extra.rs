@@ -122,14 +122,14 @@ impl PeerSocket {
         u16::try_from(open.len()).unwrap_or(u16::MAX)
     }
 
-    /// Extra socket `index` carries the direct path from now on; the others close.
+    /// Extra socket `index` carries the direct path from now on; the others stay open (their
+    /// readers hand Quinn what the peer still sends there) until [`PeerSocket::close_losers`].
     pub(crate) fn keep_extra(&self, index: u16) {
         let mut open = self.extra.open.lock().expect("extra sockets lock poisoned");
         let kept = open
             .iter()
             .position(|(e, _)| e.index == index)
             .map(|i| open.swap_remove(i));
-        open.clear(); // drops the sockets and aborts their readers
         drop(open);
         if let Some((extra, reader)) = kept {
             // From here on Quinn's `poll_recv` reads it.
@@ -143,6 +143,16 @@ impl PeerSocket {
             // the winner too.
             self.wake_receiver();
         }
+    }
+
+    /// Closes every extra socket but the winner.
+    pub(crate) fn close_losers(&self) {
+        // Dropping them closes the sockets and aborts their readers.
+        self.extra
+            .open
+            .lock()
+            .expect("extra sockets lock poisoned")
+            .clear();
     }
 
     /// Closes every extra socket, the winner too (the direct path is void).
