@@ -67,8 +67,9 @@ pub const PROBE_LEAD: Duration = Duration::from_millis(100);
 pub const LIFETIME: Duration = Duration::from_millis(3500);
 /// How long the hard side keeps its losing sockets open after a win, their QUIC datagrams
 /// still handed to Quinn: one burst can hit several sockets, and the easy side may have
-/// settled on another one than ours until that one falls silent (two probe intervals).
-pub const LOSER_GRACE: Duration = Duration::from_secs(3);
+/// settled on another one than ours until that one falls silent (two probe intervals) and
+/// our next keepalive round moves it (one more).
+pub const LOSER_GRACE: Duration = Duration::from_secs(5);
 /// Ports after the relay-observed one the easy side probes first (port prediction for
 /// sequential NATs): the hard side's 256 new flows plus as many again for other hosts'
 /// flows on the same NAT meanwhile.
@@ -248,7 +249,7 @@ impl Rendezvous {
         }
         b.next = now + TICK;
         if direct {
-            self.birthday_found(); // the path is found: no more probes, no more sockets
+            self.birthday_found(now); // the path is found: no more probes, no more sockets
             return;
         }
         match b.status.role {
@@ -383,8 +384,8 @@ impl Rendezvous {
 
     /// A direct path came up on our one socket while birthday punching ran (the easy side's
     /// probe was answered, or the ordinary punch got there): stop, and close any extra
-    /// sockets.
-    pub(super) fn birthday_found(&mut self) {
+    /// sockets [`LOSER_GRACE`] later (the easy side may have settled on one of them first).
+    pub(super) fn birthday_found(&mut self, now: Instant) {
         let Some(b) = self.birthday.as_mut() else {
             return;
         };
@@ -395,7 +396,7 @@ impl Rendezvous {
         b.status.won = b.status.role == BirthdayRole::Easy;
         b.status.finished = true;
         if b.status.sockets > 0 {
-            self.events.push_back(Event::CloseSockets);
+            b.losers_close_at = Some(now + LOSER_GRACE);
         }
         self.publish_birthday();
     }

@@ -289,3 +289,31 @@ fn the_easy_side_stays_on_the_first_port_that_answered() {
     r.handle_punch(later, second, key.packet(Kind::Reply, 9, nonce), None);
     assert_eq!(r.status().path, Path::Direct(second));
 }
+
+#[test]
+fn a_direct_path_on_the_main_socket_closes_the_extra_sockets_after_the_grace() {
+    let t0 = Instant::now();
+    let mut r = paired(t0, 33000, 40007, true);
+    let t = t0 + Duration::from_millis(700);
+    let (sent, _) = run(&mut r, t0, t);
+    // A sequential NAT: the easy side's predicted port reached our main socket's mapping.
+    let nonce = sent
+        .iter()
+        .rev()
+        .find(|(_, x)| x.via.is_none())
+        .and_then(|(_, x)| PunchPacket::decode(&x.bytes))
+        .expect("a probe")
+        .nonce;
+    let peer = addr(PEER_PUBLIC);
+    let key = PunchKey::new(cfg().session);
+    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, nonce), None);
+    assert_eq!(r.status().path, Path::Direct(peer));
+    assert_eq!(r.direct_via(), None);
+    let (_, events) = run(&mut r, t, t + LOSER_GRACE - TICK);
+    assert!(
+        events.is_empty(),
+        "the extra sockets stay a while: {events:?}"
+    );
+    let (_, events) = run(&mut r, t + LOSER_GRACE - TICK, t + LOSER_GRACE + TICK);
+    assert_eq!(events, [Event::CloseLosers]);
+}

@@ -295,7 +295,7 @@ impl Rendezvous {
                     self.set_path(Path::Direct(from));
                     self.next_probe = Some(now + PROBE_INTERVAL);
                     if self.birthday.is_some() && via.is_none() {
-                        self.birthday_found();
+                        self.birthday_found(now);
                     }
                 }
             }
