@@ -98,17 +98,35 @@ impl NatType {
         self.has_router() && self != NatType::PortRestrictedOpen
     }
 
-    /// Whether NAT theory allows a direct UDP path between a peer behind `self` and one behind
-    /// `other` without port prediction: not when one side's mapping is endpoint-dependent and
-    /// the other filters by address and port, nor when both mappings are endpoint-dependent.
+    /// Whether a direct UDP path between a peer behind `self` and one behind `other` is within
+    /// reach of hole punching with birthday punching and port prediction (peer-sdk's methods):
+    /// not when either side blocks UDP, nor when both mappings are endpoint-dependent.
+    ///
+    /// One endpoint-dependent side against an endpoint-independent mapping is the birthday
+    /// case ([`NatType::birthday_with`]). Two endpoint-dependent sides are out of reach: with a
+    /// random side, each of its mappings admits one port of the other side, which for a
+    /// random side changes with every destination (256 sockets on one side and 64512
+    /// possible ports on the other need about 175 x 256 = 45 000 packets for an even chance
+    /// even when the other side is sequential); two sequential sides could meet by predicting
+    /// each other's next ports, which peer-sdk does not attempt.
     pub fn direct_possible_with(self, other: NatType) -> bool {
         if self == NatType::UdpBlocked || other == NatType::UdpBlocked {
             return false;
         }
+        !(self.endpoint_dependent_mapping() && other.endpoint_dependent_mapping())
+    }
+
+    /// Whether the direct path needs birthday punching: one side's mapping is
+    /// endpoint-dependent and the other filters by address and port (an ordinary punch from
+    /// the hard side never reaches it, and the easy side cannot guess the hard side's port).
+    pub fn birthday_with(self, other: NatType) -> bool {
         let hard_vs_filter = |a: NatType, b: NatType| {
-            a.endpoint_dependent_mapping() && !b.endpoint_independent_filtering()
+            a.endpoint_dependent_mapping()
+                && !b.endpoint_dependent_mapping()
+                && !b.endpoint_independent_filtering()
         };
-        !(hard_vs_filter(self, other) || hard_vs_filter(other, self))
+        self.direct_possible_with(other)
+            && (hard_vs_filter(self, other) || hard_vs_filter(other, self))
     }
 }
 
@@ -464,8 +482,16 @@ mod tests {
         assert!(PortRestrictedOpen.direct_possible_with(PortRestricted));
         assert!(Symmetric.direct_possible_with(FullCone));
         assert!(None.direct_possible_with(SymmetricSequential));
-        assert!(!SymmetricSequential.direct_possible_with(PortRestrictedOpen));
+        assert!(SymmetricSequential.direct_possible_with(PortRestrictedOpen));
+        assert!(SymmetricSequential.birthday_with(PortRestrictedOpen));
+        assert!(PortRestricted.birthday_with(Symmetric));
+        assert!(
+            !Symmetric.birthday_with(FullCone),
+            "full cone admits the hard side"
+        );
+        assert!(!PortRestricted.birthday_with(PortRestrictedOpen));
         assert!(!Symmetric.direct_possible_with(SymmetricSequential));
+        assert!(!SymmetricSequential.direct_possible_with(SymmetricSequential));
         assert!(!UdpBlocked.direct_possible_with(None));
         for a in NatType::ALL {
             for b in NatType::ALL {

@@ -22,6 +22,13 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Quiet unless asked: `RUST_LOG=peer_sdk=debug` shows each attempt's punching.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(reason) = netlab::lab_unavailable() {
         anyhow::bail!("the NAT lab cannot run here: {reason}");
     }

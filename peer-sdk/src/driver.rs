@@ -57,8 +57,8 @@ impl Driver {
                     Some(Control::Candidates(bytes)) => {
                         self.machine.handle_candidates(Instant::now(), &bytes);
                     }
-                    Some(Control::Punch { from, packet }) => {
-                        self.machine.handle_punch(Instant::now(), from, packet);
+                    Some(Control::Punch { from, packet, via }) => {
+                        self.machine.handle_punch(Instant::now(), from, packet, via);
                     }
                     None => return, // the socket is gone
                 },
@@ -90,6 +90,25 @@ impl Driver {
                         registration,
                     ))));
                 }
+                Event::OpenSockets(n) => {
+                    let opened = self.socket.open_extra(n);
+                    info!(
+                        asked = n,
+                        opened, "opened extra sockets for birthday punching"
+                    );
+                }
+                Event::KeepSocket(i) => {
+                    debug!(socket = i, "the birthday socket that won carries the path");
+                    self.socket.keep_extra(i);
+                }
+                Event::CloseLosers => {
+                    debug!("closing the birthday sockets that lost");
+                    self.socket.close_losers();
+                }
+                Event::CloseSockets => {
+                    debug!("closing the birthday sockets");
+                    self.socket.close_extra();
+                }
             }
         }
         while let Some(t) = self.machine.poll_transmit() {
@@ -107,9 +126,10 @@ impl Driver {
                     Some(alt) => self.socket.send_control(alt, &t.bytes).await,
                     None => Ok(()),
                 },
-                Dest::Peer(dst) => match t.ttl {
-                    Some(ttl) => self.socket.send_control_with_ttl(dst, &t.bytes, ttl),
-                    None => self.socket.send_control(dst, &t.bytes).await,
+                Dest::Peer(dst) => match (t.via, t.ttl) {
+                    (Some(i), ttl) => self.socket.send_extra(i, dst, &t.bytes, ttl),
+                    (None, Some(ttl)) => self.socket.send_control_with_ttl(dst, &t.bytes, ttl),
+                    (None, None) => self.socket.send_control(dst, &t.bytes).await,
                 },
             };
             if let Err(e) = r {
@@ -117,7 +137,9 @@ impl Driver {
             }
         }
         let status = self.machine.status();
-        self.socket.shared.set_path(status.path);
+        self.socket
+            .shared
+            .set_path(status.path, self.machine.direct_via());
         self.status.send_if_modified(|s| {
             let changed = s != status;
             if changed {

@@ -62,6 +62,12 @@
 //!   notice. IPv6 paths are preferred, then the LAN, then public IPv4. Quinn sees one stable peer
 //!   address ([`socket::VIRTUAL_PEER`]); the wrapper sends to the direct address or to the relay,
 //!   so traffic moves between paths under a live `quinn::Connection`.
+//! - **Birthday punching** ([`rendezvous::birthday`]): when one side's NAT maps per destination
+//!   ("symmetric") and the other filters by address and port, the hard side opens up to 256
+//!   extra sockets and the easy side probes up to 1200 ports of its IP (the ports after the
+//!   relay-observed one first, for sequential NATs), 500 per second, once per pairing. The
+//!   socket wrapper owns the extra sockets, moves Quinn's traffic to the one that won and closes
+//!   the rest; connecting waits up to about 3 s for it. [`Options::birthday`] turns it off.
 //! - **TCP when UDP is blocked**: if the relay does not answer UDP registrations within
 //!   [`Options::tcp_fallback_after`], the SDK registers over a TCP connection to the relay's port
 //!   and carries the QUIC packets on it as length-prefixed datagrams, under the same
@@ -300,6 +306,8 @@ impl Peer {
                     Vec::new()
                 },
                 alt_relay: socket.relay_alt().is_some(),
+                local_port: quinn::AsyncUdpSocket::local_addr(&*socket).map_or(0, |a| a.port()),
+                birthday: opts.birthday,
             },
         );
         let driver = AbortOnDrop(tokio::spawn(driver.run()));
@@ -368,6 +376,18 @@ impl Peer {
                 self.status.wait_for(|s| matches!(s.path, Path::Direct(_))),
             )
             .await;
+            // Birthday punching under way: its budget is spent within a few seconds, and a
+            // direct path is worth the wait (it is the pairs that would relay otherwise).
+            let birthday = |s: &Status| s.birthday.is_some_and(|b| !b.finished);
+            if birthday(&self.status.borrow()) {
+                info!("birthday punching under way; waiting for it");
+                let _ = tokio::time::timeout(
+                    rendezvous::birthday::LIFETIME,
+                    self.status
+                        .wait_for(|s| matches!(s.path, Path::Direct(_)) || !birthday(s)),
+                )
+                .await;
+            }
         } else {
             info!(peer = ?peer, "the peer joined");
         }

@@ -7,7 +7,8 @@
 //! `Rendezvous::status`). `driver.rs` is the thin tokio task around it.
 //!
 //! The punch schedule itself (probes, candidates, the direct path's liveness) is in
-//! `rendezvous/schedule.rs`; the unit tests are in `rendezvous/tests.rs`.
+//! `rendezvous/schedule.rs`, birthday punching against one endpoint-dependent NAT in
+//! [`birthday`]; the unit tests are in `rendezvous/tests.rs` and `rendezvous/birthday_tests.rs`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -89,6 +90,8 @@ pub struct Status {
     pub relay: Option<SocketAddr>,
     /// How often this peer moved to another relay because its relay stopped answering.
     pub relay_moves: u64,
+    /// Birthday punching with this peer, when it ran ([`crate::Options::birthday`]).
+    pub birthday: Option<birthday::BirthdayStatus>,
 }
 
 /// What the machine needs to know.
@@ -110,6 +113,11 @@ pub(crate) struct Config {
     /// Also register at the relay's address of the other IP family ([`Dest::RelayAlt`]), as
     /// this peer's alternate address.
     pub alt_relay: bool,
+    /// The port of our socket (compared with the port the relay observes: a NAT that changed
+    /// it is taken for endpoint-dependent, see [`birthday`]).
+    pub local_port: u16,
+    /// Birthday punching allowed ([`crate::Options::birthday`]).
+    pub birthday: bool,
 }
 
 /// Where a transmit goes.
@@ -132,6 +140,8 @@ pub(crate) struct Transmit {
     pub bytes: Vec<u8>,
     /// A TTL (hop limit) for this datagram only; `None`: the socket's default.
     pub ttl: Option<u32>,
+    /// Send it from this extra (birthday) socket rather than the peer's one socket.
+    pub via: Option<u16>,
 }
 
 /// Something the IO side must act on.
@@ -145,6 +155,15 @@ pub(crate) enum Event {
         registration: Vec<u8>,
         reason: &'static str,
     },
+    /// Open this many extra sockets for birthday punching (numbered from 0).
+    OpenSockets(u16),
+    /// Extra socket `n` won: Quinn's traffic to the direct address goes through it from now
+    /// on.
+    KeepSocket(u16),
+    /// Close every extra socket but the winner.
+    CloseLosers,
+    /// Close every extra socket (the winner too): birthday punching is over or void.
+    CloseSockets,
 }
 
 /// The sans-IO rendezvous machine (see the module docs).
@@ -184,6 +203,8 @@ pub(crate) struct Rendezvous {
     next_probe: Option<Instant>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Birthday punching with the current peer address (see [`birthday`]).
+    birthday: Option<birthday::Birthday>,
 }
 
 impl Rendezvous {
@@ -203,6 +224,7 @@ impl Rendezvous {
                 registrations_sent: 0,
                 relay: cfg.relays.first().copied(),
                 relay_moves: 0,
+                birthday: None,
             },
             acked: false,
             last_reg: None,
@@ -223,6 +245,7 @@ impl Rendezvous {
             next_probe: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            birthday: None,
             cfg,
         };
         if r.cfg.tcp == TcpFallback::Always {
@@ -277,12 +300,38 @@ impl Rendezvous {
         if let (Path::Direct(_), Some(last)) = (self.status.path, self.last_direct_reply) {
             wake = wake.min(last + DIRECT_DEAD);
         }
+        if let Some(t) = self.birthday_timeout(now) {
+            wake = wake.min(t);
+        }
         wake.max(now)
     }
 
+    /// Queues a datagram; one to the peer's direct address goes through the extra socket
+    /// that birthday punching won for it, if any.
     fn queue(&mut self, dst: Dest, bytes: Vec<u8>, ttl: Option<u32>) {
+        let via = match dst {
+            Dest::Peer(a) => self.via_for(a),
+            _ => None,
+        };
+        self.queue_via(dst, bytes, ttl, via);
+    }
+
+    fn queue_via(&mut self, dst: Dest, bytes: Vec<u8>, ttl: Option<u32>, via: Option<u16>) {
         if self.transmits.len() < MAX_QUEUED {
-            self.transmits.push_back(Transmit { dst, bytes, ttl });
+            self.transmits.push_back(Transmit {
+                dst,
+                bytes,
+                ttl,
+                via,
+            });
+        }
+    }
+
+    /// The extra socket the direct path runs through (birthday punching's winner), if any.
+    pub(crate) fn direct_via(&self) -> Option<u16> {
+        match self.status.path {
+            Path::Direct(a) => self.via_for(a),
+            _ => None,
         }
     }
 
@@ -321,6 +370,7 @@ impl Rendezvous {
         self.reg_retry = REG_RETRY_MIN;
         self.candidates.clear();
         self.next_probe = None;
+        self.reset_birthday();
         self.set_path(Path::RelayTcp);
     }
 
@@ -403,6 +453,7 @@ impl Rendezvous {
             }
         }
         self.punch_tick(now);
+        self.birthday_tick(now);
     }
 
     /// Our alternate registration, once the relay knows our primary one (it names the member
@@ -520,7 +571,10 @@ fn registration(cfg: &Config, cookie: Option<Cookie>, alt: bool) -> Registration
     }
 }
 
+pub mod birthday;
 mod schedule;
 
+#[cfg(test)]
+mod birthday_tests;
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,8 @@ use tracing::{debug, trace};
 use crate::punch::{self, PunchPacket};
 use crate::Error;
 
+mod extra;
+
 /// The address Quinn believes the peer has. Never put on the wire: the wrapper replaces it with
 /// the relay's or the direct path's address. Loopback, so that even a bug could not leak traffic
 /// off the machine.
@@ -80,9 +82,12 @@ pub(crate) enum Control {
     Relay { reply: Reply, alt: bool },
     /// The peer's local candidates, forwarded by the relay (authenticated by the driver).
     Candidates(Vec<u8>),
+    /// A punch packet, received on the one socket (`via` `None`) or on an extra (birthday)
+    /// socket.
     Punch {
         from: SocketAddr,
         packet: PunchPacket,
+        via: Option<u16>,
     },
 }
 
@@ -113,6 +118,8 @@ pub struct SocketStats {
 #[derive(Debug)]
 struct PathState {
     path: Path,
+    /// The extra (birthday) socket a direct path runs through, if not the main one.
+    via: Option<u16>,
     /// The relay in use (it changes when the peer fails over to another relay).
     relay: SocketAddr,
     /// Last datagram from the peer on any path, or a relay reply: silence means the path broke.
@@ -131,17 +138,19 @@ impl Shared {
         self.state.lock().expect("path lock poisoned").path
     }
 
-    pub(crate) fn set_path(&self, path: Path) -> bool {
+    /// Sets the path, and the extra socket a direct path runs through (`None`: the main one).
+    pub(crate) fn set_path(&self, path: Path, via: Option<u16>) -> bool {
         let mut s = self.state.lock().expect("path lock poisoned");
-        let changed = s.path != path;
+        let changed = s.path != path || s.via != via;
         s.path = path;
+        s.via = via;
         changed
     }
 
-    /// The path and the relay in use, read together for one send.
-    fn route(&self) -> (Path, SocketAddr) {
+    /// The path, its extra socket and the relay in use, read together for one send.
+    fn route(&self) -> (Path, Option<u16>, SocketAddr) {
         let s = self.state.lock().expect("path lock poisoned");
-        (s.path, s.relay)
+        (s.path, s.via, s.relay)
     }
 
     fn relay(&self) -> SocketAddr {
@@ -179,6 +188,10 @@ pub struct PeerSocket {
     /// Datagrams from the peer that came over TCP, for Quinn.
     tcp_in: mpsc::Sender<Vec<u8>>,
     tcp_in_rx: Mutex<mpsc::Receiver<Vec<u8>>>,
+    /// Birthday punching's extra sockets, and the one that won.
+    extra: extra::ExtraSockets,
+    /// The waker of Quinn's last `poll_recv`, to make it poll a newly won birthday socket.
+    recv_waker: Mutex<Option<std::task::Waker>>,
 }
 
 impl PeerSocket {
@@ -243,6 +256,7 @@ impl PeerSocket {
         let shared = Arc::new(Shared {
             state: Mutex::new(PathState {
                 path: Path::Relay,
+                via: None,
                 relay: canonical(relay),
                 last_rx: Instant::now(),
             }),
@@ -264,6 +278,8 @@ impl PeerSocket {
             tcp_out_rx: Mutex::new(Some(tcp_out_rx)),
             tcp_in,
             tcp_in_rx: Mutex::new(tcp_in_rx),
+            extra: extra::ExtraSockets::default(),
+            recv_waker: Mutex::new(None),
         };
         Ok((Arc::new(s), control_rx))
     }
@@ -317,57 +333,7 @@ impl PeerSocket {
         bytes: &[u8],
         ttl: u32,
     ) -> io::Result<()> {
-        #[cfg(target_os = "linux")]
-        {
-            let v4 = canonical(dst).is_ipv4();
-            let (level, kind) = if v4 {
-                (libc::IPPROTO_IP, libc::IP_TTL)
-            } else {
-                (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
-            };
-            let value = libc::c_int::try_from(ttl.clamp(1, 255)).expect("1..=255 fits");
-            // One control message holding one int, in a buffer aligned for `cmsghdr`.
-            let mut buf = [0u64; 8];
-            let value_len = std::mem::size_of::<libc::c_int>() as u32;
-            // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
-            let (space, len, data_off) = unsafe {
-                (
-                    libc::CMSG_SPACE(value_len) as usize,
-                    libc::CMSG_LEN(value_len) as usize,
-                    libc::CMSG_LEN(0) as usize,
-                )
-            };
-            debug_assert!(space <= std::mem::size_of_val(&buf));
-            // SAFETY: an all-zero cmsghdr is valid (plain integers and padding).
-            let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
-            hdr.cmsg_len = len as _;
-            hdr.cmsg_level = level;
-            hdr.cmsg_type = kind;
-            let base = buf.as_mut_ptr().cast::<u8>();
-            // SAFETY: `buf` is 64 bytes, aligned for cmsghdr (8), and `space` (the header plus
-            // the int, padded) fits in it, as asserted above; both writes stay inside it.
-            unsafe {
-                std::ptr::write(base.cast::<libc::cmsghdr>(), hdr);
-                std::ptr::write_unaligned(base.add(data_off).cast::<libc::c_int>(), value);
-            }
-            // SAFETY: `buf` outlives `control`, and nothing writes `buf` while it is borrowed.
-            let control = unsafe { std::slice::from_raw_parts(base.cast_const(), space) };
-            let addr = socket2::SockAddr::from(self.wire(dst));
-            let iov = [io::IoSlice::new(bytes)];
-            let msg = socket2::MsgHdr::new()
-                .with_addr(&addr)
-                .with_buffers(&iov)
-                .with_control(control);
-            let sock = socket2::SockRef::from(&self.io);
-            self.io
-                .try_io(Interest::WRITABLE, || sock.sendmsg(&msg, 0))
-                .map(|_| ())
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = (dst, bytes, ttl);
-            Ok(())
-        }
+        send_with_ttl(&self.io, self.wire(dst), bytes, ttl)
     }
 
     /// Sends a control datagram without waiting (from `Drop`); a full buffer loses it.
@@ -466,10 +432,19 @@ impl PeerSocket {
 
     /// Takes relay replies and punch packets out of a received buffer (GRO: several datagrams of
     /// `stride` bytes each), hands them to the driver, and returns the bytes left for Quinn.
-    fn demux(&self, from: SocketAddr, buf: &mut [u8], len: usize, stride: usize) -> usize {
+    /// `via`: the extra socket it came in on (`None`: the main one).
+    fn demux(
+        &self,
+        from: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+        stride: usize,
+        via: Option<u16>,
+    ) -> usize {
         let from = canonical(from);
-        let alt = self.relay_alt == Some(from);
-        let from_relay = from == self.shared.relay() || alt;
+        // The relay only ever talks to the main socket.
+        let alt = via.is_none() && self.relay_alt == Some(from);
+        let from_relay = via.is_none() && from == self.shared.relay() || alt;
         let stride = if stride == 0 { len } else { stride };
         let mut write = 0;
         let mut read = 0;
@@ -485,7 +460,7 @@ impl PeerSocket {
                             .then(|| Control::Candidates(seg.to_vec()))
                     })
             } else {
-                PunchPacket::decode(seg).map(|packet| Control::Punch { from, packet })
+                PunchPacket::decode(seg).map(|packet| Control::Punch { from, packet, via })
             };
             match control {
                 Some(c) => {
@@ -538,7 +513,12 @@ impl AsyncUdpSocket for PeerSocket {
             debug!(dst = %transmit.destination, "dropping a transmit to a non-peer address");
             return Ok(());
         }
-        let (path, relay) = self.shared.route();
+        let (path, via, relay) = self.shared.route();
+        if let (Path::Direct(a), Some(w)) = (path, self.extra.winner()) {
+            if via == Some(w.index) {
+                return self.send_quinn(&w.io, &w.state, a, transmit);
+            }
+        }
         let (dst, counter) = match path {
             Path::Direct(a) => (a, &self.shared.stats.tx_direct),
             Path::Relay => (relay, &self.shared.stats.tx_relay),
@@ -560,19 +540,7 @@ impl AsyncUdpSocket for PeerSocket {
                 return Ok(());
             }
         };
-        let t = Transmit {
-            destination: self.wire(dst),
-            ecn: transmit.ecn,
-            contents: transmit.contents,
-            segment_size: transmit.segment_size,
-            // Quinn picks the source address it saw the virtual peer's datagrams arrive at; the
-            // real destination changes under it (relay, public, LAN, IPv6), so let the kernel
-            // route each datagram from the right address, as it does for the registrations.
-            src_ip: None,
-        };
-        self.io.try_io(Interest::WRITABLE, || {
-            self.inner.send((&self.io).into(), &t)
-        })?;
+        self.send_quinn(&self.io, &self.inner, dst, transmit)?;
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -583,26 +551,27 @@ impl AsyncUdpSocket for PeerSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        // Datagrams that came over TCP first (only on Path::RelayTcp is there any); the UDP
+        {
+            let mut w = self.recv_waker.lock().expect("waker lock poisoned");
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        // Datagrams that came over TCP (or raced a birthday socket's promotion) first; the UDP
         // socket's readiness is polled below either way, so both wake this task.
         if let Poll::Ready(n) = self.poll_recv_tcp(cx, bufs, meta) {
             return Poll::Ready(Ok(n));
         }
-        loop {
-            std::task::ready!(self.io.poll_recv_ready(cx))?;
-            let Ok(n) = self.io.try_io(Interest::READABLE, || {
-                self.inner.recv((&self.io).into(), bufs, meta)
-            }) else {
-                continue;
-            };
-            let peer = self.virtual_peer();
-            for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
-                // Zero length is what Quinn skips: a buffer that held only control datagrams.
-                m.len = self.demux(m.addr, buf, m.len, m.stride);
-                m.addr = peer;
+        // Then the birthday socket that won, if any (its readiness is polled, so it wakes
+        // this task too).
+        if let Some(w) = self.extra.winner() {
+            if let Poll::Ready(r) =
+                self.poll_recv_on(&w.io, &w.state, Some(w.index), cx, bufs, meta)
+            {
+                return Poll::Ready(r);
             }
-            return Poll::Ready(Ok(n));
         }
+        self.poll_recv_on(&self.io, &self.inner, None, cx, bufs, meta)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -640,12 +609,142 @@ impl UdpPoller for Poller {
     fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.fut.is_none() {
             let socket = self.socket.clone();
-            self.fut = Some(Box::pin(async move { socket.io.writable().await }));
+            // The socket Quinn's next send goes out on: the birthday winner while the direct
+            // path runs through it, the main socket otherwise.
+            self.fut = Some(Box::pin(async move {
+                match socket.extra.winner() {
+                    Some(w) if socket.shared.route().1 == Some(w.index) => w.io.writable().await,
+                    _ => socket.io.writable().await,
+                }
+            }));
         }
         let fut = self.fut.as_mut().expect("set above");
         let r = std::task::ready!(fut.as_mut().poll(cx));
         self.fut = None;
         Poll::Ready(r)
+    }
+}
+
+impl PeerSocket {
+    /// Wakes Quinn's receive task (it then polls every socket in use again).
+    fn wake_receiver(&self) {
+        if let Some(w) = self
+            .recv_waker
+            .lock()
+            .expect("waker lock poisoned")
+            .as_ref()
+        {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Sends one of Quinn's transmits to `dst` from `io` (the main socket, or the birthday
+    /// socket that won).
+    fn send_quinn(
+        &self,
+        io: &tokio::net::UdpSocket,
+        state: &UdpSocketState,
+        dst: SocketAddr,
+        transmit: &Transmit<'_>,
+    ) -> io::Result<()> {
+        let t = Transmit {
+            destination: self.wire(dst),
+            ecn: transmit.ecn,
+            contents: transmit.contents,
+            segment_size: transmit.segment_size,
+            // Quinn picks the source address it saw the virtual peer's datagrams arrive at; the
+            // real destination changes under it (relay, public, LAN, IPv6), so let the kernel
+            // route each datagram from the right address, as it does for the registrations.
+            src_ip: None,
+        };
+        io.try_io(Interest::WRITABLE, || state.send(io.into(), &t))
+    }
+
+    /// Receives into Quinn's buffers from `io` (`via`: which extra socket it is, if one),
+    /// taking the control datagrams out.
+    fn poll_recv_on(
+        &self,
+        io: &tokio::net::UdpSocket,
+        state: &UdpSocketState,
+        via: Option<u16>,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(io.poll_recv_ready(cx))?;
+            let Ok(n) = io.try_io(Interest::READABLE, || state.recv(io.into(), bufs, meta)) else {
+                continue;
+            };
+            let peer = self.virtual_peer();
+            for (m, buf) in meta.iter_mut().zip(bufs.iter_mut()).take(n) {
+                // Zero length is what Quinn skips: a buffer that held only control datagrams.
+                m.len = self.demux(m.addr, buf, m.len, m.stride, via);
+                m.addr = peer;
+            }
+            return Poll::Ready(Ok(n));
+        }
+    }
+}
+
+/// Sends `bytes` to `dst` (in the socket's family) from `io` with its own TTL (hop limit),
+/// leaving the socket's default for everything else. Does not wait: a full send buffer loses
+/// it, like any probe. Where the platform has no per-datagram TTL the datagram is not sent.
+fn send_with_ttl(
+    io: &tokio::net::UdpSocket,
+    dst: SocketAddr,
+    bytes: &[u8],
+    ttl: u32,
+) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let v4 = canonical(dst).is_ipv4();
+        let (level, kind) = if v4 {
+            (libc::IPPROTO_IP, libc::IP_TTL)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+        };
+        let value = libc::c_int::try_from(ttl.clamp(1, 255)).expect("1..=255 fits");
+        // One control message holding one int, in a buffer aligned for `cmsghdr`.
+        let mut buf = [0u64; 8];
+        let value_len = std::mem::size_of::<libc::c_int>() as u32;
+        // SAFETY: CMSG_SPACE and CMSG_LEN only compute sizes.
+        let (space, len, data_off) = unsafe {
+            (
+                libc::CMSG_SPACE(value_len) as usize,
+                libc::CMSG_LEN(value_len) as usize,
+                libc::CMSG_LEN(0) as usize,
+            )
+        };
+        debug_assert!(space <= std::mem::size_of_val(&buf));
+        // SAFETY: an all-zero cmsghdr is valid (plain integers and padding).
+        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        hdr.cmsg_len = len as _;
+        hdr.cmsg_level = level;
+        hdr.cmsg_type = kind;
+        let base = buf.as_mut_ptr().cast::<u8>();
+        // SAFETY: `buf` is 64 bytes, aligned for cmsghdr (8), and `space` (the header plus
+        // the int, padded) fits in it, as asserted above; both writes stay inside it.
+        unsafe {
+            std::ptr::write(base.cast::<libc::cmsghdr>(), hdr);
+            std::ptr::write_unaligned(base.add(data_off).cast::<libc::c_int>(), value);
+        }
+        // SAFETY: `buf` outlives `control`, and nothing writes `buf` while it is borrowed.
+        let control = unsafe { std::slice::from_raw_parts(base.cast_const(), space) };
+        let addr = socket2::SockAddr::from(dst);
+        let iov = [io::IoSlice::new(bytes)];
+        let msg = socket2::MsgHdr::new()
+            .with_addr(&addr)
+            .with_buffers(&iov)
+            .with_control(control);
+        let sock = socket2::SockRef::from(io);
+        io.try_io(Interest::WRITABLE, || sock.sendmsg(&msg, 0))
+            .map(|_| ())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (dst, bytes, ttl);
+        Ok(())
     }
 }
 

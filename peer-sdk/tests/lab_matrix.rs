@@ -1,8 +1,8 @@
 //! The NAT matrix in CI: every ordered pair (A dials, B listens) of the punchable netlab NAT
-//! types connects, once each, on the path NAT theory allows without port prediction (direct
-//! unless one side's mapping is endpoint-dependent and the other filters by address and port,
-//! or both mappings are endpoint-dependent). `cargo xtask lab matrix --repeat 10` runs the same
-//! with repetitions and prints the table.
+//! types connects, once each, on the path expected with hole punching, birthday punching and
+//! port prediction (direct unless both mappings are endpoint-dependent: netlab's
+//! `direct_possible_with`). `cargo xtask lab matrix --repeat 20` runs the same with
+//! repetitions and prints the table, with the probe budget beside each birthday pair.
 //!
 //! Needs root and nftables: skipped with a message elsewhere, never under `CI=true`.
 

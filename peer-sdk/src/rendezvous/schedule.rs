@@ -154,6 +154,7 @@ impl Rendezvous {
         self.lan_offers = 0;
         self.nonces.clear();
         self.last_direct_reply = None;
+        self.reset_birthday();
         self.set_path(self.relay_path());
         self.peer_known_at = Some(now);
         if self.tcp {
@@ -225,11 +226,28 @@ impl Rendezvous {
         }
     }
 
-    /// A punch packet (not yet authenticated) from `from`.
-    pub(crate) fn handle_punch(&mut self, now: Instant, from: SocketAddr, packet: PunchPacket) {
+    /// A punch packet (not yet authenticated) from `from`, received on our one socket
+    /// (`via` `None`) or on extra (birthday) socket `via`.
+    pub(crate) fn handle_punch(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: PunchPacket,
+        via: Option<u16>,
+    ) {
         if self.tcp || packet.sender == self.cfg.peer_id || !self.key.verify(&packet) {
             return; // our own, reflected; or forged
         }
+        // Through an extra socket: answered through the same one (the peer reached the NAT
+        // mapping that socket owns, and no other); once one won, the others are void.
+        let via = match via {
+            Some(i) => match self.birthday.as_ref() {
+                Some(b) if b.winner.is_none() && !b.status.finished => Some(i),
+                Some(b) if b.winner.is_some_and(|(w, _)| w == i) => Some(i),
+                _ => return,
+            },
+            None => self.via_for(from),
+        };
         match packet.kind {
             Kind::Probe => {
                 self.add_candidate(from);
@@ -237,17 +255,18 @@ impl Rendezvous {
                     .key
                     .packet(Kind::Reply, self.cfg.peer_id, packet.nonce)
                     .encode();
-                self.queue(Dest::Peer(from), reply.to_vec(), None);
+                self.queue_via(Dest::Peer(from), reply.to_vec(), None, via);
                 // The peer probes from an address we are not using (its NAT rebound, or it is
                 // the symmetric side of a punch): probe back at once, so its reply can move us
                 // there without waiting for the next round.
                 if self.cfg.punch && self.status.path != Path::Direct(from) {
                     let probe = self.new_probe();
-                    self.queue(Dest::Peer(from), probe.to_vec(), None);
+                    self.queue_via(Dest::Peer(from), probe.to_vec(), None, via);
                 }
             }
             Kind::Reply => {
-                if !self.nonces.contains(&packet.nonce) {
+                let birthday = self.birthday_nonce(packet.nonce);
+                if !self.nonces.contains(&packet.nonce) && !birthday {
                     return; // not an answer to a probe of ours (a replay)
                 }
                 // A better path stays preferred (IPv6, then the LAN, then public IPv4): a late
@@ -256,12 +275,28 @@ impl Rendezvous {
                     if self.rank(from) < self.rank(current) {
                         return;
                     }
+                    // Birthday probes can hit several of the hard side's ports in one burst,
+                    // and the hard side keeps only the socket that answered first: stay on the
+                    // first address that answered while it keeps answering, rather than
+                    // following each later reply to a socket the hard side has closed.
+                    let alive = self
+                        .last_direct_reply
+                        .is_some_and(|t| now.saturating_duration_since(t) < 2 * PROBE_INTERVAL);
+                    if self.birthday.is_some() && from != current && alive {
+                        return;
+                    }
+                }
+                if let Some(i) = via {
+                    self.birthday_won(now, i, from);
                 }
                 self.last_direct_reply = Some(now);
                 if self.cfg.punch && self.status.path != Path::Direct(from) {
-                    info!(peer = %from, lan = self.lan.contains(&from), "direct path up");
+                    info!(peer = %from, lan = self.lan.contains(&from), via, "direct path up");
                     self.set_path(Path::Direct(from));
                     self.next_probe = Some(now + PROBE_INTERVAL);
+                    if self.birthday.is_some() && via.is_none() {
+                        self.birthday_found(now);
+                    }
                 }
             }
         }

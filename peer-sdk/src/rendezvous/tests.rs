@@ -5,9 +5,9 @@ use quic_relay::proto::Reply;
 
 use crate::punch::{Kind, PunchPacket};
 
-const RELAY_RTT: Duration = Duration::from_millis(40);
+pub(super) const RELAY_RTT: Duration = Duration::from_millis(40);
 
-fn cfg() -> Config {
+pub(super) fn cfg() -> Config {
     Config {
         tcp: TcpFallback::Never,
         tcp_after: Duration::from_millis(2500),
@@ -20,18 +20,22 @@ fn cfg() -> Config {
         relays: vec![addr("198.18.0.1:4433")],
         local: Vec::new(),
         alt_relay: false,
+        local_port: 5000,
+        // Birthday punching has its own tests (`birthday_tests.rs`); these keep to the
+        // ordinary punch.
+        birthday: false,
     }
 }
 
-fn drain(r: &mut Rendezvous) -> Vec<Transmit> {
+pub(super) fn drain(r: &mut Rendezvous) -> Vec<Transmit> {
     std::iter::from_fn(|| r.poll_transmit()).collect()
 }
 
-fn addr(s: &str) -> SocketAddr {
+pub(super) fn addr(s: &str) -> SocketAddr {
     s.parse().expect("address")
 }
 
-fn ack(peer: Option<SocketAddr>) -> Reply {
+pub(super) fn ack(peer: Option<SocketAddr>) -> Reply {
     Reply::Ack {
         observed: Some(addr("198.18.1.1:5000")),
         peer,
@@ -41,7 +45,7 @@ fn ack(peer: Option<SocketAddr>) -> Reply {
 }
 
 /// Registers at `t0` and is answered `RELAY_RTT` later, unpaired.
-fn registered(t0: Instant) -> Rendezvous {
+pub(super) fn registered(t0: Instant) -> Rendezvous {
     let mut r = Rendezvous::new(cfg());
     r.handle_timeout(t0, t0);
     let sent = drain(&mut r);
@@ -53,7 +57,7 @@ fn registered(t0: Instant) -> Rendezvous {
     r
 }
 
-fn probes(t: &[Transmit]) -> Vec<(SocketAddr, Option<u32>)> {
+pub(super) fn probes(t: &[Transmit]) -> Vec<(SocketAddr, Option<u32>)> {
     t.iter()
         .filter_map(|t| match t.dst {
             Dest::Peer(a) => Some((a, t.ttl)),
@@ -153,10 +157,10 @@ fn a_reply_to_our_nonce_makes_the_path_direct_and_silence_falls_back() {
     let key = PunchKey::new(cfg().session);
     // A forged reply (wrong session) and a reply to a nonce we never sent change nothing.
     let forged = PunchKey::new(Uuid::from_u128(1)).packet(Kind::Reply, 9, probe.nonce);
-    r.handle_punch(t, peer, forged);
-    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce ^ 1));
+    r.handle_punch(t, peer, forged, None);
+    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce ^ 1), None);
     assert_eq!(r.status().path, Path::Relay);
-    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce));
+    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, probe.nonce), None);
     assert_eq!(r.status().path, Path::Direct(peer));
     // No reply for DIRECT_DEAD: back to the relay, probing on in the background with a
     // low-TTL probe opening each round.
@@ -181,14 +185,14 @@ fn a_probe_is_answered_and_probed_back_and_its_source_becomes_a_candidate() {
     let mut r = registered(t0);
     let reflexive = addr("198.18.2.1:40001");
     let key = PunchKey::new(cfg().session);
-    r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 9, 1234));
+    r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 9, 1234), None);
     let sent = drain(&mut r);
     assert_eq!(sent.len(), 2, "a reply and a probe back");
     let reply = PunchPacket::decode(&sent[0].bytes).expect("reply");
     assert_eq!((reply.kind, reply.nonce), (Kind::Reply, 1234));
     assert_eq!(sent[1].dst, Dest::Peer(reflexive));
     // Our own probe reflected by a hairpinning NAT is ignored.
-    r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 7, 1));
+    r.handle_punch(t0, reflexive, key.packet(Kind::Probe, 7, 1), None);
     assert!(drain(&mut r).is_empty());
 }
 
@@ -225,14 +229,14 @@ fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
     let sent = drain(&mut r);
     assert_eq!(probes(&sent), [(lan, None)]);
     let nonce = PunchPacket::decode(&sent[0].bytes).expect("probe").nonce;
-    r.handle_punch(t0, lan, key.packet(Kind::Reply, 9, nonce));
+    r.handle_punch(t0, lan, key.packet(Kind::Reply, 9, nonce), None);
     assert_eq!(r.status().path, Path::Direct(lan));
     // A later reply from the public address does not move us off the LAN.
     let t = t0 + SYNC_LEAD;
     r.handle_timeout(t, t);
     for p in drain(&mut r) {
         if let Some(pk) = PunchPacket::decode(&p.bytes) {
-            r.handle_punch(t, public, key.packet(Kind::Reply, 9, pk.nonce));
+            r.handle_punch(t, public, key.packet(Kind::Reply, 9, pk.nonce), None);
         }
     }
     assert_eq!(r.status().path, Path::Direct(lan));
@@ -427,7 +431,7 @@ fn a_dual_stack_peer_registers_its_alternate_address_and_probes_the_peers() {
     assert!(probes(&round).contains(&(peer6, None)), "{round:?}");
     for p in &round {
         if let (Dest::Peer(to), Some(pk)) = (p.dst, PunchPacket::decode(&p.bytes)) {
-            r.handle_punch(t, to, key.packet(Kind::Reply, 9, pk.nonce));
+            r.handle_punch(t, to, key.packet(Kind::Reply, 9, pk.nonce), None);
         }
     }
     assert_eq!(r.status().path, Path::Direct(peer6));

@@ -28,6 +28,9 @@ pub struct Attempt {
     pub path: String,
     /// From the dialer's `connect` call to an established connection.
     pub connect: Duration,
+    /// Birthday punching's probes sent by the easy side (either peer) by the time the
+    /// connection was up, when it ran.
+    pub birthday_probes: Option<u32>,
 }
 
 /// The outcomes of one ordered pair over the repetitions.
@@ -47,7 +50,30 @@ impl PairResult {
         self.attempts.iter().filter(|a| a.path == "direct").count()
     }
 
-    /// What NAT theory allows for this pair without port prediction.
+    /// Whether this pair needs birthday punching for its direct path.
+    pub fn birthday(&self) -> bool {
+        self.dialer.birthday_with(self.listener)
+    }
+
+    /// The birthday budget beside a birthday pair (the SDK's limits, and the most probes an
+    /// attempt used); empty for the others.
+    pub fn budget(&self) -> String {
+        use peer_sdk::rendezvous::birthday as b;
+        if !self.birthday() {
+            return String::new();
+        }
+        let rate = b::PROBES_PER_TICK * 1000 / b::TICK.as_millis() as u32;
+        let used = self.attempts.iter().filter_map(|a| a.birthday_probes).max();
+        format!(
+            "budget: {} sockets, <= {} probes at {rate}/s; used <= {} probes",
+            b::SOCKETS,
+            b::MAX_PROBES,
+            used.map_or("-".to_owned(), |u| u.to_string()),
+        )
+    }
+
+    /// The path expected with hole punching, port prediction and birthday punching
+    /// (netlab's `direct_possible_with`).
     pub fn expected(&self) -> &'static str {
         if self.dialer.direct_possible_with(self.listener) {
             "direct"
@@ -119,23 +145,25 @@ pub fn attempt(dialer: NatType, listener: NatType, salt: u128) -> Result<Attempt
     opts.peer_timeout = PAIR_TIMEOUT;
     let (tx, rx) = mpsc::channel();
     let lopts = opts.clone();
-    let listener_thread = lab.spawn_thread(&lab.peer_ns(Side::B), move || -> Result<()> {
-        runtime().block_on(async move {
-            let id = Identity::generate()?;
-            let peer = peer_sdk::Peer::bind(lopts).await?;
-            let _ = tx.send(id.fingerprint());
-            let conn = tokio::time::timeout(PAIR_TIMEOUT, peer.accept(ServerTls::Identity(id)))
-                .await
-                .map_err(|_| anyhow!("listener: no connection in time"))??;
-            // Echo one stream, then wait for the dialer to close.
-            if let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let _ = tokio::io::copy(&mut recv, &mut send).await;
-                let _ = send.finish();
-            }
-            let _ = tokio::time::timeout(PAIR_TIMEOUT, conn.closed()).await;
-            Ok(())
-        })
-    })?;
+    let listener_thread =
+        lab.spawn_thread(&lab.peer_ns(Side::B), move || -> Result<Option<u32>> {
+            runtime().block_on(async move {
+                let id = Identity::generate()?;
+                let peer = peer_sdk::Peer::bind(lopts).await?;
+                let _ = tx.send(id.fingerprint());
+                let conn = tokio::time::timeout(PAIR_TIMEOUT, peer.accept(ServerTls::Identity(id)))
+                    .await
+                    .map_err(|_| anyhow!("listener: no connection in time"))??;
+                let probes = easy_probes(&conn.status());
+                // Echo one stream, then wait for the dialer to close.
+                if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let _ = tokio::io::copy(&mut recv, &mut send).await;
+                    let _ = send.finish();
+                }
+                let _ = tokio::time::timeout(PAIR_TIMEOUT, conn.closed()).await;
+                Ok(probes)
+            })
+        })?;
     let pin = rx
         .recv_timeout(PAIR_TIMEOUT)
         .map_err(|_| anyhow!("listener did not register in time"))?;
@@ -150,6 +178,7 @@ pub fn attempt(dialer: NatType, listener: NatType, salt: u128) -> Result<Attempt
             .map_err(|_| anyhow!("dialer: no connection in time"))??;
             let connect = t.elapsed();
             let path = conn.path_at_connect().kind().to_owned();
+            let birthday_probes = easy_probes(&conn.status());
             let (mut send, mut recv) = conn.open_bi().await?;
             send.write_all(b"matrix echo").await?;
             send.finish()?;
@@ -158,13 +187,28 @@ pub fn attempt(dialer: NatType, listener: NatType, salt: u128) -> Result<Attempt
                 .map_err(|_| anyhow!("echo timed out"))??;
             anyhow::ensure!(back == b"matrix echo", "echo differs: {back:?}");
             conn.close(0, b"done").await;
-            Ok(Attempt { path, connect })
+            Ok(Attempt {
+                path,
+                connect,
+                birthday_probes,
+            })
         })
     })?;
-    listener_thread
+    let listener_probes = listener_thread
         .join()
         .map_err(|_| anyhow!("listener thread panicked"))??;
-    result
+    result.map(|mut a| {
+        a.birthday_probes = a.birthday_probes.or(listener_probes);
+        a
+    })
+}
+
+/// The probes a peer sent as birthday punching's easy side.
+fn easy_probes(s: &peer_sdk::Status) -> Option<u32> {
+    use peer_sdk::rendezvous::birthday::BirthdayRole;
+    s.birthday
+        .filter(|b| b.role == BirthdayRole::Easy)
+        .map(|b| b.packets)
 }
 
 fn rand_u128() -> u128 {
@@ -192,6 +236,7 @@ pub fn run(
                 let a = attempt(dialer, listener, i as u128).unwrap_or_else(|e| Attempt {
                     path: format!("failed: {e:#}"),
                     connect: Duration::ZERO,
+                    birthday_probes: None,
                 });
                 r.attempts.push(a);
             }
@@ -211,7 +256,7 @@ fn ms(d: Option<Duration>) -> String {
 /// One table line (also the header's column widths).
 pub fn row(r: &PairResult) -> String {
     format!(
-        "{:<22} {:<22} {:<8} {:<26} {:>9} {:>9} {:>7}",
+        "{:<22} {:<22} {:<8} {:<26} {:>9} {:>9} {:>7}  {}",
         r.dialer.name(),
         r.listener.name(),
         r.expected(),
@@ -219,14 +264,24 @@ pub fn row(r: &PairResult) -> String {
         ms(r.median_connect()),
         ms(r.max_connect()),
         format!("{}/{}", r.direct(), r.attempts.len()),
+        r.budget(),
     )
+    .trim_end()
+    .to_owned()
 }
 
 /// The table's header line.
 pub fn header() -> String {
     format!(
-        "{:<22} {:<22} {:<8} {:<26} {:>9} {:>9} {:>7}",
-        "A dials", "B listens", "theory", "paths at connect", "median", "max", "direct"
+        "{:<22} {:<22} {:<8} {:<26} {:>9} {:>9} {:>7}  {}",
+        "A dials",
+        "B listens",
+        "theory",
+        "paths at connect",
+        "median",
+        "max",
+        "direct",
+        "birthday probe budget"
     )
 }
 
