@@ -11,6 +11,8 @@
 //! - [`socks`]: SOCKS5 (RFC 1928, RFC 1929) and HTTP CONNECT parsing; pure.
 //! - [`policy`]: the destination policy every server-side front end applies; pure.
 //! - [`multipath::sched`]: scheduling, reorder and send buffers, the UDP duplicate filter; pure.
+//! - [`datagram_rx`]: the DATAGRAM receive pipeline both roles run (decode, reassembly within
+//!   a budget, duplicate filter); pure.
 //! - [`logging`]: the binaries' log setup and escaping of peer-chosen text.
 //! - [`tls`]: server certificates (kept self-signed or from files) and client verification.
 //! - [`udp`]: the server's UDP session table, pre-OPEN buffer, budget and idle timing.
@@ -30,13 +32,14 @@
 //!   and the `relay` dialer.
 //! - [`config`]: command-line and TOML options for both roles.
 //!
-//! Everything but `defaults`, `proto`, `socks`, `policy` and `multipath::sched` needs the
-//! default `runtime` feature.
+//! Everything but `defaults`, `proto`, `socks`, `policy`, `multipath::sched` and
+//! `datagram_rx` needs the default `runtime` feature.
 
 #[cfg(feature = "runtime")]
 pub mod client;
 #[cfg(feature = "runtime")]
 pub mod config;
+pub mod datagram_rx;
 pub mod defaults;
 #[cfg(feature = "runtime")]
 pub mod logging;

@@ -109,8 +109,9 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         // Dual-stack where the host allows it; failure just means IPv6 only.
         let _ = s.set_only_v6(false);
     }
-    set_buffer(&s, true);
-    set_buffer(&s, false);
+    // Best effort: a smaller buffer only costs drops at high rates (logged below).
+    let _ = netkit::sockopt::set_buffer(&s, netkit::sockopt::Buffer::Recv, UDP_SOCKET_BUFFER);
+    let _ = netkit::sockopt::set_buffer(&s, netkit::sockopt::Buffer::Send, UDP_SOCKET_BUFFER);
     s.bind(&addr.into())?;
     let got = s.recv_buffer_size().unwrap_or(0);
     if got < UDP_SOCKET_BUFFER {
@@ -121,33 +122,6 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         );
     }
     Ok(s.into())
-}
-
-fn set_buffer(s: &socket2::Socket, recv: bool) {
-    use std::os::fd::AsRawFd;
-    let opt = if recv {
-        libc::SO_RCVBUFFORCE
-    } else {
-        libc::SO_SNDBUFFORCE
-    };
-    let v = UDP_SOCKET_BUFFER as libc::c_int;
-    // SAFETY: setsockopt on a valid fd with a pointer to a live c_int and its size.
-    let forced = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        let _ = if recv {
-            s.set_recv_buffer_size(UDP_SOCKET_BUFFER)
-        } else {
-            s.set_send_buffer_size(UDP_SOCKET_BUFFER)
-        };
-    }
 }
 
 /// A quinn endpoint on a [`bind_udp`] socket.

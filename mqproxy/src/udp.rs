@@ -127,6 +127,12 @@ pub struct Session {
     pub dup: Mutex<crate::multipath::sched::DupFilter>,
 }
 
+impl crate::datagram_rx::RxSession for Session {
+    fn dup_filter(&self) -> &Mutex<crate::multipath::sched::DupFilter> {
+        &self.dup
+    }
+}
+
 /// Sessions of one connection, capped.
 #[derive(Debug)]
 pub struct SessionTable {

@@ -8,6 +8,8 @@
 //! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
 //!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
 //!   not justify an HTTP stack in the build.
+//! - [`resolve`]: which of a name's addresses to use (IPv4 first); pure.
+//! - [`sockopt`] (Linux): integer socket options, and buffers forced past the sysctl limit.
 
 #[cfg(target_os = "linux")]
 pub mod send;
@@ -15,3 +17,6 @@ pub mod send;
 pub use send::{Dest, Pending, SendBatch, SendStats};
 
 pub mod prometheus;
+pub mod resolve;
+#[cfg(target_os = "linux")]
+pub mod sockopt;

@@ -121,10 +121,7 @@ def connect_qp():
     from quic_portal import Portal
 
     # quic-portal's API takes a port number, not a socket: pick one the kernel says is free.
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = _free_port()
     m = CTX.Manager()
     ready = m.Queue()
     proc = CTX.Process(target=qp_server, args=(port, ready), daemon=True)
@@ -148,6 +145,7 @@ def connect_qp():
 
 
 def _free_port():
+    """A UDP port on loopback that was free a moment ago (bound, read back, released)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

@@ -238,19 +238,12 @@ fn sdk_error(py: Python<'_>, e: peer_sdk::Error) -> PyErr {
 
 /// Resolves `relay` ("host:port", IPv4 first like quic-portal).
 fn relay_addr(relay: &str) -> Result<SocketAddr, Failure> {
-    let addrs: Vec<SocketAddr> = relay
-        .to_socket_addrs()
-        .map_err(|e| {
-            Failure::BadArgument(format!(
-                "relay {relay:?}: {e}: expected \"host:port\", e.g. \"198.18.0.1:4433\""
-            ))
-        })?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
+    let addrs = relay.to_socket_addrs().map_err(|e| {
+        Failure::BadArgument(format!(
+            "relay {relay:?}: {e}: expected \"host:port\", e.g. \"198.18.0.1:4433\""
+        ))
+    })?;
+    netkit::resolve::ipv4_first(addrs)
         .ok_or_else(|| Failure::BadArgument(format!("relay {relay:?} resolves to no address")))
 }
 

@@ -333,55 +333,33 @@ pub(super) fn backoff(failures: u32) -> Duration {
     base.mul_f64(rand::random_range(0.5..1.5))
 }
 
+impl RxSession for Route {
+    fn dup_filter(&self) -> &Mutex<DupFilter> {
+        &self.dup
+    }
+}
+
 /// Routes DATAGRAMs from the server on one path to the SOCKS clients of their sessions.
 /// Fragments of a packet always travel on one path, so reassembly is per path.
 pub(super) async fn dispatch(c: std::sync::Weak<Bundle>, conn: Connection) {
-    let mut reassembly: HashMap<u32, Reassembler> = HashMap::new();
-    let mut reassembly_bytes = 0usize;
+    let mut rx = DatagramRx::new();
     while let Ok(d) = conn.read_datagram().await {
         let Some(c) = c.upgrade() else { return };
-        let Ok((h, payload)) = DatagramHeader::decode(&d) else {
+        // The client counts no DATAGRAM drops: the server's counters tell that story.
+        let Received::Packet {
+            session: route,
+            payload,
+            ..
+        } = rx.receive(Instant::now(), &d, |id| c.routes().get(&id).cloned())
+        else {
             continue;
         };
-        let Some(route) = c.routes().get(&h.session_id).cloned() else {
-            if let Some(r) = reassembly.remove(&h.session_id) {
-                reassembly_bytes -= r.buffered_bytes();
-            }
-            continue;
-        };
-        let packet;
-        let payload = if h.frag_count == 1 {
-            payload
-        } else {
-            if reassembly_bytes + payload.len() > REASSEMBLY_BUDGET {
-                continue;
-            }
-            let r = reassembly.entry(h.session_id).or_default();
-            let before = r.buffered_bytes();
-            let out = r.push(Instant::now(), &h, payload);
-            reassembly_bytes = reassembly_bytes + r.buffered_bytes() - before;
-            match out {
-                Reassembled::Packet(p) => {
-                    packet = p;
-                    &packet[..]
-                }
-                _ => continue,
-            }
-        };
-        if !route
-            .dup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .accept(h.packet_id)
-        {
-            continue;
-        }
         let Some(to) = route.client.get() else {
             continue;
         };
         let mut out = BytesMut::with_capacity(route.header.len() + payload.len());
         out.put_slice(&route.header);
-        out.put_slice(payload);
+        out.put_slice(&payload);
         if let Err(e) = route.socket.send_to(&out, *to) {
             trace!(error = %e, "reply to SOCKS client dropped");
         }

@@ -17,17 +17,18 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::datagram_rx::{DatagramRx, Received, RxSession};
 use crate::defaults::{
     AUTH_RESPONSE_TIMEOUT, BACKOFF_MAX, BACKOFF_MIN, CONNECT_RESPONSE_TIMEOUT, CONNECT_WAIT,
     INGRESS_HANDSHAKE_TIMEOUT, MAX_HANDSHAKE, MAX_INGRESS_CONNECTIONS,
-    MAX_SESSIONS_PER_ASSOCIATION, PATH_BACKOFF_MAX, REASSEMBLY_BUDGET, REFUSED_HOLD,
+    MAX_SESSIONS_PER_ASSOCIATION, PATH_BACKOFF_MAX, REFUSED_HOLD,
 };
 use crate::multipath::sched::{DupFilter, Scheduler, MAX_PATHS};
 use crate::multipath::{self, FlowError, PathReport, PathTable, Subflow};
 use crate::proto::close;
 use crate::proto::{
-    self, AuthStatus, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler, TargetAddr,
-    UdpStatus, BUNDLE_ID_LEN, FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
+    self, AuthStatus, ConnectStatus, Frame, TargetAddr, UdpStatus, BUNDLE_ID_LEN,
+    FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
 use crate::socks::{self, SocksError};
 use crate::tls::{self, ClientVerify, TlsError};

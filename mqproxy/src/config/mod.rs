@@ -217,15 +217,9 @@ fn resolve_addr(hostport: &str) -> Result<SocketAddr, String> {
             )
         }
     }
-    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(hostport)
-        .map_err(|e| format!("cannot resolve: {e}"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| "the name has no address".into())
+    let addrs = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+        .map_err(|e| format!("cannot resolve: {e}"))?;
+    netkit::resolve::ipv4_first(addrs).ok_or_else(|| "the name has no address".into())
 }
 
 /// `mqproxy server` options.

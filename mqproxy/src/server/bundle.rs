@@ -106,8 +106,7 @@ pub(super) struct ConnLoop {
     pub(super) bundle: Arc<Bundle>,
     pub(super) index: usize,
     pub(super) table: Arc<SessionTable>,
-    pub(super) reassembly: HashMap<u32, Reassembler>,
-    pub(super) reassembly_bytes: usize,
+    pub(super) rx: DatagramRx,
     pub(super) pre_open: PreOpenBuffer,
 }
 
@@ -124,8 +123,7 @@ impl ConnLoop {
             index,
             conn,
             ctx,
-            reassembly: HashMap::new(),
-            reassembly_bytes: 0,
+            rx: DatagramRx::new(),
             pre_open: PreOpenBuffer::default(),
         }
     }
@@ -160,11 +158,7 @@ impl ConnLoop {
                             self.on_datagram(now, d);
                         }
                     }
-                    SessionEvent::Closed(id) => {
-                        if let Some(r) = self.reassembly.remove(&id) {
-                            self.reassembly_bytes -= r.buffered_bytes();
-                        }
-                    }
+                    SessionEvent::Closed(id) => self.rx.forget(id),
                 },
                 _ = sleep_until_opt(pre_open_deadline), if pre_open_deadline.is_some() => {
                     let n = self.pre_open.expire(Instant::now());
@@ -176,55 +170,47 @@ impl ConnLoop {
 
     pub(super) fn on_datagram(&mut self, now: Instant, d: Bytes) {
         let m = &self.ctx.metrics;
-        let (h, payload) = match DatagramHeader::decode(&d) {
-            Ok(x) => x,
-            Err(e) => {
+        let table = &self.table;
+        // Any DATAGRAM of an open session, even one dropped below, keeps it from idling out.
+        let lookup = |id| {
+            table
+                .get(id)
+                .inspect(|s: &Arc<Session>| s.activity.touch(now))
+        };
+        let (session, id, payload) = match self.rx.receive(now, &d, lookup) {
+            Received::Packet {
+                session,
+                session_id,
+                payload,
+            } => (session, session_id, payload),
+            Received::Pending => return,
+            Received::Malformed(e) => {
                 inc(&m.datagrams_dropped);
                 trace!(error = %e, "bad DATAGRAM");
                 return;
             }
-        };
-        let Some(session) = self.table.get(h.session_id) else {
-            if !self.pre_open.push(now, h.session_id, d.clone()) {
-                inc(&m.datagrams_dropped);
+            // It may have overtaken its UDP_SESSION_OPEN: hold it a moment.
+            Received::UnknownSession(id) => {
+                if !self.pre_open.push(now, id, d) {
+                    inc(&m.datagrams_dropped);
+                }
+                return;
             }
-            return;
-        };
-        session.activity.touch(now);
-        let packet;
-        let payload = if h.frag_count == 1 {
-            payload
-        } else {
-            let r = self.reassembly.entry(h.session_id).or_default();
-            if self.reassembly_bytes + payload.len() > REASSEMBLY_BUDGET {
+            Received::Discarded(_) => {
                 inc(&m.datagrams_dropped);
                 return;
             }
-            let before = r.buffered_bytes();
-            let out = r.push(now, &h, payload);
-            self.reassembly_bytes = self.reassembly_bytes + r.buffered_bytes() - before;
-            match out {
-                Reassembled::Packet(p) => {
-                    packet = p;
-                    &packet[..]
-                }
-                Reassembled::Pending => return,
-                Reassembled::Duplicate | Reassembled::Oversized => {
-                    inc(&m.datagrams_dropped);
-                    return;
-                }
+            Received::Duplicate => {
+                inc(&m.udp_duplicates);
+                return;
             }
         };
-        if !locked(&session.dup).accept(h.packet_id) {
-            inc(&m.udp_duplicates);
-            return;
-        }
-        match session.sender.send(payload) {
+        match session.sender.send(&payload) {
             Ok(_) => inc(&m.udp_packets_out),
             // Full socket buffer: UDP is lossy; dropping beats stalling every session.
             Err(e) => {
                 inc(&m.datagrams_dropped);
-                trace!(error = %e, session = h.session_id, "UDP send failed");
+                trace!(error = %e, session = id, "UDP send failed");
             }
         }
     }

@@ -20,21 +20,22 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, trace, warn, Instrument};
 
+use crate::datagram_rx::{DatagramRx, Received};
 use crate::defaults::{
     AUTH_TIMEOUT, BUNDLE_GRACE, CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNS,
     DEFAULT_UDP_IDLE_TIMEOUT, DNS_TIMEOUT, EVENT_QUEUE, HANDSHAKE_TIMEOUT, MAX_FLOWS,
-    REASSEMBLY_BUDGET, STREAM_HEADER_TIMEOUT, UDP_BATCH,
+    STREAM_HEADER_TIMEOUT, UDP_BATCH,
 };
 use crate::multipath::sched::{Scheduler, MAX_PATHS};
 use crate::multipath::{self, FlowError, PathTable, Subflow};
 use crate::proto::close;
 use crate::proto::{
-    self, AuthStatus, CloseReason, ConnectStatus, DatagramHeader, Frame, Reassembled, Reassembler,
-    TargetAddr, UdpStatus, BUNDLE_ID_LEN, FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
+    self, AuthStatus, CloseReason, ConnectStatus, Frame, TargetAddr, UdpStatus, BUNDLE_ID_LEN,
+    FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
 use crate::tls::{self, ServerCert, TlsError};
 use crate::transport::{self, FrameReader, TransportError};
-use crate::udp::{PreOpenBuffer, SessionTable};
+use crate::udp::{PreOpenBuffer, Session, SessionTable};
 
 mod auth;
 mod bundle;

@@ -55,23 +55,14 @@ pub struct RelayServer {
 impl RelayServer {
     /// Loads the certificate and registers with the relay.
     pub async fn bind(cfg: ServerConfig) -> Result<Self, RelayServerError> {
-        let target = cfg.relay.clone().ok_or(RelayServerError::NoRelay)?;
+        // Checked first: a server without a relay has no use for its certificate.
+        if cfg.relay.is_none() {
+            return Err(RelayServerError::NoRelay);
+        }
         let (ctx, cert) = ServerState::new(cfg)?;
         let fingerprint = cert.fingerprint;
         let tls = tls::rustls_server_config(cert).map_err(ServerError::from)?;
-        let transport = Arc::new(transport::transport_config(ctx.cfg().idle_timeout, true));
-        let peer_id = rand::random::<u64>() | 1;
-        let mut s = RelayServer {
-            ctx,
-            target,
-            tls,
-            transport,
-            fingerprint,
-            peer_id,
-            first: None,
-            metrics: Arc::new(PathMetrics::default()),
-            scrape: None,
-        };
+        let mut s = Self::unregistered(ctx, tls, fingerprint)?;
         s.scrape = server::bind_metrics(s.ctx.cfg().metrics)?;
         s.first = Some(s.register().await?);
         Ok(s)
@@ -85,9 +76,20 @@ impl RelayServer {
         tls: Arc<rustls::ServerConfig>,
         fingerprint: peer_sdk::Fingerprint,
     ) -> Result<Self, RelayServerError> {
+        let mut s = Self::unregistered(ctx, tls, fingerprint)?;
+        s.first = Some(s.register().await?);
+        Ok(s)
+    }
+
+    /// The front end before its first registration, serving no metrics page of its own.
+    fn unregistered(
+        ctx: Arc<ServerState>,
+        tls: Arc<rustls::ServerConfig>,
+        fingerprint: peer_sdk::Fingerprint,
+    ) -> Result<Self, RelayServerError> {
         let target = ctx.cfg().relay.clone().ok_or(RelayServerError::NoRelay)?;
         let transport = Arc::new(transport::transport_config(ctx.cfg().idle_timeout, true));
-        let mut s = RelayServer {
+        Ok(RelayServer {
             ctx,
             target,
             tls,
@@ -97,9 +99,7 @@ impl RelayServer {
             first: None,
             metrics: Arc::new(PathMetrics::default()),
             scrape: None,
-        };
-        s.first = Some(s.register().await?);
-        Ok(s)
+        })
     }
 
     /// SHA-256 fingerprint of the certificate (what clients pin).

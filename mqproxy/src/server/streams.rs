@@ -54,17 +54,17 @@ impl StreamCtx {
         mut send: SendStream,
         mut r: FrameReader,
     ) -> Result<(), TransportError> {
-        let addr = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
-            Ok(Ok(Some(Frame::ConnectRequest { addr }))) => addr,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(TransportError::Timeout("CONNECT_REQUEST")),
-            Ok(Ok(_)) => {
-                let _ = send.reset(VarInt::from_u32(0));
-                return Err(TransportError::Decode(proto::DecodeError::Invalid(
-                    "first frame of a CONNECT stream",
-                )));
-            }
-        };
+        let addr = first_frame(
+            &mut send,
+            &mut r,
+            "CONNECT_REQUEST",
+            "first frame of a CONNECT stream",
+            |f| match f {
+                Frame::ConnectRequest { addr } => Some(addr),
+                _ => None,
+            },
+        )
+        .await?;
         inc(&self.ctx.metrics.tcp_streams);
         if let Some(version) = crate::uot::singbox::magic_version(&addr) {
             let policy = crate::uot::proxy::Policy {
@@ -150,23 +150,23 @@ impl StreamCtx {
         mut r: FrameReader,
     ) -> Result<(), TransportError> {
         let m = &self.ctx.metrics;
-        let (session_id, addr, requested_ms, flags) =
-            match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
-                Ok(Ok(Some(Frame::UdpOpen {
-                    session_id,
-                    addr,
-                    idle_timeout_ms,
-                    flags,
-                }))) => (session_id, addr, idle_timeout_ms, flags),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(TransportError::Timeout("UDP_SESSION_OPEN")),
-                Ok(Ok(_)) => {
-                    let _ = send.reset(VarInt::from_u32(0));
-                    return Err(TransportError::Decode(proto::DecodeError::Invalid(
-                        "first frame of a UDP session stream",
-                    )));
-                }
-            };
+        let open = |f| match f {
+            Frame::UdpOpen {
+                session_id,
+                addr,
+                idle_timeout_ms,
+                flags,
+            } => Some((session_id, addr, idle_timeout_ms, flags)),
+            _ => None,
+        };
+        let (session_id, addr, requested_ms, flags) = first_frame(
+            &mut send,
+            &mut r,
+            "UDP_SESSION_OPEN",
+            "first frame of a UDP session stream",
+            open,
+        )
+        .await?;
         let limit_ms = self.ctx.cfg.udp_idle_timeout.as_millis() as u64;
         let idle_ms = if requested_ms == 0 {
             limit_ms
@@ -294,17 +294,18 @@ impl StreamCtx {
         mut send: SendStream,
         mut r: FrameReader,
     ) -> Result<(), TransportError> {
-        let (flow_id, addr) = match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
-            Ok(Ok(Some(Frame::MpConnect { flow_id, addr }))) => (flow_id, addr),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(TransportError::Timeout("MP_CONNECT")),
-            Ok(Ok(_)) => {
-                let _ = send.reset(VarInt::from_u32(0));
-                return Err(TransportError::Decode(proto::DecodeError::Invalid(
-                    "first frame of an MP_CONNECT stream",
-                )));
-            }
+        let mp = |f| match f {
+            Frame::MpConnect { flow_id, addr } => Some((flow_id, addr)),
+            _ => None,
         };
+        let (flow_id, addr) = first_frame(
+            &mut send,
+            &mut r,
+            "MP_CONNECT",
+            "first frame of an MP_CONNECT stream",
+            mp,
+        )
+        .await?;
         inc(&self.ctx.metrics.tcp_flows);
         let (mut status, tcp) = match self.connect_target(&addr).await {
             Ok(tcp) => (ConnectStatus::Ok, Some(tcp)),
@@ -496,4 +497,27 @@ pub(super) fn connection_lost(e: &TransportError) -> bool {
             | TransportError::Read(quinn::ReadError::ConnectionLost(_))
             | TransportError::Write(quinn::WriteError::ConnectionLost(_))
     )
+}
+
+/// The first frame of a stream, within [`STREAM_HEADER_TIMEOUT`]: what `pick` takes from the
+/// one frame type (`name`) that may open a stream of this kind. Any other frame resets the
+/// stream, and the error says what was wrong (`wrong`): the peer does not speak the protocol.
+async fn first_frame<T>(
+    send: &mut SendStream,
+    r: &mut FrameReader,
+    name: &'static str,
+    wrong: &'static str,
+    pick: impl FnOnce(Frame) -> Option<T>,
+) -> Result<T, TransportError> {
+    match tokio::time::timeout(STREAM_HEADER_TIMEOUT, r.frame()).await {
+        Err(_) => Err(TransportError::Timeout(name)),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(f)) => match f.and_then(pick) {
+            Some(t) => Ok(t),
+            None => {
+                let _ = send.reset(VarInt::from_u32(0));
+                Err(TransportError::Decode(proto::DecodeError::Invalid(wrong)))
+            }
+        },
+    }
 }

@@ -20,21 +20,8 @@ pub(crate) fn bind_udp(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<
 
 /// Asks for `size` bytes of receive buffer: forced with CAP_NET_ADMIN, else up to rmem_max.
 fn set_recv_buffer(s: &socket2::Socket, size: usize) {
-    use std::os::fd::AsRawFd;
-    let v = size.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: setsockopt on a valid fd with a pointer to a live c_int and its size.
-    let forced = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        let _ = s.set_recv_buffer_size(size);
-    }
+    // Best effort: what the kernel granted is read back and logged below.
+    let _ = netkit::sockopt::set_buffer(s, netkit::sockopt::Buffer::Recv, size);
     let got = s.recv_buffer_size().unwrap_or(0);
     if got < size {
         debug!(

@@ -185,15 +185,7 @@ pub fn run(tx: &UdpSocket, to: SocketAddrV4, rx: &UdpSocket, spec: LoadSpec) -> 
         let receiver = s.spawn(|| receive(rx, run_id, total, &stop, epoch, &last_rx_us));
         let _stop = StopOnDrop(&stop);
         let sent = send(tx, to, run_id, total, spec);
-        // Drain: wait until the path has been quiet for a while (or give up on a trickle).
-        let drain_start = Instant::now();
-        while drain_start.elapsed() < DRAIN_MAX {
-            std::thread::sleep(POLL);
-            let last = epoch + Duration::from_micros(last_rx_us.load(Ordering::Relaxed));
-            if last.elapsed() >= DRAIN_QUIET && drain_start.elapsed() >= DRAIN_QUIET {
-                break;
-            }
-        }
+        super::drain(epoch, &last_rx_us, DRAIN_QUIET, DRAIN_MAX, POLL);
         stop.store(true, Ordering::Relaxed);
         let got = receiver.join().expect("receiver thread does not panic")?;
         let (sent, skipped, send_errors, send_secs) = sent;

@@ -142,6 +142,27 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// After a sender stops: waits until the receiver has been quiet for `quiet` (it stamps
+/// `last_rx_us`, microseconds since `epoch`, at each arrival) or, with a trickle still
+/// arriving, for `max` at most, checking every `poll`. What was in flight is then counted.
+pub fn drain(
+    epoch: std::time::Instant,
+    last_rx_us: &std::sync::atomic::AtomicU64,
+    quiet: std::time::Duration,
+    max: std::time::Duration,
+    poll: std::time::Duration,
+) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < max {
+        std::thread::sleep(poll);
+        let us = last_rx_us.load(std::sync::atomic::Ordering::Relaxed);
+        let last = epoch + std::time::Duration::from_micros(us);
+        if last.elapsed() >= quiet && start.elapsed() >= quiet {
+            break;
+        }
+    }
+}
+
 /// Median of the values (the mean of the middle two for an even count); NaN when empty.
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();

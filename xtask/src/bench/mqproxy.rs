@@ -251,6 +251,16 @@ struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy of a server and a client process, once its SOCKS5 listener answers.
+    fn up(socks: SocketAddrV4, server: ChildGuard, client: ChildGuard) -> Result<Proxy> {
+        let p = Proxy {
+            socks,
+            children: vec![server.into(), client.into()],
+        };
+        p.wait_listening()?;
+        Ok(p)
+    }
+
     fn check(&self) -> Result<()> {
         for c in &self.children {
             c.borrow_mut().check_alive()?;
@@ -300,12 +310,7 @@ fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
         .wait_logged("client running", "socks5", Duration::from_secs(15))?
         .parse()
         .context("the mqproxy client's logged SOCKS5 address")?;
-    let p = Proxy {
-        socks,
-        children: vec![server.into(), client.into()],
-    };
-    p.wait_listening()?;
-    Ok(p)
+    Proxy::up(socks, server, client)
 }
 
 /// Attempts at starting a third-party proxy on picked ports: another process may take a port
@@ -350,12 +355,7 @@ fn start_ss(log_dir: &Path) -> Result<Proxy> {
     local.args(["-s", "127.0.0.1", "-p", &sp.to_string(), "-b", "127.0.0.1"]);
     local.args(["-l", &cp.to_string(), "-k", SECRET, "-m", SS_METHOD, "-u"]);
     let local = ChildGuard::spawn(local, "ss-local", &log_dir.join("ss-local.log"))?;
-    let p = Proxy {
-        socks: SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp),
-        children: vec![server.into(), local.into()],
-    };
-    p.wait_listening()?;
-    Ok(p)
+    Proxy::up(SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp), server, local)
 }
 
 /// shadowsocks-rust's `sslocal` and `ssserver`: from PATH, else where .ci/run installs them.
@@ -383,12 +383,7 @@ fn start_ss_rust(local_bin: &Path, server_bin: &Path, log_dir: &Path) -> Result<
     local.args(["-s", &server_addr, "-b", &format!("127.0.0.1:{cp}")]);
     local.args(["-k", SECRET, "-m", SS_METHOD, "-U"]);
     let local = ChildGuard::spawn(local, "sslocal", &log_dir.join("sslocal.log"))?;
-    let p = Proxy {
-        socks: SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp),
-        children: vec![server.into(), local.into()],
-    };
-    p.wait_listening()?;
-    Ok(p)
+    Proxy::up(SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp), server, local)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,14 +551,7 @@ fn udp_run(
             }
         }
         let secs = pacer.elapsed().as_secs_f64();
-        let drain = Instant::now();
-        while drain.elapsed() < DRAIN_MAX {
-            std::thread::sleep(POLL);
-            let last = epoch + Duration::from_micros(last_rx_us.load(Ordering::Relaxed));
-            if last.elapsed() >= DRAIN_QUIET && drain.elapsed() >= DRAIN_QUIET {
-                break;
-            }
-        }
+        super::drain(epoch, &last_rx_us, DRAIN_QUIET, DRAIN_MAX, POLL);
         stop.store(true, Ordering::Relaxed);
         let _ = rx.join();
         (ok, secs)

@@ -255,28 +255,9 @@ impl SendBatch {
             }
             self.hdrs.push(h);
         }
-        let mut sent = Sent::default();
-        let mut off = 0;
-        while off < n {
-            // SAFETY: hdrs[off..n] are valid mmsghdrs whose pointers refer to this struct's
-            // buffers, which are neither moved nor resized during the call.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    sock.as_raw_fd(),
-                    self.hdrs[off..].as_mut_ptr(),
-                    (n - off) as u32,
-                    0,
-                )
-            };
-            if rc > 0 {
-                off += rc as usize;
-                sent.ok += rc as u64;
-            } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                // The first remaining message failed; skip it and carry on with the rest.
-                off += 1;
-                sent.failed += 1;
-            }
-        }
+        // SAFETY: the headers' pointers refer to this struct's buffers, which are neither
+        // moved nor resized during the call.
+        let sent = unsafe { send_all(sock, &mut self.hdrs[..n]) };
         self.lens.clear();
         self.dsts.clear();
         self.srcs.clear();
@@ -480,27 +461,40 @@ impl RecvBatch {
             h.msg_hdr.msg_iovlen = 1;
             self.fwd.push(h);
         }
-        let (n, mut off, mut ok) = (self.fwd.len(), 0, 0);
-        while off < n {
-            // SAFETY: fwd[off..n] are valid mmsghdrs pointing at our buffers, names and iovecs
-            // (or static replies), all alive and unmoved during the call.
-            let rc = unsafe {
-                libc::sendmmsg(
-                    sock.as_raw_fd(),
-                    self.fwd[off..].as_mut_ptr(),
-                    (n - off) as u32,
-                    0,
-                )
-            };
-            if rc > 0 {
-                off += rc as usize;
-                ok += rc as u64;
-            } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                off += 1;
-            }
-        }
-        ok
+        // SAFETY: the headers point at our buffers, names and iovecs (or static replies), all
+        // alive and unmoved during the call.
+        unsafe { send_all(sock, &mut self.fwd) }.ok
     }
+}
+
+/// Sends every message of `hdrs` with as few `sendmmsg` calls as the kernel allows; a message
+/// the kernel refuses is skipped (counted as failed) and the rest still go.
+///
+/// # Safety
+/// Every header's pointers (name, iovecs, control) must be valid for the call.
+unsafe fn send_all(sock: &impl AsRawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
+    let (n, mut off) = (hdrs.len(), 0);
+    let mut sent = Sent::default();
+    while off < n {
+        // SAFETY: hdrs[off..n] are valid mmsghdrs (the caller's promise).
+        let rc = unsafe {
+            libc::sendmmsg(
+                sock.as_raw_fd(),
+                hdrs[off..].as_mut_ptr(),
+                (n - off) as u32,
+                0,
+            )
+        };
+        if rc > 0 {
+            off += rc as usize;
+            sent.ok += rc as u64;
+        } else if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // The first remaining message failed; skip it and carry on with the rest.
+            off += 1;
+            sent.failed += 1;
+        }
+    }
+    sent
 }
 
 /// Where [`RecvBatch::send_routed`] sends one received datagram.
