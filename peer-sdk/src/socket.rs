@@ -516,7 +516,11 @@ impl AsyncUdpSocket for PeerSocket {
         let (path, via, relay) = self.shared.route();
         if let (Path::Direct(a), Some(w)) = (path, self.extra.winner()) {
             if via == Some(w.index) {
-                return self.send_quinn(&w.io, &w.state, a, transmit);
+                // Still the direct path, through the birthday socket that won: counted as such,
+                // so path statistics (mqproxy's tx_direct) see it.
+                self.send_quinn(&w.io, &w.state, a, transmit)?;
+                self.shared.stats.tx_direct.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
             }
         }
         let (dst, counter) = match path {
