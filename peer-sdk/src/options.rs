@@ -81,10 +81,10 @@ pub struct Options {
     /// tells the other peer both of its public addresses, and probes both of the other peer's.
     /// A host with a route to only one of the two uses that one.
     pub relay_other_family: Vec<(SocketAddr, SocketAddr)>,
-    /// Birthday punching (default: on): when the ordinary punch finds no direct path within
-    /// half a second and exactly one side's NAT maps per destination ("symmetric"), that side
-    /// opens up to 256 extra sockets and the other probes up to 1200 ports of its IP address
-    /// at 500 per second, once per pairing; connecting waits up to about 3 s for it
+    /// Birthday punching (default: on): when exactly one side's NAT maps per destination
+    /// ("symmetric") and no direct path is up yet, that side opens up to 256 extra sockets and
+    /// the other probes up to 1200 ports of its IP address at 1000 per second, once per
+    /// pairing; connecting waits up to 2.5 s for it
     /// ([`crate::rendezvous::birthday`] has the method and the budget). Off: such pairs use
     /// the relay.
     pub birthday: bool,

@@ -61,8 +61,9 @@ pub(crate) const SYNC_LEAD: Duration = Duration::from_millis(100);
 /// for the peer's cookie echo to complete, few enough to cost the relay nothing.
 pub(crate) const LAN_OFFERS: u32 = 5;
 /// Transmits the machine queues before the caller drains them: one punch round to every
-/// candidate, plus registrations; anything beyond is dropped (the next round resends).
-const MAX_QUEUED: usize = 64;
+/// candidate, or one tick of birthday openers (64), plus registrations; anything beyond is
+/// dropped (the next round resends).
+const MAX_QUEUED: usize = 128;
 
 /// What the driver knows; watch it through [`crate::Peer::status`].
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,17 +24,23 @@
 //! **Who is hard.** A NAT that rewrote our port (the relay saw another port than our socket's)
 //! is taken for endpoint-dependent; one that kept it for endpoint-independent. The peer's
 //! ports come from the relay (public) and the peer's local candidate list (local). Birthday
-//! punching runs only when exactly one side looks hard, only over IPv4, once per peer address,
-//! and only when the ordinary punch found no path within [`START_AFTER`]. Both hard
-//! (symmetric on both sides) is out of reach: each side would have to guess the other's port
-//! for every one of its own, 256 × 64512 guesses for an even chance.
+//! punching runs only when exactly one side looks hard, only over IPv4, once per peer address.
+//! It starts as soon as both sides are classified (the peer's candidate list arrived, within a
+//! relay round trip of the peer notice on both sides alike) unless a direct path is already
+//! up: against address-and-port filtering the ordinary punch cannot reach a side that maps
+//! per destination, so waiting for it only adds to the connect time. (A hard side facing a
+//! full-cone NAT, which the ordinary punch would reach, opens its sockets needlessly; the
+//! first direct path stops the burst.) Both hard (symmetric on both sides) is out of reach:
+//! each side would have to guess the other's port for every one of its own, 256 × 64512
+//! guesses for an even chance.
 //!
 //! **Budget** (so that it never looks like more than one short burst, and is bounded in time):
 //! the easy side sends at most [`MAX_PROBES`] probes of 44 bytes, [`PROBES_PER_TICK`] every
-//! [`TICK`] (500 per second, about 0.3 Mbit/s with headers), all to one IP address, once per
-//! pairing; the hard side opens at most [`SOCKETS`] sockets, sends one opener from each (TTL
-//! 2, [`OPENERS_PER_TICK`] per tick), and closes them all [`LIFETIME`] after the start if
-//! none won. Opt out with [`crate::Options::birthday`].
+//! [`TICK`] (1000 per second, about 0.6 Mbit/s with headers, 1.2 s at most), all to one IP
+//! address, once per pairing; the hard side opens at most [`SOCKETS`] sockets, sends one opener
+//! from each (TTL 2, [`OPENERS_PER_TICK`] per tick: all within 40 ms, before the easy side's
+//! [`PROBE_LEAD`] is over), and closes them all [`LIFETIME`] after the start if none won. Opt
+//! out with [`crate::Options::birthday`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -51,20 +57,19 @@ pub const SOCKETS: u16 = 256;
 pub const MAX_PROBES: u32 = 1200;
 /// The pacing tick of both sides.
 pub const TICK: Duration = Duration::from_millis(10);
-/// Easy-side probes per [`TICK`]: 500 per second.
-pub const PROBES_PER_TICK: u32 = 5;
-/// Hard-side openers per [`TICK`] (all 256 go out within 80 ms).
-pub const OPENERS_PER_TICK: u16 = 32;
-/// How long the ordinary punch may try alone before birthday punching starts, counted from
-/// the moment the peer became known: it succeeds within one relay round trip and a
-/// synchronisation lead (100 ms) where it can.
-pub const START_AFTER: Duration = Duration::from_millis(500);
+/// Easy-side probes per [`TICK`]: 1000 per second, so the whole budget goes out within
+/// 1.2 s and a hit comes within 3 s of the peer notice, registration and handshake included.
+pub const PROBES_PER_TICK: u32 = 10;
+/// Hard-side openers per [`TICK`] (all 256 go out within 40 ms, well inside [`PROBE_LEAD`]).
+pub const OPENERS_PER_TICK: u16 = 64;
 /// The easy side's wait after its start before probing, so the hard side's openers (sent
-/// from the same moment, give or take half a relay round trip) have opened the mappings.
+/// from the same moment, give or take the skew between the two sides learning each other's
+/// candidates, and after the hard side opened its sockets: 15-50 ms) have opened the mappings.
 pub const PROBE_LEAD: Duration = Duration::from_millis(100);
 /// How long the hard side keeps its extra sockets without a winner: the easy side's whole
-/// burst (1200 probes at 500/s: 2.4 s) after its lead, plus a round trip.
-pub const LIFETIME: Duration = Duration::from_millis(3500);
+/// burst (1200 probes at 1000/s: 1.2 s) after its lead, plus the skew between the two
+/// starts and a round trip.
+pub const LIFETIME: Duration = Duration::from_millis(2500);
 /// How long the hard side keeps its losing sockets open after a win, their QUIC datagrams
 /// still handed to Quinn: one burst can hit several sockets, and the easy side may have
 /// settled on another one than ours until that one falls silent (two probe intervals) and
@@ -209,10 +214,11 @@ impl Rendezvous {
             Some(b) if !b.status.finished => Some(b.next),
             Some(b) if b.losers_close_at.is_some() => b.losers_close_at,
             Some(_) => None,
-            None => self
-                .peer_known_at
-                .map(|t| t + START_AFTER)
-                .filter(|&t| t > now),
+            // Due at once when the classification says who plays which part (see
+            // `birthday_tick`).
+            None => (!matches!(self.status.path, Path::Direct(_))
+                && self.birthday_role().is_some())
+            .then_some(now),
         }
     }
 
@@ -227,8 +233,11 @@ impl Rendezvous {
         }
         let direct = matches!(self.status.path, Path::Direct(_));
         if self.birthday.is_none() {
-            let due = self.peer_known_at.is_some_and(|t| now >= t + START_AFTER);
-            if !due || direct {
+            // No waiting for the ordinary punch: against address-and-port filtering it cannot
+            // reach a side that maps per destination, so every millisecond spent waiting adds
+            // to the connect time (the peer's candidates, which the classification needs,
+            // arrive within a relay round trip of the notice on both sides alike).
+            if direct {
                 return;
             }
             let Some(role) = self.birthday_role() else {
