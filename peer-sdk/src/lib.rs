@@ -68,7 +68,10 @@
 //!   relay-observed one first, for sequential NATs), 1000 per second, once per pairing, as
 //!   soon as the peer's candidates show one side hard. The socket wrapper owns the extra
 //!   sockets, moves Quinn's traffic to the one that won and closes the rest; connecting waits
-//!   up to 2.5 s for it. [`Options::birthday`] turns it off.
+//!   up to 2.5 s for it. When both NATs map per destination, a port prediction sweep
+//!   ([`rendezvous::sweep`]) gets two sequential ones direct: each side opens 64 new flows to
+//!   the ports the other side's next flows will target (≤ 256 probes per side).
+//!   [`Options::birthday`] turns both off.
 //! - **TCP when UDP is blocked**: if the relay does not answer UDP registrations within
 //!   [`Options::tcp_fallback_after`], the SDK registers over a TCP connection to the relay's port
 //!   and carries the QUIC packets on it as length-prefixed datagrams, under the same

@@ -574,8 +574,11 @@ fn registration(cfg: &Config, cookie: Option<Cookie>, alt: bool) -> Registration
 
 pub mod birthday;
 mod schedule;
+pub mod sweep;
 
 #[cfg(test)]
 mod birthday_tests;
+#[cfg(test)]
+mod sweep_tests;
 #[cfg(test)]
 mod tests;

@@ -30,9 +30,10 @@
 //! up: against address-and-port filtering the ordinary punch cannot reach a side that maps
 //! per destination, so waiting for it only adds to the connect time. (A hard side facing a
 //! full-cone NAT, which the ordinary punch would reach, opens its sockets needlessly; the
-//! first direct path stops the burst.) Both hard (symmetric on both sides) is out of reach:
-//! each side would have to guess the other's port for every one of its own, 256 × 64512
-//! guesses for an even chance.
+//! first direct path stops the burst.) Both hard is the port prediction sweep's case
+//! ([`super::sweep`]): two sequential NATs meet by predicting each other's next ports; a
+//! random one is out of reach (each side would have to guess the other's port for every one
+//! of its own, 256 × 64512 guesses for an even chance).
 //!
 //! **Budget** (so that it never looks like more than one short burst, and is bounded in time):
 //! the easy side sends at most [`MAX_PROBES`] probes of 44 bytes, [`PROBES_PER_TICK`] every
@@ -92,6 +93,9 @@ pub enum BirthdayRole {
     Hard,
     /// Behind endpoint-independent mapping: probes the hard side's ports.
     Easy,
+    /// Both sides look hard: the port prediction sweep for sequential NATs
+    /// ([`super::sweep`]), from our one socket.
+    Sweep,
 }
 
 /// What birthday punching did, for [`crate::Status::birthday`].
@@ -101,7 +105,7 @@ pub struct BirthdayStatus {
     pub role: BirthdayRole,
     /// Extra sockets opened (the hard side).
     pub sockets: u16,
-    /// Packets sent: openers (the hard side) or probes (the easy side).
+    /// Packets sent: openers (the hard side), probes (the easy side), or both (the sweep).
     pub packets: u32,
     /// A direct path was found through it.
     pub won: bool,
@@ -114,9 +118,9 @@ pub struct BirthdayStatus {
 pub(crate) struct Birthday {
     pub(crate) status: BirthdayStatus,
     /// The other side's public address: where the openers go, or whose IP is probed.
-    peer: SocketAddr,
-    start: Instant,
-    next: Instant,
+    pub(super) peer: SocketAddr,
+    pub(super) start: Instant,
+    pub(super) next: Instant,
     /// The nonce all of this burst's probes carry (one per burst: replies may come back long
     /// after the ordinary nonce ring has moved on).
     pub(crate) nonce: u64,
@@ -125,6 +129,8 @@ pub(crate) struct Birthday {
     pub(crate) winner: Option<(u16, SocketAddr)>,
     /// When the losing sockets close (the hard side, after a win).
     losers_close_at: Option<Instant>,
+    /// The port prediction sweep's progress ([`BirthdayRole::Sweep`]).
+    pub(super) sweep: Option<super::sweep::Sweep>,
 }
 
 /// The easy side's probe order: the predicted window after `base`, then every other port once
@@ -199,7 +205,8 @@ impl Rendezvous {
         match (me_hard, peer_hard) {
             (true, false) => Some(BirthdayRole::Hard),
             (false, true) => Some(BirthdayRole::Easy),
-            _ => None,
+            (true, true) => Some(BirthdayRole::Sweep),
+            (false, false) => None,
         }
     }
 
@@ -264,20 +271,32 @@ impl Rendezvous {
         match b.status.role {
             BirthdayRole::Hard => self.hard_tick(now),
             BirthdayRole::Easy => self.easy_tick(now),
+            BirthdayRole::Sweep => self.sweep_tick(now),
         }
     }
 
     fn start_birthday(&mut self, role: BirthdayRole, now: Instant) {
-        let Some(peer) = self.status.peer else { return };
+        let (Some(peer), Some(observed)) = (self.status.peer, self.status.observed) else {
+            return;
+        };
         let nonce = rand::random::<u64>();
-        info!(
-            ?role,
-            %peer,
-            sockets = SOCKETS,
-            max_probes = MAX_PROBES,
-            rate_per_s = PROBES_PER_TICK * 1000 / TICK.as_millis() as u32,
-            "no direct path yet and one side's NAT maps per destination: birthday punching"
-        );
+        let sweep = (role == BirthdayRole::Sweep).then(|| super::sweep::Sweep::new(observed, peer));
+        if sweep.is_some() {
+            info!(
+                %peer,
+                flows = super::sweep::FLOWS,
+                "both NATs map per destination: port prediction sweep"
+            );
+        } else {
+            info!(
+                ?role,
+                %peer,
+                sockets = SOCKETS,
+                max_probes = MAX_PROBES,
+                rate_per_s = PROBES_PER_TICK * 1000 / TICK.as_millis() as u32,
+                "one side's NAT maps per destination: birthday punching"
+            );
+        }
         if role == BirthdayRole::Hard {
             self.events.push_back(Event::OpenSockets(SOCKETS));
         }
@@ -296,6 +315,7 @@ impl Rendezvous {
             ports: PortSequence::new(peer.port(), rand::random()),
             winner: None,
             losers_close_at: None,
+            sweep,
         });
         self.publish_birthday();
     }
@@ -402,7 +422,7 @@ impl Rendezvous {
             return;
         }
         info!(role = ?b.status.role, packets = b.status.packets, "direct path up during birthday punching");
-        b.status.won = b.status.role == BirthdayRole::Easy;
+        b.status.won = b.status.role != BirthdayRole::Hard;
         b.status.finished = true;
         if b.status.sockets > 0 {
             b.losers_close_at = Some(now + LOSER_GRACE);
@@ -431,7 +451,7 @@ impl Rendezvous {
         }
     }
 
-    fn publish_birthday(&mut self) {
+    pub(super) fn publish_birthday(&mut self) {
         self.status.birthday = self.birthday.as_ref().map(|b| b.status);
     }
 }

@@ -238,13 +238,13 @@ fn the_hard_side_closes_its_sockets_when_nothing_reached_them() {
 }
 
 #[test]
-fn no_birthday_when_both_or_neither_look_hard_when_opted_out_or_already_direct() {
+fn no_birthday_when_neither_looks_hard_when_opted_out_or_already_direct() {
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(4);
     for (local, peer_local, on) in [
-        (33000, 33001, true), // both rewrote: symmetric on both sides is out of reach
-        (5000, 40007, true),  // neither did: the ordinary punch is the tool
-        (5000, 33000, false), // opted out
+        (5000, 40007, true),   // neither rewrote: the ordinary punch is the tool
+        (33000, 33001, false), // both did (the sweep's case), opted out
+        (5000, 33000, false),  // opted out
         (33000, 40007, false),
     ] {
         let mut r = paired(t0, local, peer_local, on);
