@@ -156,8 +156,10 @@ pub(crate) enum Event {
         registration: Vec<u8>,
         reason: &'static str,
     },
-    /// Open this many extra sockets for birthday punching (numbered from 0).
-    OpenSockets(u16),
+    /// Open extra sockets `from..to` for birthday punching (numbered from 0; `from` 0 closes
+    /// any left first). A tick's worth at a time, so the first openers leave before all 256
+    /// sockets are open and the driver never stalls on opening them all at once.
+    OpenSockets { from: u16, to: u16 },
     /// Extra socket `n` won: Quinn's traffic to the direct address goes through it from now
     /// on.
     KeepSocket(u16),

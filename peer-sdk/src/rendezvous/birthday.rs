@@ -61,7 +61,8 @@ pub const TICK: Duration = Duration::from_millis(10);
 /// Easy-side probes per [`TICK`]: 1000 per second, so the whole budget goes out within
 /// 1.2 s and a hit comes within 3 s of the peer notice, registration and handshake included.
 pub const PROBES_PER_TICK: u32 = 10;
-/// Hard-side openers per [`TICK`] (all 256 go out within 40 ms, well inside [`PROBE_LEAD`]).
+/// Hard-side sockets opened, and openers sent, per [`TICK`] (each socket's opener a tick
+/// after it opened: all 256 out within 40 ms, well inside [`PROBE_LEAD`]).
 pub const OPENERS_PER_TICK: u16 = 64;
 /// The easy side's wait after its start before probing, so the hard side's openers (sent
 /// from the same moment, give or take the skew between the two sides learning each other's
@@ -297,9 +298,6 @@ impl Rendezvous {
                 "one side's NAT maps per destination: birthday punching"
             );
         }
-        if role == BirthdayRole::Hard {
-            self.events.push_back(Event::OpenSockets(SOCKETS));
-        }
         self.birthday = Some(Birthday {
             status: BirthdayStatus {
                 role,
@@ -338,10 +336,18 @@ impl Rendezvous {
             self.publish_birthday();
             return;
         }
-        let from = b.status.sockets;
-        let to = (from + OPENERS_PER_TICK).min(SOCKETS);
+        // Open the next tick's sockets, and send the openers of those opened a tick ago: the
+        // IO side's event loop learns that a new socket is writable only once it has run, and
+        // refuses to send from it before (the opener would be lost, its mapping never made).
+        let (opened, sent) = (b.status.sockets, b.status.packets as u16);
+        let to = (opened + OPENERS_PER_TICK).min(SOCKETS);
+        if to > opened {
+            self.events
+                .push_back(Event::OpenSockets { from: opened, to });
+        }
         b.status.sockets = to;
-        b.status.packets += u32::from(to - from);
+        b.status.packets = u32::from(opened);
+        let (from, to) = (sent, opened);
         let (peer, nonce) = (b.peer, b.nonce);
         let probe = self
             .key
@@ -350,9 +356,7 @@ impl Rendezvous {
         for i in from..to {
             self.queue_via(Dest::Peer(peer), probe.to_vec(), Some(LOW_TTL), Some(i));
         }
-        if to > from {
-            self.publish_birthday();
-        }
+        self.publish_birthday();
     }
 
     /// The easy side: the next few ports of the hard side's IP.

@@ -60,6 +60,17 @@ fn run(r: &mut Rendezvous, from: Instant, to: Instant) -> (Vec<(Instant, Transmi
     (sent, events)
 }
 
+/// The hard side's socket openings: a tick's worth of openers at a time.
+fn opened_in_ticks() -> Vec<Event> {
+    (0..SOCKETS)
+        .step_by(usize::from(OPENERS_PER_TICK))
+        .map(|from| Event::OpenSockets {
+            from,
+            to: (from + OPENERS_PER_TICK).min(SOCKETS),
+        })
+        .collect()
+}
+
 /// Birthday probes: to the peer's IP at a port other than the one the relay reported.
 fn birthday_probes(sent: &[(Instant, Transmit)]) -> Vec<(Instant, SocketAddr)> {
     let public = addr(PEER_PUBLIC);
@@ -169,7 +180,7 @@ fn the_hard_side_opens_paced_low_ttl_sockets_and_the_winner_carries_the_path() {
     // Our NAT rewrote our port (local 33000, seen as 5000); the peer's kept it.
     let mut r = paired(t0, 33000, 40007, true);
     let (sent, events) = run(&mut r, t0, t0 + Duration::from_millis(700));
-    assert_eq!(events, [Event::OpenSockets(SOCKETS)]);
+    assert_eq!(events, opened_in_ticks());
     let peer = addr(PEER_PUBLIC);
     let openers: Vec<&(Instant, Transmit)> = sent.iter().filter(|(_, x)| x.via.is_some()).collect();
     assert_eq!(openers.len(), usize::from(SOCKETS), "one opener per socket");
@@ -180,6 +191,8 @@ fn the_hard_side_opens_paced_low_ttl_sockets_and_the_winner_carries_the_path() {
         assert!(*t < t0 + PROBE_LEAD, "all out before the easy side probes");
     }
     let first = openers[0].0;
+    // A tick after the first sockets opened (a socket is not writable at once).
+    assert_eq!(first, t0 + TICK);
     let per_tick = openers.iter().filter(|(t, _)| *t == first).count();
     assert_eq!(per_tick, usize::from(OPENERS_PER_TICK));
     assert!(
@@ -228,7 +241,9 @@ fn the_hard_side_closes_its_sockets_when_nothing_reached_them() {
     let t0 = Instant::now();
     let mut r = paired(t0, 33000, 40007, true);
     let (_, events) = run(&mut r, t0, t0 + LIFETIME + TICK);
-    assert_eq!(events, [Event::OpenSockets(SOCKETS), Event::CloseSockets]);
+    let mut want = opened_in_ticks();
+    want.push(Event::CloseSockets);
+    assert_eq!(events, want);
     let b = r.status().birthday.expect("status");
     assert!(b.finished && !b.won);
     // Once per pairing: nothing more later.
