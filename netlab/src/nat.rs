@@ -100,20 +100,29 @@ impl NatType {
 
     /// Whether a direct UDP path between a peer behind `self` and one behind `other` is within
     /// reach of hole punching with birthday punching and port prediction (peer-sdk's methods):
-    /// not when either side blocks UDP, nor when both mappings are endpoint-dependent.
+    /// not when either side blocks UDP, nor when both mappings are endpoint-dependent and
+    /// either is random.
     ///
     /// One endpoint-dependent side against an endpoint-independent mapping is the birthday
-    /// case ([`NatType::birthday_with`]). Two endpoint-dependent sides are out of reach: with a
-    /// random side, each of its mappings admits one port of the other side, which for a
-    /// random side changes with every destination (256 sockets on one side and 64512
-    /// possible ports on the other need about 175 x 256 = 45 000 packets for an even chance
-    /// even when the other side is sequential); two sequential sides could meet by predicting
-    /// each other's next ports, which peer-sdk does not attempt.
+    /// case ([`NatType::birthday_with`]). Two sequential sides meet by predicting each other's
+    /// next ports ([`NatType::sweep_with`]). With a random side against another
+    /// endpoint-dependent one, each of the random side's mappings admits one port of the other
+    /// side, which changes with every destination (256 sockets on one side and 64512 possible
+    /// ports on the other need about 175 x 256 = 45 000 packets for an even chance even when
+    /// the other side is sequential): out of reach.
     pub fn direct_possible_with(self, other: NatType) -> bool {
         if self == NatType::UdpBlocked || other == NatType::UdpBlocked {
             return false;
         }
         !(self.endpoint_dependent_mapping() && other.endpoint_dependent_mapping())
+            || self.sweep_with(other)
+    }
+
+    /// Whether the direct path needs the port prediction sweep: both sides' mappings are
+    /// endpoint-dependent and sequential (each new flow takes the NAT's next public port), so
+    /// each side can open flows that land on the ports the other side's next flows target.
+    pub fn sweep_with(self, other: NatType) -> bool {
+        self == NatType::SymmetricSequential && other == NatType::SymmetricSequential
     }
 
     /// Whether the direct path needs birthday punching: one side's mapping is
@@ -491,7 +500,11 @@ mod tests {
         );
         assert!(!PortRestricted.birthday_with(PortRestrictedOpen));
         assert!(!Symmetric.direct_possible_with(SymmetricSequential));
-        assert!(!SymmetricSequential.direct_possible_with(SymmetricSequential));
+        assert!(!SymmetricSequential.direct_possible_with(Symmetric));
+        assert!(SymmetricSequential.direct_possible_with(SymmetricSequential));
+        assert!(SymmetricSequential.sweep_with(SymmetricSequential));
+        assert!(!SymmetricSequential.birthday_with(SymmetricSequential));
+        assert!(!Symmetric.sweep_with(SymmetricSequential));
         assert!(!UdpBlocked.direct_possible_with(None));
         for a in NatType::ALL {
             for b in NatType::ALL {

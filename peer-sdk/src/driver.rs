@@ -90,11 +90,11 @@ impl Driver {
                         registration,
                     ))));
                 }
-                Event::OpenSockets(n) => {
-                    let opened = self.socket.open_extra(n);
-                    info!(
-                        asked = n,
-                        opened, "opened extra sockets for birthday punching"
+                Event::OpenSockets { from, to } => {
+                    let opened = self.socket.open_extra(from, to);
+                    debug!(
+                        from,
+                        to, opened, "opened extra sockets for birthday punching"
                     );
                 }
                 Event::KeepSocket(i) => {

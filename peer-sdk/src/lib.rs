@@ -65,9 +65,13 @@
 //! - **Birthday punching** ([`rendezvous::birthday`]): when one side's NAT maps per destination
 //!   ("symmetric") and the other filters by address and port, the hard side opens up to 256
 //!   extra sockets and the easy side probes up to 1200 ports of its IP (the ports after the
-//!   relay-observed one first, for sequential NATs), 500 per second, once per pairing. The
-//!   socket wrapper owns the extra sockets, moves Quinn's traffic to the one that won and closes
-//!   the rest; connecting waits up to about 3 s for it. [`Options::birthday`] turns it off.
+//!   relay-observed one first, for sequential NATs), 1000 per second, once per pairing, as
+//!   soon as the peer's candidates show one side hard. The socket wrapper owns the extra
+//!   sockets, moves Quinn's traffic to the one that won and closes the rest; connecting waits
+//!   up to 2.5 s for it. When both NATs map per destination, a port prediction sweep
+//!   ([`rendezvous::sweep`]) gets two sequential ones direct: each side opens 64 new flows to
+//!   the ports the other side's next flows will target (≤ 256 probes per side).
+//!   [`Options::birthday`] turns both off.
 //! - **TCP when UDP is blocked**: if the relay does not answer UDP registrations within
 //!   [`Options::tcp_fallback_after`], the SDK registers over a TCP connection to the relay's port
 //!   and carries the QUIC packets on it as length-prefixed datagrams, under the same

@@ -81,12 +81,14 @@ pub struct Options {
     /// tells the other peer both of its public addresses, and probes both of the other peer's.
     /// A host with a route to only one of the two uses that one.
     pub relay_other_family: Vec<(SocketAddr, SocketAddr)>,
-    /// Birthday punching (default: on): when the ordinary punch finds no direct path within
-    /// half a second and exactly one side's NAT maps per destination ("symmetric"), that side
-    /// opens up to 256 extra sockets and the other probes up to 1200 ports of its IP address
-    /// at 500 per second, once per pairing; connecting waits up to about 3 s for it
-    /// ([`crate::rendezvous::birthday`] has the method and the budget). Off: such pairs use
-    /// the relay.
+    /// Birthday punching and the port prediction sweep (default: on). When exactly one side's
+    /// NAT maps per destination ("symmetric") and no direct path is up yet, that side opens up
+    /// to 256 extra sockets and the other probes up to 1200 ports of its IP address at 1000
+    /// per second, once per pairing; connecting waits up to 2.5 s for it
+    /// ([`crate::rendezvous::birthday`] has the method and the budget). When both do, each
+    /// side opens 64 new flows to predicted ports of the other (≤ 256 probes per side,
+    /// [`crate::rendezvous::sweep`]), which gets two sequential NATs direct. Off: such pairs
+    /// use the relay.
     pub birthday: bool,
 }
 

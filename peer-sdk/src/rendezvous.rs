@@ -61,8 +61,9 @@ pub(crate) const SYNC_LEAD: Duration = Duration::from_millis(100);
 /// for the peer's cookie echo to complete, few enough to cost the relay nothing.
 pub(crate) const LAN_OFFERS: u32 = 5;
 /// Transmits the machine queues before the caller drains them: one punch round to every
-/// candidate, plus registrations; anything beyond is dropped (the next round resends).
-const MAX_QUEUED: usize = 64;
+/// candidate, or one tick of birthday openers (64), plus registrations; anything beyond is
+/// dropped (the next round resends).
+const MAX_QUEUED: usize = 128;
 
 /// What the driver knows; watch it through [`crate::Peer::status`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,8 +156,10 @@ pub(crate) enum Event {
         registration: Vec<u8>,
         reason: &'static str,
     },
-    /// Open this many extra sockets for birthday punching (numbered from 0).
-    OpenSockets(u16),
+    /// Open extra sockets `from..to` for birthday punching (numbered from 0; `from` 0 closes
+    /// any left first). A tick's worth at a time, so the first openers leave before all 256
+    /// sockets are open and the driver never stalls on opening them all at once.
+    OpenSockets { from: u16, to: u16 },
     /// Extra socket `n` won: Quinn's traffic to the direct address goes through it from now
     /// on.
     KeepSocket(u16),
@@ -573,8 +576,11 @@ fn registration(cfg: &Config, cookie: Option<Cookie>, alt: bool) -> Registration
 
 pub mod birthday;
 mod schedule;
+pub mod sweep;
 
 #[cfg(test)]
 mod birthday_tests;
+#[cfg(test)]
+mod sweep_tests;
 #[cfg(test)]
 mod tests;

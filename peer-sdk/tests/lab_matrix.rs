@@ -1,8 +1,9 @@
 //! The NAT matrix in CI: every ordered pair (A dials, B listens) of the punchable netlab NAT
 //! types connects, once each, on the path expected with hole punching, birthday punching and
-//! port prediction (direct unless both mappings are endpoint-dependent: netlab's
-//! `direct_possible_with`). `cargo xtask lab matrix --repeat 20` runs the same with
-//! repetitions and prints the table, with the probe budget beside each birthday pair.
+//! the port prediction sweep (direct unless both mappings are endpoint-dependent and one is
+//! random: netlab's `direct_possible_with`). `cargo xtask lab matrix --repeat 20` runs the same
+//! with repetitions and prints the table, with the probe budget beside each birthday and sweep
+//! pair.
 //!
 //! Needs root and nftables: skipped with a message elsewhere, never under `CI=true`.
 

@@ -184,8 +184,9 @@ fn session(a: NatType, b: NatType, salt: u128) -> Uuid {
     Uuid::from_u128(h ^ salt)
 }
 
-/// Direct is possible unless both mappings are endpoint-dependent: one symmetric side against
-/// a port-restricted one goes direct by birthday punching (netlab's `direct_possible_with`).
+/// Direct is possible unless both mappings are endpoint-dependent and one is random: one
+/// symmetric side against a port-restricted one goes direct by birthday punching, two
+/// sequential ones by the port prediction sweep (netlab's `direct_possible_with`).
 fn direct_expected(a: NatType, b: NatType) -> bool {
     a.direct_possible_with(b)
 }
@@ -247,6 +248,8 @@ pairs! {
     symmetric_x_full_cone: Symmetric x FullCone;
     symmetric_x_port_restricted: Symmetric x PortRestricted;
     symmetric_x_symmetric: Symmetric x Symmetric;
+    sequential_x_sequential: SymmetricSequential x SymmetricSequential;
+    sequential_x_symmetric: SymmetricSequential x Symmetric;
 }
 
 /// A NAT rebinding mid-transfer: the transfer completes on the same connection.

@@ -24,17 +24,24 @@
 //! **Who is hard.** A NAT that rewrote our port (the relay saw another port than our socket's)
 //! is taken for endpoint-dependent; one that kept it for endpoint-independent. The peer's
 //! ports come from the relay (public) and the peer's local candidate list (local). Birthday
-//! punching runs only when exactly one side looks hard, only over IPv4, once per peer address,
-//! and only when the ordinary punch found no path within [`START_AFTER`]. Both hard
-//! (symmetric on both sides) is out of reach: each side would have to guess the other's port
-//! for every one of its own, 256 × 64512 guesses for an even chance.
+//! punching runs only when exactly one side looks hard, only over IPv4, once per peer address.
+//! It starts as soon as both sides are classified (the peer's candidate list arrived, within a
+//! relay round trip of the peer notice on both sides alike) unless a direct path is already
+//! up: against address-and-port filtering the ordinary punch cannot reach a side that maps
+//! per destination, so waiting for it only adds to the connect time. (A hard side facing a
+//! full-cone NAT, which the ordinary punch would reach, opens its sockets needlessly; the
+//! first direct path stops the burst.) Both hard is the port prediction sweep's case
+//! ([`super::sweep`]): two sequential NATs meet by predicting each other's next ports; a
+//! random one is out of reach (each side would have to guess the other's port for every one
+//! of its own, 256 × 64512 guesses for an even chance).
 //!
 //! **Budget** (so that it never looks like more than one short burst, and is bounded in time):
 //! the easy side sends at most [`MAX_PROBES`] probes of 44 bytes, [`PROBES_PER_TICK`] every
-//! [`TICK`] (500 per second, about 0.3 Mbit/s with headers), all to one IP address, once per
-//! pairing; the hard side opens at most [`SOCKETS`] sockets, sends one opener from each (TTL
-//! 2, [`OPENERS_PER_TICK`] per tick), and closes them all [`LIFETIME`] after the start if
-//! none won. Opt out with [`crate::Options::birthday`].
+//! [`TICK`] (1000 per second, about 0.6 Mbit/s with headers, 1.2 s at most), all to one IP
+//! address, once per pairing; the hard side opens at most [`SOCKETS`] sockets, sends one opener
+//! from each (TTL 2, [`OPENERS_PER_TICK`] per tick: all within 40 ms, before the easy side's
+//! [`PROBE_LEAD`] is over), and closes them all [`LIFETIME`] after the start if none won. Opt
+//! out with [`crate::Options::birthday`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -51,20 +58,20 @@ pub const SOCKETS: u16 = 256;
 pub const MAX_PROBES: u32 = 1200;
 /// The pacing tick of both sides.
 pub const TICK: Duration = Duration::from_millis(10);
-/// Easy-side probes per [`TICK`]: 500 per second.
-pub const PROBES_PER_TICK: u32 = 5;
-/// Hard-side openers per [`TICK`] (all 256 go out within 80 ms).
-pub const OPENERS_PER_TICK: u16 = 32;
-/// How long the ordinary punch may try alone before birthday punching starts, counted from
-/// the moment the peer became known: it succeeds within one relay round trip and a
-/// synchronisation lead (100 ms) where it can.
-pub const START_AFTER: Duration = Duration::from_millis(500);
+/// Easy-side probes per [`TICK`]: 1000 per second, so the whole budget goes out within
+/// 1.2 s and a hit comes within 3 s of the peer notice, registration and handshake included.
+pub const PROBES_PER_TICK: u32 = 10;
+/// Hard-side sockets opened, and openers sent, per [`TICK`] (each socket's opener a tick
+/// after it opened: all 256 out within 40 ms, well inside [`PROBE_LEAD`]).
+pub const OPENERS_PER_TICK: u16 = 64;
 /// The easy side's wait after its start before probing, so the hard side's openers (sent
-/// from the same moment, give or take half a relay round trip) have opened the mappings.
+/// from the same moment, give or take the skew between the two sides learning each other's
+/// candidates, and after the hard side opened its sockets: 15-50 ms) have opened the mappings.
 pub const PROBE_LEAD: Duration = Duration::from_millis(100);
 /// How long the hard side keeps its extra sockets without a winner: the easy side's whole
-/// burst (1200 probes at 500/s: 2.4 s) after its lead, plus a round trip.
-pub const LIFETIME: Duration = Duration::from_millis(3500);
+/// burst (1200 probes at 1000/s: 1.2 s) after its lead, plus the skew between the two
+/// starts and a round trip.
+pub const LIFETIME: Duration = Duration::from_millis(2500);
 /// How long the hard side keeps its losing sockets open after a win, their QUIC datagrams
 /// still handed to Quinn: one burst can hit several sockets, and the easy side may have
 /// settled on another one than ours until that one falls silent (two probe intervals) and
@@ -87,6 +94,9 @@ pub enum BirthdayRole {
     Hard,
     /// Behind endpoint-independent mapping: probes the hard side's ports.
     Easy,
+    /// Both sides look hard: the port prediction sweep for sequential NATs
+    /// ([`super::sweep`]), from our one socket.
+    Sweep,
 }
 
 /// What birthday punching did, for [`crate::Status::birthday`].
@@ -96,7 +106,7 @@ pub struct BirthdayStatus {
     pub role: BirthdayRole,
     /// Extra sockets opened (the hard side).
     pub sockets: u16,
-    /// Packets sent: openers (the hard side) or probes (the easy side).
+    /// Packets sent: openers (the hard side), probes (the easy side), or both (the sweep).
     pub packets: u32,
     /// A direct path was found through it.
     pub won: bool,
@@ -109,9 +119,9 @@ pub struct BirthdayStatus {
 pub(crate) struct Birthday {
     pub(crate) status: BirthdayStatus,
     /// The other side's public address: where the openers go, or whose IP is probed.
-    peer: SocketAddr,
-    start: Instant,
-    next: Instant,
+    pub(super) peer: SocketAddr,
+    pub(super) start: Instant,
+    pub(super) next: Instant,
     /// The nonce all of this burst's probes carry (one per burst: replies may come back long
     /// after the ordinary nonce ring has moved on).
     pub(crate) nonce: u64,
@@ -120,6 +130,8 @@ pub(crate) struct Birthday {
     pub(crate) winner: Option<(u16, SocketAddr)>,
     /// When the losing sockets close (the hard side, after a win).
     losers_close_at: Option<Instant>,
+    /// The port prediction sweep's progress ([`BirthdayRole::Sweep`]).
+    pub(super) sweep: Option<super::sweep::Sweep>,
 }
 
 /// The easy side's probe order: the predicted window after `base`, then every other port once
@@ -194,7 +206,8 @@ impl Rendezvous {
         match (me_hard, peer_hard) {
             (true, false) => Some(BirthdayRole::Hard),
             (false, true) => Some(BirthdayRole::Easy),
-            _ => None,
+            (true, true) => Some(BirthdayRole::Sweep),
+            (false, false) => None,
         }
     }
 
@@ -209,10 +222,11 @@ impl Rendezvous {
             Some(b) if !b.status.finished => Some(b.next),
             Some(b) if b.losers_close_at.is_some() => b.losers_close_at,
             Some(_) => None,
-            None => self
-                .peer_known_at
-                .map(|t| t + START_AFTER)
-                .filter(|&t| t > now),
+            // Due at once when the classification says who plays which part (see
+            // `birthday_tick`).
+            None => (!matches!(self.status.path, Path::Direct(_))
+                && self.birthday_role().is_some())
+            .then_some(now),
         }
     }
 
@@ -227,8 +241,11 @@ impl Rendezvous {
         }
         let direct = matches!(self.status.path, Path::Direct(_));
         if self.birthday.is_none() {
-            let due = self.peer_known_at.is_some_and(|t| now >= t + START_AFTER);
-            if !due || direct {
+            // No waiting for the ordinary punch: against address-and-port filtering it cannot
+            // reach a side that maps per destination, so every millisecond spent waiting adds
+            // to the connect time (the peer's candidates, which the classification needs,
+            // arrive within a relay round trip of the notice on both sides alike).
+            if direct {
                 return;
             }
             let Some(role) = self.birthday_role() else {
@@ -255,22 +272,31 @@ impl Rendezvous {
         match b.status.role {
             BirthdayRole::Hard => self.hard_tick(now),
             BirthdayRole::Easy => self.easy_tick(now),
+            BirthdayRole::Sweep => self.sweep_tick(now),
         }
     }
 
     fn start_birthday(&mut self, role: BirthdayRole, now: Instant) {
-        let Some(peer) = self.status.peer else { return };
+        let (Some(peer), Some(observed)) = (self.status.peer, self.status.observed) else {
+            return;
+        };
         let nonce = rand::random::<u64>();
-        info!(
-            ?role,
-            %peer,
-            sockets = SOCKETS,
-            max_probes = MAX_PROBES,
-            rate_per_s = PROBES_PER_TICK * 1000 / TICK.as_millis() as u32,
-            "no direct path yet and one side's NAT maps per destination: birthday punching"
-        );
-        if role == BirthdayRole::Hard {
-            self.events.push_back(Event::OpenSockets(SOCKETS));
+        let sweep = (role == BirthdayRole::Sweep).then(|| super::sweep::Sweep::new(observed, peer));
+        if sweep.is_some() {
+            info!(
+                %peer,
+                flows = super::sweep::FLOWS,
+                "both NATs map per destination: port prediction sweep"
+            );
+        } else {
+            info!(
+                ?role,
+                %peer,
+                sockets = SOCKETS,
+                max_probes = MAX_PROBES,
+                rate_per_s = PROBES_PER_TICK * 1000 / TICK.as_millis() as u32,
+                "one side's NAT maps per destination: birthday punching"
+            );
         }
         self.birthday = Some(Birthday {
             status: BirthdayStatus {
@@ -287,6 +313,7 @@ impl Rendezvous {
             ports: PortSequence::new(peer.port(), rand::random()),
             winner: None,
             losers_close_at: None,
+            sweep,
         });
         self.publish_birthday();
     }
@@ -309,10 +336,18 @@ impl Rendezvous {
             self.publish_birthday();
             return;
         }
-        let from = b.status.sockets;
-        let to = (from + OPENERS_PER_TICK).min(SOCKETS);
+        // Open the next tick's sockets, and send the openers of those opened a tick ago: the
+        // IO side's event loop learns that a new socket is writable only once it has run, and
+        // refuses to send from it before (the opener would be lost, its mapping never made).
+        let (opened, sent) = (b.status.sockets, b.status.packets as u16);
+        let to = (opened + OPENERS_PER_TICK).min(SOCKETS);
+        if to > opened {
+            self.events
+                .push_back(Event::OpenSockets { from: opened, to });
+        }
         b.status.sockets = to;
-        b.status.packets += u32::from(to - from);
+        b.status.packets = u32::from(opened);
+        let (from, to) = (sent, opened);
         let (peer, nonce) = (b.peer, b.nonce);
         let probe = self
             .key
@@ -321,9 +356,7 @@ impl Rendezvous {
         for i in from..to {
             self.queue_via(Dest::Peer(peer), probe.to_vec(), Some(LOW_TTL), Some(i));
         }
-        if to > from {
-            self.publish_birthday();
-        }
+        self.publish_birthday();
     }
 
     /// The easy side: the next few ports of the hard side's IP.
@@ -393,7 +426,7 @@ impl Rendezvous {
             return;
         }
         info!(role = ?b.status.role, packets = b.status.packets, "direct path up during birthday punching");
-        b.status.won = b.status.role == BirthdayRole::Easy;
+        b.status.won = b.status.role != BirthdayRole::Hard;
         b.status.finished = true;
         if b.status.sockets > 0 {
             b.losers_close_at = Some(now + LOSER_GRACE);
@@ -422,7 +455,7 @@ impl Rendezvous {
         }
     }
 
-    fn publish_birthday(&mut self) {
+    pub(super) fn publish_birthday(&mut self) {
         self.status.birthday = self.birthday.as_ref().map(|b| b.status);
     }
 }

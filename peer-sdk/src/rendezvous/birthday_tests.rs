@@ -15,6 +15,13 @@ const PEER_PUBLIC: &str = "198.18.2.1:40007";
 /// A machine registered (the relay sees us at 198.18.1.1:5000) with `local_port`, paired at
 /// `t0` with a peer whose local candidate has `peer_local_port`.
 fn paired(t0: Instant, local_port: u16, peer_local_port: u16, birthday: bool) -> Rendezvous {
+    let mut r = unclassified(t0, local_port, birthday);
+    candidates(&mut r, t0, peer_local_port);
+    r
+}
+
+/// A machine paired at `t0` whose peer's candidates have not arrived yet.
+fn unclassified(t0: Instant, local_port: u16, birthday: bool) -> Rendezvous {
     let mut r = Rendezvous::new(Config {
         local_port,
         birthday,
@@ -23,6 +30,11 @@ fn paired(t0: Instant, local_port: u16, peer_local_port: u16, birthday: bool) ->
     r.handle_timeout(t0, t0);
     r.handle_relay(t0, ack(None), false);
     r.handle_relay(t0, ack(Some(addr(PEER_PUBLIC))), false);
+    r
+}
+
+/// The peer's candidate list arrives at `t`, its one address with `peer_local_port`.
+fn candidates(r: &mut Rendezvous, t: Instant, peer_local_port: u16) {
     let list = crate::candidates::Candidates {
         sender: 9,
         addrs: vec![SocketAddr::new(
@@ -30,9 +42,8 @@ fn paired(t0: Instant, local_port: u16, peer_local_port: u16, birthday: bool) ->
             peer_local_port,
         )],
     };
-    r.handle_candidates(t0, &list.encode(&PunchKey::new(cfg().session)));
-    drain(&mut r);
-    r
+    r.handle_candidates(t, &list.encode(&PunchKey::new(cfg().session)));
+    drain(r);
 }
 
 /// Runs the machine from `from` to `to` on its own timer, the peer silent; returns every
@@ -47,6 +58,17 @@ fn run(r: &mut Rendezvous, from: Instant, to: Instant) -> (Vec<(Instant, Transmi
         t = r.poll_timeout(t, t);
     }
     (sent, events)
+}
+
+/// The hard side's socket openings: a tick's worth of openers at a time.
+fn opened_in_ticks() -> Vec<Event> {
+    (0..SOCKETS)
+        .step_by(usize::from(OPENERS_PER_TICK))
+        .map(|from| Event::OpenSockets {
+            from,
+            to: (from + OPENERS_PER_TICK).min(SOCKETS),
+        })
+        .collect()
 }
 
 /// Birthday probes: to the peer's IP at a port other than the one the relay reported.
@@ -96,7 +118,8 @@ fn the_easy_side_probes_predicted_then_random_ports_within_the_budget() {
         "the whole budget, no more"
     );
     let start = probes[0].0;
-    assert_eq!(start, t0 + START_AFTER + PROBE_LEAD);
+    // At once on the classification, after the hard side's lead.
+    assert_eq!(start, t0 + PROBE_LEAD);
     let ports: Vec<u16> = probes.iter().map(|(_, a)| a.port()).collect();
     assert_eq!(&ports[..3], [40008, 40009, 40010], "prediction first");
     assert_eq!(
@@ -104,17 +127,17 @@ fn the_easy_side_probes_predicted_then_random_ports_within_the_budget() {
         ports.len(),
         "no port twice"
     );
-    // The rate: never more than PROBES_PER_TICK per TICK, so 500 in any second.
+    // The rate: never more than PROBES_PER_TICK per TICK, so 1000 in any second.
     for (i, (t, _)) in probes.iter().enumerate() {
         let in_second = probes[i..]
             .iter()
             .take_while(|(u, _)| *u < *t + Duration::from_secs(1))
             .count();
-        assert!(in_second <= 500, "{in_second} probes in a second");
+        assert!(in_second <= 1000, "{in_second} probes in a second");
     }
     let last = probes.last().expect("probes").0;
     assert!(
-        last - start < Duration::from_millis(2400),
+        last - start < Duration::from_millis(1200),
         "{:?}",
         last - start
     );
@@ -157,7 +180,7 @@ fn the_hard_side_opens_paced_low_ttl_sockets_and_the_winner_carries_the_path() {
     // Our NAT rewrote our port (local 33000, seen as 5000); the peer's kept it.
     let mut r = paired(t0, 33000, 40007, true);
     let (sent, events) = run(&mut r, t0, t0 + Duration::from_millis(700));
-    assert_eq!(events, [Event::OpenSockets(SOCKETS)]);
+    assert_eq!(events, opened_in_ticks());
     let peer = addr(PEER_PUBLIC);
     let openers: Vec<&(Instant, Transmit)> = sent.iter().filter(|(_, x)| x.via.is_some()).collect();
     assert_eq!(openers.len(), usize::from(SOCKETS), "one opener per socket");
@@ -165,9 +188,11 @@ fn the_hard_side_opens_paced_low_ttl_sockets_and_the_winner_carries_the_path() {
     assert_eq!(socks.len(), usize::from(SOCKETS));
     for (t, x) in &openers {
         assert_eq!((x.dst, x.ttl), (Dest::Peer(peer), Some(LOW_TTL)));
-        assert!(*t >= t0 + START_AFTER);
+        assert!(*t < t0 + PROBE_LEAD, "all out before the easy side probes");
     }
     let first = openers[0].0;
+    // A tick after the first sockets opened (a socket is not writable at once).
+    assert_eq!(first, t0 + TICK);
     let per_tick = openers.iter().filter(|(t, _)| *t == first).count();
     assert_eq!(per_tick, usize::from(OPENERS_PER_TICK));
     assert!(
@@ -215,24 +240,26 @@ fn the_hard_side_opens_paced_low_ttl_sockets_and_the_winner_carries_the_path() {
 fn the_hard_side_closes_its_sockets_when_nothing_reached_them() {
     let t0 = Instant::now();
     let mut r = paired(t0, 33000, 40007, true);
-    let (_, events) = run(&mut r, t0, t0 + START_AFTER + LIFETIME + TICK);
-    assert_eq!(events, [Event::OpenSockets(SOCKETS), Event::CloseSockets]);
+    let (_, events) = run(&mut r, t0, t0 + LIFETIME + TICK);
+    let mut want = opened_in_ticks();
+    want.push(Event::CloseSockets);
+    assert_eq!(events, want);
     let b = r.status().birthday.expect("status");
     assert!(b.finished && !b.won);
     // Once per pairing: nothing more later.
-    let t = t0 + START_AFTER + LIFETIME + TICK;
+    let t = t0 + LIFETIME + TICK;
     let (_, events) = run(&mut r, t, t + Duration::from_secs(10));
     assert!(events.is_empty(), "{events:?}");
 }
 
 #[test]
-fn no_birthday_when_both_or_neither_look_hard_when_opted_out_or_already_direct() {
+fn no_birthday_when_neither_looks_hard_when_opted_out_or_already_direct() {
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(4);
     for (local, peer_local, on) in [
-        (33000, 33001, true), // both rewrote: symmetric on both sides is out of reach
-        (5000, 40007, true),  // neither did: the ordinary punch is the tool
-        (5000, 33000, false), // opted out
+        (5000, 40007, true),   // neither rewrote: the ordinary punch is the tool
+        (33000, 33001, false), // both did (the sweep's case), opted out
+        (5000, 33000, false),  // opted out
         (33000, 40007, false),
     ] {
         let mut r = paired(t0, local, peer_local, on);
@@ -242,8 +269,8 @@ fn no_birthday_when_both_or_neither_look_hard_when_opted_out_or_already_direct()
         assert!(sent.iter().all(|(_, x)| x.via.is_none()));
         assert_eq!(r.status().birthday, None);
     }
-    // The ordinary punch found the path before START_AFTER: no birthday.
-    let mut r = paired(t0, 5000, 33000, true);
+    // The ordinary punch found the path before the peer's candidates came: no birthday.
+    let mut r = unclassified(t0, 5000, true);
     let peer = addr(PEER_PUBLIC);
     let (sent, _) = run(&mut r, t0, t0 + SYNC_LEAD + TICK);
     let nonce = sent
@@ -253,14 +280,11 @@ fn no_birthday_when_both_or_neither_look_hard_when_opted_out_or_already_direct()
         .expect("a probe")
         .nonce;
     let key = PunchKey::new(cfg().session);
-    r.handle_punch(
-        t0 + SYNC_LEAD + TICK,
-        peer,
-        key.packet(Kind::Reply, 9, nonce),
-        None,
-    );
+    let t = t0 + SYNC_LEAD + TICK;
+    r.handle_punch(t, peer, key.packet(Kind::Reply, 9, nonce), None);
+    candidates(&mut r, t, 33000);
     // (Until the direct path would count as dead without replies.)
-    let (sent, _) = run(&mut r, t0 + SYNC_LEAD + TICK, t0 + DIRECT_DEAD);
+    let (sent, _) = run(&mut r, t, t0 + DIRECT_DEAD);
     assert!(birthday_probes(&sent).is_empty());
     assert_eq!(r.status().birthday, None);
 }

@@ -132,6 +132,11 @@ impl Rendezvous {
                 self.queue(Dest::Peer(dst), probe.to_vec(), None);
             }
         }
+        // The relay forwards to the peer now: send ours again at once rather than at the next
+        // round. Our first copy left on the relay's notice, which can come before the peer
+        // echoed its cookie (the relay then drops it), and birthday punching and the sweep
+        // start when each side has the other's list, so a late list is a late start.
+        self.offer_local();
     }
 
     pub(super) fn low_ttl_probes(&mut self, targets: &[SocketAddr]) {

@@ -228,6 +228,13 @@ fn local_candidates_are_offered_through_the_relay_probed_and_preferred() {
     r.handle_candidates(t0, &theirs.encode(&key));
     let sent = drain(&mut r);
     assert_eq!(probes(&sent), [(lan, None)]);
+    assert_eq!(
+        sent.iter()
+            .filter(|t| t.dst == Dest::Relay && crate::candidates::Candidates::looks_like(&t.bytes))
+            .count(),
+        1,
+        "ours again at once, now that the peer hears the relay"
+    );
     let nonce = PunchPacket::decode(&sent[0].bytes).expect("probe").nonce;
     r.handle_punch(t0, lan, key.packet(Kind::Reply, 9, nonce), None);
     assert_eq!(r.status().path, Path::Direct(lan));

@@ -92,18 +92,20 @@ async fn read_extra(
 }
 
 impl PeerSocket {
-    /// Opens `count` extra sockets numbered from 0, on any port of our socket's family;
-    /// returns how many opened (a host out of file descriptors opens fewer, and birthday
-    /// punching works with what it has).
-    pub(crate) fn open_extra(&self, count: u16) -> u16 {
-        self.close_extra();
+    /// Opens extra sockets numbered `from..to`, on any port of our socket's family (`from` 0:
+    /// a new burst, closing any left first); returns how many are open (a host out of file
+    /// descriptors opens fewer, and birthday punching works with what it has).
+    pub(crate) fn open_extra(&self, from: u16, to: u16) -> u16 {
+        if from == 0 {
+            self.close_extra();
+        }
         let any: SocketAddr = if self.v6 {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let mut open = self.extra.open.lock().expect("extra sockets lock poisoned");
-        for index in 0..count {
+        for index in from..to {
             let extra = match bind_extra(any, index) {
                 Ok(e) => Arc::new(e),
                 Err(e) => {

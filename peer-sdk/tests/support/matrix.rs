@@ -28,8 +28,8 @@ pub struct Attempt {
     pub path: String,
     /// From the dialer's `connect` call to an established connection.
     pub connect: Duration,
-    /// Birthday punching's probes sent by the easy side (either peer) by the time the
-    /// connection was up, when it ran.
+    /// Birthday punching's probes sent by the easy side (either peer), or the port prediction
+    /// sweep's packets sent by the dialer, by the time the connection was up, when it ran.
     pub birthday_probes: Option<u32>,
 }
 
@@ -55,21 +55,35 @@ impl PairResult {
         self.dialer.birthday_with(self.listener)
     }
 
-    /// The birthday budget beside a birthday pair (the SDK's limits, and the most probes an
+    /// Whether this pair needs the port prediction sweep for its direct path.
+    pub fn sweep(&self) -> bool {
+        self.dialer.sweep_with(self.listener)
+    }
+
+    /// The budget beside a birthday or sweep pair (the SDK's limits, and the most packets an
     /// attempt used); empty for the others.
     pub fn budget(&self) -> String {
-        use peer_sdk::rendezvous::birthday as b;
-        if !self.birthday() {
-            return String::new();
-        }
-        let rate = b::PROBES_PER_TICK * 1000 / b::TICK.as_millis() as u32;
+        use peer_sdk::rendezvous::{birthday as b, sweep as s};
         let used = self.attempts.iter().filter_map(|a| a.birthday_probes).max();
-        format!(
-            "budget: {} sockets, <= {} probes at {rate}/s; used <= {} probes",
-            b::SOCKETS,
-            b::MAX_PROBES,
-            used.map_or("-".to_owned(), |u| u.to_string()),
-        )
+        let used = used.map_or("-".to_owned(), |u| u.to_string());
+        if self.birthday() {
+            format!(
+                "budget: {} sockets, <= {} probes at {}/s; used <= {used} probes",
+                b::SOCKETS,
+                b::MAX_PROBES,
+                b::PROBES_PER_TICK * 1000 / b::TICK.as_millis() as u32,
+            )
+        } else if self.sweep() {
+            let span = s::SWEEP_LEAD + s::ROUND_INTERVAL * u32::from(s::ROUNDS);
+            format!(
+                "sweep: {} flows, <= {} packets per side in {} ms; used <= {used}",
+                s::FLOWS,
+                u32::from(s::FLOWS) * (1 + u32::from(s::ROUNDS)),
+                span.as_millis(),
+            )
+        } else {
+            String::new()
+        }
     }
 
     /// The path expected with hole punching, port prediction and birthday punching
@@ -203,11 +217,11 @@ pub fn attempt(dialer: NatType, listener: NatType, salt: u128) -> Result<Attempt
     })
 }
 
-/// The probes a peer sent as birthday punching's easy side.
+/// The probes a peer sent as birthday punching's easy side, or in the port prediction sweep.
 fn easy_probes(s: &peer_sdk::Status) -> Option<u32> {
     use peer_sdk::rendezvous::birthday::BirthdayRole;
     s.birthday
-        .filter(|b| b.role == BirthdayRole::Easy)
+        .filter(|b| b.role != BirthdayRole::Hard)
         .map(|b| b.packets)
 }
 
