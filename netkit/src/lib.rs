@@ -10,6 +10,7 @@
 //!   not justify an HTTP stack in the build.
 //! - [`resolve`]: which of a name's addresses to use (IPv4 first); pure.
 //! - [`sockopt`] (Linux): integer socket options, and buffers forced past the sysctl limit.
+//! - [`syscall`] (Linux): `recvmmsg`/`sendmmsg` as bare system calls, made inline.
 
 #[cfg(target_os = "linux")]
 pub mod send;
@@ -20,3 +21,5 @@ pub mod prometheus;
 pub mod resolve;
 #[cfg(target_os = "linux")]
 pub mod sockopt;
+#[cfg(target_os = "linux")]
+pub mod syscall;

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
+use crate::syscall::sendmmsg;
+
 /// `UDP_SEGMENT` (linux/udp.h): a send carrying this control message is cut by the kernel into
 /// datagrams of the given size. Not in every libc version.
 const UDP_SEGMENT: libc::c_int = 103;
@@ -241,58 +243,82 @@ impl SendBatch {
             return false;
         }
         let (fd, msgs) = (f.fd, f.msgs);
+        if msgs == 0 {
+            return true;
+        }
+        let built = [f.niov as u64, f.gso_messages, f.gso_datagrams];
         (f.msgs, f.niov, f.open) = (0, 0, None);
-        msgs == 0 || self.send_messages(fd, msgs)
+        (f.gso_messages, f.gso_datagrams) = (0, 0);
+        // SAFETY: hdrs[..msgs] were built by `Pending` and point at live names, iovecs,
+        // control buffers and payloads borrowed for the duration of the batch.
+        let first = unsafe { sendmmsg(fd, self.hdrs.as_mut_ptr(), msgs) };
+        if first == Ok(msgs) {
+            // All of it in one call, the usual case: counted as it was built, here rather
+            // than in a call (at one datagram a wake-up, the call was a tenth of the send).
+            let [datagrams, gso_messages, gso_datagrams] = built;
+            let st = &mut self.fill.st;
+            st.sent += datagrams;
+            st.gso_messages += gso_messages;
+            st.gso_datagrams += gso_datagrams;
+            return true;
+        }
+        self.send_rest(fd, msgs, first)
     }
 
-    /// Sends the first `count` built messages; false when the socket would block.
-    fn send_messages(&mut self, fd: libc::c_int, count: usize) -> bool {
+    /// Goes on after the first `sendmmsg` of the first `count` built messages returned
+    /// `first` with less than all of them; false when the socket would block.
+    #[inline(never)]
+    fn send_rest(&mut self, fd: libc::c_int, count: usize, first: Result<usize, i32>) -> bool {
         // Counted in place: the stats are a fifth of a cache line's worth of copying.
         let st = &mut self.fill.st;
         let mut off = 0;
-        while off < count {
-            // SAFETY: hdrs[off..count] were built by `send` and point at live names, iovecs,
-            // control buffers and payloads borrowed for the duration of that call.
-            let r = unsafe { sendmmsg(fd, self.hdrs.as_mut_ptr().add(off), count - off) };
-            if r >= 0 {
-                for h in &self.hdrs[off..off + r as usize] {
-                    #[allow(clippy::unnecessary_cast)]
-                    let n = h.msg_hdr.msg_iovlen as u64;
-                    st.sent += n;
-                    if h.msg_hdr.msg_controllen != 0 {
-                        st.gso_messages += 1;
-                        st.gso_datagrams += n;
+        let mut r = first;
+        loop {
+            match r {
+                Ok(n) => {
+                    for h in &self.hdrs[off..off + n] {
+                        // msg_iovlen is size_t on glibc but int on musl.
+                        #[allow(clippy::unnecessary_cast)]
+                        let k = h.msg_hdr.msg_iovlen as u64;
+                        st.sent += k;
+                        if h.msg_hdr.msg_controllen != 0 {
+                            st.gso_messages += 1;
+                            st.gso_datagrams += k;
+                        }
                     }
+                    off += n;
                 }
-                off += r as usize;
-                continue;
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => {
+                Err(libc::EINTR) => {}
+                Err(libc::EAGAIN) => {
                     st.blocked = true;
                     return false;
                 }
-                _ => {}
+                Err(err) => {
+                    let h = &self.hdrs[off].msg_hdr;
+                    if h.msg_controllen != 0 {
+                        // A GSO message the kernel or the device would not take: its
+                        // datagrams go one by one, and GSO rests.
+                        send_separately(fd, h, st);
+                        st.gso_fallbacks += 1;
+                        st.gso_error = Some(err);
+                        self.gso_paused_until = Some(Instant::now() + self.gso_retry_after);
+                        tracing::debug!(error = %io::Error::from_raw_os_error(err),
+                            retry_after = ?self.gso_retry_after,
+                            "UDP GSO send refused; sent that message datagram by datagram");
+                    } else {
+                        // This datagram cannot go (firewall, no route, ...): skip it, keep
+                        // the rest.
+                        st.failed += 1;
+                    }
+                    off += 1;
+                }
             }
-            let h = &self.hdrs[off].msg_hdr;
-            if h.msg_controllen != 0 {
-                // A GSO message the kernel or the device would not take: its datagrams go
-                // one by one, and GSO rests.
-                send_separately(fd, h, st);
-                st.gso_fallbacks += 1;
-                st.gso_error = err.raw_os_error();
-                self.gso_paused_until = Some(Instant::now() + self.gso_retry_after);
-                tracing::debug!(error = %err, retry_after = ?self.gso_retry_after,
-                    "UDP GSO send refused; sent that message datagram by datagram");
-            } else {
-                // This datagram cannot go (firewall, no route, ...): skip it, keep the rest.
-                st.failed += 1;
+            if off >= count {
+                return true;
             }
-            off += 1;
+            // SAFETY: as in `send_built`, for the messages not yet sent.
+            r = unsafe { sendmmsg(fd, self.hdrs.as_mut_ptr().add(off), count - off) };
         }
-        true
     }
 }
 
@@ -322,6 +348,10 @@ struct Fill {
     /// Messages and iovecs built and not yet sent.
     msgs: usize,
     niov: usize,
+    /// GSO messages among those, and the datagrams in them: with these, a batch sent whole
+    /// is counted without walking its headers again.
+    gso_messages: u64,
+    gso_datagrams: u64,
     /// The open message: destination, segment size, bytes, and whether a short segment closed
     /// it (only the last segment may be shorter).
     open: Option<(Dest, usize, usize, bool)>,
@@ -408,7 +438,10 @@ impl<'p> Pending<'_, 'p> {
                 h.msg_iovlen = (count + 1) as _;
                 if count == 1 {
                     set_segment(h, &mut b.cmsgs[f.msgs - 1], seg);
+                    f.gso_messages += 1;
+                    f.gso_datagrams += 1;
                 }
+                f.gso_datagrams += 1;
                 return true;
             }
         }
@@ -421,16 +454,28 @@ impl<'p> Pending<'_, 'p> {
         }
         let f = &mut b.fill;
         let (msgs, niov) = (f.msgs, f.niov);
-        let Some(namelen) = write_sockaddr(dst, b.v6, &mut b.names[msgs]) else {
+        // One check for all the indexing below (names and hdrs have the same length): the
+        // compiler would check each of the five accesses again, the lengths being reloaded
+        // after every store through the raw pointers.
+        assert!(msgs < b.hdrs.len() && niov < b.iovs.len() && b.names.len() == b.hdrs.len());
+        // SAFETY: in bounds, as just checked.
+        let name = unsafe { b.names.get_unchecked_mut(msgs) };
+        let Some(namelen) = write_sockaddr(dst, b.v6, name) else {
             f.st.failed += 1;
             f.open = None;
             return true;
         };
-        b.iovs[niov] = iov;
-        let h = &mut b.hdrs[msgs].msg_hdr;
-        h.msg_name = (&mut b.names[msgs] as *mut libc::sockaddr_storage).cast();
+        // SAFETY: in bounds, as checked above.
+        let (h, slot) = unsafe {
+            (
+                &mut b.hdrs.get_unchecked_mut(msgs).msg_hdr,
+                b.iovs.get_unchecked_mut(niov),
+            )
+        };
+        *slot = iov;
+        h.msg_name = (name as *mut libc::sockaddr_storage).cast();
         h.msg_namelen = namelen;
-        h.msg_iov = &mut b.iovs[niov];
+        h.msg_iov = slot;
         h.msg_iovlen = 1;
         h.msg_control = std::ptr::null_mut();
         h.msg_controllen = 0;
@@ -449,32 +494,6 @@ impl Drop for Pending<'_, '_> {
             self.batch.send_built();
         }
     }
-}
-
-/// `sendmmsg(2)` as the bare system call. glibc's wrapper is a thread-cancellation point: in a
-/// process with more than one thread it brackets the call with the asynchronous-cancellation
-/// switch (`__pthread_enable_asynccancel`/`__pthread_disable_asynccancel`), tens of
-/// instructions per call that buy nothing here, since nothing in Rust cancels a thread. On a
-/// busy relay that is a few percent of its own work per datagram.
-///
-/// # Safety
-/// `hdrs` points at `count` valid message headers, as for `sendmmsg`.
-pub(crate) unsafe fn sendmmsg(
-    fd: libc::c_int,
-    hdrs: *mut libc::mmsghdr,
-    count: usize,
-) -> libc::c_int {
-    // SAFETY: as the caller promises; the arguments are those of sendmmsg(2).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_sendmmsg,
-            libc::c_long::from(fd),
-            hdrs,
-            count.min(libc::c_uint::MAX as usize) as libc::c_long,
-            0 as libc::c_long,
-        )
-    };
-    r as libc::c_int
 }
 
 /// Marks `h` as a GSO message of `seg`-byte segments, its control message in `buf`.

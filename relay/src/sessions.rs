@@ -17,6 +17,7 @@ use tracing::debug;
 
 use crate::proto::{self, ErrReason, PeerId, Registration, Reply, ReplyBuf, TokenError, Uuid};
 
+mod addr_index;
 mod expiry;
 mod invariants;
 mod register;
@@ -500,7 +501,7 @@ pub struct Relay {
     sessions: Vec<Session>,
     free: Vec<u32>,
     by_id: HashMap<Uuid, u32>,
-    by_addr: HashMap<PeerAddr, MemberRef>,
+    by_addr: addr_index::AddrIndex,
     /// Members' alternate addresses (their other IP family, PROTOCOL.md §3.3), by
     /// [`MemberRef`]: at most one per member, removed with it. Kept beside the slab rather
     /// than in [`Slot`], whose size the memory target rests on: few members have one.
@@ -546,7 +547,7 @@ impl Relay {
             sessions: Vec::new(),
             free: Vec::new(),
             by_id: HashMap::new(),
-            by_addr: HashMap::new(),
+            by_addr: addr_index::AddrIndex::new(),
             alts: HashMap::new(),
             per_ip: HashMap::new(),
             young: VecDeque::new(),
@@ -622,7 +623,9 @@ impl Relay {
     ///
     /// Data from a member of a paired session is to be forwarded to the other member; a
     /// registration updates the table and queues a reply; everything else is dropped.
-    #[inline]
+    // Always inlined: the socket loop's forwarding path is mostly this function, and left to
+    // the compiler it went out of line as the loop grew, its outcome passed through memory.
+    #[inline(always)]
     pub fn handle(&mut self, now: Instant, src: PeerAddr, datagram: &[u8]) -> Outcome {
         if proto::is_registration(datagram) {
             match proto::parse_registration(datagram) {
@@ -725,7 +728,7 @@ impl Relay {
     // twice more on the way out of `handle`, a fifth of the cost of the forwarding path.
     #[inline(always)]
     fn try_forward(&mut self, now: Instant, src: PeerAddr, len: usize) -> Option<Outcome> {
-        let m = *self.by_addr.get(&src)?;
+        let m = self.by_addr.lookup(src)?;
         let t = self.forward_secs(now);
         let s = &mut self.sessions[m.session()];
         let other = s.slots[1 - m.slot()];

@@ -244,8 +244,16 @@ impl Drop for Listed {
     }
 }
 
-/// Runs the TCP listener on this thread until one of the `stop` flags is set (noticed within
-/// [`defaults::IDLE_WAKE`]); every connection is closed before it returns.
+/// When the TCP listener stops: once either flag is set, noticed when `wake` is notified (the
+/// UDP loop does as it ends, which it does within [`defaults::IDLE_WAKE`] of a shutdown) or
+/// at the next tick while connections are open.
+pub(crate) struct Stop<'a> {
+    pub(crate) flags: [&'a AtomicBool; 2],
+    pub(crate) wake: &'a tokio::sync::Notify,
+}
+
+/// Runs the TCP listener on this thread until it is told to [`Stop`]; every connection is
+/// closed before it returns.
 pub(crate) fn run(
     listener: std::net::TcpListener,
     core: Arc<Mutex<Core>>,
@@ -253,7 +261,7 @@ pub(crate) fn run(
     udp_v6: bool,
     cfg: TcpConfig,
     metrics: Arc<Metrics>,
-    stop: [&AtomicBool; 2],
+    stop: Stop<'_>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -293,16 +301,27 @@ pub(crate) fn run(
     });
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: [&AtomicBool; 2]) {
+async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Stop<'_>) {
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(defaults::IDLE_WAKE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let counters = &ctx.metrics.tcp;
     let mut next_serial: u64 = 0;
     let mut trim = Trim::default();
+    let stopped = || stop.flags.iter().any(|f| f.load(Ordering::Relaxed));
     loop {
+        // The tick serves the trim, which has work only while connections are open or after
+        // they queued megabytes: with neither, the thread sleeps until an event. At low rates
+        // an idle 10 Hz tick was a few percent of the relay's instructions per datagram.
+        let ticking = !tasks.is_empty() || trim.pending();
         tokio::select! {
-            _ = tick.tick() => {
-                if stop.iter().any(|f| f.load(Ordering::Relaxed)) {
+            () = stop.wake.notified() => {
+                if stopped() {
+                    break;
+                }
+            }
+            _ = tick.tick(), if ticking => {
+                if stopped() {
                     break;
                 }
                 trim.maybe(counters);
@@ -392,6 +411,11 @@ impl Trim {
     /// Worth it only after megabytes were queued; at most once a second (it walks the heap).
     const MIN_PEAK: u64 = 4 << 20;
     const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Whether a trim may still be due: megabytes were queued since the last one.
+    fn pending(&self) -> bool {
+        self.peak >= Self::MIN_PEAK
+    }
 
     fn maybe(&mut self, counters: &TcpCounters) {
         let queued = counters.queued_bytes.load(Ordering::Relaxed);

@@ -94,31 +94,17 @@ fn gro_segment(h: &libc::msghdr) -> Option<usize> {
 }
 
 /// `recvmmsg(2)` with `MSG_WAITFORONE` and no timeout (the socket's `SO_RCVTIMEO` applies), as
-/// the bare system call. glibc's wrapper is a thread-cancellation point and, in a process with
-/// more than one thread (the relay has its TCP and signal threads), brackets the call with the
-/// asynchronous-cancellation switch: tens of instructions per wake-up that buy nothing, since
-/// nothing in Rust cancels a thread. At low rates, where each wake-up carries one datagram,
-/// that was about a tenth of the relay's own instructions per datagram (with the same saving
-/// on the send side, in `netkit`).
+/// the bare system call ([`netkit::syscall`]): glibc's wrapper is a cancellation point that
+/// costs tens of instructions per wake-up in a multi-threaded process.
 ///
 /// # Safety
 /// `hdrs` points at `count` valid message headers, as for `recvmmsg`.
 // Kept a function of its own (a call per wake-up) so that profiles and the benchmark, which
 // counts wake-ups as calls of a function named `recvmmsg`, still see it.
 #[inline(never)]
-unsafe fn recvmmsg(fd: libc::c_int, hdrs: *mut libc::mmsghdr, count: usize) -> libc::c_int {
-    // SAFETY: as the caller promises; the arguments are those of recvmmsg(2).
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_recvmmsg,
-            libc::c_long::from(fd),
-            hdrs,
-            count as libc::c_long,
-            libc::c_long::from(libc::MSG_WAITFORONE),
-            std::ptr::null_mut::<libc::timespec>(),
-        )
-    };
-    r as libc::c_int
+unsafe fn recvmmsg(fd: libc::c_int, hdrs: *mut libc::mmsghdr, count: usize) -> Result<usize, i32> {
+    // SAFETY: as the caller promises.
+    unsafe { netkit::syscall::recvmmsg(fd, hdrs, count, libc::MSG_WAITFORONE) }
 }
 
 /// Room for one `cmsghdr` + an int (the GRO segment size), aligned for `cmsghdr`.
@@ -188,10 +174,11 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
     let io = &metrics.io;
 
     // The receive headers point into buffers that never move (none of these vectors
-    // grows), so they are set up once; before each receive only the fields the kernel
-    // wrote in the last one are restored. Rebuilding all BATCH of them per wake-up was
-    // most of the relay's own instructions per datagram at low rates, where each
-    // wake-up carries one datagram.
+    // grows), so they are set up once; as each received message is read, the two fields
+    // the kernel rewrote are restored. Rebuilding all BATCH of them per wake-up was most
+    // of the relay's own instructions per datagram at low rates, where each wake-up
+    // carries one datagram.
+    let recv_controllen = if gro { size_of::<CmsgBuf>() } else { 0 };
     for i in 0..BATCH {
         iovs[i] = libc::iovec {
             // SAFETY: in bounds: bufs holds BATCH buffers of MAX_DATAGRAM bytes.
@@ -207,36 +194,27 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         } else {
             std::ptr::null_mut()
         };
+        h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        h.msg_controllen = recv_controllen as _;
     }
-    let recv_controllen = if gro { size_of::<CmsgBuf>() } else { 0 };
-    let mut filled = BATCH;
 
     while !shutdown.load(Ordering::Relaxed) {
-        for h in &mut hdrs[..filled] {
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_hdr.msg_controllen = recv_controllen as _;
-            h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
-        }
-        filled = 0;
         // SAFETY: hdrs describes BATCH valid, writable buffers and address slots.
-        let n = unsafe { recvmmsg(fd, hdrs.as_mut_ptr(), BATCH) };
-        let now = Instant::now();
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                _ => {
+        let n = match unsafe { recvmmsg(fd, hdrs.as_mut_ptr(), BATCH) } {
+            Ok(n) => n,
+            Err(e) => {
+                if e != libc::EAGAIN && e != libc::EINTR {
                     let count = io.recv_errors.fetch_add(1, Ordering::Relaxed) + 1;
                     if count.is_power_of_two() {
+                        let e = std::io::Error::from_raw_os_error(e);
                         warn!(error = %e, count, "receive failed");
                     }
                 }
+                Server::maybe_tick(&metrics, Instant::now(), &mut lock(&server.core));
+                continue;
             }
-            Server::maybe_tick(&metrics, now, &mut lock(&server.core));
-            continue;
-        }
-        filled = n as usize;
+        };
+        let now = Instant::now();
         // The receive buffers are only read from here until the next receive; sends point
         // into them (forwards leave straight from where they arrived).
         let bufs = &bufs[..];
@@ -244,21 +222,28 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         // One lock per batch: uncontended (the TCP thread takes it per TCP frame only),
         // it costs a couple of atomic operations, not one per datagram.
         let mut core = lock(&server.core);
-        for i in 0..n as usize {
-            let len = hdrs[i].msg_len as usize;
-            if hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+        for i in 0..n {
+            let h = &mut hdrs[i];
+            let len = h.msg_len as usize;
+            let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            // A GRO buffer is several datagrams of `seg` bytes (the last may be shorter),
+            // each judged on its own as if it had come alone.
+            let seg = if gro {
+                gro_segment(&h.msg_hdr).unwrap_or(len)
+            } else {
+                len
+            };
+            // The kernel rewrote these two (the lengths of the address and control message
+            // it wrote); the header is ready for the next receive once they are restored.
+            // The other fields it writes are outputs only.
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_controllen = recv_controllen as _;
+            if truncated {
                 io.truncated.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let Some(src) = to_peer(&names[i]) else {
                 continue;
-            };
-            // A GRO buffer is several datagrams of `seg` bytes (the last may be shorter),
-            // each judged on its own as if it had come alone.
-            let seg = if gro {
-                gro_segment(&hdrs[i].msg_hdr).unwrap_or(len)
-            } else {
-                len
             };
             let base = i * MAX_DATAGRAM;
             let mut off = 0;
@@ -296,7 +281,7 @@ pub(super) fn run(server: &mut Server, shutdown: &AtomicBool) {
         // several, give the next ones a moment to gather (interrupt moderation). A lone
         // datagram (request/response traffic) never waits, and a full batch means more
         // are queued already.
-        if (2..BATCH).contains(&(n as usize)) {
+        if (2..BATCH).contains(&n) {
             std::thread::sleep(COALESCE);
         }
     }

@@ -66,6 +66,7 @@ impl Relay {
             }
         }
         assert_eq!(members, self.by_addr.len(), "address index size");
+        assert!(self.by_addr.cache_consistent(), "address cache stale");
         assert_eq!(paired + unpaired, self.by_id.len(), "session index size");
         assert_eq!(self.stats.sessions_paired, paired as u64, "paired gauge");
         assert_eq!(
