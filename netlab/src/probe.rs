@@ -16,13 +16,13 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSo
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tracing::{trace, warn};
 
 use crate::sys;
+use crate::workers::Workers;
 
 /// The relay host's first public address; probe servers listen on it, and it is where a test
 /// runs its relay.
@@ -323,8 +323,8 @@ fn answer(request: &[u8], from: SocketAddr) -> Option<(String, Option<u64>)> {
 /// The probe servers of one lab, running on threads in its relay namespace until dropped.
 #[derive(Debug)]
 pub(crate) struct ProbeServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// Stopped and joined on drop.
+    _workers: Workers,
 }
 
 impl ProbeServers {
@@ -352,40 +352,17 @@ impl ProbeServers {
             .map_err(|_| anyhow::anyhow!("probe server setup thread panicked"))?
         })?;
         let udp = Arc::new(udp);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut servers = ProbeServers {
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
+        let mut workers = Workers::new("probe server thread");
         for i in 0..udp.len() {
             let udp = udp.clone();
-            let stop = stop.clone();
-            servers.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("netlab-probe-udp{i}"))
-                    .spawn(move || udp_server(&udp, i, &stop))
-                    .context("spawn probe server")?,
-            );
+            workers.spawn(format!("netlab-probe-udp{i}"), move |stop| {
+                udp_server(&udp, i, stop)
+            })?;
         }
-        let stop_t = stop.clone();
-        servers.threads.push(
-            std::thread::Builder::new()
-                .name("netlab-probe-tcp".into())
-                .spawn(move || tcp_server(&tcp, &stop_t))
-                .context("spawn probe server")?,
-        );
-        Ok(servers)
-    }
-}
-
-impl Drop for ProbeServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                warn!("a probe server thread panicked");
-            }
-        }
+        workers.spawn("netlab-probe-tcp".into(), move |stop| {
+            tcp_server(&tcp, stop)
+        })?;
+        Ok(ProbeServers { _workers: workers })
     }
 }
 

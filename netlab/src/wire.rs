@@ -11,14 +11,13 @@ use std::io::{self, Read as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 
 use crate::sys;
+use crate::workers::Workers;
 
 /// Delay, loss and rate of one link, applied the same in both directions.
 ///
@@ -64,8 +63,8 @@ const MAX_FRAME: usize = 65536;
 /// which removes the interfaces.
 #[derive(Debug)]
 pub(crate) struct Wire {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// Stopped and joined on drop.
+    _workers: Workers,
 }
 
 impl Wire {
@@ -80,45 +79,22 @@ impl Wire {
         if let Some(rate) = shape.rate_mbit {
             anyhow::ensure!(rate > 0.0, "rate_mbit must be positive, got {rate}");
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut wire = Wire {
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
+        let mut workers = Workers::new("link forwarding thread");
         let a2 = a.try_clone().context("dup TAP descriptor")?;
         let b2 = b.try_clone().context("dup TAP descriptor")?;
         for (dir, src, dst) in [("fwd", a, b2), ("rev", b, a2)] {
             let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(QUEUE_LIMIT_FRAMES);
             let thread_name = format!("{name}-{dir}");
-            let stop_r = stop.clone();
             let seed = seed_for(&thread_name);
-            wire.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{thread_name}-rx"))
-                    .spawn(move || read_loop(src, tx, shape, &stop_r, seed))
-                    .context("spawn link thread")?,
-            );
-            let stop_w = stop.clone();
-            wire.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{thread_name}-tx"))
-                    .spawn(move || write_loop(dst, rx, &stop_w))
-                    .context("spawn link thread")?,
-            );
+            workers.spawn(format!("{thread_name}-rx"), move |stop| {
+                read_loop(src, tx, shape, stop, seed)
+            })?;
+            workers.spawn(format!("{thread_name}-tx"), move |stop| {
+                write_loop(dst, rx, stop)
+            })?;
         }
         debug!(link = name, ?shape, "shaped link up");
-        Ok(wire)
-    }
-}
-
-impl Drop for Wire {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                warn!("a link forwarding thread panicked");
-            }
-        }
+        Ok(Wire { _workers: workers })
     }
 }
 
