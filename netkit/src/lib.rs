@@ -5,6 +5,8 @@
 //!   runs of equal-size datagrams to one destination as one UDP GSO message, with the fallback
 //!   when the kernel or the device refuses GSO. Blocking or non-blocking sockets. Given as a
 //!   list, or pushed one datagram at a time ([`Pending`]) by a loop that decides as it goes.
+//! - `logging` (feature `logging`): the binaries' subscriber: stderr, `RUST_LOG`, colours only
+//!   on a terminal and without `NO_COLOR`.
 //! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
 //!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
 //!   not justify an HTTP stack in the build.
@@ -16,6 +18,8 @@ pub mod send;
 #[cfg(target_os = "linux")]
 pub use send::{Dest, Pending, SendBatch, SendStats};
 
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod prometheus;
 pub mod resolve;
 #[cfg(target_os = "linux")]
