@@ -7,6 +7,7 @@
 //!   list, or pushed one datagram at a time ([`Pending`]) by a loop that decides as it goes.
 //! - `logging` (feature `logging`): the binaries' subscriber: stderr, `RUST_LOG`, colours only
 //!   on a terminal and without `NO_COLOR`.
+//! - [`accept`]: the pause after a failed `accept`, so that accept loops do not spin.
 //! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
 //!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
 //!   not justify an HTTP stack in the build.
@@ -18,6 +19,7 @@ pub mod send;
 #[cfg(target_os = "linux")]
 pub use send::{Dest, Pending, SendBatch, SendStats};
 
+pub mod accept;
 #[cfg(feature = "logging")]
 pub mod logging;
 pub mod prometheus;

@@ -309,14 +309,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: [&AtomicBool; 2
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        warn!(error = %e, "TCP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let Some((stream, peer)) =
+                    netkit::accept::or_pause(accepted, Duration::from_millis(50)).await
+                else {
+                    continue;
                 };
                 let open = ctx.conns.lock().unwrap_or_else(|p| p.into_inner()).len();
                 if open >= ctx.cfg.max_connections {
