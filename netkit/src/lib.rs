@@ -11,6 +11,8 @@
 //! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
 //!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
 //!   not justify an HTTP stack in the build.
+//! - [`slots`]: places counted per key under a per-key and a total cap, given back on drop
+//!   (connections per IP, sessions per client).
 //! - [`resolve`]: which of a name's addresses to use (IPv4 first); pure.
 //! - [`sockopt`] (Linux): integer socket options, and buffers forced past the sysctl limit.
 
@@ -24,5 +26,6 @@ pub mod accept;
 pub mod logging;
 pub mod prometheus;
 pub mod resolve;
+pub mod slots;
 #[cfg(target_os = "linux")]
 pub mod sockopt;
