@@ -7,6 +7,7 @@
 //!   list, or pushed one datagram at a time ([`Pending`]) by a loop that decides as it goes.
 //! - `logging` (feature `logging`): the binaries' subscriber: stderr, `RUST_LOG`, colours only
 //!   on a terminal and without `NO_COLOR`.
+//! - [`accept`] and [`prometheus`] need feature `tokio` (default); the rest is runtime-free.
 //! - [`accept`]: the pause after a failed `accept`, so that accept loops do not spin.
 //! - [`prometheus`]: a deliberately small HTTP/1.1 responder for the Prometheus text format
 //!   (`GET /metrics`), bounded in connections, time and request size; one read-only page does
@@ -21,9 +22,11 @@ pub mod send;
 #[cfg(target_os = "linux")]
 pub use send::{Dest, Pending, SendBatch, SendStats};
 
+#[cfg(feature = "tokio")]
 pub mod accept;
 #[cfg(feature = "logging")]
 pub mod logging;
+#[cfg(feature = "tokio")]
 pub mod prometheus;
 pub mod resolve;
 pub mod slots;
