@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result};
 use tracing::{trace, warn};
 
 use crate::sys;
-use crate::workers::Workers;
+use crate::workers::{readable_unless_stopped, Workers, STOP_POLL};
 
 /// The relay host's first public address; probe servers listen on it, and it is where a test
 /// runs its relay.
@@ -35,9 +35,6 @@ pub const PROBE_PORT: u16 = 3478;
 /// Second UDP port of the probe server on [`RELAY_IP`] (a destination with the same address and
 /// a different port).
 pub const PROBE_ALT_PORT: u16 = 3479;
-
-/// How often idle server threads look at the stop flag; bounds how long dropping a lab waits.
-const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// Whether a NAT gives one socket the same public endpoint for every destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -394,15 +391,7 @@ fn udp_server(socks: &[UdpSocket; 3], i: usize, stop: &AtomicBool) {
 }
 
 fn tcp_server(listener: &TcpListener, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match sys::wait_readable(listener.as_fd(), STOP_POLL) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn!(error = %e, "TCP probe server poll failed; stops");
-                return;
-            }
-        }
+    while readable_unless_stopped(listener.as_fd(), stop, "TCP probe server") {
         if let Ok((mut stream, from)) = listener.accept() {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = stream.write_all(format!("netlab seen {from}\n").as_bytes());

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 
-use crate::sys;
-use crate::workers::Workers;
+use crate::workers::{readable_unless_stopped, Workers, STOP_POLL};
 
 /// Delay, loss and rate of one link, applied the same in both directions.
 ///
@@ -53,9 +52,6 @@ impl LinkShape {
 /// Frames queued per direction before new ones are dropped; netem's default `limit` is also 1000.
 pub const QUEUE_LIMIT_FRAMES: usize = 1000;
 
-/// How often idle forwarding threads look at the stop flag; bounds how long dropping a lab waits.
-const STOP_POLL: Duration = Duration::from_millis(50);
-
 /// Largest frame a TAP read can return (no offloads are enabled, so in practice MTU + 14 bytes).
 const MAX_FRAME: usize = 65536;
 
@@ -68,7 +64,7 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    /// Starts forwarding between two TAP queues (see [`sys::open_tap`]) with `shape` applied to
+    /// Starts forwarding between two TAP queues (see [`crate::sys::open_tap`]) with `shape` applied to
     /// both directions. `name` labels the threads and logs.
     pub(crate) fn start(a: File, b: File, shape: LinkShape, name: &str) -> Result<Wire> {
         anyhow::ensure!(
@@ -111,15 +107,7 @@ fn read_loop(
     let delay = Duration::from_millis(u64::from(shape.delay_ms));
     // When the (rate-limited) link finishes sending what is already queued.
     let mut link_free = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        match sys::wait_readable(src.as_fd(), STOP_POLL) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn!(error = %e, "poll on TAP failed; link stops");
-                return;
-            }
-        }
+    while readable_unless_stopped(src.as_fd(), stop, "TAP reader") {
         let n = match src.read(&mut buf) {
             Ok(n) => n,
             Err(e)

@@ -1,12 +1,19 @@
 //! Worker threads that share one stop flag: the lab's probe servers and its shaped links each
 //! run as such a group, and dropping the group stops and joins its threads.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use tracing::warn;
+
+use crate::sys;
+
+/// How often an idle worker looks at its stop flag; bounds how long dropping a lab waits.
+pub(crate) const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// Threads started by [`Workers::spawn`]; dropping this raises their stop flag and waits for
 /// each, so their sockets and descriptors are closed when the owner is gone.
@@ -52,4 +59,21 @@ impl Drop for Workers {
             }
         }
     }
+}
+
+/// Waits until `fd` is readable: `true` then; `false` once `stop` is raised or the poll fails
+/// (logged for the thread `what`), when the worker should end. A worker's loop is
+/// `while readable_unless_stopped(…) { read … }`.
+pub(crate) fn readable_unless_stopped(fd: BorrowedFd<'_>, stop: &AtomicBool, what: &str) -> bool {
+    while !stop.load(Ordering::Relaxed) {
+        match sys::wait_readable(fd, STOP_POLL) {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, thread = what, "poll failed; the thread stops");
+                return false;
+            }
+        }
+    }
+    false
 }
