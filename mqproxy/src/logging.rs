@@ -3,26 +3,10 @@
 //! (a close reason inside an error, say) that reaches a log line through `Display`.
 
 use std::fmt;
-use std::io::IsTerminal as _;
 
-/// Whether log lines on stderr may carry ANSI colours: stderr is a terminal and `NO_COLOR`
-/// (<https://no-color.org>) is unset or empty.
-pub fn use_colour() -> bool {
-    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
-}
-
-/// Installs the binaries' subscriber: stderr, `RUST_LOG` or else `default_filter`, colours
-/// per [`use_colour`].
-pub fn init(default_filter: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_ansi(use_colour())
-        .with_writer(std::io::stderr)
-        .init();
-}
+/// The binaries' subscriber (stderr, `RUST_LOG` or else the given filter, colours only on a
+/// terminal without `NO_COLOR`), shared with the relay's and udp-over-tcp's.
+pub use netkit::logging::{init, use_colour};
 
 /// Formats the inner value's `Display` text with control characters (newlines, ESC, ...) and
 /// backslashes escaped as Rust string escapes, so text a peer chose cannot start a forged log

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use netkit::slots::{Slot, Slots};
 use tokio::net::UdpSocket;
 
 use crate::defaults::{
@@ -248,33 +249,20 @@ pub fn total_cap_for(nofile: u64) -> usize {
     (n.min(MAX_SESSIONS_TOTAL_CEILING as u64) as usize).max(1)
 }
 
-/// Why [`UdpBudget::acquire`] refused a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BudgetRefusal {
-    /// The process-wide cap (`--max-udp-sessions-total`).
-    Total,
-    /// The per-client cap (`--max-udp-sessions-per-client`).
-    Client,
-}
+/// Why [`UdpBudget::acquire`] refused a session: `Total`, the process-wide cap
+/// (`--max-udp-sessions-total`); `Key`, the per-client cap (`--max-udp-sessions-per-client`).
+pub use netkit::slots::Refusal as BudgetRefusal;
 
 /// UDP sessions across all connections: a process-wide cap (descriptors are the server's, not
 /// one connection's) and a cap per client address (an IPv6 /64, which one host usually holds,
 /// as for the relay's per-IP limits). The per-connection cap is [`SessionTable`]'s.
 #[derive(Debug)]
 pub struct UdpBudget {
-    max_total: usize,
-    max_per_client: usize,
-    /// (sessions in total, sessions per client key); an entry goes when its count reaches
-    /// zero, so the map is bounded by `max_total`.
-    state: Mutex<(usize, HashMap<std::net::IpAddr, usize>)>,
+    slots: Arc<Slots<std::net::IpAddr>>,
 }
 
 /// One session's place in a [`UdpBudget`], given back on drop.
-#[derive(Debug)]
-pub struct BudgetSlot {
-    budget: Arc<UdpBudget>,
-    key: std::net::IpAddr,
-}
+pub type BudgetSlot = Slot<std::net::IpAddr>;
 
 /// The per-client key of an address: IPv4 as is (IPv4-mapped IPv6 as IPv4), IPv6 by /64.
 pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
@@ -294,58 +282,23 @@ impl UdpBudget {
     /// A budget of `max_total` sessions, at most `max_per_client` for one client address.
     pub fn new(max_total: usize, max_per_client: usize) -> Self {
         UdpBudget {
-            max_total,
-            max_per_client,
-            state: Mutex::new((0, HashMap::new())),
+            slots: Arc::new(Slots::new(max_total, max_per_client)),
         }
     }
 
     /// The process-wide cap.
     pub fn max_total(&self) -> usize {
-        self.max_total
+        self.slots.max_total()
     }
 
     /// Sessions held now.
     pub fn in_use(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.slots.in_use()
     }
 
     /// A slot for a new session from `client`, or why not.
-    pub fn acquire(
-        self: &Arc<Self>,
-        client: std::net::IpAddr,
-    ) -> Result<BudgetSlot, BudgetRefusal> {
-        let key = client_key(client);
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.0 >= self.max_total {
-            return Err(BudgetRefusal::Total);
-        }
-        let n = st.1.entry(key).or_insert(0);
-        if *n >= self.max_per_client {
-            if *n == 0 {
-                st.1.remove(&key);
-            }
-            return Err(BudgetRefusal::Client);
-        }
-        *n += 1;
-        st.0 += 1;
-        Ok(BudgetSlot {
-            budget: self.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for BudgetSlot {
-    fn drop(&mut self) {
-        let mut st = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 -= 1;
-        if let Some(n) = st.1.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                st.1.remove(&self.key);
-            }
-        }
+    pub fn acquire(&self, client: std::net::IpAddr) -> Result<BudgetSlot, BudgetRefusal> {
+        self.slots.acquire(client_key(client))
     }
 }
 
@@ -360,17 +313,14 @@ mod tests {
         let c: std::net::IpAddr = "2001:db8:1:2::1".parse().expect("lit");
         let c_same64: std::net::IpAddr = "2001:db8:1:2:ffff::9".parse().expect("lit");
         let mut held: Vec<BudgetSlot> = (0..3).map(|_| b.acquire(a).expect("slot")).collect();
-        assert_eq!(b.acquire(a).err(), Some(BudgetRefusal::Client));
+        assert_eq!(b.acquire(a).err(), Some(BudgetRefusal::Key));
         held.push(b.acquire(c).expect("other client"));
         held.push(b.acquire(c_same64).expect("same /64, under its cap"));
         assert_eq!(b.acquire(c).err(), Some(BudgetRefusal::Total));
         assert_eq!(b.in_use(), 5);
         held.clear();
         assert_eq!(b.in_use(), 0);
-        assert!(
-            b.state.lock().expect("lock").1.is_empty(),
-            "entries go at zero"
-        );
+        assert_eq!(b.slots.keys(), 0, "entries go at zero");
         assert!(b.acquire(a).is_ok());
     }
 

@@ -10,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Scrapes answered at once; more wait in the kernel's backlog. A scraper asks every few
 /// seconds; eight at once is several scrapers misbehaving already.
@@ -37,14 +37,9 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<
             biased;
             () = &mut shutdown => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // EMFILE and the like: back off instead of spinning on the error.
-                    warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            r = listener.accept() => match crate::accept::or_pause(r, Duration::from_millis(50)).await {
+                Some((s, _)) => s,
+                None => continue,
             },
         };
         let slot = tokio::select! {

@@ -37,6 +37,28 @@ pub fn set_int(
     }
 }
 
+/// Reads an integer socket option.
+pub fn get_int(s: &impl AsFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on a valid fd writes at most `len` bytes into the live c_int, and its
+    // length into the live `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Asks for `size` bytes of buffer: forced (`SO_*BUFFORCE`) when the process has
 /// CAP_NET_ADMIN, else as much as `net.core.[rw]mem_max` allows. What the kernel granted is
 /// for the caller to read back: a smaller buffer is not an error, only slower at high rates.
@@ -56,27 +78,13 @@ mod tests {
     #[test]
     fn buffers_grow_and_bad_options_fail() {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let get = |name| {
-            let mut v: libc::c_int = 0;
-            let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt writes one c_int and its length into the live locals.
-            let r = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    name,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            assert_eq!(r, 0);
-            v
-        };
+        let get = |name| get_int(&s, libc::SOL_SOCKET, name).expect("getsockopt");
         set_buffer(&s, Buffer::Recv, 4096).expect("recv buffer");
         set_buffer(&s, Buffer::Send, 4096).expect("send buffer");
         // Linux doubles the value for its bookkeeping, and never goes below its minimum.
         assert!(get(libc::SO_RCVBUF) >= 4096);
         assert!(get(libc::SO_SNDBUF) >= 4096);
         assert!(set_int(&s, libc::SOL_SOCKET, -1, 1).is_err());
+        assert!(get_int(&s, libc::SOL_SOCKET, -1).is_err());
     }
 }

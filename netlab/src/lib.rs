@@ -41,6 +41,8 @@
 //! - `tools`: the external tools and the skip-or-fail precondition check ([`require_lab()`],
 //!   [`require_lab!`]).
 //! - `sys`: the system calls std does not wrap.
+//! - `workers`: thread groups with one stop flag, stopped and joined on drop (probe servers,
+//!   shaped links).
 
 pub mod cleanup;
 pub mod ipv6;
@@ -55,6 +57,7 @@ pub mod stack_check;
 mod sys;
 mod tools;
 pub mod wire;
+mod workers;
 
 pub use ipv6::{Stack, RELAY_IP6};
 pub use lab::{Lab, LabConfig, Side};

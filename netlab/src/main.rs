@@ -1,7 +1,6 @@
 //! The `netlab` binary (used by `cargo xtask lab`): bring a NAT lab up for manual work, run the
 //! NAT self-checks, or remove leftovers of labs whose process died.
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
@@ -64,14 +63,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    netkit::logging::init("info");
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -41,7 +41,8 @@ pub enum NatType {
 }
 
 impl NatType {
-    /// Every type, in the order `netlab check` reports them.
+    /// Every type, in the order `netlab check` reports them; [`NatType::UdpBlocked`] last, so
+    /// that the others are [`NatType::PUNCHABLE`].
     pub const ALL: [NatType; 7] = [
         NatType::None,
         NatType::FullCone,
@@ -54,14 +55,13 @@ impl NatType {
 
     /// The types a peer can punch from, in the order of `cargo xtask lab matrix` (every type
     /// but [`NatType::UdpBlocked`]).
-    pub const PUNCHABLE: [NatType; 6] = [
-        NatType::None,
-        NatType::FullCone,
-        NatType::PortRestricted,
-        NatType::PortRestrictedOpen,
-        NatType::Symmetric,
-        NatType::SymmetricSequential,
-    ];
+    pub const PUNCHABLE: [NatType; 6] = match Self::ALL.split_last() {
+        Some((NatType::UdpBlocked, rest)) => match rest.first_chunk() {
+            Some(punchable) => *punchable,
+            None => panic!("ALL has six types before UdpBlocked"),
+        },
+        _ => panic!("ALL ends with UdpBlocked"),
+    };
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {

@@ -16,13 +16,13 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSo
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tracing::{trace, warn};
 
 use crate::sys;
+use crate::workers::{readable_unless_stopped, Workers, STOP_POLL};
 
 /// The relay host's first public address; probe servers listen on it, and it is where a test
 /// runs its relay.
@@ -35,9 +35,6 @@ pub const PROBE_PORT: u16 = 3478;
 /// Second UDP port of the probe server on [`RELAY_IP`] (a destination with the same address and
 /// a different port).
 pub const PROBE_ALT_PORT: u16 = 3479;
-
-/// How often idle server threads look at the stop flag; bounds how long dropping a lab waits.
-const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// Whether a NAT gives one socket the same public endpoint for every destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -323,8 +320,8 @@ fn answer(request: &[u8], from: SocketAddr) -> Option<(String, Option<u64>)> {
 /// The probe servers of one lab, running on threads in its relay namespace until dropped.
 #[derive(Debug)]
 pub(crate) struct ProbeServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// Stopped and joined on drop.
+    _workers: Workers,
 }
 
 impl ProbeServers {
@@ -352,40 +349,17 @@ impl ProbeServers {
             .map_err(|_| anyhow::anyhow!("probe server setup thread panicked"))?
         })?;
         let udp = Arc::new(udp);
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut servers = ProbeServers {
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
+        let mut workers = Workers::new("probe server thread");
         for i in 0..udp.len() {
             let udp = udp.clone();
-            let stop = stop.clone();
-            servers.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("netlab-probe-udp{i}"))
-                    .spawn(move || udp_server(&udp, i, &stop))
-                    .context("spawn probe server")?,
-            );
+            workers.spawn(format!("netlab-probe-udp{i}"), move |stop| {
+                udp_server(&udp, i, stop)
+            })?;
         }
-        let stop_t = stop.clone();
-        servers.threads.push(
-            std::thread::Builder::new()
-                .name("netlab-probe-tcp".into())
-                .spawn(move || tcp_server(&tcp, &stop_t))
-                .context("spawn probe server")?,
-        );
-        Ok(servers)
-    }
-}
-
-impl Drop for ProbeServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                warn!("a probe server thread panicked");
-            }
-        }
+        workers.spawn("netlab-probe-tcp".into(), move |stop| {
+            tcp_server(&tcp, stop)
+        })?;
+        Ok(ProbeServers { _workers: workers })
     }
 }
 
@@ -417,15 +391,7 @@ fn udp_server(socks: &[UdpSocket; 3], i: usize, stop: &AtomicBool) {
 }
 
 fn tcp_server(listener: &TcpListener, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match sys::wait_readable(listener.as_fd(), STOP_POLL) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn!(error = %e, "TCP probe server poll failed; stops");
-                return;
-            }
-        }
+    while readable_unless_stopped(listener.as_fd(), stop, "TCP probe server") {
         if let Ok((mut stream, from)) = listener.accept() {
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let _ = stream.write_all(format!("netlab seen {from}\n").as_bytes());

@@ -299,17 +299,28 @@ impl NatReport {
             }
             Some(_) => {}
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!(
-                "peer {} behind {} does not behave as named: {}\n{self}",
-                self.side,
-                self.nat,
-                problems.join("; ")
-            )
-        }
+        verdict(
+            &problems,
+            format_args!(
+                "peer {} behind {} does not behave as named",
+                self.side, self.nat
+            ),
+            self,
+        )
     }
+}
+
+/// A self-check's outcome: `Ok` without problems, else an error that says who failed (`who`),
+/// lists the problems and shows the whole `report` below.
+pub(crate) fn verdict(
+    problems: &[String],
+    who: fmt::Arguments<'_>,
+    report: &dyn fmt::Display,
+) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!("{who}: {}\n{report}", problems.join("; "))
 }
 
 impl fmt::Display for NatReport {

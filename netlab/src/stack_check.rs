@@ -173,17 +173,14 @@ impl StackReport {
                 }
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!(
-                "peer {} ({}, {:?}) does not behave as configured: {}\n{self}",
-                self.side,
-                self.nat,
-                self.stack,
-                problems.join("; ")
-            )
-        }
+        crate::report::verdict(
+            &problems,
+            format_args!(
+                "peer {} ({}, {:?}) does not behave as configured",
+                self.side, self.nat, self.stack
+            ),
+            self,
+        )
     }
 }
 

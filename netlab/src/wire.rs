@@ -11,14 +11,12 @@ use std::io::{self, Read as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TrySendError};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 
-use crate::sys;
+use crate::workers::{readable_unless_stopped, Workers, STOP_POLL};
 
 /// Delay, loss and rate of one link, applied the same in both directions.
 ///
@@ -54,9 +52,6 @@ impl LinkShape {
 /// Frames queued per direction before new ones are dropped; netem's default `limit` is also 1000.
 pub const QUEUE_LIMIT_FRAMES: usize = 1000;
 
-/// How often idle forwarding threads look at the stop flag; bounds how long dropping a lab waits.
-const STOP_POLL: Duration = Duration::from_millis(50);
-
 /// Largest frame a TAP read can return (no offloads are enabled, so in practice MTU + 14 bytes).
 const MAX_FRAME: usize = 65536;
 
@@ -64,12 +59,12 @@ const MAX_FRAME: usize = 65536;
 /// which removes the interfaces.
 #[derive(Debug)]
 pub(crate) struct Wire {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    /// Stopped and joined on drop.
+    _workers: Workers,
 }
 
 impl Wire {
-    /// Starts forwarding between two TAP queues (see [`sys::open_tap`]) with `shape` applied to
+    /// Starts forwarding between two TAP queues (see [`crate::sys::open_tap`]) with `shape` applied to
     /// both directions. `name` labels the threads and logs.
     pub(crate) fn start(a: File, b: File, shape: LinkShape, name: &str) -> Result<Wire> {
         anyhow::ensure!(
@@ -80,45 +75,22 @@ impl Wire {
         if let Some(rate) = shape.rate_mbit {
             anyhow::ensure!(rate > 0.0, "rate_mbit must be positive, got {rate}");
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut wire = Wire {
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
+        let mut workers = Workers::new("link forwarding thread");
         let a2 = a.try_clone().context("dup TAP descriptor")?;
         let b2 = b.try_clone().context("dup TAP descriptor")?;
         for (dir, src, dst) in [("fwd", a, b2), ("rev", b, a2)] {
             let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(QUEUE_LIMIT_FRAMES);
             let thread_name = format!("{name}-{dir}");
-            let stop_r = stop.clone();
             let seed = seed_for(&thread_name);
-            wire.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{thread_name}-rx"))
-                    .spawn(move || read_loop(src, tx, shape, &stop_r, seed))
-                    .context("spawn link thread")?,
-            );
-            let stop_w = stop.clone();
-            wire.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{thread_name}-tx"))
-                    .spawn(move || write_loop(dst, rx, &stop_w))
-                    .context("spawn link thread")?,
-            );
+            workers.spawn(format!("{thread_name}-rx"), move |stop| {
+                read_loop(src, tx, shape, stop, seed)
+            })?;
+            workers.spawn(format!("{thread_name}-tx"), move |stop| {
+                write_loop(dst, rx, stop)
+            })?;
         }
         debug!(link = name, ?shape, "shaped link up");
-        Ok(wire)
-    }
-}
-
-impl Drop for Wire {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                warn!("a link forwarding thread panicked");
-            }
-        }
+        Ok(Wire { _workers: workers })
     }
 }
 
@@ -135,15 +107,7 @@ fn read_loop(
     let delay = Duration::from_millis(u64::from(shape.delay_ms));
     // When the (rate-limited) link finishes sending what is already queued.
     let mut link_free = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
-        match sys::wait_readable(src.as_fd(), STOP_POLL) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn!(error = %e, "poll on TAP failed; link stops");
-                return;
-            }
-        }
+    while readable_unless_stopped(src.as_fd(), stop, "TAP reader") {
         let n = match src.read(&mut buf) {
             Ok(n) => n,
             Err(e)

@@ -421,13 +421,7 @@ impl Peer {
             self.endpoint
                 .connect_with(config, self.socket.virtual_peer(), tls::SERVER_NAME)?;
         let connection = connecting.await?;
-        let path = self.socket.shared.path();
-        info!(path = path.kind(), session = %self.opts.session, "connected to the peer");
-        Ok(PeerConnection {
-            connection,
-            peer: self,
-            path_at_connect: path,
-        })
+        Ok(self.connected(connection, "connected to the peer"))
     }
 
     /// Waits for the peer to dial in.
@@ -438,13 +432,18 @@ impl Peer {
         info!(session = %self.opts.session, "waiting for the peer to dial in");
         let incoming = self.endpoint.accept().await.ok_or(Error::EndpointClosed)?;
         let connection = incoming.await?;
+        Ok(self.connected(connection, "peer connected"))
+    }
+
+    /// The connection, with the path it started on (logged as `event`).
+    fn connected(self, connection: quinn::Connection, event: &str) -> PeerConnection {
         let path = self.socket.shared.path();
-        info!(path = path.kind(), session = %self.opts.session, "peer connected");
-        Ok(PeerConnection {
+        info!(path = path.kind(), session = %self.opts.session, "{event}");
+        PeerConnection {
             connection,
             peer: self,
             path_at_connect: path,
-        })
+        }
     }
 }
 

@@ -1,6 +1,5 @@
 //! The `quic-relay` binary: parses flags, installs logging and signal handlers, runs the relay.
 
-use std::io::IsTerminal as _;
 use std::sync::Arc;
 
 mod cli_assets;
@@ -35,14 +34,7 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    netkit::logging::init("info");
 
     let config = args.relay_config()?;
     let runtime = tokio::runtime::Builder::new_current_thread()

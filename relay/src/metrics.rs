@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 
@@ -69,24 +69,9 @@ pub struct TcpCounters {
 /// The published counters. Cheap to read from any thread.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    regs: [AtomicU64; RegResult::ALL.len()],
-    forwarded_packets: AtomicU64,
-    forwarded_bytes: AtomicU64,
-    dropped_unknown_source: AtomicU64,
-    dropped_unpaired: AtomicU64,
-    replies_suppressed: AtomicU64,
-    expired_paired: AtomicU64,
-    expired_unpaired: AtomicU64,
-    rate_table_full: AtomicU64,
-    byes: AtomicU64,
-    byes_ignored: AtomicU64,
-    stale_replaced: AtomicU64,
-    sessions_paired: AtomicU64,
-    sessions_unpaired: AtomicU64,
-    tcp_left: AtomicU64,
-    dropped_unverified: AtomicU64,
-    cookies_rejected: AtomicU64,
-    evicted_unconfirmed: AtomicU64,
+    /// The state machine's counters as of the last tick: one uncontended lock per tick for
+    /// the loop, none per packet.
+    published: Mutex<Stats>,
     /// Counted by the socket loop itself.
     pub io: IoCounters,
     /// Counted by the TCP listener.
@@ -96,56 +81,18 @@ pub struct Metrics {
 impl Metrics {
     /// Copies the state machine's counters (called by the loop every tick and at exit).
     pub fn publish(&self, s: &Stats) {
-        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
-        for (a, v) in self.regs.iter().zip(s.regs) {
-            set(a, v);
-        }
-        set(&self.forwarded_packets, s.forwarded_packets);
-        set(&self.forwarded_bytes, s.forwarded_bytes);
-        set(&self.dropped_unknown_source, s.dropped_unknown_source);
-        set(&self.dropped_unpaired, s.dropped_unpaired);
-        set(&self.replies_suppressed, s.replies_suppressed);
-        set(&self.expired_paired, s.expired_paired);
-        set(&self.expired_unpaired, s.expired_unpaired);
-        set(&self.rate_table_full, s.rate_table_full);
-        set(&self.byes, s.byes);
-        set(&self.byes_ignored, s.byes_ignored);
-        set(&self.stale_replaced, s.stale_replaced);
-        set(&self.sessions_paired, s.sessions_paired);
-        set(&self.sessions_unpaired, s.sessions_unpaired);
-        set(&self.tcp_left, s.tcp_left);
-        set(&self.dropped_unverified, s.dropped_unverified);
-        set(&self.cookies_rejected, s.cookies_rejected);
-        set(&self.evicted_unconfirmed, s.evicted_unconfirmed);
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone_from(s);
     }
 
     /// A copy of the last published state-machine counters.
     pub fn snapshot(&self) -> Stats {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut regs = [0; RegResult::ALL.len()];
-        for (v, a) in regs.iter_mut().zip(&self.regs) {
-            *v = get(a);
-        }
-        Stats {
-            regs,
-            forwarded_packets: get(&self.forwarded_packets),
-            forwarded_bytes: get(&self.forwarded_bytes),
-            dropped_unknown_source: get(&self.dropped_unknown_source),
-            dropped_unpaired: get(&self.dropped_unpaired),
-            replies_suppressed: get(&self.replies_suppressed),
-            expired_paired: get(&self.expired_paired),
-            expired_unpaired: get(&self.expired_unpaired),
-            rate_table_full: get(&self.rate_table_full),
-            byes: get(&self.byes),
-            byes_ignored: get(&self.byes_ignored),
-            stale_replaced: get(&self.stale_replaced),
-            sessions_paired: get(&self.sessions_paired),
-            sessions_unpaired: get(&self.sessions_unpaired),
-            tcp_left: get(&self.tcp_left),
-            dropped_unverified: get(&self.dropped_unverified),
-            cookies_rejected: get(&self.cookies_rejected),
-            evicted_unconfirmed: get(&self.evicted_unconfirmed),
-        }
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The Prometheus text exposition (format 0.0.4).

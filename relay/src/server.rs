@@ -98,7 +98,6 @@ fn set_buffer(socket: &Socket, bytes: usize, recv: bool) -> io::Result<usize> {
     }
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
         // The kernel reports twice the usable size; compare against what was asked.
         let got = if recv {
             socket.recv_buffer_size()?
@@ -112,16 +111,8 @@ fn set_buffer(socket: &Socket, bytes: usize, recv: bool) -> io::Result<usize> {
                 libc::SO_SNDBUFFORCE
             };
             let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-            // SAFETY: a valid fd and a pointer to a c_int of the stated size.
-            let _ = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&val as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
+            // Refused without CAP_NET_ADMIN: the plain size set above stays.
+            let _ = netkit::sockopt::set_int(socket, libc::SOL_SOCKET, opt, val);
         }
     }
     if recv {

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use netkit::slots::{Slot, Slots};
 use socket2::{SockAddr, Socket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -172,7 +173,9 @@ struct Ctx {
     udp_v6: bool,
     cfg: TcpConfig,
     metrics: Arc<Metrics>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections per IP (per /64 for IPv6), capped at `cfg.max_per_ip`; the total is
+    /// capped by `conns`.
+    per_ip: Arc<Slots<IpAddr>>,
     /// The relay's local addresses connections arrived on, numbered for [`PeerAddr::tcp_via`].
     locals: Mutex<Vec<IpAddr>>,
     /// Open connections by accept serial, for choosing one to close at the cap.
@@ -286,13 +289,14 @@ pub(crate) fn run(
                 return;
             }
         };
+        let per_ip = Arc::new(Slots::new(usize::MAX, cfg.max_per_ip));
         let ctx = Arc::new(Ctx {
             core,
             udp,
             udp_v6,
             cfg,
             metrics,
-            per_ip: Mutex::new(HashMap::new()),
+            per_ip,
             locals: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
@@ -328,14 +332,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Stop<'_>) {
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: pause rather than spin.
-                        warn!(error = %e, "TCP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+                let Some((stream, peer)) =
+                    netkit::accept::or_pause(accepted, Duration::from_millis(50)).await
+                else {
+                    continue;
                 };
                 let open = ctx.conns.lock().unwrap_or_else(|p| p.into_inner()).len();
                 if open >= ctx.cfg.max_connections {
@@ -349,7 +349,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, stop: Stop<'_>) {
                     counters.closed_evicted.fetch_add(1, Ordering::Relaxed);
                     debug!(%peer, "closed the longest-idle non-member TCP connection to make room");
                 }
-                let Some(ip_slot) = IpSlot::take(&ctx, peer.ip()) else {
+                let Some(ip_slot) = take_ip_slot(&ctx, peer.ip()) else {
                     counters.refused_ip_limit.fetch_add(1, Ordering::Relaxed);
                     debug!(%peer, "TCP connection refused: --tcp-max-per-ip reached");
                     continue;
@@ -435,43 +435,15 @@ impl Trim {
     }
 }
 
-/// One connection counted against its IP (per /64 for IPv6); released on drop.
-struct IpSlot {
-    ctx: Arc<Ctx>,
-    ip: IpAddr,
-}
-
-impl IpSlot {
-    fn take(ctx: &Arc<Ctx>, ip: IpAddr) -> Option<IpSlot> {
-        // The session table's key: IPv4 as itself, IPv6 by its /64.
-        let v6 = match ip {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
-        };
-        let ip = IpAddr::V6(crate::sessions::ip_limit_key(v6.octets()).into()).to_canonical();
-        let mut m = ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= ctx.cfg.max_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            ctx: ctx.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut m = self.ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
+/// A connection's place in [`Ctx::per_ip`], keyed by its IP as the session table keys it
+/// (IPv4 as itself, IPv6 by its /64); `None` when that IP holds all its places.
+fn take_ip_slot(ctx: &Ctx, ip: IpAddr) -> Option<Slot<IpAddr>> {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let ip = IpAddr::V6(crate::sessions::ip_limit_key(v6.octets()).into()).to_canonical();
+    ctx.per_ip.acquire(ip).ok()
 }
 
 /// Why a connection ended.
@@ -549,7 +521,7 @@ async fn connection(
     peer: SocketAddr,
     ctx: Arc<Ctx>,
     state: Arc<ConnState>,
-    _slots: (Listed, IpSlot),
+    _slots: (Listed, Slot<IpAddr>),
 ) {
     // Every frame is written whole in one call; Nagle would hold small frames (ACKs, QUIC acks)
     // back for a delayed ACK from the other side, ~40-200 ms per round trip.

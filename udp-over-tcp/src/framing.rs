@@ -309,6 +309,41 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A hex column of a vector file; `-` is empty.
+    fn vector_hex(col: &str) -> Vec<u8> {
+        if col == "-" {
+            Vec::new()
+        } else {
+            hex::decode(col).expect("hex")
+        }
+    }
+
+    /// Checks one captured vector: `payload` from `src` encodes to exactly `wire`, and `wire`
+    /// fed one byte per write decodes to a frame at its last byte and not before; returns it.
+    fn check_vector(
+        framing: Framing,
+        src: SocketAddr,
+        payload: &[u8],
+        wire: &[u8],
+        line: &str,
+    ) -> Frame {
+        let mut out = BytesMut::new();
+        encode(framing, src, payload, &mut out).expect("fits");
+        assert_eq!(hex::encode(&out), hex::encode(wire), "encoding {line}");
+        let mut d = Decoder::new(framing);
+        let mut got = None;
+        for (i, b) in wire.iter().enumerate() {
+            d.feed(std::slice::from_ref(b));
+            let f = d.next_frame().expect("captured frames are valid");
+            if i + 1 < wire.len() {
+                assert_eq!(f, None, "complete before its last byte: {line}");
+            } else {
+                got = f;
+            }
+        }
+        got.expect("complete at its last byte")
+    }
+
     fn a(s: &str) -> SocketAddr {
         s.parse().expect("literal")
     }
@@ -398,27 +433,8 @@ mod tests {
                 panic!("malformed vector line {line:?}");
             };
             let src = a(src);
-            let payload = if payload == "-" {
-                Vec::new()
-            } else {
-                hex::decode(payload).expect("hex")
-            };
-            let wire = hex::decode(wire).expect("hex");
-            let mut out = BytesMut::new();
-            encode(Framing::Flow, src, &payload, &mut out).expect("fits");
-            assert_eq!(hex::encode(&out), hex::encode(&wire), "encoding {line}");
-            let mut d = Decoder::new(Framing::Flow);
-            let mut got = None;
-            for (i, b) in wire.iter().enumerate() {
-                d.feed(std::slice::from_ref(b));
-                let f = d.next_frame().expect("the fork's frames are valid");
-                if i + 1 < wire.len() {
-                    assert_eq!(f, None, "complete before its last byte: {line}");
-                } else {
-                    got = f;
-                }
-            }
-            let f = got.expect("complete at its last byte");
+            let payload = vector_hex(payload);
+            let f = check_vector(Framing::Flow, src, &payload, &vector_hex(wire), line);
             assert_eq!(f.source, Some(src), "{line}");
             assert_eq!(&f.payload[..], &payload[..], "{line}");
             seen += 1;
@@ -435,27 +451,9 @@ mod tests {
         let mut seen = 0;
         for line in vectors.lines().filter(|l| !l.starts_with('#')) {
             let (payload, wire) = line.split_once(' ').expect("two columns");
-            let payload = if payload == "-" {
-                Vec::new()
-            } else {
-                hex::decode(payload).expect("hex")
-            };
-            let wire = hex::decode(wire).expect("hex");
-            let mut out = BytesMut::new();
-            encode(Framing::Mullvad, a("127.0.0.1:1"), &payload, &mut out).expect("fits");
-            assert_eq!(hex::encode(&out), hex::encode(&wire), "encoding {line}");
-            let mut d = Decoder::new(Framing::Mullvad);
-            let mut got = None;
-            for (i, b) in wire.iter().enumerate() {
-                d.feed(std::slice::from_ref(b));
-                let f = d.next_frame().expect("udp2tcp's frames are valid");
-                if i + 1 < wire.len() {
-                    assert_eq!(f, None, "complete before its last byte: {line}");
-                } else {
-                    got = f;
-                }
-            }
-            let f = got.expect("complete at its last byte");
+            let payload = vector_hex(payload);
+            let wire = vector_hex(wire);
+            let f = check_vector(Framing::Mullvad, a("127.0.0.1:1"), &payload, &wire, line);
             assert_eq!((f.source, &f.payload[..]), (None, &payload[..]), "{line}");
             seen += 1;
         }

@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         "warn"
     };
-    init_logging(level);
+    netkit::logging::init(level);
     let tcp = match (&a.tcp_listen, &a.tcp_connect) {
         (Some(l), None) => TcpRole::Listen(
             tunnel::parse_endpoint(l, std::net::Ipv4Addr::UNSPECIFIED.into())
@@ -115,22 +115,6 @@ fn main() -> anyhow::Result<()> {
         t.run(shutdown()).await;
         anyhow::Ok(())
     })
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`; ANSI colours only when stderr
-/// is a terminal and `NO_COLOR` (<https://no-color.org>) is unset or empty, as mqproxy's
-/// binaries do.
-fn init_logging(default_filter: &str) {
-    use std::io::IsTerminal as _;
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(!no_color && std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// Completes on SIGINT or SIGTERM.

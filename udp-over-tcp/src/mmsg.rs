@@ -84,7 +84,6 @@ fn add(total: &mut SendStats, st: &SendStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
     use std::time::Duration;
 
     async fn check(sizes: &[usize]) {
@@ -146,17 +145,7 @@ mod tests {
     async fn a_refused_gso_batch_is_resent_and_gso_comes_back() {
         const SO_NO_CHECK: libc::c_int = 11;
         let set_no_check = |sock: &UdpSocket, on: libc::c_int| {
-            // SAFETY: setsockopt reads one c_int from the pointer for its length.
-            let r = unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    SO_NO_CHECK,
-                    (&on as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(r, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+            netkit::sockopt::set_int(sock, libc::SOL_SOCKET, SO_NO_CHECK, on).expect("SO_NO_CHECK");
         };
         let rx =
             crate::tunnel::bind_udp("127.0.0.1:0".parse().expect("lit"), 8 << 20).expect("bind");

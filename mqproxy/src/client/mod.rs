@@ -319,14 +319,10 @@ impl<D: Dialer> Client<D> {
                 r = accept_opt(self.http.as_ref()) => (r, true),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
-            let (tcp, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let Some((tcp, peer)) =
+                netkit::accept::or_pause(accepted, Duration::from_millis(50)).await
+            else {
+                continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 debug!(%peer, "too many client connections; closing");

@@ -286,14 +286,7 @@ impl Relay {
             }
             self.by_addr.remove(&old);
             self.dec_ip(old.ip);
-            self.inc_ip(src.ip);
-            self.by_addr.insert(src, MemberRef::new(idx, k));
-            let s = &mut self.sessions[i];
-            s.slots[k] = Slot {
-                flags: slot_value.flags | SLOT_CONFIRMED,
-                ..slot_value
-            };
-            s.last_active = t;
+            self.seat(src, idx, k, slot_value, t);
             self.count(RegResult::Rebind);
             debug!(session = %reg.session, from = %old, to = %src, "member rebound");
             let ack = self.ack_for(i, k);
@@ -325,15 +318,8 @@ impl Relay {
         if let Some(m) = current {
             self.remove_member(m.session(), m.slot());
         }
-        self.inc_ip(src.ip);
-        self.by_addr.insert(src, MemberRef::new(idx, k));
-        let s = &mut self.sessions[i];
-        s.slots[k] = Slot {
-            flags: slot_value.flags | SLOT_CONFIRMED,
-            ..slot_value
-        };
-        s.slots[1 - k].flags |= SLOT_CONFIRMED;
-        s.last_active = t;
+        self.seat(src, idx, k, slot_value, t);
+        self.sessions[i].slots[1 - k].flags |= SLOT_CONFIRMED;
         self.stats.sessions_unpaired -= 1;
         self.stats.sessions_paired += 1;
         self.count(RegResult::Join);
@@ -341,6 +327,20 @@ impl Relay {
         let ack = self.ack_for(i, k);
         self.queue(src, ack, request_len);
         self.notify_other(i, k, request_len);
+    }
+
+    /// Puts `src` into slot `k` of session `idx`, confirmed, found by its address and counted
+    /// against its IP: a rebind or the second peer joining (the caller has let go of what the
+    /// slot and the address held before).
+    fn seat(&mut self, src: PeerAddr, idx: u32, k: usize, slot_value: Slot, t: u32) {
+        self.inc_ip(src.ip);
+        self.by_addr.insert(src, MemberRef::new(idx, k));
+        let s = &mut self.sessions[idx as usize];
+        s.slots[k] = Slot {
+            flags: slot_value.flags | SLOT_CONFIRMED,
+            ..slot_value
+        };
+        s.last_active = t;
     }
 
     fn create(

@@ -383,14 +383,10 @@ async fn listen_loop(l: TcpListener, sh: Arc<Shared>, egress: Arc<tokio::sync::M
     loop {
         tokio::select! {
             accepted = l.accept() => {
-                let (s, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of descriptors and the like: wait instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
+                let Some((s, peer)) =
+                    netkit::accept::or_pause(accepted, Duration::from_millis(100)).await
+                else {
+                    continue;
                 };
                 let (id, evicted) = pending.admit(peer.ip());
                 if let Some(old) = evicted.and_then(|old| aborts.remove(&old)) {

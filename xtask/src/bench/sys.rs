@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use netkit::sockopt::{get_int, set_int};
 
 /// Socket buffers of every test socket. 4 MiB holds many 1 ms pacing bursts even at 200k/s
 /// (200 × 1200 B), so the loss we count is the relay's, not our sockets'.
@@ -53,29 +54,6 @@ pub fn local_v4(sock: &UdpSocket) -> Result<SocketAddrV4> {
     }
 }
 
-fn setsockopt_int(
-    sock: &UdpSocket,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the fd stays open while `sock` is borrowed; we pass a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Sets both socket buffers so that the kernel reports at least `bytes`, the way the relay sets
 /// its own (so that the baseline forwarder gets exactly the relay's buffers): the plain option
 /// first, which the kernel caps at `net.core.[rw]mem_max` (and then doubles), and the `*FORCE`
@@ -87,41 +65,17 @@ pub fn set_buffers(sock: &UdpSocket, bytes: usize) -> io::Result<()> {
         (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE),
         (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE),
     ] {
-        setsockopt_int(sock, libc::SOL_SOCKET, plain, bytes)?;
-        if getsockopt_int(sock, libc::SOL_SOCKET, plain)? < bytes {
-            let _ = setsockopt_int(sock, libc::SOL_SOCKET, force, bytes);
+        set_int(sock, libc::SOL_SOCKET, plain, bytes)?;
+        if get_int(sock, libc::SOL_SOCKET, plain)? < bytes {
+            let _ = set_int(sock, libc::SOL_SOCKET, force, bytes);
         }
     }
     Ok(())
 }
 
-fn getsockopt_int(
-    sock: &UdpSocket,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the fd stays open while `sock` is borrowed; value and len are live and sized.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Makes received datagrams carry the time the kernel received them (`SO_TIMESTAMPNS`).
 pub fn enable_timestamps(sock: &UdpSocket) -> io::Result<()> {
-    setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+    set_int(sock, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
 /// Now as Unix time in ns, the clock of [`RecvBatch::received_ns`].
@@ -134,7 +88,7 @@ pub fn unix_ns() -> u64 {
 /// Makes received datagrams carry their destination address (`IP_PKTINFO`), so a socket bound to
 /// 0.0.0.0 can tell which of many local addresses a reply was sent to.
 pub fn enable_pktinfo(sock: &UdpSocket) -> io::Result<()> {
-    setsockopt_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    set_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
 }
 
 fn in_addr(ip: Ipv4Addr) -> libc::in_addr {
@@ -705,7 +659,7 @@ mod tests {
     fn buffers_are_at_least_what_was_asked() -> Result<()> {
         let sock = bind_udp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
         set_buffers(&sock, 6 << 20)?;
-        let rcv = getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+        let rcv = get_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
         // As root we get what we asked for; unprivileged, at least the default.
         assert!(rcv >= 6 << 20 || euid() != 0, "{rcv}");
         Ok(())
