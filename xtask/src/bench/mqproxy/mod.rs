@@ -5,18 +5,18 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use super::load::{Pacer, StopOnDrop};
+use super::median;
 use super::sys::{self, RecvBatch, SendBatch};
-use super::{median, which};
 use crate::cli::Args;
-use crate::process::ChildGuard;
+use proxies::{retry_port_clash, ss_rust_bins, start_mqproxy, start_ss, start_ss_rust, Proxy};
+
+mod proxies;
 
 pub const HELP: &str = "\
 Usage: cargo xtask bench mqproxy [options]
@@ -35,6 +35,11 @@ negotiates here), so all three proxies pay for the same kind of encryption.
   udp      paced offered loads through UDP ASSOCIATE (one association, one destination): the
            echoed packets/s and Mbit/s and the loss, per load
   tcp      one SOCKS5 CONNECT downloading from the TCP source: Mbit/s
+
+For each proxy it also prints the CPU time its two processes spent (user and system, from
+/proc) per echoed packet and per downloaded byte: on a busy host this is steadier than
+throughput, which also counts waiting for a core. Ratios are of medians; for CPU the ratio
+is shadowsocks' over mqproxy's, so above 1 means mqproxy is ahead, as for throughput.
 
 Options:
   --quick       one repetition of short runs (a ~40 s smoke test; its medians are of one)
@@ -134,7 +139,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if !mqproxy_bin.is_file() {
         bail!("{} not found (build it first)", mqproxy_bin.display());
     }
-    let have_ss = which("ss-local") && which("ss-server");
+    let have_ss = super::which("ss-local") && super::which("ss-server");
     if !have_ss {
         println!(
             "ss-local/ss-server not found (apt-get install shadowsocks-libev): no `ss-libev` column"
@@ -165,7 +170,7 @@ pub fn run(args: &[String]) -> Result<()> {
         s.spawn(|| echo_server(&echo, &stop));
         s.spawn(|| tcp_source(&source, &stop));
 
-        let mq_socks = start_mqproxy(&mqproxy_bin, &log_dir)?;
+        let mq = start_mqproxy(&mqproxy_bin, &log_dir)?;
         let ss = if have_ss {
             Some(retry_port_clash("shadowsocks-libev", || {
                 start_ss(&log_dir)
@@ -179,23 +184,22 @@ pub fn run(args: &[String]) -> Result<()> {
             })?),
             None => None,
         };
-        let mut paths = vec![
-            (Path3::Direct, None),
-            (Path3::Mqproxy, Some(mq_socks.socks)),
-        ];
+        let mut paths: Vec<(Path3, Option<&Proxy>)> =
+            vec![(Path3::Direct, None), (Path3::Mqproxy, Some(&mq))];
         if let Some(ss) = &ss {
-            paths.push((Path3::SsLibev, Some(ss.socks)));
+            paths.push((Path3::SsLibev, Some(ss)));
         }
         if let Some(ssr) = &ssr {
-            paths.push((Path3::SsRust, Some(ssr.socks)));
+            paths.push((Path3::SsRust, Some(ssr)));
         }
         for (p, proxy) in &paths {
             if let Some(proxy) = proxy {
-                warm_up(*proxy, echo_addr).with_context(|| format!("{}: first echo", p.name()))?;
+                warm_up(proxy.socks, echo_addr)
+                    .with_context(|| format!("{}: first echo", p.name()))?;
             }
         }
         println!(
-            "udp: {} s per load, tcp: {} MiB per download, {} repetition(s); medians{}\n",
+            "udp: {} s per load, tcp: {} MiB per download, {} repetition(s); medians{}",
             plan.udp_duration.as_secs_f64(),
             plan.tcp_bytes >> 20,
             plan.reps,
@@ -205,31 +209,36 @@ pub fn run(args: &[String]) -> Result<()> {
                 ""
             }
         );
+        println!("load average at the start: {}\n", load_average());
         let mut udp: UdpTable = vec![vec![Vec::new(); UDP_LOADS.len()]; paths.len()];
-        let mut tcp: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+        let mut tcp: Vec<Vec<TcpResult>> = vec![Vec::new(); paths.len()];
         for rep in 0..plan.reps {
             // Interleave the paths in every repetition so host noise hits all of them alike.
-            for (i, (p, proxy)) in paths.iter().enumerate() {
+            for (i, &(p, proxy)) in paths.iter().enumerate() {
+                let socks = proxy.map(|x| x.socks);
                 for (j, &(size, rate)) in UDP_LOADS.iter().enumerate() {
                     if !plan.run_udp {
                         break;
                     }
-                    let r = udp_run(*proxy, echo_addr, size, rate, plan.udp_duration)
-                        .with_context(|| format!("{} udp {size} B at {rate}/s", p.name()))?;
+                    let (mut r, cpu) = with_cpu(proxy, || {
+                        udp_run(socks, echo_addr, size, rate, plan.udp_duration)
+                    })
+                    .with_context(|| format!("{} udp {size} B at {rate}/s", p.name()))?;
+                    r.cpu_us = cpu.map(|c| c.as_secs_f64() * 1e6 / r.echoed.max(1) as f64);
                     udp[i][j].push(r);
                 }
                 if plan.run_tcp {
-                    let mbit = tcp_run(*proxy, source_addr, plan.tcp_bytes)
-                        .with_context(|| format!("{} tcp download", p.name()))?;
-                    tcp[i].push(mbit);
+                    let (mbit, cpu) =
+                        with_cpu(proxy, || tcp_run(socks, source_addr, plan.tcp_bytes))
+                            .with_context(|| format!("{} tcp download", p.name()))?;
+                    tcp[i].push(TcpResult {
+                        mbit,
+                        cpu_ns_per_byte: cpu.map(|c| c.as_secs_f64() * 1e9 / plan.tcp_bytes as f64),
+                    });
                 }
             }
-            mq_socks.check()?;
-            if let Some(ss) = &ss {
-                ss.check()?;
-            }
-            if let Some(ssr) = &ssr {
-                ssr.check()?;
+            for proxy in paths.iter().filter_map(|(_, p)| *p) {
+                proxy.check()?;
             }
             eprintln!("repetition {} done", rep + 1);
         }
@@ -239,151 +248,10 @@ pub fn run(args: &[String]) -> Result<()> {
         if plan.run_tcp {
             print_tcp(&paths, &tcp);
         }
+        println!("\nload average at the end: {}", load_average());
         stop.store(true, Ordering::Relaxed);
         Ok(())
     })
-}
-
-/// A proxy pair (server + local SOCKS5 side), killed when dropped.
-struct Proxy {
-    socks: SocketAddrV4,
-    children: Vec<std::cell::RefCell<ChildGuard>>,
-}
-
-impl Proxy {
-    /// A proxy of a server and a client process, once its SOCKS5 listener answers.
-    fn up(socks: SocketAddrV4, server: ChildGuard, client: ChildGuard) -> Result<Proxy> {
-        let p = Proxy {
-            socks,
-            children: vec![server.into(), client.into()],
-        };
-        p.wait_listening()?;
-        Ok(p)
-    }
-
-    fn check(&self) -> Result<()> {
-        for c in &self.children {
-            c.borrow_mut().check_alive()?;
-        }
-        Ok(())
-    }
-
-    fn wait_listening(&self) -> Result<()> {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while TcpStream::connect(self.socks).is_err() {
-            self.check()?;
-            if Instant::now() > deadline {
-                bail!("SOCKS5 listener {} not up", self.socks);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-}
-
-fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
-    // Port 0 for both: each binds its own and logs it ("server running listen=..",
-    // "client running socks5=.."), which is read back instead of picking ports here.
-    let mut server = Command::new(bin);
-    server
-        .args(["server", "--listen", "127.0.0.1:0", "--token", SECRET])
-        .args(["--allow-private", "--state-dir"])
-        .arg(log_dir.join("state"))
-        .env("RUST_LOG", "info");
-    let mut server = ChildGuard::spawn(
-        server,
-        "mqproxy server",
-        &log_dir.join("mqproxy-server.log"),
-    )?;
-    let listen = server.wait_logged("server running", "listen", Duration::from_secs(15))?;
-    let mut client = Command::new(bin);
-    client
-        .args(["client", "--server", &listen, "--token", SECRET])
-        .args(["--insecure", "--socks5", "127.0.0.1:0"])
-        .env("RUST_LOG", "info");
-    let mut client = ChildGuard::spawn(
-        client,
-        "mqproxy client",
-        &log_dir.join("mqproxy-client.log"),
-    )?;
-    let socks: SocketAddrV4 = client
-        .wait_logged("client running", "socks5", Duration::from_secs(15))?
-        .parse()
-        .context("the mqproxy client's logged SOCKS5 address")?;
-    Proxy::up(socks, server, client)
-}
-
-/// Attempts at starting a third-party proxy on picked ports: another process may take a port
-/// between its pick and the proxy's bind, which shows as a start that fails.
-const PORT_CLASH_ATTEMPTS: u32 = 3;
-
-/// Starts a proxy whose ports had to be picked in advance, again on fresh ports when the start
-/// fails (e.g. "Address already in use"), up to [`PORT_CLASH_ATTEMPTS`] times.
-fn retry_port_clash(what: &str, start: impl Fn() -> Result<Proxy>) -> Result<Proxy> {
-    let mut attempt = 1;
-    loop {
-        match start() {
-            Ok(p) => return Ok(p),
-            Err(e) if attempt < PORT_CLASH_ATTEMPTS => {
-                eprintln!("{what} did not start ({e:#}); again on other ports");
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn start_ss(log_dir: &Path) -> Result<Proxy> {
-    // shadowsocks-libev does not report a port it bound for 0: these are picked and released
-    // (the one place left, for programs that cannot do better); a clash makes the start fail,
-    // and `retry_port_clash` starts it again on other ports.
-    let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
-    let mut server = Command::new("ss-server");
-    server.args([
-        "-s",
-        "127.0.0.1",
-        "-p",
-        &sp.to_string(),
-        "-k",
-        SECRET,
-        "-m",
-        SS_METHOD,
-        "-u",
-    ]);
-    let server = ChildGuard::spawn(server, "ss-server", &log_dir.join("ss-server.log"))?;
-    let mut local = Command::new("ss-local");
-    local.args(["-s", "127.0.0.1", "-p", &sp.to_string(), "-b", "127.0.0.1"]);
-    local.args(["-l", &cp.to_string(), "-k", SECRET, "-m", SS_METHOD, "-u"]);
-    let local = ChildGuard::spawn(local, "ss-local", &log_dir.join("ss-local.log"))?;
-    Proxy::up(SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp), server, local)
-}
-
-/// shadowsocks-rust's `sslocal` and `ssserver`: from PATH, else where .ci/run installs them.
-fn ss_rust_bins() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let installed = crate::target_dir().join("interop-tools").join("bin");
-    let find = |name: &str| {
-        if which(name) {
-            Some(std::path::PathBuf::from(name))
-        } else {
-            let p = installed.join(name);
-            p.is_file().then_some(p)
-        }
-    };
-    Some((find("sslocal")?, find("ssserver")?))
-}
-
-fn start_ss_rust(local_bin: &Path, server_bin: &Path, log_dir: &Path) -> Result<Proxy> {
-    // Like shadowsocks-libev, shadowsocks-rust does not report a port it bound for 0.
-    let (sp, cp) = (super::free_tcp_port()?, super::free_tcp_port()?);
-    let server_addr = format!("127.0.0.1:{sp}");
-    let mut server = Command::new(server_bin);
-    server.args(["-s", &server_addr, "-k", SECRET, "-m", SS_METHOD, "-U"]);
-    let server = ChildGuard::spawn(server, "ssserver", &log_dir.join("ssserver.log"))?;
-    let mut local = Command::new(local_bin);
-    local.args(["-s", &server_addr, "-b", &format!("127.0.0.1:{cp}")]);
-    local.args(["-k", SECRET, "-m", SS_METHOD, "-U"]);
-    let local = ChildGuard::spawn(local, "sslocal", &log_dir.join("sslocal.log"))?;
-    Proxy::up(SocketAddrV4::new(Ipv4Addr::LOCALHOST, cp), server, local)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,10 +370,45 @@ struct UdpResult {
     mbit: f64,
     /// Lost fraction of what was sent.
     loss: f64,
+    /// Packets echoed.
+    echoed: u64,
+    /// CPU µs both proxy processes spent per echoed packet (its way there and back).
+    cpu_us: Option<f64>,
 }
 
 /// Results per path, per load, per repetition.
 type UdpTable = Vec<Vec<Vec<UdpResult>>>;
+
+/// What one download delivered.
+#[derive(Debug, Clone, Copy)]
+struct TcpResult {
+    mbit: f64,
+    /// CPU ns both proxy processes spent per byte carried.
+    cpu_ns_per_byte: Option<f64>,
+}
+
+/// Runs `f`; with a proxy, also the CPU time both its processes spent meanwhile. On a busy
+/// host this is steadier than throughput: it does not count the time a process waited for a
+/// core.
+fn with_cpu<T>(
+    proxy: Option<&Proxy>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<Duration>)> {
+    let before = proxy.map(Proxy::cpu).transpose()?;
+    let r = f()?;
+    let spent = match (proxy, before) {
+        (Some(p), Some(b)) => Some(p.cpu()?.saturating_sub(b)),
+        _ => None,
+    };
+    Ok((r, spent))
+}
+
+/// `/proc/loadavg`'s three figures (other builds on a shared host move every figure).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
 
 /// One paced run.
 fn udp_run(
@@ -567,6 +470,8 @@ fn udp_run(
         pps,
         mbit: pps * size as f64 * 8.0 / 1e6,
         loss: loss.max(0.0),
+        echoed: got,
+        cpu_us: None,
     })
 }
 
@@ -690,13 +595,17 @@ fn tcp_run(proxy: Option<SocketAddrV4>, source: SocketAddrV4, bytes: u64) -> Res
 
 // ---------------------------------------------------------------------------------------------
 
-fn print_udp(paths: &[(Path3, Option<SocketAddrV4>)], udp: &UdpTable) {
+fn print_udp(paths: &[(Path3, Option<&Proxy>)], udp: &UdpTable) {
     let idx = |p: Path3| paths.iter().position(|(q, _)| *q == p);
     let med =
         |v: &[UdpResult], f: fn(&UdpResult) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+    let cpu_med = |v: &[UdpResult]| {
+        let c: Vec<f64> = v.iter().filter_map(|r| r.cpu_us).collect();
+        (!c.is_empty()).then(|| median(&c))
+    };
     println!(
-        "{:<26} {:>12} {:>10} {:>8}",
-        "UDP echo (offered)", "path", "pkt/s", "Mbit/s"
+        "{:<26} {:>12} {:>10} {:>8} {:>13} {:>14}",
+        "UDP echo (offered)", "path", "pkt/s", "Mbit/s", "loss", "proxy CPU/pkt"
     );
     for (j, &(size, rate)) in UDP_LOADS.iter().enumerate() {
         let label = format!("{size} B at {rate}/s");
@@ -706,52 +615,76 @@ fn print_udp(paths: &[(Path3, Option<SocketAddrV4>)], udp: &UdpTable) {
                 med(&udp[i][j], |r| r.mbit),
                 med(&udp[i][j], |r| r.loss),
             );
+            let cpu = cpu_med(&udp[i][j]).map_or(String::new(), |c| format!("{c:>11.2} µs"));
             println!(
-                "{:<26} {:>12} {:>10.0} {:>8.1}  loss {:>6.2}%",
+                "{:<26} {:>12} {:>10.0} {:>8.1} {:>12.2}% {:>14}",
                 label,
                 p.name(),
                 pps,
                 mbit,
-                loss * 100.0
+                loss * 100.0,
+                cpu
             );
         }
         let pps = |p| idx(p).map(|i| med(&udp[i][j], |r| r.pps));
-        print_ratios("pkt/s", &pps);
+        print_ratios("pkt/s", &pps, false);
+        let cpu = |p| idx(p).and_then(|i| cpu_med(&udp[i][j]));
+        print_ratios("CPU/pkt", &cpu, true);
     }
 }
 
-fn print_tcp(paths: &[(Path3, Option<SocketAddrV4>)], tcp: &[Vec<f64>]) {
+fn print_tcp(paths: &[(Path3, Option<&Proxy>)], tcp: &[Vec<TcpResult>]) {
     let idx = |p: Path3| paths.iter().position(|(q, _)| *q == p);
-    println!("\n{:<26} {:>12} {:>10}", "TCP download", "path", "Mbit/s");
-    let t = |p| idx(p).map(|i| median(&tcp[i]));
+    let mbit = |i: usize| median(&tcp[i].iter().map(|r| r.mbit).collect::<Vec<_>>());
+    let cpu = |i: usize| {
+        let c: Vec<f64> = tcp[i].iter().filter_map(|r| r.cpu_ns_per_byte).collect();
+        (!c.is_empty()).then(|| median(&c))
+    };
+    println!(
+        "\n{:<26} {:>12} {:>10} {:>15}",
+        "TCP download", "path", "Mbit/s", "proxy CPU/byte"
+    );
     for (i, (p, _)) in paths.iter().enumerate() {
-        println!("{:<26} {:>12} {:>10.0}", "", p.name(), median(&tcp[i]));
+        let c = cpu(i).map_or(String::new(), |c| format!("{c:>12.2} ns"));
+        println!("{:<26} {:>12} {:>10.0} {:>15}", "", p.name(), mbit(i), c);
     }
-    print_ratios("Mbit/s", &t);
+    print_ratios("Mbit/s", &|p| idx(p).map(mbit), false);
+    print_ratios("CPU/byte", &|p| idx(p).and_then(cpu), true);
 }
 
 /// mqproxy against direct, against each shadowsocks present and against the better of them.
-fn print_ratios(what: &str, figure: &dyn Fn(Path3) -> Option<f64>) {
-    let (Some(m), Some(d)) = (figure(Path3::Mqproxy), figure(Path3::Direct)) else {
+/// A `cost` (CPU per unit) is better when lower: its ratios are shadowsocks' over mqproxy's,
+/// so above 1 means mqproxy ahead, as for throughput.
+fn print_ratios(what: &str, figure: &dyn Fn(Path3) -> Option<f64>, cost: bool) {
+    let Some(m) = figure(Path3::Mqproxy) else {
         return;
     };
-    print!("{:<26} {what}: mqproxy/direct {:.3}", "", m / d);
+    print!("{:<26} {what}:", "");
+    match figure(Path3::Direct) {
+        Some(d) if !cost => print!(" mqproxy/direct {:.3}", m / d),
+        _ => {}
+    }
+    let ahead = |s: f64| if cost { s / m } else { m / s };
     let mut best: Option<(Path3, f64)> = None;
     for p in SS_PATHS {
         if let Some(s) = figure(p) {
-            print!(
-                "   {0}/direct {1:.3}   mqproxy/{0} {2:.3}",
-                p.name(),
-                s / d,
-                m / s
-            );
-            if best.is_none_or(|(_, b)| s > b) {
+            if cost {
+                print!("   {0}/mqproxy {1:.3}", p.name(), ahead(s));
+            } else {
+                print!("   mqproxy/{0} {1:.3}", p.name(), ahead(s));
+            }
+            if best.is_none_or(|(_, b)| ahead(s) < ahead(b)) {
                 best = Some((p, s));
             }
         }
     }
     if let Some((p, s)) = best {
-        print!("   mqproxy/better ss ({}) {:.3}", p.name(), m / s);
+        let label = if cost {
+            format!("better ss ({})/mqproxy", p.name())
+        } else {
+            format!("mqproxy/better ss ({})", p.name())
+        };
+        print!("   {label} {:.3}", ahead(s));
     }
     println!();
 }
