@@ -2,6 +2,8 @@
 //! `--metrics ADDR` (`GET /metrics`) by the workspace's shared responder,
 //! [`netkit::prometheus::serve`].
 
+#![cfg(feature = "runtime")]
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

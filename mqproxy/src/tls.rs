@@ -2,6 +2,8 @@
 //! start and kept in the state directory) and the client's verification (a pinned SHA-256
 //! fingerprint, a CA file, or an explicit `--insecure`).
 
+#![cfg(feature = "runtime")]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 //! direct here, through a relay session in [`crate::relay_session`]), the shared transport parameters,
 //! and control-frame IO on streams.
 
+#![cfg(feature = "runtime")]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

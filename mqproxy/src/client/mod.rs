@@ -2,6 +2,8 @@
 //! traffic rides an authenticated QUIC connection to the server (one per path with `--path`),
 //! each re-established with jittered backoff whenever it drops.
 
+#![cfg(feature = "runtime")]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -2,6 +2,8 @@
 //! (`--config`) uses the long flag names as keys; the command line overrides the file, which
 //! overrides the defaults.
 
+#![cfg(feature = "runtime")]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

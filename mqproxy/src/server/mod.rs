@@ -3,6 +3,8 @@
 //! sessions under the destination policy (no loopback, private or link-local targets unless
 //! allowed).
 
+#![cfg(feature = "runtime")]
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
