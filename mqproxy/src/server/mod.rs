@@ -35,7 +35,7 @@ use crate::proto::{
     self, AuthStatus, CloseReason, ConnectStatus, Frame, TargetAddr, UdpStatus, BUNDLE_ID_LEN,
     FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
-use crate::tls::{self, ServerCert, TlsError};
+use crate::tls::{self, ServerCert};
 use crate::transport::{self, FrameReader, TransportError};
 use crate::udp::{PreOpenBuffer, Session, SessionTable};
 
@@ -111,22 +111,9 @@ impl ServerConfig {
     }
 }
 
-/// Server start-up errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// Certificate problems.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The listening socket could not be bound.
-    #[error("binding {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+/// Server start-up errors: certificate problems, or the listening socket (the same start-up
+/// errors a client has, [`ClientError::Start`](crate::client::ClientError::Start)).
+pub type ServerError = transport::StartError;
 
 pub(crate) struct ServerState {
     /// Multipath bundles by id; an entry lives while a path connection (or the grace period
