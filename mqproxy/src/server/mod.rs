@@ -111,8 +111,8 @@ impl ServerConfig {
     }
 }
 
-/// Server start-up errors: certificate problems, or the listening socket (the same start-up
-/// errors a client has, [`ClientError::Start`](crate::client::ClientError::Start)).
+/// Server start-up errors: certificate problems, or the listening socket (the client's
+/// `ClientError::Start` wraps the same type).
 pub type ServerError = transport::StartError;
 
 pub(crate) struct ServerState {
