@@ -33,35 +33,25 @@
 //! - [`config`]: command-line and TOML options for both roles.
 //!
 //! Everything but `defaults`, `proto`, `socks`, `policy`, `multipath::sched` and
-//! `datagram_rx` needs the default `runtime` feature.
+//! `datagram_rx` needs the default `runtime` feature: the other modules open with
+//! `#![cfg(feature = "runtime")]`, so the list below stays one line a module.
 
-#[cfg(feature = "runtime")]
 pub mod client;
-#[cfg(feature = "runtime")]
 pub mod config;
 pub mod datagram_rx;
 pub mod defaults;
-#[cfg(feature = "runtime")]
 pub mod logging;
-#[cfg(feature = "runtime")]
 pub mod metrics;
 pub mod multipath;
 pub mod policy;
 pub mod proto;
-#[cfg(feature = "runtime")]
 pub mod relay_session;
-#[cfg(feature = "runtime")]
 pub mod server;
 pub mod socks;
-#[cfg(feature = "runtime")]
 pub mod tls;
-#[cfg(feature = "runtime")]
 pub mod transport;
-#[cfg(feature = "runtime")]
 pub mod udp;
-#[cfg(feature = "runtime")]
 pub mod udpsocks;
-#[cfg(feature = "runtime")]
 pub mod uot;
 
 #[cfg(feature = "runtime")]

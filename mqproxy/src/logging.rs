@@ -2,6 +2,8 @@
 //! when stderr is a terminal and `NO_COLOR` is unset, and [`Escaped`] for text a peer chose
 //! (a close reason inside an error, say) that reaches a log line through `Display`.
 
+#![cfg(feature = "runtime")]
+
 use std::fmt;
 
 /// The binaries' subscriber (stderr, `RUST_LOG` or else the given filter, colours only on a

@@ -2,12 +2,22 @@
 //! `--metrics ADDR` (`GET /metrics`) by the workspace's shared responder,
 //! [`netkit::prometheus::serve`].
 
+#![cfg(feature = "runtime")]
+
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::multipath::PathReport;
 use crate::relay_session::PathMetrics;
+
+/// A table of families, one row each: the help as a doc comment, then `KIND NAME => field,`
+/// (how to read the family's value from a path's record). Gives `[(name, kind, help, field)]`.
+macro_rules! families {
+    ($($(#[doc = $help:literal])+ $kind:ident $name:ident => $field:expr,)*) => {
+        [$((stringify!($name), Kind::$kind, concat!($($help),+).trim_start(), $field)),*]
+    };
+}
 
 /// Exposition text under construction. Each family's `# HELP` and `# TYPE` come once, before
 /// its samples, as the format requires.
@@ -70,50 +80,22 @@ impl Exposition {
     /// the server its bundle).
     pub fn paths(&mut self, paths: &[(Vec<(&'static str, String)>, PathReport)]) {
         type Field = fn(&PathReport) -> f64;
-        let families: [(&str, Kind, &str, Field); 7] = [
-            (
-                "mqproxy_path_usable",
-                Kind::Gauge,
-                "1 while the path is scheduled on (connected and not silent).",
-                |r| f64::from(u8::from(r.usable)),
-            ),
-            (
-                "mqproxy_path_rtt_seconds",
-                Kind::Gauge,
-                "Smoothed round-trip time of the path's QUIC connection.",
-                |r| r.rtt.as_secs_f64(),
-            ),
-            (
-                "mqproxy_path_cwnd_bytes",
-                Kind::Gauge,
-                "Congestion window of the path's QUIC connection.",
-                |r| r.cwnd as f64,
-            ),
-            (
-                "mqproxy_path_sent_packets_total",
-                Kind::Counter,
-                "Packets sent on the path's current connection.",
-                |r| r.sent_packets as f64,
-            ),
-            (
-                "mqproxy_path_lost_packets_total",
-                Kind::Counter,
-                "Packets declared lost on the path's current connection.",
-                |r| r.lost_packets as f64,
-            ),
-            (
-                "mqproxy_path_tx_bytes_total",
-                Kind::Counter,
-                "UDP bytes sent on the path's current connection.",
-                |r| r.tx_bytes as f64,
-            ),
-            (
-                "mqproxy_path_rx_bytes_total",
-                Kind::Counter,
-                "UDP bytes received on the path's current connection.",
-                |r| r.rx_bytes as f64,
-            ),
-        ];
+        let families: [(&str, Kind, &str, Field); 7] = families! {
+            /// 1 while the path is scheduled on (connected and not silent).
+            Gauge mqproxy_path_usable => |r| f64::from(u8::from(r.usable)),
+            /// Smoothed round-trip time of the path's QUIC connection.
+            Gauge mqproxy_path_rtt_seconds => |r| r.rtt.as_secs_f64(),
+            /// Congestion window of the path's QUIC connection.
+            Gauge mqproxy_path_cwnd_bytes => |r| r.cwnd as f64,
+            /// Packets sent on the path's current connection.
+            Counter mqproxy_path_sent_packets_total => |r| r.sent_packets as f64,
+            /// Packets declared lost on the path's current connection.
+            Counter mqproxy_path_lost_packets_total => |r| r.lost_packets as f64,
+            /// UDP bytes sent on the path's current connection.
+            Counter mqproxy_path_tx_bytes_total => |r| r.tx_bytes as f64,
+            /// UDP bytes received on the path's current connection.
+            Counter mqproxy_path_rx_bytes_total => |r| r.rx_bytes as f64,
+        };
         for (name, kind, help, field) in families {
             self.family(name, kind, help);
             for (labels, r) in paths {
@@ -126,32 +108,16 @@ impl Exposition {
     /// Which path a peer-sdk (relay session) connection uses, per relay-session path.
     pub fn relay_paths(&mut self, relay: &[(String, Arc<PathMetrics>)]) {
         type Field = fn(&PathMetrics) -> &AtomicU64;
-        let families: [(&str, Kind, &str, Field); 4] = [
-            (
-                "mqproxy_relay_session_direct",
-                Kind::Gauge,
-                "1 while the relay-session connection runs on a hole-punched direct path.",
-                |m| &m.direct,
-            ),
-            (
-                "mqproxy_relay_session_relayed",
-                Kind::Gauge,
-                "1 while the relay-session connection runs through the relay.",
-                |m| &m.relayed,
-            ),
-            (
-                "mqproxy_relay_session_connections_total",
-                Kind::Counter,
-                "Connections established through the relay session.",
-                |m| &m.connections,
-            ),
-            (
-                "mqproxy_relay_session_path_changes_total",
-                Kind::Counter,
-                "Moves of a live relay-session connection between the direct and relay paths.",
-                |m| &m.path_changes,
-            ),
-        ];
+        let families: [(&str, Kind, &str, Field); 4] = families! {
+            /// 1 while the relay-session connection runs on a hole-punched direct path.
+            Gauge mqproxy_relay_session_direct => |m| &m.direct,
+            /// 1 while the relay-session connection runs through the relay.
+            Gauge mqproxy_relay_session_relayed => |m| &m.relayed,
+            /// Connections established through the relay session.
+            Counter mqproxy_relay_session_connections_total => |m| &m.connections,
+            /// Moves of a live relay-session connection between the direct and relay paths.
+            Counter mqproxy_relay_session_path_changes_total => |m| &m.path_changes,
+        };
         for (name, kind, help, field) in families {
             self.family(name, kind, help);
             for (path, m) in relay {

@@ -8,6 +8,8 @@
 //! carries the connection ([`PathMetrics`]) and a live connection's watcher; the client's
 //! dialer is in `client::relay`, the server's front end in `server::relay`.
 
+#![cfg(feature = "runtime")]
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

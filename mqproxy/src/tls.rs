@@ -2,16 +2,16 @@
 //! start and kept in the state directory) and the client's verification (a pinned SHA-256
 //! fingerprint, a CA file, or an explicit `--insecure`).
 
+#![cfg(feature = "runtime")]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use peer_sdk::tls::{Fingerprint, PinnedVerifier};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::proto::ALPN;
 
@@ -203,51 +203,9 @@ pub fn rustls_client_config(verify: &ClientVerify) -> Result<Arc<rustls::ClientC
             .with_no_client_auth(),
         ClientVerify::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(PinnedVerifier::new(
-                Fingerprint([0; 32]),
-            ))))
+            .with_custom_certificate_verifier(PinnedVerifier::any_certificate())
             .with_no_client_auth(),
     };
     c.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(c))
-}
-
-/// `--insecure`: accepts any certificate. Handshake signatures are still checked (by peer-sdk's
-/// verifier, whose pin is never consulted here), so the server must hold the key it presents.
-#[derive(Debug)]
-struct AnyCertificate(Arc<PinnedVerifier>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
 }

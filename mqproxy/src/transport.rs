@@ -2,6 +2,8 @@
 //! direct here, through a relay session in [`crate::relay_session`]), the shared transport parameters,
 //! and control-frame IO on streams.
 
+#![cfg(feature = "runtime")]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +17,24 @@ use crate::defaults::{
     STREAM_WINDOW, UDP_SOCKET_BUFFER,
 };
 use crate::proto::{self, DecodeError, Frame};
+use crate::tls::TlsError;
+
+/// Why a server or client could not start: its TLS configuration, or a socket it binds.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Certificate or TLS configuration problems.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listening socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// Errors moving frames over a stream or dialing.
 #[derive(Debug, thiserror::Error)]

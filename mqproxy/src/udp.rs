@@ -3,6 +3,8 @@
 //! UDP_SESSION_OPEN, and idle timing. The buffer and activity clock are pure; the socket loop
 //! that uses them lives in [`crate::server`].
 
+#![cfg(feature = "runtime")]
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,8 @@
 //! by the tests and the benchmark. Not a general SOCKS library: no authentication methods
 //! beyond "none" and username/password.
 
+#![cfg(feature = "runtime")]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -3,10 +3,8 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, Once};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -16,8 +14,8 @@ use crate::cleanup;
 use crate::ipv6::{self, Stack};
 use crate::nat::{self, NatType, PortMapping, WAN_IF};
 use crate::netns::{
-    configure_namespace_with, create_namespace, ip, netns_exec, open_tap_in, run_in_netns,
-    spawn_thread_in, write_sysctls, Children, NAME_PREFIX,
+    configure_namespace_with, create_namespace, ip, netns_exec, open_tap_in, write_sysctls,
+    Children, NAME_PREFIX,
 };
 use crate::probe::{ProbeOptions, ProbeServers, PROBE_PORT, RELAY_IP, RELAY_IP2};
 use crate::tools::{self, Tools};
@@ -553,39 +551,7 @@ impl Lab {
         self.probe_opts
     }
 
-    /// Runs `f` on a new thread inside namespace `ns` and returns its result.
-    ///
-    /// Sockets `f` creates (std, socket2, tokio) belong to `ns`, and so do threads it starts,
-    /// including the workers of a tokio runtime built inside `f`. A panic in `f` is resumed here,
-    /// so assertions inside `f` fail the test as usual.
-    pub fn run_in<T, F>(&self, ns: &str, f: F) -> Result<T>
-    where
-        F: FnOnce() -> T + Send,
-        T: Send,
-    {
-        run_in_netns(ns, f)
-    }
-
-    /// Starts `f` on a new thread inside namespace `ns`, for servers a test runs while it goes
-    /// on (a relay in [`Lab::relay_ns`], say). The caller owns the thread and must make `f`
-    /// return (a stop flag, a closed socket) before the lab is dropped.
-    pub fn spawn_thread<T, F>(&self, ns: &str, f: F) -> Result<JoinHandle<T>>
-    where
-        F: FnOnce() -> T + Send + 'static,
-        T: Send + 'static,
-    {
-        spawn_thread_in(ns, f)
-    }
-
-    /// Spawns `cmd` inside namespace `ns`, keeping everything set on it (arguments, environment,
-    /// stdio, working directory). The child is killed (with its process group) when the lab is
-    /// dropped, if it has not exited before.
-    ///
-    /// The child enters the namespace between fork and exec (like `ip netns exec`, without the
-    /// `/sys` remount, which nothing here needs); it becomes a process-group leader.
-    pub fn spawn(&self, ns: &str, cmd: Command) -> Result<Child> {
-        self.children.spawn(ns, cmd)
-    }
+    crate::netns::namespace_methods!();
 
     /// Empties router `side`'s connection tracking table (`conntrack -F`): every NAT mapping is
     /// forgotten, and replies to old flows are dropped until the inside sends again.

@@ -13,15 +13,13 @@
 //! Everything is inside 198.18.0.0/15; the namespaces have no link to the host's network.
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Command};
 
 use anyhow::{Context as _, Result};
 use tracing::{debug, warn};
 
 use crate::lab::new_prefix;
 use crate::netns::{
-    configure_namespace, create_namespace, ip, open_tap_in, run_in_netns, spawn_thread_in,
-    write_sysctls, Children,
+    configure_namespace, create_namespace, ip, open_tap_in, run_in_netns, write_sysctls, Children,
 };
 use crate::wire::{LinkShape, Wire};
 use crate::{cleanup, tools};
@@ -187,29 +185,7 @@ impl MultipathLab {
         })?
     }
 
-    /// Runs `f` on a thread inside namespace `ns` (see [`crate::Lab::run_in`]).
-    pub fn run_in<T, F>(&self, ns: &str, f: F) -> Result<T>
-    where
-        F: FnOnce() -> T + Send,
-        T: Send,
-    {
-        run_in_netns(ns, f)
-    }
-
-    /// Starts `f` on a new thread inside namespace `ns`, for servers a test runs while it goes
-    /// on; the caller makes `f` return before the lab is dropped.
-    pub fn spawn_thread<T, F>(&self, ns: &str, f: F) -> Result<std::thread::JoinHandle<T>>
-    where
-        F: FnOnce() -> T + Send + 'static,
-        T: Send + 'static,
-    {
-        spawn_thread_in(ns, f)
-    }
-
-    /// Spawns `cmd` inside namespace `ns`; killed with its process group when the lab drops.
-    pub fn spawn(&self, ns: &str, cmd: Command) -> Result<Child> {
-        self.children.spawn(ns, cmd)
-    }
+    crate::netns::namespace_methods!();
 }
 
 impl Drop for MultipathLab {

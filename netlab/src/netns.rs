@@ -46,6 +46,55 @@ impl Children {
     }
 }
 
+/// The methods both labs ([`crate::Lab`], [`crate::MultipathLab`]) offer to run code in their
+/// namespaces, over the lab's `children` field; expanded inside each lab's `impl`.
+macro_rules! namespace_methods {
+    () => {
+        /// Runs `f` on a new thread inside namespace `ns` and returns its result.
+        ///
+        /// Sockets `f` creates (std, socket2, tokio) belong to `ns`, and so do threads it
+        /// starts, including the workers of a tokio runtime built inside `f`. A panic in `f` is
+        /// resumed here, so assertions inside `f` fail the test as usual.
+        pub fn run_in<T, F>(&self, ns: &str, f: F) -> anyhow::Result<T>
+        where
+            F: FnOnce() -> T + Send,
+            T: Send,
+        {
+            $crate::netns::run_in_netns(ns, f)
+        }
+
+        /// Starts `f` on a new thread inside namespace `ns`, for servers a test runs while it
+        /// goes on (a relay, say). The caller owns the thread and must make `f` return (a stop
+        /// flag, a closed socket) before the lab is dropped.
+        pub fn spawn_thread<T, F>(
+            &self,
+            ns: &str,
+            f: F,
+        ) -> anyhow::Result<std::thread::JoinHandle<T>>
+        where
+            F: FnOnce() -> T + Send + 'static,
+            T: Send + 'static,
+        {
+            $crate::netns::spawn_thread_in(ns, f)
+        }
+
+        /// Spawns `cmd` inside namespace `ns`, keeping everything set on it (arguments,
+        /// environment, stdio, working directory). The child is killed (with its process
+        /// group) when the lab is dropped, if it has not exited before.
+        ///
+        /// The child enters the namespace between fork and exec (like `ip netns exec`, without
+        /// the `/sys` remount, which nothing here needs); it becomes a process-group leader.
+        pub fn spawn(
+            &self,
+            ns: &str,
+            cmd: std::process::Command,
+        ) -> anyhow::Result<std::process::Child> {
+            self.children.spawn(ns, cmd)
+        }
+    };
+}
+pub(crate) use namespace_methods;
+
 /// Starts `f` on a new thread that has entered namespace `ns`.
 pub(crate) fn spawn_thread_in<T, F>(ns: &str, f: F) -> Result<JoinHandle<T>>
 where

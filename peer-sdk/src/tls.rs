@@ -141,7 +141,8 @@ fn provider() -> Arc<CryptoProvider> {
 /// must hold the key. Public so that other QUIC clients of this workspace pin the same way.
 #[derive(Debug)]
 pub struct PinnedVerifier {
-    pin: Fingerprint,
+    /// The certificate accepted; `None` for [`PinnedVerifier::any_certificate`].
+    pin: Option<Fingerprint>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -149,7 +150,17 @@ impl PinnedVerifier {
     /// A verifier that accepts only the certificate with fingerprint `pin` (ring provider).
     pub fn new(pin: Fingerprint) -> Arc<Self> {
         Arc::new(PinnedVerifier {
-            pin,
+            pin: Some(pin),
+            provider: provider(),
+        })
+    }
+
+    /// A verifier that accepts any certificate, for a client told not to verify its server
+    /// (mqproxy's `--insecure`): anyone on the path can then pose as the server. Handshake
+    /// signatures are still checked, so the server must at least hold the key it presents.
+    pub fn any_certificate() -> Arc<Self> {
+        Arc::new(PinnedVerifier {
+            pin: None,
             provider: provider(),
         })
     }
@@ -164,7 +175,10 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if Fingerprint::of(end_entity) == self.pin {
+        if self
+            .pin
+            .is_none_or(|pin| Fingerprint::of(end_entity) == pin)
+        {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -218,7 +232,7 @@ pub(crate) fn client_config(tls: &ClientTls, alpn: &[u8]) -> Result<quinn::Clien
                 .map_err(|e| Error::Tls(e.to_string()))?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                    pin: *pin,
+                    pin: Some(*pin),
                     provider,
                 }))
                 .with_no_client_auth();

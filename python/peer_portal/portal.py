@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from . import _core
 from .exceptions import ConnectionError, PeerTimeoutError, PortalError
@@ -74,21 +74,31 @@ def _rendezvous_info(listener: "_core.Listener", relay: str) -> Dict[str, str]:
     return {"session": listener.session, "fingerprint": listener.fingerprint, "relay": relay}
 
 
+def _dict_entry(d: Any, deadline: float, peer_timeout: float) -> Optional[Dict[str, str]]:
+    """The server's entry in the rendezvous dict, or ``None`` while it is not there yet; raises
+    PeerTimeoutError once ``deadline`` (a ``time.monotonic()`` instant) has passed. The sync
+    and asyncio clients poll it, each sleeping its own way."""
+    try:
+        info = d[DICT_KEY]
+    except KeyError:
+        info = None
+    if info is not None:
+        return _check_info(info)
+    if time.monotonic() >= deadline:
+        raise PeerTimeoutError(
+            f"no server wrote {DICT_KEY!r} into the rendezvous dict within {peer_timeout} s: "
+            "is Portal.create_server running with the same dict?"
+        )
+    return None
+
+
 def _read_dict(d: Any, peer_timeout: float) -> Dict[str, str]:
     """Waits for the server's entry in the rendezvous dict."""
     deadline = time.monotonic() + peer_timeout
     while True:
-        try:
-            info = d[DICT_KEY]
-        except KeyError:
-            info = None
+        info = _dict_entry(d, deadline, peer_timeout)
         if info is not None:
-            return _check_info(info)
-        if time.monotonic() >= deadline:
-            raise PeerTimeoutError(
-                f"no server wrote {DICT_KEY!r} into the rendezvous dict within {peer_timeout} s: "
-                "is Portal.create_server running with the same dict?"
-            )
+            return info
         time.sleep(DICT_POLL_S)
 
 
@@ -100,6 +110,94 @@ def _check_info(info: Any) -> Dict[str, str]:
             f"the rendezvous dict's {DICT_KEY!r} entry is {info!r}: expected a dict with "
             "session, fingerprint and relay (written by peer_portal's create_server)"
         ) from e
+
+
+def _server_checks(relay: Optional[str], dict: Any, on_ready: Any) -> str:
+    """The relay create_server needs, and a rendezvous to publish to (sync and asyncio)."""
+    if relay is None:
+        raise ValueError(
+            "create_server needs relay=\"host:port\": peer_portal meets the client through "
+            "a quic-relay (run one with `quic-relay`)"
+        )
+    if dict is None and on_ready is None:
+        raise ValueError(
+            "create_server needs dict= (the rendezvous shared with the client) or on_ready= "
+            "(a callback that hands the session and fingerprint to the client)"
+        )
+    return relay
+
+
+def _publish(
+    info: Dict[str, str], dict: Any, on_ready: Optional[Callable[[Dict[str, str]], None]]
+) -> None:
+    """Hands the rendezvous to the client: into ``dict``, to ``on_ready``, or both."""
+    if dict is not None:
+        dict[DICT_KEY] = info
+    if on_ready is not None:
+        on_ready(info)
+
+
+def _bind(
+    bind: Callable[..., Any],
+    relay: str,
+    session: Optional[str],
+    relay_only: bool,
+    local_port: int,
+    register_timeout: float,
+    direct_timeout: float,
+) -> Any:
+    """Calls ``_core.bind`` or ``_core.bind_async`` (a new random session when ``None``)."""
+    return bind(
+        relay,
+        session or _core.new_session(),
+        relay_only=relay_only,
+        local_port=local_port,
+        register_timeout=register_timeout,
+        direct_timeout=direct_timeout,
+    )
+
+
+def _client_target(
+    info: Optional[Dict[str, str]],
+    relay: Optional[str],
+    session: Optional[str],
+    pin: Optional[str],
+) -> Tuple[str, str, str]:
+    """Relay, session and pin for the client: as given, else from the rendezvous ``info``."""
+    if info is not None:
+        session = session or info["session"]
+        pin = pin or info["fingerprint"]
+        relay = relay or info["relay"]
+    if relay is None or session is None or pin is None:
+        raise ValueError(
+            "create_client needs dict= (written by create_server) or relay=, session= and "
+            "pin= (the server's fingerprint)"
+        )
+    return relay, session, pin
+
+
+def _connect(
+    connect: Callable[..., Any],
+    target: Tuple[str, str, str],
+    relay_only: bool,
+    local_port: int,
+    register_timeout: float,
+    peer_left: float,
+    direct_timeout: float,
+) -> Any:
+    """Calls ``_core.connect`` or ``_core.connect_async``; ``peer_left`` is what remains of
+    ``peer_timeout`` after waiting for the dict (never negative)."""
+    relay, session, pin = target
+    return connect(
+        relay,
+        session,
+        pin,
+        relay_only=relay_only,
+        local_port=local_port,
+        register_timeout=register_timeout,
+        peer_timeout=max(0.0, peer_left),
+        direct_timeout=direct_timeout,
+    )
 
 
 class Listener:
@@ -154,13 +252,8 @@ def listen(
     ("host:port") with a fresh self-signed certificate. Blocks until the relay answered.
 
     Raises RelayUnreachableError, RelayRefusedError, ValueError (a bad relay or session)."""
-    core = _core.bind(
-        relay,
-        session or _core.new_session(),
-        relay_only=relay_only,
-        local_port=local_port,
-        register_timeout=register_timeout,
-        direct_timeout=direct_timeout,
+    core = _bind(
+        _core.bind, relay, session, relay_only, local_port, register_timeout, direct_timeout
     )
     return Listener(core, relay)
 
@@ -221,30 +314,14 @@ class Portal:
             the connected Portal.
         """
         _compat_ignored(stun_servers, punch_timeout, transport_options)
-        if relay is None:
-            raise ValueError(
-                "create_server needs relay=\"host:port\": peer_portal meets the client through "
-                "a quic-relay (run one with `quic-relay`)"
-            )
-        if dict is None and on_ready is None:
-            raise ValueError(
-                "create_server needs dict= (the rendezvous shared with the client) or on_ready= "
-                "(a callback that hands the session and fingerprint to the client)"
-            )
-        listener = listen(
-            relay,
-            session,
-            relay_only=relay_only,
-            local_port=local_port,
-            register_timeout=register_timeout,
-            direct_timeout=direct_timeout,
+        relay = _server_checks(relay, dict, on_ready)
+        core = _bind(
+            _core.bind, relay, session, relay_only, local_port, register_timeout, direct_timeout
         )
+        listener = Listener(core, relay)
         info = listener.info
         logger.info("registered: session %s, fingerprint %s", info["session"], info["fingerprint"])
-        if dict is not None:
-            dict[DICT_KEY] = info
-        if on_ready is not None:
-            on_ready(info)
+        _publish(info, dict, on_ready)
         return listener.accept()
 
     @staticmethod
@@ -285,26 +362,11 @@ class Portal:
         """
         _compat_ignored(stun_servers, punch_timeout, transport_options)
         start = time.monotonic()
-        if dict is not None:
-            info = _read_dict(dict, peer_timeout)
-            session = session or info["session"]
-            pin = pin or info["fingerprint"]
-            relay = relay or info["relay"]
-        if relay is None or session is None or pin is None:
-            raise ValueError(
-                "create_client needs dict= (written by create_server) or relay=, session= and "
-                "pin= (the server's fingerprint)"
-            )
-        left = max(0.0, peer_timeout - (time.monotonic() - start))
-        conn = _core.connect(
-            relay,
-            session,
-            pin,
-            relay_only=relay_only,
-            local_port=local_port,
-            register_timeout=register_timeout,
-            peer_timeout=left,
-            direct_timeout=direct_timeout,
+        info = None if dict is None else _read_dict(dict, peer_timeout)
+        target = _client_target(info, relay, session, pin)
+        left = peer_timeout - (time.monotonic() - start)
+        conn = _connect(
+            _core.connect, target, relay_only, local_port, register_timeout, left, direct_timeout
         )
         return Portal(conn)
 
@@ -398,23 +460,12 @@ class AsyncPortal:
         on_ready: Optional[Callable[[Dict[str, str]], None]] = None,
     ) -> "AsyncPortal":
         """As :meth:`Portal.create_server`, without blocking the event loop."""
-        if relay is None:
-            raise ValueError("create_server needs relay=\"host:port\"")
-        if dict is None and on_ready is None:
-            raise ValueError("create_server needs dict= or on_ready=")
-        core = await _core.bind_async(
-            relay,
-            session or _core.new_session(),
-            relay_only=relay_only,
-            local_port=local_port,
-            register_timeout=register_timeout,
-            direct_timeout=direct_timeout,
+        relay = _server_checks(relay, dict, on_ready)
+        bind = _core.bind_async
+        core = await _bind(
+            bind, relay, session, relay_only, local_port, register_timeout, direct_timeout
         )
-        info = _rendezvous_info(core, relay)
-        if dict is not None:
-            dict[DICT_KEY] = info
-        if on_ready is not None:
-            on_ready(info)
+        _publish(_rendezvous_info(core, relay), dict, on_ready)
         return AsyncPortal(await core.accept_async())
 
     @staticmethod
@@ -432,37 +483,15 @@ class AsyncPortal:
     ) -> "AsyncPortal":
         """As :meth:`Portal.create_client`, without blocking the event loop."""
         start = time.monotonic()
+        info = None
         if dict is not None:
-            deadline = start + peer_timeout
-            while True:
-                try:
-                    info = dict[DICT_KEY]
-                except KeyError:
-                    info = None
-                if info is not None:
-                    info = _check_info(info)
-                    break
-                if time.monotonic() >= deadline:
-                    raise PeerTimeoutError(
-                        f"no server wrote {DICT_KEY!r} into the rendezvous dict within "
-                        f"{peer_timeout} s"
-                    )
+            while (info := _dict_entry(dict, start + peer_timeout, peer_timeout)) is None:
                 await asyncio.sleep(DICT_POLL_S)
-            session = session or info["session"]
-            pin = pin or info["fingerprint"]
-            relay = relay or info["relay"]
-        if relay is None or session is None or pin is None:
-            raise ValueError("create_client needs dict= or relay=, session= and pin=")
-        left = max(0.0, peer_timeout - (time.monotonic() - start))
-        conn = await _core.connect_async(
-            relay,
-            session,
-            pin,
-            relay_only=relay_only,
-            local_port=local_port,
-            register_timeout=register_timeout,
-            peer_timeout=left,
-            direct_timeout=direct_timeout,
+        target = _client_target(info, relay, session, pin)
+        left = peer_timeout - (time.monotonic() - start)
+        connect = _core.connect_async
+        conn = await _connect(
+            connect, target, relay_only, local_port, register_timeout, left, direct_timeout
         )
         return AsyncPortal(conn)
 

@@ -159,40 +159,72 @@ fn sent(py: Python<'_>, r: Result<(), Failure>) -> PyResult<()> {
     r.map_err(|e| e.into_py(py))
 }
 
-impl Connection {
-    /// `recv` and `recv_async`: the next message, or `None` after `timeout_ms`.
-    fn recv_with<'py>(
-        &self,
-        py: Python<'py>,
-        wait: Wait,
-        timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let limit = timeout_of(timeout_ms)?;
-        let inner = self.inner.clone();
-        let fut = async move { within(limit, inner.recv()).await };
-        wait.run(py, fut, |py, r| match r {
-            None => Ok(py.None()),
-            Some(Ok(m)) => message_to_py(py, m),
-            Some(Err(e)) => Err(e.into_py(py)),
-        })
-    }
+/// What a method with an asyncio twin gives Python: the value (blocking) or an awaitable.
+type PyAwaitable<'py> = PyResult<Bound<'py, PyAny>>;
 
-    /// `recv_datagram` and `recv_datagram_async`: the next datagram, or `None` after
-    /// `timeout_ms`.
-    fn recv_datagram_with<'py>(
+/// What `recv*` and `recv_datagram*` wait for.
+#[derive(Clone, Copy)]
+enum Incoming {
+    /// The next message of the peer's message stream.
+    Message,
+    /// The next datagram.
+    Datagram,
+}
+
+/// A received message or datagram, as Python `bytes`.
+trait ToPyBytes: Send + 'static {
+    fn to_py_bytes(self, py: Python<'_>) -> PyResult<Py<PyAny>>;
+}
+
+impl ToPyBytes for Message {
+    fn to_py_bytes(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        message_to_py(py, self)
+    }
+}
+
+impl ToPyBytes for bytes::Bytes {
+    fn to_py_bytes(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(PyBytes::new(py, &self).into_any().unbind())
+    }
+}
+
+/// Waits (as `wait` says) for what `next` yields, for at most `timeout_ms`: its bytes, `None`
+/// on timeout, or the exception of its failure.
+fn bytes_or_none<'py, T: ToPyBytes>(
+    py: Python<'py>,
+    wait: Wait,
+    timeout_ms: Option<f64>,
+    next: impl Future<Output = Result<T, Failure>> + Send + 'static,
+) -> PyAwaitable<'py> {
+    let limit = timeout_of(timeout_ms)?;
+    wait.run(py, within(limit, next), |py, r| match r {
+        None => Ok(py.None()),
+        Some(Ok(v)) => v.to_py_bytes(py),
+        Some(Err(e)) => Err(e.into_py(py)),
+    })
+}
+
+impl Connection {
+    /// `recv`, `recv_datagram` and their asyncio twins: the next message or datagram, or `None`
+    /// after `timeout_ms`.
+    fn next_with<'py>(
         &self,
         py: Python<'py>,
+        what: Incoming,
         wait: Wait,
         timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let limit = timeout_of(timeout_ms)?;
-        let conn = self.inner.conn.clone();
-        let fut = async move { within(limit, conn.read_datagram()).await };
-        wait.run(py, fut, |py, r| match r {
-            None => Ok(py.None()),
-            Some(Ok(d)) => Ok(PyBytes::new(py, &d).into_any().unbind()),
-            Some(Err(e)) => Err(closed(&e).into_py(py)),
-        })
+    ) -> PyAwaitable<'py> {
+        match what {
+            Incoming::Message => {
+                let inner = self.inner.clone();
+                bytes_or_none(py, wait, timeout_ms, async move { inner.recv().await })
+            }
+            Incoming::Datagram => {
+                let conn = self.inner.conn.clone();
+                let next = async move { conn.read_datagram().await.map_err(|e| closed(&e)) };
+                bytes_or_none(py, wait, timeout_ms, next)
+            }
+        }
     }
 }
 
@@ -235,25 +267,21 @@ impl Connection {
     }
 
     /// `send` as an asyncio awaitable.
-    fn send_async<'py>(&self, py: Python<'py>, data: Vec<u8>) -> PyResult<Bound<'py, PyAny>> {
+    fn send_async<'py>(&self, py: Python<'py>, data: Vec<u8>) -> PyAwaitable<'py> {
         let inner = self.inner.clone();
         Wait::Async.run(py, async move { inner.send(&data).await }, sent)
     }
 
     /// The next message, or `None` when `timeout_ms` passes first (`None`: wait forever).
     #[pyo3(signature = (timeout_ms=None))]
-    fn recv<'py>(&self, py: Python<'py>, timeout_ms: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
-        self.recv_with(py, Wait::Block, timeout_ms)
+    fn recv<'py>(&self, py: Python<'py>, timeout_ms: Option<f64>) -> PyAwaitable<'py> {
+        self.next_with(py, Incoming::Message, Wait::Block, timeout_ms)
     }
 
     /// `recv` as an asyncio awaitable.
     #[pyo3(signature = (timeout_ms=None))]
-    fn recv_async<'py>(
-        &self,
-        py: Python<'py>,
-        timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        self.recv_with(py, Wait::Async, timeout_ms)
+    fn recv_async<'py>(&self, py: Python<'py>, timeout_ms: Option<f64>) -> PyAwaitable<'py> {
+        self.next_with(py, Incoming::Message, Wait::Async, timeout_ms)
     }
 
     /// Sends one unreliable datagram (it may be lost; at most `max_datagram_size` bytes).
@@ -273,12 +301,8 @@ impl Connection {
 
     /// The next datagram, or `None` when `timeout_ms` passes first.
     #[pyo3(signature = (timeout_ms=None))]
-    fn recv_datagram<'py>(
-        &self,
-        py: Python<'py>,
-        timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        self.recv_datagram_with(py, Wait::Block, timeout_ms)
+    fn recv_datagram<'py>(&self, py: Python<'py>, timeout_ms: Option<f64>) -> PyAwaitable<'py> {
+        self.next_with(py, Incoming::Datagram, Wait::Block, timeout_ms)
     }
 
     /// `recv_datagram` as an asyncio awaitable.
@@ -287,8 +311,8 @@ impl Connection {
         &self,
         py: Python<'py>,
         timeout_ms: Option<f64>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        self.recv_datagram_with(py, Wait::Async, timeout_ms)
+    ) -> PyAwaitable<'py> {
+        self.next_with(py, Incoming::Datagram, Wait::Async, timeout_ms)
     }
 
     /// The largest datagram the path takes now (`None` if the peer does not accept datagrams).

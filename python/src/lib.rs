@@ -247,16 +247,25 @@ fn relay_addr(relay: &str) -> Result<SocketAddr, Failure> {
         .ok_or_else(|| Failure::BadArgument(format!("relay {relay:?} resolves to no address")))
 }
 
-/// Builds the SDK options from the Python arguments.
-#[allow(clippy::too_many_arguments)]
+/// Builds the SDK options from the Python arguments `bind` and `connect` share (`timeouts`:
+/// register, peer and direct, in seconds), or the exception that names the bad one.
 fn options(
+    py: Python<'_>,
     relay: &str,
     session: &str,
     relay_only: bool,
     local_port: u16,
-    register_timeout_s: f64,
-    peer_timeout_s: f64,
-    direct_timeout_s: f64,
+    timeouts: [f64; 3],
+) -> PyResult<Options> {
+    options_of(relay, session, relay_only, local_port, timeouts).map_err(|e| e.into_py(py))
+}
+
+fn options_of(
+    relay: &str,
+    session: &str,
+    relay_only: bool,
+    local_port: u16,
+    [register_timeout_s, peer_timeout_s, direct_timeout_s]: [f64; 3],
 ) -> Result<Options, Failure> {
     let relay = relay_addr(relay)?;
     let session: Uuid = session.parse().map_err(|e| {
@@ -389,17 +398,9 @@ fn bind<'py>(
     direct_timeout: f64,
     _async: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let o = options(
-        relay,
-        session,
-        relay_only,
-        local_port,
-        register_timeout,
-        // The listener waits for its dialer without a limit.
-        0.0,
-        direct_timeout,
-    )
-    .map_err(|e| e.into_py(py))?;
+    // The listener waits for its dialer without a limit.
+    let timeouts = [register_timeout, 0.0, direct_timeout];
+    let o = options(py, relay, session, relay_only, local_port, timeouts)?;
     Wait::of(_async).run(py, bind_inner(o), |py, l| l.map_err(|e| e.into_py(py)))
 }
 
@@ -433,16 +434,8 @@ fn connect<'py>(
     _async: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let pin = parse_pin(py, pin)?;
-    let o = options(
-        relay,
-        session,
-        relay_only,
-        local_port,
-        register_timeout,
-        peer_timeout,
-        direct_timeout,
-    )
-    .map_err(|e| e.into_py(py))?;
+    let timeouts = [register_timeout, peer_timeout, direct_timeout];
+    let o = options(py, relay, session, relay_only, local_port, timeouts)?;
     Wait::of(_async).run(py, connect_inner(o, pin), |py, c| {
         c.map(Connection::new).map_err(|e| e.into_py(py))
     })

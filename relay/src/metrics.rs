@@ -12,6 +12,38 @@ use tokio::net::TcpListener;
 
 use crate::sessions::{RegResult, Stats};
 
+/// Calls `$family(name, kind, help, samples)` once per row, so the exposition reads as a
+/// table. A row is the family's help as a doc comment, then `KIND NAME = value;` for one
+/// unlabelled sample, `KIND NAME { label = "value" => sample, ... }` for labelled ones, or
+/// `KIND NAME in samples;` for samples built beforehand.
+macro_rules! families {
+    ($family:ident;) => {};
+    ($family:ident; $(#[doc = $help:literal])+ $kind:ident $name:ident $($row:tt)*) => {
+        families!(@row $family, concat!($($help),+).trim_start(), $kind, $name; $($row)*);
+    };
+    (@row $family:ident, $help:expr, $kind:ident, $name:ident; in $samples:expr; $($rest:tt)*) => {
+        $family(stringify!($name), stringify!($kind), $help, $samples);
+        families!($family; $($rest)*);
+    };
+    (@row $family:ident, $help:expr, $kind:ident, $name:ident; = $v:expr; $($rest:tt)*) => {
+        $family(stringify!($name), stringify!($kind), $help, &[("", $v)]);
+        families!($family; $($rest)*);
+    };
+    (
+        @row $family:ident, $help:expr, $kind:ident, $name:ident;
+        { $($key:ident = $val:literal => $v:expr),* $(,)? }
+        $($rest:tt)*
+    ) => {
+        $family(
+            stringify!($name),
+            stringify!($kind),
+            $help,
+            &[$((concat!(stringify!($key), "=\"", $val, "\""), $v)),*],
+        );
+        families!($family; $($rest)*);
+    };
+}
+
 /// Counters the loop adds to outside the state machine.
 #[derive(Debug, Default)]
 pub struct IoCounters {
@@ -110,15 +142,6 @@ impl Metrics {
                 }
             }
         };
-        family(
-            "quic_relay_sessions",
-            "gauge",
-            "Sessions by state.",
-            &[
-                ("state=\"paired\"", s.sessions_paired),
-                ("state=\"unpaired\"", s.sessions_unpaired),
-            ],
-        );
         let reg_labels: Vec<String> = RegResult::ALL
             .iter()
             .map(|r| format!("result=\"{}\"", r.label()))
@@ -128,136 +151,80 @@ impl Metrics {
             .zip(RegResult::ALL)
             .map(|(l, r)| (l.as_str(), s.reg(r)))
             .collect();
-        family(
-            "quic_relay_registrations_total",
-            "counter",
-            "Registrations by result (new, join, refresh, rebind, or the ERR reason).",
-            &reg_samples,
-        );
-        family(
-            "quic_relay_forwarded_packets_total",
-            "counter",
-            "Datagrams forwarded between members.",
-            &[("", s.forwarded_packets)],
-        );
-        family(
-            "quic_relay_forwarded_bytes_total",
-            "counter",
-            "Payload bytes forwarded between members.",
-            &[("", s.forwarded_bytes)],
-        );
-        family(
-            "quic_relay_dropped_packets_total",
-            "counter",
-            "Datagrams dropped, by reason.",
-            &[
-                ("reason=\"unknown_source\"", s.dropped_unknown_source),
-                ("reason=\"unpaired\"", s.dropped_unpaired),
-                ("reason=\"unverified\"", s.dropped_unverified),
-                ("reason=\"truncated\"", io(&self.io.truncated)),
-                ("reason=\"send_error\"", io(&self.io.send_errors)),
-            ],
-        );
-        family(
-            "quic_relay_replies_suppressed_total",
-            "counter",
-            "Replies not sent because they would have been longer than the request.",
-            &[("", s.replies_suppressed)],
-        );
-        family(
-            "quic_relay_sessions_expired_total",
-            "counter",
-            "Sessions removed for idleness, by the state they were in.",
-            &[
-                ("state=\"paired\"", s.expired_paired),
-                ("state=\"unpaired\"", s.expired_unpaired),
-            ],
-        );
-        family(
-            "quic_relay_cookies_rejected_total",
-            "counter",
-            "Extended registrations whose echoed cookie was wrong or stale.",
-            &[("", s.cookies_rejected)],
-        );
-        family(
-            "quic_relay_rate_table_full_total",
-            "counter",
-            "Registrations let through unmetered because the rate-limit table was full.",
-            &[("", s.rate_table_full)],
-        );
-        family(
-            "quic_relay_leaves_total",
-            "counter",
-            "Members that left a session: by BYE, ignored BYEs, or replaced after going silent.",
-            &[
-                ("how=\"bye\"", s.byes),
-                ("how=\"bye_ignored\"", s.byes_ignored),
-                ("how=\"stale_replaced\"", s.stale_replaced),
-                ("how=\"tcp_closed\"", s.tcp_left),
-                ("how=\"evicted_unconfirmed\"", s.evicted_unconfirmed),
-            ],
-        );
         let t = &self.tcp;
-        family(
-            "quic_relay_tcp_connections",
-            "gauge",
-            "TCP connections open now.",
-            &[("", io(&t.open))],
-        );
-        family(
-            "quic_relay_tcp_connections_total",
-            "counter",
-            "TCP connections: accepted, refused by a cap, and closed, by reason.",
-            &[
-                ("event=\"accepted\"", io(&t.accepted)),
-                ("event=\"refused_total_limit\"", io(&t.refused_total_limit)),
-                ("event=\"refused_ip_limit\"", io(&t.refused_ip_limit)),
-                ("event=\"closed_peer\"", io(&t.closed_peer)),
-                ("event=\"closed_malformed\"", io(&t.closed_malformed)),
-                (
-                    "event=\"closed_handshake_timeout\"",
-                    io(&t.closed_handshake_timeout),
-                ),
-                ("event=\"closed_idle\"", io(&t.closed_idle)),
-                ("event=\"closed_shutdown\"", io(&t.closed_shutdown)),
-                ("event=\"closed_evicted\"", io(&t.closed_evicted)),
-            ],
-        );
-        family(
-            "quic_relay_tcp_frames_total",
-            "counter",
-            "Frames on TCP connections: received, written, dropped at a full write queue, and \
-             datagrams from TCP members the UDP socket refused.",
-            &[
-                ("dir=\"in\"", io(&t.frames_in)),
-                ("dir=\"out\"", io(&t.frames_out)),
-                ("dir=\"dropped_queue_full\"", io(&t.dropped_queue_full)),
-                ("dir=\"dropped_budget\"", io(&t.dropped_budget)),
-                ("dir=\"udp_send_error\"", io(&t.udp_send_errors)),
-            ],
-        );
-        family(
-            "quic_relay_tcp_queued_bytes",
-            "gauge",
-            "Bytes waiting in the write queues of all TCP connections.",
-            &[("", io(&t.queued_bytes))],
-        );
-        family(
-            "quic_relay_gso_batches_total",
-            "counter",
-            "Bursts to one peer sent as one UDP GSO batch, and the datagrams in them.",
-            &[
-                ("unit=\"batches\"", io(&self.io.gso_batches)),
-                ("unit=\"datagrams\"", io(&self.io.gso_datagrams)),
-                ("unit=\"failed_batches\"", io(&self.io.gso_failures)),
-            ],
-        );
-        family(
-            "quic_relay_receive_errors_total",
-            "counter",
-            "Socket receive errors other than timeouts.",
-            &[("", io(&self.io.recv_errors))],
-        );
+        families! { family;
+            /// Sessions by state.
+            gauge quic_relay_sessions {
+                state = "paired" => s.sessions_paired,
+                state = "unpaired" => s.sessions_unpaired,
+            }
+            /// Registrations by result (new, join, refresh, rebind, or the ERR reason).
+            counter quic_relay_registrations_total in &reg_samples;
+            /// Datagrams forwarded between members.
+            counter quic_relay_forwarded_packets_total = s.forwarded_packets;
+            /// Payload bytes forwarded between members.
+            counter quic_relay_forwarded_bytes_total = s.forwarded_bytes;
+            /// Datagrams dropped, by reason.
+            counter quic_relay_dropped_packets_total {
+                reason = "unknown_source" => s.dropped_unknown_source,
+                reason = "unpaired" => s.dropped_unpaired,
+                reason = "unverified" => s.dropped_unverified,
+                reason = "truncated" => io(&self.io.truncated),
+                reason = "send_error" => io(&self.io.send_errors),
+            }
+            /// Replies not sent because they would have been longer than the request.
+            counter quic_relay_replies_suppressed_total = s.replies_suppressed;
+            /// Sessions removed for idleness, by the state they were in.
+            counter quic_relay_sessions_expired_total {
+                state = "paired" => s.expired_paired,
+                state = "unpaired" => s.expired_unpaired,
+            }
+            /// Extended registrations whose echoed cookie was wrong or stale.
+            counter quic_relay_cookies_rejected_total = s.cookies_rejected;
+            /// Registrations let through unmetered because the rate-limit table was full.
+            counter quic_relay_rate_table_full_total = s.rate_table_full;
+            /// Members that left a session: by BYE, ignored BYEs, or replaced after going silent.
+            counter quic_relay_leaves_total {
+                how = "bye" => s.byes,
+                how = "bye_ignored" => s.byes_ignored,
+                how = "stale_replaced" => s.stale_replaced,
+                how = "tcp_closed" => s.tcp_left,
+                how = "evicted_unconfirmed" => s.evicted_unconfirmed,
+            }
+            /// TCP connections open now.
+            gauge quic_relay_tcp_connections = io(&t.open);
+            /// TCP connections: accepted, refused by a cap, and closed, by reason.
+            counter quic_relay_tcp_connections_total {
+                event = "accepted" => io(&t.accepted),
+                event = "refused_total_limit" => io(&t.refused_total_limit),
+                event = "refused_ip_limit" => io(&t.refused_ip_limit),
+                event = "closed_peer" => io(&t.closed_peer),
+                event = "closed_malformed" => io(&t.closed_malformed),
+                event = "closed_handshake_timeout" => io(&t.closed_handshake_timeout),
+                event = "closed_idle" => io(&t.closed_idle),
+                event = "closed_shutdown" => io(&t.closed_shutdown),
+                event = "closed_evicted" => io(&t.closed_evicted),
+            }
+            /// Frames on TCP connections: received, written, dropped at a full write queue, and
+            /// datagrams from TCP members the UDP socket refused.
+            counter quic_relay_tcp_frames_total {
+                dir = "in" => io(&t.frames_in),
+                dir = "out" => io(&t.frames_out),
+                dir = "dropped_queue_full" => io(&t.dropped_queue_full),
+                dir = "dropped_budget" => io(&t.dropped_budget),
+                dir = "udp_send_error" => io(&t.udp_send_errors),
+            }
+            /// Bytes waiting in the write queues of all TCP connections.
+            gauge quic_relay_tcp_queued_bytes = io(&t.queued_bytes);
+            /// Bursts to one peer sent as one UDP GSO batch, and the datagrams in them.
+            counter quic_relay_gso_batches_total {
+                unit = "batches" => io(&self.io.gso_batches),
+                unit = "datagrams" => io(&self.io.gso_datagrams),
+                unit = "failed_batches" => io(&self.io.gso_failures),
+            }
+            /// Socket receive errors other than timeouts.
+            counter quic_relay_receive_errors_total = io(&self.io.recv_errors);
+        }
         out
     }
 }

@@ -2,6 +2,8 @@
 //! traffic rides an authenticated QUIC connection to the server (one per path with `--path`),
 //! each re-established with jittered backoff whenever it drops.
 
+#![cfg(feature = "runtime")]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,7 +34,7 @@ use crate::proto::{
 };
 use crate::socks::{self, SocksError};
 use crate::tls::{self, ClientVerify, TlsError};
-use crate::transport::{self, Dialer, FrameReader, QuicDialer, TransportError};
+use crate::transport::{self, Dialer, FrameReader, QuicDialer, StartError, TransportError};
 use crate::AbortOnDrop;
 
 mod ingress;
@@ -108,17 +110,9 @@ impl ClientConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// TLS configuration.
+    /// TLS configuration, or a listener that could not be bound.
     #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// A listener could not be bound.
-    #[error("binding {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
+    Start(#[from] StartError),
     /// Talking to the server failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -137,6 +131,12 @@ pub enum ClientError {
     /// Too many or no paths.
     #[error("{0} paths: between 1 and {MAX_PATHS} are supported")]
     Paths(usize),
+}
+
+impl From<TlsError> for ClientError {
+    fn from(e: TlsError) -> Self {
+        ClientError::Start(e.into())
+    }
 }
 
 /// Read access to a client's path health, for logs, metrics and tests.
@@ -225,7 +225,7 @@ impl<D: Dialer> Client<D> {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| ClientError::Bind { addr, source })
+                .map_err(|source| ClientError::Start(StartError::Bind { addr, source }))
         };
         let socks = bind(cfg.socks5).await?;
         let http = match cfg.http {

@@ -2,6 +2,8 @@
 //! (`--config`) uses the long flag names as keys; the command line overrides the file, which
 //! overrides the defaults.
 
+#![cfg(feature = "runtime")]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,6 +101,65 @@ fn resolve_token(token: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>
         });
     }
     Ok(t)
+}
+
+/// The options both roles have (`--metrics`, `--token`/`--token-file`, `--relay`,
+/// `--session`, `--relay-token`), taken out of either role's options so that both merge and
+/// check them the same way. Each role declares the fields itself: their help differs, and
+/// flattening a shared struct into a `deny_unknown_fields` TOML struct would lose the
+/// "unknown key, expected one of" diagnostics.
+struct Shared {
+    metrics: Option<SocketAddr>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    relay: Vec<String>,
+    session: Option<String>,
+    relay_token: Option<String>,
+}
+
+/// Moves the shared fields out of a `ServerOpts` or `ClientOpts`.
+macro_rules! shared_of {
+    ($opts:expr) => {
+        Shared {
+            metrics: $opts.metrics,
+            token: $opts.token,
+            token_file: $opts.token_file,
+            relay: $opts.relay,
+            session: $opts.session,
+            relay_token: $opts.relay_token,
+        }
+    };
+}
+
+/// The shared options resolved: the token, the relay session (if any) and `--metrics`.
+struct SharedConfig {
+    token: Vec<u8>,
+    relay: Option<RelayTarget>,
+    metrics: Option<SocketAddr>,
+}
+
+impl Shared {
+    /// Merges the command line (`self`) over the config `file` and checks the result.
+    fn resolve(self, file: Shared) -> Result<SharedConfig, ConfigError> {
+        let relay = resolve_relay(
+            if self.relay.is_empty() {
+                file.relay
+            } else {
+                self.relay
+            },
+            self.session.or(file.session),
+            self.relay_token.or(file.relay_token),
+        )?;
+        let token = resolve_token(
+            self.token.or(file.token),
+            self.token_file.or(file.token_file),
+        )?;
+        Ok(SharedConfig {
+            token,
+            relay,
+            metrics: self.metrics.or(file.metrics),
+        })
+    }
 }
 
 /// Most `--relay` flags: peer-sdk fails over along the list, and a handful of relays covers
@@ -321,10 +382,7 @@ impl ServerOpts {
     /// Reads `--config` (if any) and merges: command line over file over defaults.
     pub fn resolve(self) -> Result<ServerConfig, ConfigError> {
         let file: ServerOpts = load_file(self.config.as_deref())?;
-        let token = resolve_token(
-            self.token.or(file.token),
-            self.token_file.or(file.token_file),
-        )?;
+        let shared = shared_of!(self).resolve(shared_of!(file))?;
         let cert = match (self.cert.or(file.cert), self.key.or(file.key)) {
             (Some(cert), Some(key)) => ServerCert::Files { cert, key },
             (None, None) => ServerCert::SelfSigned(
@@ -334,24 +392,16 @@ impl ServerOpts {
             ),
             _ => return Err(ConfigError::Missing("--cert and --key together")),
         };
-        let relay = resolve_relay(
-            if self.relay.is_empty() {
-                file.relay
-            } else {
-                self.relay
-            },
-            self.session.or(file.session),
-            self.relay_token.or(file.relay_token),
-        )?;
+        let relay = shared.relay;
         let listen = self.listen.or(file.listen);
         // --relay alone: the relay session only. With --listen as well: both front ends, so
         // a multipath client's direct paths and its relay path join one bundle.
         let also_listen = relay.is_some() && listen.is_some();
         let listen = listen.unwrap_or_else(|| "0.0.0.0:4433".parse().expect("literal"));
-        let mut c = ServerConfig::new(listen, token, cert);
+        let mut c = ServerConfig::new(listen, shared.token, cert);
         c.relay = relay;
         c.also_listen = also_listen;
-        c.metrics = self.metrics.or(file.metrics);
+        c.metrics = shared.metrics;
         if let Some(s) = self.udp_idle_timeout.or(file.udp_idle_timeout) {
             c.udp_idle_timeout = positive_secs("--udp-idle-timeout", s)?;
         }
@@ -500,15 +550,8 @@ impl ClientOpts {
     /// Reads `--config` (if any) and merges: command line over file over defaults.
     pub fn resolve(self) -> Result<ClientConfig, ConfigError> {
         let file: ClientOpts = load_file(self.config.as_deref())?;
-        let relay = resolve_relay(
-            if self.relay.is_empty() {
-                file.relay
-            } else {
-                self.relay
-            },
-            self.session.or(file.session),
-            self.relay_token.or(file.relay_token),
-        )?;
+        let shared = shared_of!(self).resolve(shared_of!(file))?;
+        let relay = shared.relay;
         let paths = if self.path.is_empty() {
             file.path
         } else {
@@ -545,10 +588,6 @@ impl ClientOpts {
                 })
             }
         };
-        let token = resolve_token(
-            self.token.or(file.token),
-            self.token_file.or(file.token_file),
-        )?;
         let pin = self.server_cert_sha256.or(file.server_cert_sha256);
         let ca = self.ca.or(file.ca);
         let insecure = self.insecure || file.insecure;
@@ -581,10 +620,10 @@ impl ClientOpts {
             (ClientVerify::Ca(_), None) => host,
             _ => crate::tls::SELF_SIGNED_NAME.to_owned(),
         };
-        let mut c = ClientConfig::new(server, token, verify);
+        let mut c = ClientConfig::new(server, shared.token, verify);
         c.server_name = server_name;
         c.relay = relay;
-        c.metrics = self.metrics.or(file.metrics);
+        c.metrics = shared.metrics;
         if let Some(a) = self.socks5.or(file.socks5) {
             c.socks5 = a;
         }

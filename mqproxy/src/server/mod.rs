@@ -3,6 +3,8 @@
 //! sessions under the destination policy (no loopback, private or link-local targets unless
 //! allowed).
 
+#![cfg(feature = "runtime")]
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,7 +35,7 @@ use crate::proto::{
     self, AuthStatus, CloseReason, ConnectStatus, Frame, TargetAddr, UdpStatus, BUNDLE_ID_LEN,
     FEATURE_MULTIPATH, FEATURE_UDP, UDP_FLAG_ATTACH,
 };
-use crate::tls::{self, ServerCert, TlsError};
+use crate::tls::{self, ServerCert};
 use crate::transport::{self, FrameReader, TransportError};
 use crate::udp::{PreOpenBuffer, Session, SessionTable};
 
@@ -109,22 +111,9 @@ impl ServerConfig {
     }
 }
 
-/// Server start-up errors.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ServerError {
-    /// Certificate problems.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The listening socket could not be bound.
-    #[error("binding {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+/// Server start-up errors: certificate problems, or the listening socket (the client's
+/// `ClientError::Start` wraps the same type).
+pub type ServerError = transport::StartError;
 
 pub(crate) struct ServerState {
     /// Multipath bundles by id; an entry lives while a path connection (or the grace period

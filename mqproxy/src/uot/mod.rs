@@ -7,6 +7,8 @@
 //! - [`proxy`]: sing-box UoT served by `mqproxy server`, and [`create_udp_proxy`], which opens
 //!   such a stream through a SOCKS5 proxy and presents it as a local UDP socket.
 
+#![cfg(feature = "runtime")]
+
 pub mod proxy;
 
 pub use proxy::{create_udp_proxy, UdpProxy};

@@ -6,6 +6,7 @@
 //! datagram leaves.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -120,7 +121,7 @@ fn unspecified_for(ip: IpAddr) -> SocketAddr {
 /// past the CONNECT. Returns when the stream ends, idles out or breaks the format.
 pub async fn serve<R, W>(
     version: Version,
-    mut rd: R,
+    rd: R,
     wr: W,
     leftover: BytesMut,
     policy: Policy,
@@ -129,17 +130,22 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let mut buf = leftover;
+    let mut s = Accepted {
+        rd,
+        wr,
+        leftover,
+        policy,
+    };
     match version {
         Version::V1 => {}
         Version::V2 => {
             let read_req = async {
                 loop {
-                    if let Some((req, n)) = Request::decode(&buf)? {
-                        let _ = buf.split_to(n);
+                    if let Some((req, n)) = Request::decode(&s.leftover)? {
+                        let _ = s.leftover.split_to(n);
                         return Ok::<_, UotError>(req);
                     }
-                    if rd.read_buf(&mut buf).await? == 0 {
+                    if s.rd.read_buf(&mut s.leftover).await? == 0 {
                         return Err(UotError::Closed);
                     }
                 }
@@ -150,14 +156,23 @@ where
             let destination = TargetAddr::from(req.destination);
             debug!(%destination, connect = req.is_connect, "UoT v2 request");
             if req.is_connect {
-                let dest = resolve(&destination, &policy).await?[0];
+                let dest = resolve(&destination, &s.policy).await?[0];
                 let sock = UdpSocket::bind(unspecified_for(dest.ip())).await?;
                 sock.connect(dest).await?;
-                return pump_connect(rd, wr, buf, sock, policy).await;
+                return s.pump_connect(sock).await;
             }
         }
     }
-    pump_addressed(rd, wr, buf, policy).await
+    s.pump_addressed().await
+}
+
+/// A UoT stream past its CONNECT (and v2 request): the two halves, the bytes already read
+/// past the header, and the destination policy. One of the pumps below consumes it.
+struct Accepted<R, W> {
+    rd: R,
+    wr: W,
+    leftover: BytesMut,
+    policy: Policy,
 }
 
 /// Reads packets from the stream and hands each to `out`, until EOF or a format error.
@@ -197,22 +212,39 @@ async fn udp_to_stream(
     let mut buf = vec![0u8; 65_536];
     let mut out = BytesMut::with_capacity(COALESCE + 70_000);
     loop {
-        let (n, from) = sock.recv_from(&mut buf).await.or_else(ignore_icmp)?;
-        if n == usize::MAX {
-            continue;
-        }
-        encode_reply(mode, from, &buf[..n], &mut out);
-        // More waiting? Send them in the same write (coalesced under load, one per frame idle).
-        while out.len() < COALESCE {
-            match sock.try_recv_from(&mut buf) {
-                Ok((n, from)) => encode_reply(mode, from, &buf[..n], &mut out),
-                Err(_) => break,
-            }
-        }
+        recv_batch(sock, &mut buf, &mut out, |from, payload, out| {
+            encode_reply(mode, from, payload, out)
+        })
+        .await?;
         *activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         wr.write_all(&out).await?;
         out.clear();
     }
+}
+
+/// Receives the next datagram from `sock` and whatever else is already waiting (up to
+/// [`COALESCE`] bytes, so one write carries them: coalesced under load, one per frame when
+/// idle), handing each to `encode` to append to `out`. Returns the first one's sender.
+async fn recv_batch(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    out: &mut BytesMut,
+    mut encode: impl FnMut(SocketAddr, &[u8], &mut BytesMut),
+) -> std::io::Result<SocketAddr> {
+    let (n, first) = loop {
+        let (n, from) = sock.recv_from(buf).await.or_else(ignore_icmp)?;
+        if n != usize::MAX {
+            break (n, from);
+        }
+    };
+    encode(first, &buf[..n], out);
+    while out.len() < COALESCE {
+        match sock.try_recv_from(buf) {
+            Ok((n, from)) => encode(from, &buf[..n], out),
+            Err(_) => break,
+        }
+    }
+    Ok(first)
 }
 
 /// ICMP errors (ECONNREFUSED on a connected socket) are reported on the next receive; they
@@ -263,27 +295,70 @@ impl AsyncFnMutPacket for ConnectSink<'_> {
     }
 }
 
-async fn pump_connect<R, W>(
-    mut rd: R,
-    wr: W,
-    leftover: BytesMut,
-    sock: UdpSocket,
-    policy: Policy,
-) -> Result<(), UotError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut wr = Direct(wr);
-    let activity = Mutex::new(Instant::now());
-    let sink = ConnectSink {
-        sock: &sock,
-        activity: &activity,
-    };
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Accepted<R, W> {
+    /// Connect mode (v2): every packet goes to the one destination `sock` is connected to.
+    async fn pump_connect(mut self, sock: UdpSocket) -> Result<(), UotError> {
+        let activity = Mutex::new(Instant::now());
+        let sink = ConnectSink {
+            sock: &sock,
+            activity: &activity,
+        };
+        let mut wr = Direct(self.wr);
+        let replies = udp_to_stream(&mut wr, &sock, Mode::Connect, &activity);
+        let idle = self.policy.idle_timeout;
+        let from_stream = stream_packets(&mut self.rd, Mode::Connect, self.leftover, sink);
+        run_stream(from_stream, replies, &activity, idle).await
+    }
+
+    /// Addressed mode (v1, and v2 without connect): each packet names its destination, sent
+    /// from one socket per IP family.
+    async fn pump_addressed(mut self) -> Result<(), UotError> {
+        let v4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
+        let v6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
+        let activity = Mutex::new(Instant::now());
+        let sink = AddressedSink {
+            v4: &v4,
+            v6: v6.as_ref(),
+            policy: self.policy,
+            dns: HashMap::new(),
+            activity: &activity,
+        };
+        // Both sockets write to the one stream: share it behind an async lock.
+        let wr = tokio::sync::Mutex::new(self.wr);
+        let from_v4 =
+            async { udp_to_stream(&mut LockedWriter(&wr), &v4, Mode::Addressed, &activity).await };
+        let from_v6 = async {
+            match &v6 {
+                Some(s) => {
+                    udp_to_stream(&mut LockedWriter(&wr), s, Mode::Addressed, &activity).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let replies = async {
+            tokio::select! {
+                r = from_v4 => r,
+                r = from_v6 => r,
+            }
+        };
+        let idle = self.policy.idle_timeout;
+        let from_stream = stream_packets(&mut self.rd, Mode::Addressed, self.leftover, sink);
+        run_stream(from_stream, replies, &activity, idle).await
+    }
+}
+
+/// Runs a stream until it ends or breaks the format (`from_stream`), a reply cannot be
+/// written (`replies`), or nothing moved either way for `idle`.
+async fn run_stream(
+    from_stream: impl Future<Output = Result<(), UotError>>,
+    replies: impl Future<Output = Result<(), UotError>>,
+    activity: &Mutex<Instant>,
+    idle: Duration,
+) -> Result<(), UotError> {
     tokio::select! {
-        r = stream_packets(&mut rd, Mode::Connect, leftover, sink) => r,
-        r = udp_to_stream(&mut wr, &sock, Mode::Connect, &activity) => r,
-        _ = idle_watch(&activity, policy.idle_timeout) => {
+        r = from_stream => r,
+        r = replies => r,
+        _ = idle_watch(activity, idle) => {
             debug!("UoT stream idle; closing");
             Ok(())
         }
@@ -344,47 +419,6 @@ impl AsyncFnMutPacket for AddressedSink<'_> {
         trace!(%dest, len = p.payload.len(), "UoT out");
         if let Err(e) = sock.send_to(&p.payload, dest).await {
             debug!(%dest, error = %e, "UoT UDP send failed (ignored)");
-        }
-    }
-}
-
-async fn pump_addressed<R, W>(
-    mut rd: R,
-    wr: W,
-    leftover: BytesMut,
-    policy: Policy,
-) -> Result<(), UotError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let v4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
-    let v6 = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).await.ok();
-    let activity = Mutex::new(Instant::now());
-    let sink = AddressedSink {
-        v4: &v4,
-        v6: v6.as_ref(),
-        policy,
-        dns: HashMap::new(),
-        activity: &activity,
-    };
-    // Both sockets write to the one stream: share it behind an async lock.
-    let wr = tokio::sync::Mutex::new(wr);
-    let from_v4 =
-        async { udp_to_stream(&mut LockedWriter(&wr), &v4, Mode::Addressed, &activity).await };
-    let from_v6 = async {
-        match &v6 {
-            Some(s) => udp_to_stream(&mut LockedWriter(&wr), s, Mode::Addressed, &activity).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = stream_packets(&mut rd, Mode::Addressed, leftover, sink) => r,
-        r = from_v4 => r,
-        r = from_v6 => r,
-        _ = idle_watch(&activity, policy.idle_timeout) => {
-            debug!("UoT stream idle; closing");
-            Ok(())
         }
     }
 }
@@ -523,20 +557,12 @@ async fn client_pump(tcp: TcpStream, sock: UdpSocket) -> Result<(), UotError> {
         let mut buf = vec![0u8; 65_536];
         let mut out = BytesMut::with_capacity(COALESCE + 70_000);
         loop {
-            let (n, from) = sock.recv_from(&mut buf).await.or_else(ignore_icmp)?;
-            if n == usize::MAX {
-                continue;
-            }
+            // Replies go to whoever sent the first datagram of the batch.
+            let from = recv_batch(&sock, &mut buf, &mut out, |_, payload, out| {
+                let _ = singbox::encode_packet(Mode::Connect, None, payload, out);
+            })
+            .await?;
             *peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
-            let _ = singbox::encode_packet(Mode::Connect, None, &buf[..n], &mut out);
-            while out.len() < COALESCE {
-                match sock.try_recv_from(&mut buf) {
-                    Ok((n, _)) => {
-                        let _ = singbox::encode_packet(Mode::Connect, None, &buf[..n], &mut out);
-                    }
-                    Err(_) => break,
-                }
-            }
             wr.write_all(&out).await?;
             out.clear();
         }
