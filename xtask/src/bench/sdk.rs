@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::metrics::{self, Scrape, PUBLISH_PERIOD};
 use super::{median, sys};
 use crate::cli::Args;
 use crate::process::{log_tail, ChildGuard};
@@ -30,6 +31,9 @@ the transfer's seconds. The connect time runs from the dialer's start to the fin
 CPU per MiB echoed, per path: the dialer's and its listener's (from the kernel's accounting of
 the reaped dialer and of the listener's threads) and the relay's. Goodput on shared cores follows
 the host's load; CPU per byte barely does, so it shows what the relay hop costs the machine.
+Also per path: the listener's wake-ups per MiB (fewer: larger receive batches); for the relay,
+from its metrics and /proc/net/udp, how many datagrams its GSO sends carried (Quinn's carry at
+most 10; fewer would mean batches split) and how many its receive buffer dropped.
 
 Options:
   --quick       2 repetitions of 16 MiB (a CI smoke test)
@@ -45,6 +49,8 @@ the wrong path).
 
 /// The relayed path may cost at most this share of direct goodput (the issue's target).
 const RATIO_TARGET: f64 = 0.95;
+/// Most datagrams Quinn puts in one GSO send (`MAX_TRANSMIT_SEGMENTS` in quinn 0.11).
+const QUINN_GSO_SEGMENTS: usize = 10;
 /// How long the relay and the listeners may take to come up.
 const STARTUP: Duration = Duration::from_secs(15);
 
@@ -58,6 +64,35 @@ struct Dial {
     relay_cpu: Duration,
     /// CPU the two peers (the dialer and its listener) used during the whole dial.
     peers_cpu: Duration,
+    /// Times the listener's threads went to sleep during the dial: one wake-up per receive
+    /// batch (and per timer), so fewer means larger batches.
+    listener_sleeps: u64,
+    /// What the relay did for this dial (relayed dials only).
+    relay: Option<RelayWork>,
+}
+
+/// The relay's counters over one relayed dial.
+#[derive(Default)]
+struct RelayWork {
+    /// Datagrams forwarded.
+    forwarded: f64,
+    /// Of those, datagrams sent inside GSO messages, and the GSO messages.
+    gso_datagrams: f64,
+    gso_messages: f64,
+    /// Datagrams the kernel dropped at the relay's full receive buffer.
+    drops: u64,
+}
+
+impl RelayWork {
+    fn between(before: &Scrape, after: &Scrape, drops: u64) -> Self {
+        let d = |series: &str| after.get(series) - before.get(series);
+        RelayWork {
+            forwarded: d("quic_relay_forwarded_packets_total"),
+            gso_datagrams: d("quic_relay_gso_batches_total{unit=\"datagrams\"}"),
+            gso_messages: d("quic_relay_gso_batches_total{unit=\"batches\"}"),
+            drops,
+        }
+    }
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -97,6 +132,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut relay_cmd = Command::new(&relay_bin);
     relay_cmd
         .args(["--bind", "127.0.0.1", "--port", "0"])
+        // Its counters say whether GSO batches cross whole and whether it dropped anything.
+        .args(["--metrics", "127.0.0.1:0"])
         .env("RUST_LOG", "info");
     let relay_log = log_dir.join("relay.log");
     let mut relay = ChildGuard::spawn(relay_cmd, "quic-relay", &relay_log)?;
@@ -105,6 +142,15 @@ pub fn run(args: &[String]) -> Result<()> {
         let addr = line.split("local_addr=").nth(1)?.split(' ').next()?;
         Some(addr.to_owned())
     })?;
+    let relay_metrics: std::net::SocketAddr = relay
+        .wait_logged("metrics at", "addr", STARTUP)?
+        .parse()
+        .context("the relay's logged metrics address")?;
+    let relay_port: u16 = relay_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the relay's logged port")?;
 
     let session = |n: u32| format!("5d1c0000-0000-4000-8000-{n:012x}");
     let mut listeners = Vec::new();
@@ -129,8 +175,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 
     println!(
-        "bench sdk: {reps} x {} MiB echoed per path, alternating relay and direct",
-        bytes >> 20
+        "bench sdk: {reps} x {} MiB echoed per path, alternating relay and direct (load average {})",
+        bytes >> 20,
+        load_average()
     );
     let mut relayed = Vec::new();
     let mut direct = Vec::new();
@@ -139,6 +186,9 @@ pub fn run(args: &[String]) -> Result<()> {
             let cpu_before = sys::cpu_time(relay.pid())?;
             let listener_before = sys::cpu_time(listeners[k].pid())?;
             let dialers_before = children_cpu();
+            let sleeps_before = sys::sleeps(listeners[k].pid())?;
+            let scrape_before = metrics::scrape(relay_metrics)?;
+            let drops_before = sys::udp_drops(&[relay_port])?;
             let mut d = dial(
                 &peer_bin,
                 &relay_addr,
@@ -151,6 +201,17 @@ pub fn run(args: &[String]) -> Result<()> {
             d.relay_cpu = sys::cpu_time(relay.pid())?.saturating_sub(cpu_before);
             d.peers_cpu = sys::cpu_time(listeners[k].pid())?.saturating_sub(listener_before)
                 + children_cpu().saturating_sub(dialers_before);
+            d.listener_sleeps = sys::sleeps(listeners[k].pid())?.saturating_sub(sleeps_before);
+            if want == "relay" {
+                // One publishing period, so that the scrape includes the whole dial.
+                std::thread::sleep(PUBLISH_PERIOD + PUBLISH_PERIOD / 2);
+                let drops = sys::udp_drops(&[relay_port])?.saturating_sub(drops_before);
+                d.relay = Some(RelayWork::between(
+                    &scrape_before,
+                    &metrics::scrape(relay_metrics)?,
+                    drops,
+                ));
+            }
             for l in &mut listeners {
                 l.check_alive()?;
             }
@@ -162,9 +223,19 @@ pub fn run(args: &[String]) -> Result<()> {
                     log_dir.display()
                 );
             }
+            // Per dial, so that a slow dial can be told apart: the peers' CPU per MiB, and
+            // on the relay path how many datagrams each of the relay's GSO sends carried.
+            let gso = d.relay.as_ref().map_or(String::new(), |w| {
+                format!(
+                    ", relay GSO {:.1}/send",
+                    w.gso_datagrams / w.gso_messages.max(1.0)
+                )
+            });
             println!(
-                "  rep {rep}: {want:<6} {:>8.0} Mbit/s, connect {:>7.1} ms",
-                d.mbps, d.connect_ms
+                "  rep {rep}: {want:<6} {:>8.0} Mbit/s, connect {:>7.1} ms, peers {:>5.2} ms/MiB{gso}",
+                d.mbps,
+                d.connect_ms,
+                d.peers_cpu.as_secs_f64() * 1e3 * 1_048_576.0 / bytes as f64
             );
             if want == "relay" {
                 relayed.push(d);
@@ -223,10 +294,46 @@ pub fn run(args: &[String]) -> Result<()> {
         "CPU per byte relay/direct (medians, peers and relay together): {:.2}",
         totals[1] / totals[0]
     );
+    // Wake-ups of the receiving side per MiB: the batches it is handed, which is where the
+    // relay's regrouping of Quinn's sends shows.
+    let mib = bytes as f64 / 1_048_576.0;
+    let wakes = |v: &[Dial]| {
+        median(
+            &v.iter()
+                .map(|d| d.listener_sleeps as f64 / mib)
+                .collect::<Vec<_>>(),
+        )
+    };
+    println!(
+        "listener wake-ups per MiB (medians): direct {:.0}, relay {:.0}",
+        wakes(&direct),
+        wakes(&relayed)
+    );
+    let work =
+        relayed
+            .iter()
+            .filter_map(|d| d.relay.as_ref())
+            .fold(RelayWork::default(), |a, w| RelayWork {
+                forwarded: a.forwarded + w.forwarded,
+                gso_datagrams: a.gso_datagrams + w.gso_datagrams,
+                gso_messages: a.gso_messages + w.gso_messages,
+                drops: a.drops + w.drops,
+            });
+    println!(
+        "relay: {:.0}% of {:.0} forwarded datagrams left in GSO sends of {:.1} datagrams on \
+         average (Quinn's GSO batches hold at most {QUINN_GSO_SEGMENTS}); {} dropped at its \
+         receive buffer",
+        100.0 * work.gso_datagrams / work.forwarded.max(1.0),
+        work.forwarded,
+        work.gso_datagrams / work.gso_messages.max(1.0),
+        work.drops
+    );
     let ratio = stat(&relayed, |d| d.mbps).0 / stat(&direct, |d| d.mbps).0;
     let verdict = if ratio >= RATIO_TARGET { "ok" } else { "FAIL" };
     println!(
-        "ratio relay/direct (median goodput): {ratio:.2} (target >= {RATIO_TARGET}): {verdict}"
+        "ratio relay/direct (median goodput): {ratio:.2} (target >= {RATIO_TARGET}): {verdict} \
+         (load average now {})",
+        load_average()
     );
     // What the relay costs: its CPU over the relayed transfers' time, in cores.
     let relay_cpu: f64 = relayed.iter().map(|d| d.relay_cpu.as_secs_f64()).sum();
@@ -237,15 +344,14 @@ pub fn run(args: &[String]) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "What limits it: each relayed GSO batch takes one more hop through a user-space \
-         process (the relay receives it whole with UDP GRO and sends it on as one GSO send: \
-         two more socket passes per batch, not per packet). The peers spend the same CPU per \
-         byte on both paths; the relay's (above, nine tenths of it in the kernel, most of that \
-         the copy into and out of its buffers) comes from the cores both QUIC endpoints need, \
-         so where they fill the machine the goodput ratio follows the CPU-per-byte ratio. Each \
-         packet also waits for the relay to be scheduled, which lengthens the round trip \
-         Quinn's congestion control and flow-control windows see. With a spare core the ratio \
-         nears 1."
+        "What the relay hop costs and saves: each relayed GSO batch crosses one more user-space \
+         process, received whole with UDP GRO and sent on with UDP GSO (two more socket \
+         passes per batch, not per datagram; the relay's CPU above is mostly the kernel \
+         copying into and out of its buffers). The relay also joins the GSO batches that \
+         queue up at its socket into larger sends, so the receiving peer is handed larger GRO \
+         batches (fewer wake-ups per MiB above) and spends less CPU per byte than on the \
+         direct path. The bulk transfer fills both cores, so the goodput ratio follows the \
+         CPU-per-byte ratio."
     );
     Ok(())
 }
@@ -327,7 +433,16 @@ fn dial(
         secs: num("secs")?,
         relay_cpu: Duration::ZERO,
         peers_cpu: Duration::ZERO,
+        listener_sleeps: 0,
+        relay: None,
     })
+}
+
+/// `/proc/loadavg`'s first three fields: how busy the host was (goodput follows it).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// CPU time of this process's ended and reaped children (the dialers; the relay and the
