@@ -25,6 +25,7 @@ fn every_ordered_pair_takes_the_path_theory_allows() {
     let wrong: Vec<String> = results
         .iter()
         .filter(|r| r.attempts.iter().any(|a| a.path != r.expected()))
+        .filter(|r| !birthday_miss_then_hit(r))
         .map(matrix::row)
         .collect();
     assert!(
@@ -33,4 +34,23 @@ fn every_ordered_pair_takes_the_path_theory_allows() {
         wrong.join("\n")
     );
     assert_eq!(results.len(), 36, "6 x 6 ordered pairs");
+}
+
+/// A birthday pair against a random-port NAT is probabilistic by design: 256 hard-side
+/// mappings and 1200 probes over 64,512 ports hit with 1 - (1 - 256/64512)^1200 ≈ 99 %, so
+/// one relayed attempt in a CI run is expected about once in a hundred per pair. Such a pair
+/// gets one more attempt; two misses in a row (≈ 1 in 10,000 when the feature works) fail
+/// the test. Only a clean relay fallback qualifies: an attempt that failed outright does not.
+fn birthday_miss_then_hit(r: &matrix::PairResult) -> bool {
+    if !r.birthday() || !r.attempts.iter().all(|a| a.path == "relay") {
+        return false;
+    }
+    let again = matrix::attempt(r.dialer, r.listener, 1);
+    eprintln!(
+        "{} x {}: birthday miss, one more attempt: {:?}",
+        r.dialer.name(),
+        r.listener.name(),
+        again.as_ref().map(|a| &a.path)
+    );
+    again.is_ok_and(|a| a.path == "direct")
 }
