@@ -44,6 +44,20 @@ pub struct StackReport {
 /// millisecond, as for the IPv4 probes.
 const WAIT: Duration = Duration::from_millis(300);
 
+/// `UdpSocket::recv_from` that retries when a signal interrupts it. A blocking receive with a
+/// read timeout is never restarted by the kernel (signal(7)), and tests run next to code that
+/// installs signal handlers (tokio's SIGCHLD handler as soon as it spawns a child), so a child
+/// exiting anywhere in the process would otherwise fail an unrelated receive with EINTR. Each
+/// retry starts the read timeout afresh; signals are rare enough that this stays bounded.
+pub fn recv_from(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    loop {
+        match sock.recv_from(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Waits up to `wait` for a datagram with exactly the bytes `want` on `sock` (others are
 /// skipped) and returns its source; `None` when none came.
 pub fn receive(
@@ -54,7 +68,7 @@ pub fn receive(
     sock.set_read_timeout(Some(wait))?;
     let mut buf = [0u8; 32];
     loop {
-        match sock.recv_from(&mut buf) {
+        match recv_from(sock, &mut buf) {
             Ok((n, from)) if &buf[..n] == want => return Ok(Some(from)),
             Ok(_) => continue,
             Err(e)

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use netlab::probe::{self, ProbeOptions};
+use netlab::stack_check::recv_from;
 use netlab::{FilteringKind, Lab, LabConfig, LinkShape, MappingKind, NatType, Side};
 
 fn lab(a: NatType, b: NatType) -> Result<Lab> {
@@ -172,13 +173,13 @@ fn punch_with_ttl(lab: &Lab, low_ttl: Option<u32>) -> Result<(bool, bool)> {
         sa.send_to(b"punch from A", to_b)?;
         sb.send_to(b"punch from B", to_a)?;
         std::thread::sleep(Duration::from_millis(20));
-        while let Ok((n, SocketAddr::V4(from))) = sa.recv_from(&mut buf) {
+        while let Ok((n, SocketAddr::V4(from))) = recv_from(&sa, &mut buf) {
             if &buf[..n] == b"punch from B" {
                 a_heard = true;
                 to_b = from;
             }
         }
-        while let Ok((n, SocketAddr::V4(from))) = sb.recv_from(&mut buf) {
+        while let Ok((n, SocketAddr::V4(from))) = recv_from(&sb, &mut buf) {
             if &buf[..n] == b"punch from A" {
                 b_heard = true;
                 to_a = from;
@@ -343,7 +344,7 @@ fn full_cone_rebind_keeps_it_full_cone() -> Result<()> {
     outsider.send_to(b"unsolicited", after)?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut buf = [0u8; 32];
-    let (n, from) = sock.recv_from(&mut buf)?;
+    let (n, from) = recv_from(&sock, &mut buf)?;
     assert_eq!(&buf[..n], b"unsolicited");
     let outsider_port = outsider.local_addr()?.port();
     assert_eq!(
@@ -392,7 +393,7 @@ fn delay_applies_to_both_directions_of_each_peer_link() -> Result<()> {
         b.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut buf = [0u8; 64];
         for _ in 0..3 {
-            let (n, from) = b.recv_from(&mut buf)?;
+            let (n, from) = recv_from(&b, &mut buf)?;
             b.send_to(&buf[..n], from)?;
         }
         Ok(())
@@ -403,7 +404,7 @@ fn delay_applies_to_both_directions_of_each_peer_link() -> Result<()> {
     for _ in 0..3 {
         let t = Instant::now();
         sock.send_to(b"ping", b_addr)?;
-        sock.recv_from(&mut buf)?;
+        recv_from(&sock, &mut buf)?;
         best = best.min(t.elapsed());
     }
     echo.join()
@@ -418,7 +419,7 @@ fn drain(sink: &UdpSocket, idle: Duration) -> Result<(usize, Option<Instant>, Op
     sink.set_read_timeout(Some(idle))?;
     let mut buf = [0u8; 2048];
     let (mut count, mut first, mut last) = (0, None, None);
-    while sink.recv_from(&mut buf).is_ok() {
+    while recv_from(sink, &mut buf).is_ok() {
         let now = Instant::now();
         count += 1;
         first.get_or_insert(now);
@@ -709,7 +710,7 @@ fn udp_timeout_makes_mappings_expire() -> Result<()> {
         let sock = peer_socket(&lab, side)?;
         sock.send_to(b"hello", partner.local_addr()?)?;
         let mut buf = [0u8; 16];
-        let (_, public) = partner.recv_from(&mut buf)?;
+        let (_, public) = recv_from(&partner, &mut buf)?;
         peers.push((side, sock, public));
     }
     // Port-restricted: only the partner gets in. Full cone: anyone. Both while the mapping lives.
