@@ -177,7 +177,7 @@ pub fn run(args: &[String]) -> Result<()> {
     println!(
         "bench sdk: {reps} x {} MiB echoed per path, alternating relay and direct (load average {})",
         bytes >> 20,
-        load_average()
+        sys::load_average()
     );
     let mut relayed = Vec::new();
     let mut direct = Vec::new();
@@ -333,7 +333,7 @@ pub fn run(args: &[String]) -> Result<()> {
     println!(
         "ratio relay/direct (median goodput): {ratio:.2} (target >= {RATIO_TARGET}): {verdict} \
          (load average now {})",
-        load_average()
+        sys::load_average()
     );
     // What the relay costs: its CPU over the relayed transfers' time, in cores.
     let relay_cpu: f64 = relayed.iter().map(|d| d.relay_cpu.as_secs_f64()).sum();
@@ -436,13 +436,6 @@ fn dial(
         listener_sleeps: 0,
         relay: None,
     })
-}
-
-/// `/proc/loadavg`'s first three fields: how busy the host was (goodput follows it).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// CPU time of this process's ended and reaped children (the dialers; the relay and the

@@ -596,6 +596,14 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
+/// `/proc/loadavg`'s first three figures: how busy the shared host was while a bench ran
+/// (other builds move every wall-time figure); "unknown" where it cannot be read.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -209,7 +209,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 ""
             }
         );
-        println!("load average at the start: {}\n", load_average());
+        println!("load average at the start: {}\n", sys::load_average());
         let mut udp: UdpTable = vec![vec![Vec::new(); UDP_LOADS.len()]; paths.len()];
         let mut tcp: Vec<Vec<TcpResult>> = vec![Vec::new(); paths.len()];
         for rep in 0..plan.reps {
@@ -248,7 +248,7 @@ pub fn run(args: &[String]) -> Result<()> {
         if plan.run_tcp {
             print_tcp(&paths, &tcp);
         }
-        println!("\nload average at the end: {}", load_average());
+        println!("\nload average at the end: {}", sys::load_average());
         stop.store(true, Ordering::Relaxed);
         Ok(())
     })
@@ -401,13 +401,6 @@ fn with_cpu<T>(
         _ => None,
     };
     Ok((r, spent))
-}
-
-/// `/proc/loadavg`'s three figures (other builds on a shared host move every figure).
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// One paced run.
