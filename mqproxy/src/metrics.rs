@@ -80,7 +80,7 @@ impl Exposition {
     /// the server its bundle).
     pub fn paths(&mut self, paths: &[(Vec<(&'static str, String)>, PathReport)]) {
         type Field = fn(&PathReport) -> f64;
-        let families: [(&str, Kind, &str, Field); 7] = families! {
+        let families: [(&str, Kind, &str, Field); 9] = families! {
             /// 1 while the path is scheduled on (connected and not silent).
             Gauge mqproxy_path_usable => |r| f64::from(u8::from(r.usable)),
             /// Smoothed round-trip time of the path's QUIC connection.
@@ -95,6 +95,10 @@ impl Exposition {
             Counter mqproxy_path_tx_bytes_total => |r| r.tx_bytes as f64,
             /// UDP bytes received on the path's current connection.
             Counter mqproxy_path_rx_bytes_total => |r| r.rx_bytes as f64,
+            /// Largest UDP payload this side sends on the path's connection (path MTU discovery's finding).
+            Gauge mqproxy_path_mtu_bytes => |r| f64::from(r.mtu),
+            /// Loss bursts this side's MTU discovery took for an MTU black hole (each drops the MTU to the minimum).
+            Counter mqproxy_path_black_holes_total => |r| r.black_holes as f64,
         };
         for (name, kind, help, field) in families {
             self.family(name, kind, help);

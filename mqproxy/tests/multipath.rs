@@ -215,6 +215,17 @@ async fn wlb_striped_download_is_byte_exact() {
     assert!(got[..down.len()] == down[..], "byte exact");
 }
 
+/// Downloads `down` through the proxy (sending nothing) and checks it arrived whole; returns it.
+async fn download(h: &Harness, down: Vec<u8>) -> Vec<u8> {
+    let (target, _srv) = tcp_source(down.clone()).await;
+    let mut s = socks_connect(h.socks, target).await;
+    s.shutdown().await.expect("fin");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.expect("download");
+    assert_eq!(got.len(), down.len() + 32);
+    down
+}
+
 /// Fetches a `--metrics` page.
 async fn scrape(addr: SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
@@ -243,13 +254,7 @@ async fn metrics_pages_show_each_paths_health() {
     })
     .await;
     both_paths_up(&h).await;
-    let down = pattern(4 << 20, 13);
-    let (target, _srv) = tcp_source(down.clone()).await;
-    let mut s = socks_connect(h.socks, target).await;
-    s.shutdown().await.expect("fin");
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).await.expect("download");
-    assert_eq!(got.len(), down.len() + 32);
+    let down = download(&h, pattern(4 << 20, 13)).await;
 
     let client = scrape(h.client_metrics_addr.expect("client page")).await;
     assert_eq!(
@@ -287,4 +292,51 @@ async fn metrics_pages_show_each_paths_health() {
         .filter(|l| l.starts_with("mqproxy_path_tx_bytes_total{bundle="))
         .count();
     assert_eq!(server_paths, 2, "{server}");
+}
+
+/// A single-path connection's health is on the server's page too (bundle `none`), and on
+/// loopback path MTU discovery takes both sides' packets past quinn's 1,452-byte default, up
+/// to the proxy's `MAX_UDP_PAYLOAD`, without taking a loss for an MTU black hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_path_pages_show_the_discovered_mtu() {
+    let h = start(Opts {
+        metrics: true,
+        ..Opts::default()
+    })
+    .await;
+    download(&h, pattern(1 << 20, 17)).await;
+
+    let limit = f64::from(mqproxy::defaults::MAX_UDP_PAYLOAD);
+    let first = |page: &str, prefix: &str| {
+        page.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    // MTU discovery runs on its own after the handshake: poll the pages until both sides
+    // report a bigger packet size (no event to await from outside the processes).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let client = scrape(h.client_metrics_addr.expect("client page")).await;
+        let server = scrape(h.server_metrics_addr.expect("server page")).await;
+        let c = sample(&client, "mqproxy_path_mtu_bytes{path=\"0\",local=\"any\"}");
+        let s = first(
+            &server,
+            "mqproxy_path_mtu_bytes{bundle=\"none\",path=\"0\",",
+        );
+        if let Some((c, s)) = c.zip(s).filter(|&(c, s)| c > 1452.0 && s > 1452.0) {
+            assert!(c <= limit && s <= limit, "{client}\n{server}");
+            assert_eq!(
+                first(&server, "mqproxy_path_black_holes_total{bundle=\"none\""),
+                Some(0.0),
+                "{server}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "MTU discovery did not pass 1,452 bytes on loopback: client {c:?}, server {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -295,8 +295,9 @@ pub struct ServerOpts {
     #[arg(long, env = "MQPROXY_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
-    /// packets sent and lost, bytes) at http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by
-    /// default; the page is unauthenticated, so keep it on a private address.
+    /// packets sent and lost, bytes, packet size and MTU black holes) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9464. Off by default; the page is unauthenticated, so keep it on a
+    /// private address.
     #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
     /// Shared secret clients must present (prefer --token-file: command lines are visible to
@@ -463,8 +464,9 @@ pub struct ClientOpts {
     #[arg(long, env = "MQPROXY_SERVER")]
     pub server: Option<String>,
     /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
-    /// packets sent and lost, bytes) at http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by
-    /// default; the page is unauthenticated, so keep it on a private address.
+    /// packets sent and lost, bytes, packet size and MTU black holes) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9464. Off by default; the page is unauthenticated, so keep it on a
+    /// private address.
     #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
     /// Shared secret (prefer --token-file: command lines are visible to other local users).

@@ -35,6 +35,11 @@ pub struct PathReport {
     pub tx_bytes: u64,
     /// UDP bytes received on the path.
     pub rx_bytes: u64,
+    /// Largest UDP payload this side sends on the path now (what path MTU discovery found).
+    pub mtu: u16,
+    /// Times this side's MTU discovery judged a loss burst an MTU black hole and fell back to
+    /// the minimum.
+    pub black_holes: u64,
 }
 
 /// One path's connection and what the health monitor learned about it.
@@ -95,6 +100,8 @@ impl PathConn {
             lost_packets: s.path.lost_packets,
             tx_bytes: s.udp_tx.bytes,
             rx_bytes: s.udp_rx.bytes,
+            mtu: s.path.current_mtu,
+            black_holes: s.path.black_holes_detected,
         }
     }
 }
@@ -268,22 +275,24 @@ impl PathTable {
         packet_id: u16,
         payload: &[u8],
     ) -> Result<(), &'static str> {
-        let slots: Vec<Option<Arc<PathConn>>> = self.lock().to_vec();
-        let views: Vec<PathView> = slots
-            .iter()
-            .map(|s| s.as_ref().map(|p| p.datagram_view()).unwrap_or_default())
-            .collect();
+        // Arrays, not Vecs: this runs per UDP packet, and the table has MAX_PATHS slots.
+        let slots: [Option<Arc<PathConn>>; MAX_PATHS] = self.lock().clone();
+        let views: [PathView; MAX_PATHS] = std::array::from_fn(|i| {
+            slots[i]
+                .as_ref()
+                .map(|p| p.datagram_view())
+                .unwrap_or_default()
+        });
         let len = (payload.len() + proto::DATAGRAM_HEADER_LEN) as u64;
         let Some((first, second)) = sched::pick_datagram(self.scheduler(), &views, len) else {
             return Err("no usable path");
         };
-        let targets: Vec<&Arc<PathConn>> = [Some(first), second]
+        let targets = [Some(first), second]
             .into_iter()
             .flatten()
-            .filter_map(|i| slots[i].as_ref())
-            .collect();
+            .filter_map(|i| slots[i].as_ref());
         let Some(max) = targets
-            .iter()
+            .clone()
             .filter_map(|p| p.conn.max_datagram_size())
             .min()
         else {
@@ -291,7 +300,7 @@ impl PathTable {
         };
         let frags = proto::fragment(id, packet_id, payload, max).map_err(|_| "too large")?;
         let mut sent = false;
-        for (n, p) in targets.iter().enumerate() {
+        for (n, p) in targets.enumerate() {
             for f in &frags {
                 // The first copy waits for queue space (backpressure); a redundant copy never
                 // holds up the first.

@@ -187,6 +187,11 @@ impl ServerState {
         let bundles: Vec<(String, Arc<Bundle>)> = locked(&self.bundles)
             .iter()
             .filter_map(|(id, w)| w.upgrade().map(|b| (hex_id(&id[..4]), b)))
+            .chain(
+                locked(&self.solo)
+                    .iter()
+                    .filter_map(|w| w.upgrade().map(|b| ("none".to_owned(), b))),
+            )
             .collect();
         let paths: Vec<_> = bundles
             .iter()

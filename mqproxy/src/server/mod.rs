@@ -120,6 +120,9 @@ pub(crate) struct ServerState {
     /// after the last one) holds it, and dead entries are pruned on every insert, so the map
     /// is bounded by the authenticated connections.
     bundles: Mutex<HashMap<[u8; BUNDLE_ID_LEN], std::sync::Weak<Bundle>>>,
+    /// The bundles of single-path connections, for their path metrics. Each insertion prunes
+    /// the ended ones, so it holds about as many entries as connections are open.
+    solo: Mutex<Vec<std::sync::Weak<Bundle>>>,
     cfg: ServerConfig,
     /// SHA-256 of the token, so comparison time does not depend on where tokens differ or on
     /// their lengths.
@@ -185,6 +188,7 @@ impl ServerState {
                 cfg.max_udp_sessions_per_client,
             )),
             bundles: Mutex::new(HashMap::new()),
+            solo: Mutex::new(Vec::new()),
             unauthenticated: Arc::new(Semaphore::new(cfg.max_conns)),
             cfg,
             token_digest,
@@ -418,7 +422,12 @@ pub(crate) async fn serve_established(
         }
         None => {
             info!(?client_id, "client authenticated");
-            (Arc::new(Bundle::new(None, &ctx)), 0)
+            let b = Arc::new(Bundle::new(None, &ctx));
+            let mut solo = locked(&ctx.solo);
+            solo.retain(|w| w.strong_count() > 0);
+            solo.push(Arc::downgrade(&b));
+            drop(solo);
+            (b, 0)
         }
     };
     let _holder = BundleHold::new(bundle.clone());

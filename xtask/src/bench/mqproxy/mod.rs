@@ -41,6 +41,12 @@ For each proxy it also prints the CPU time its two processes spent (user and sys
 throughput, which also counts waiting for a core. Ratios are of medians; for CPU the ratio
 is shadowsocks' over mqproxy's, so above 1 means mqproxy is ahead, as for throughput.
 
+Last, the QUIC packet size (UDP payload) each mqproxy process sends with, from its metrics
+page: what path MTU discovery found. Loopback carries up to mqproxy's cap (6,500 bytes), an
+ordinary 1,500-byte internet path at most 1,472, and each QUIC packet costs the same
+per-packet work whatever its size: loopback figures flatter mqproxy on that account, as
+loopback's 64 KiB TCP segments flatter shadowsocks.
+
 Options:
   --quick       one repetition of short runs (a ~40 s smoke test; its medians are of one)
   --reps N      repetitions (default 5; medians are reported)
@@ -247,6 +253,16 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         if plan.run_tcp {
             print_tcp(&paths, &tcp);
+        }
+        // What path MTU discovery settled on: every per-packet cost (AEAD, headers, ACKs,
+        // system calls) of a QUIC download is paid once per packet of this size.
+        match mq.quic_mtu().as_deref() {
+            Ok([(sm, sb), (cm, cb)]) => println!(
+                "mqproxy QUIC packets at the end: server sends {sm} B, client {cm} B \
+                 (UDP payload; MTU black holes detected: server {sb}, client {cb})"
+            ),
+            Ok(_) => {}
+            Err(e) => println!("mqproxy QUIC packet size unknown: {e:#}"),
         }
         println!("\nload average at the end: {}", sys::load_average());
         stop.store(true, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 //! shadowsocks implementations' server and local side, each pair started and watched as a
 //! [`Proxy`] whose CPU time can be read.
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ use crate::process::ChildGuard;
 pub(super) struct Proxy {
     pub(super) socks: SocketAddrV4,
     children: Vec<std::cell::RefCell<ChildGuard>>,
+    /// mqproxy's metrics pages, server's then client's (none for shadowsocks).
+    metrics: Vec<SocketAddr>,
 }
 
 impl Proxy {
@@ -25,6 +27,7 @@ impl Proxy {
         let p = Proxy {
             socks,
             children: vec![server.into(), client.into()],
+            metrics: Vec::new(),
         };
         p.wait_listening()?;
         Ok(p)
@@ -43,6 +46,30 @@ impl Proxy {
             .iter()
             .map(|c| sys::cpu_time(c.borrow().pid()))
             .sum()
+    }
+
+    /// The QUIC packet size each mqproxy process sends with now and how many MTU black holes
+    /// it has detected, server's then client's, from their metrics pages (the sum over their
+    /// connections of black holes; the largest MTU, for one connection each in the bench).
+    pub(super) fn quic_mtu(&self) -> Result<Vec<(u64, u64)>> {
+        self.metrics
+            .iter()
+            .map(|&addr| {
+                let s = crate::bench::metrics::scrape(addr)?;
+                let max = |name| {
+                    s.family(name)
+                        .into_iter()
+                        .map(|(_, v)| v as u64)
+                        .max()
+                        .unwrap_or(0)
+                };
+                let sum = |name| s.family(name).into_iter().map(|(_, v)| v as u64).sum();
+                Ok((
+                    max("mqproxy_path_mtu_bytes"),
+                    sum("mqproxy_path_black_holes_total"),
+                ))
+            })
+            .collect()
     }
 
     fn wait_listening(&self) -> Result<()> {
@@ -64,7 +91,7 @@ pub(super) fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
     let mut server = Command::new(bin);
     server
         .args(["server", "--listen", "127.0.0.1:0", "--token", SECRET])
-        .args(["--allow-private", "--state-dir"])
+        .args(["--allow-private", "--metrics", "127.0.0.1:0", "--state-dir"])
         .arg(log_dir.join("state"))
         .env("RUST_LOG", "info");
     let mut server = ChildGuard::spawn(
@@ -73,10 +100,17 @@ pub(super) fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
         &log_dir.join("mqproxy-server.log"),
     )?;
     let listen = server.wait_logged("server running", "listen", Duration::from_secs(15))?;
+    let server_metrics = server.wait_logged("Prometheus", "metrics", Duration::from_secs(15))?;
     let mut client = Command::new(bin);
     client
         .args(["client", "--server", &listen, "--token", SECRET])
-        .args(["--insecure", "--socks5", "127.0.0.1:0"])
+        .args([
+            "--insecure",
+            "--socks5",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "info");
     let mut client = ChildGuard::spawn(
         client,
@@ -87,7 +121,13 @@ pub(super) fn start_mqproxy(bin: &Path, log_dir: &Path) -> Result<Proxy> {
         .wait_logged("client running", "socks5", Duration::from_secs(15))?
         .parse()
         .context("the mqproxy client's logged SOCKS5 address")?;
-    Proxy::up(socks, server, client)
+    let client_metrics = client.wait_logged("Prometheus", "metrics", Duration::from_secs(15))?;
+    let mut p = Proxy::up(socks, server, client)?;
+    for a in [server_metrics, client_metrics] {
+        p.metrics
+            .push(a.parse().context("an mqproxy's logged metrics address")?);
+    }
+    Ok(p)
 }
 
 /// Attempts at starting a third-party proxy on picked ports: another process may take a port
