@@ -37,7 +37,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Runnable versions of both, with flags, are `examples/listener.rs` and `examples/dialer.rs`.
+//! A runnable version of both, with flags, is `examples/echo.rs` (`echo listen`, `echo dial`).
 //! A relay that requires tokens takes one in [`Options::token`] (`quic-relay token` mints it).
 //!
 //! **Progress and timeouts.** The SDK logs each step through `tracing` at `info` (registering

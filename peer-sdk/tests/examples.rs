@@ -1,4 +1,4 @@
-//! The two examples the README is built from, run as a user runs them: a listener and a dialer
+//! The example the README is built from, run as a user runs it: `echo listen` and `echo dial`
 //! meet through a real relay on loopback; a dialer against a relay that is not there ends with
 //! the SDK's error after the timeout its --help states, saying what it waited for meanwhile.
 //!
@@ -15,7 +15,7 @@ use peer_sdk::{ClientTls, Error, Options, Uuid};
 use quic_relay::server::Server;
 use quic_relay::sessions::RelayConfig;
 
-/// The register timeout the examples' --help states (`Options::register_timeout`).
+/// The register timeout the example's --help states (`Options::register_timeout`).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An example binary next to this test's own (target/<profile>/examples/NAME).
@@ -45,7 +45,7 @@ impl Drop for Killed {
 }
 
 #[test]
-fn listener_and_dialer_examples_connect_through_a_relay() {
+fn the_echo_example_listens_and_dials_through_a_relay() {
     let relay = Server::bind(
         "127.0.0.1:0".parse().expect("addr"),
         RelayConfig::default(),
@@ -57,8 +57,8 @@ fn listener_and_dialer_examples_connect_through_a_relay() {
     let relay_addr = relay.local_addr().to_string();
     let session = random_session();
     let mut listener = Killed(
-        Command::new(example("listener"))
-            .args(["--relay", &relay_addr, "--session", &session])
+        Command::new(example("echo"))
+            .args(["listen", "--relay", &relay_addr, "--session", &session])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -68,8 +68,9 @@ fn listener_and_dialer_examples_connect_through_a_relay() {
     BufReader::new(listener.0.stdout.take().expect("stdout piped"))
         .read_line(&mut pin)
         .expect("the listener prints its pin");
-    let out = Command::new(example("dialer"))
+    let out = Command::new(example("echo"))
         .args([
+            "dial",
             "--relay",
             &relay_addr,
             "--session",
@@ -107,8 +108,8 @@ fn listener_and_dialer_examples_connect_through_a_relay() {
 
 #[test]
 fn a_dialer_against_an_absent_relay_fails_after_the_stated_timeout_and_says_so() {
-    let help = Command::new(example("dialer"))
-        .arg("--help")
+    let help = Command::new(example("echo"))
+        .args(["dial", "--help"])
         .output()
         .expect("--help");
     let help = String::from_utf8_lossy(&help.stdout);
@@ -127,8 +128,9 @@ fn a_dialer_against_an_absent_relay_fails_after_the_stated_timeout_and_says_so()
     let session = random_session();
     let pin = "00".repeat(32);
     let started = Instant::now();
-    let out = Command::new(example("dialer"))
+    let out = Command::new(example("echo"))
         .args([
+            "dial",
             "--relay",
             &addr.to_string(),
             "--session",
