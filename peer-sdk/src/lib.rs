@@ -64,7 +64,7 @@
 //!   so traffic moves between paths under a live `quinn::Connection`.
 //! - **Birthday punching** ([`rendezvous::birthday`]): when one side's NAT maps per destination
 //!   ("symmetric") and the other filters by address and port, the hard side opens up to 256
-//!   extra sockets and the easy side probes up to 1200 ports of its IP (the ports after the
+//!   extra sockets and the easy side probes up to 1600 ports of its IP (the ports after the
 //!   relay-observed one first, for sequential NATs), 1000 per second, once per pairing, as
 //!   soon as the peer's candidates show one side hard. The socket wrapper owns the extra
 //!   sockets, moves Quinn's traffic to the one that won and closes the rest; connecting waits

@@ -83,7 +83,7 @@ pub struct Options {
     pub relay_other_family: Vec<(SocketAddr, SocketAddr)>,
     /// Birthday punching and the port prediction sweep (default: on). When exactly one side's
     /// NAT maps per destination ("symmetric") and no direct path is up yet, that side opens up
-    /// to 256 extra sockets and the other probes up to 1200 ports of its IP address at 1000
+    /// to 256 extra sockets and the other probes up to 1600 ports of its IP address at 1000
     /// per second, once per pairing; connecting waits up to 2.5 s for it
     /// ([`crate::rendezvous::birthday`] has the method and the budget). When both do, each
     /// side opens 64 new flows to predicted ports of the other (≤ 256 probes per side,

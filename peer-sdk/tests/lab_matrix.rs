@@ -37,9 +37,9 @@ fn every_ordered_pair_takes_the_path_theory_allows() {
 }
 
 /// A birthday pair against a random-port NAT is probabilistic by design: 256 hard-side
-/// mappings and 1200 probes over 64,512 ports hit with 1 - (1 - 256/64512)^1200 ≈ 99 %, so
-/// one relayed attempt in a CI run is expected about once in a hundred per pair. Such a pair
-/// gets one more attempt; two misses in a row (≈ 1 in 10,000 when the feature works) fail
+/// mappings and 1600 probes over 64,512 ports hit with 1 - (1 - 256/64512)^1600 ≈ 99.8 %, so
+/// one relayed attempt in a CI run is expected about once in five hundred per pair. Such a pair
+/// gets one more attempt; two misses in a row (≈ 1 in 250,000 when the feature works) fail
 /// the test. Only a clean relay fallback qualifies: an attempt that failed outright does not.
 fn birthday_miss_then_hit(r: &matrix::PairResult) -> bool {
     if !r.birthday() || !r.attempts.iter().all(|a| a.path == "relay") {
