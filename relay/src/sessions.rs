@@ -361,17 +361,27 @@ impl Stats {
     }
 }
 
-const SLOT_USED: u8 = 1;
-const SLOT_EXTENDED: u8 = 2;
-const SLOT_HAS_PEER_ID: u8 = 4;
-/// The member proved its address: it echoed its cookie, or it is a TCP connection (whose
-/// handshake proved it). Only such extended members are forwarded to.
-const SLOT_VERIFIED: u8 = 8;
-/// The member's session heard a second registration (a refresh, a rebind or the other peer's
-/// join): it is not flood debris, and is never evicted to make room.
-const SLOT_CONFIRMED: u8 = 16;
-/// The member reads the other member's alternate address in its ACKs (`ax=1`, PROTOCOL.md §3.3).
-const SLOT_ALT_AWARE: u8 = 32;
+bitflags::bitflags! {
+    /// What the relay knows of one member, in one byte of its [`Slot`].
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    struct SlotFlags: u8 {
+        /// The slot holds a member.
+        const USED = 1;
+        /// The member registered with the extended form (PROTOCOL.md §3.2).
+        const EXTENDED = 2;
+        /// [`Slot::peer_id`] holds the member's peer id.
+        const HAS_PEER_ID = 4;
+        /// The member proved its address: it echoed its cookie, or it is a TCP connection
+        /// (whose handshake proved it). Only such extended members are forwarded to.
+        const VERIFIED = 8;
+        /// The member's session heard a second registration (a refresh, a rebind or the
+        /// other peer's join): it is not flood debris, and is never evicted to make room.
+        const CONFIRMED = 16;
+        /// The member reads the other member's alternate address in its ACKs (`ax=1`,
+        /// PROTOCOL.md §3.3).
+        const ALT_AWARE = 32;
+    }
+}
 
 /// One member of a session. 32 bytes: the address is stored as IP and port, its transport in
 /// `tcp` (a whole [`PeerAddr`] would pad the slot to 40 bytes).
@@ -379,7 +389,7 @@ const SLOT_ALT_AWARE: u8 = 32;
 struct Slot {
     ip: [u8; 16],
     port: u16,
-    flags: u8,
+    flags: SlotFlags,
     /// [`PeerAddr`]'s `tcp`: 0 for UDP. Fills what would be padding.
     tcp: u8,
     /// Seconds since the relay's epoch; breaks ties when two same-IP members could be rebinding.
@@ -390,7 +400,7 @@ struct Slot {
 const EMPTY_SLOT: Slot = Slot {
     ip: [0; 16],
     port: 0,
-    flags: 0,
+    flags: SlotFlags::empty(),
     tcp: 0,
     last_heard: 0,
     peer_id: 0,
@@ -408,16 +418,18 @@ impl Slot {
         self.tcp != 0
     }
     fn verified(&self) -> bool {
-        self.flags & SLOT_VERIFIED != 0
+        self.flags.contains(SlotFlags::VERIFIED)
     }
     fn used(&self) -> bool {
-        self.flags & SLOT_USED != 0
+        self.flags.contains(SlotFlags::USED)
     }
     fn extended(&self) -> bool {
-        self.flags & SLOT_EXTENDED != 0
+        self.flags.contains(SlotFlags::EXTENDED)
     }
     fn peer_id(&self) -> Option<u64> {
-        (self.flags & SLOT_HAS_PEER_ID != 0).then_some(self.peer_id)
+        self.flags
+            .contains(SlotFlags::HAS_PEER_ID)
+            .then_some(self.peer_id)
     }
 }
 
@@ -453,7 +465,9 @@ fn evictable(sessions: &[Session], (i, born): (u32, u32)) -> bool {
     s.live()
         && s.born == born
         && !s.paired()
-        && s.slots.iter().all(|m| m.flags & SLOT_CONFIRMED == 0)
+        && s.slots
+            .iter()
+            .all(|m| !m.flags.contains(SlotFlags::CONFIRMED))
 }
 
 /// A reference from the address index into the slab: `session index << 1 | slot`.
@@ -736,7 +750,7 @@ impl Relay {
             self.stats.dropped_unpaired += 1;
             return Some(Outcome::Dropped(DropReason::Unpaired));
         }
-        if other.flags & (SLOT_EXTENDED | SLOT_VERIFIED) == SLOT_EXTENDED {
+        if other.extended() && !other.verified() {
             // Its address may be a spoofed registration's: sending there would reflect.
             self.stats.dropped_unverified += 1;
             return Some(Outcome::Dropped(DropReason::Unverified));

@@ -75,8 +75,8 @@ impl Relay {
 
     /// The alternate address of the member other than `slot` in session `i`, for a
     /// registrant with `flags` that reads it.
-    fn peer_alt_for(&self, i: usize, slot: usize, flags: u8) -> Option<SocketAddr> {
-        if flags & SLOT_ALT_AWARE == 0 || !self.sessions[i].slots[1 - slot].used() {
+    fn peer_alt_for(&self, i: usize, slot: usize, flags: SlotFlags) -> Option<SocketAddr> {
+        if !flags.contains(SlotFlags::ALT_AWARE) || !self.sessions[i].slots[1 - slot].used() {
             return None;
         }
         let other = MemberRef::new(i as u32, 1 - slot).0;
@@ -112,10 +112,10 @@ impl Relay {
             observed: Some(src.to_socket_addr()),
             peer: other.used().then(|| other.addr().to_socket_addr()),
             cookie: None,
-            peer_alt: self.peer_alt_for(i, k, SLOT_ALT_AWARE),
+            peer_alt: self.peer_alt_for(i, k, SlotFlags::ALT_AWARE),
         };
         self.queue(src, ack, request_len);
-        if changed && other.flags & SLOT_ALT_AWARE != 0 {
+        if changed && other.flags.contains(SlotFlags::ALT_AWARE) {
             self.notify_other(i, k, request_len);
         }
     }
@@ -193,23 +193,23 @@ impl Relay {
             return self.refuse(src, ErrReason::Moved, request_len);
         }
         let t = self.secs(now);
-        let mut flags = SLOT_USED;
+        let mut flags = SlotFlags::USED;
         if ext.is_some() {
-            flags |= SLOT_EXTENDED;
+            flags |= SlotFlags::EXTENDED;
         }
         if ext.is_some_and(|e| e.alt_aware) {
-            flags |= SLOT_ALT_AWARE;
+            flags |= SlotFlags::ALT_AWARE;
         }
         if peer_id.is_some() {
-            flags |= SLOT_HAS_PEER_ID;
+            flags |= SlotFlags::HAS_PEER_ID;
         }
         // A TCP connection's handshake proved its address; a UDP member proves it by echoing
         // the cookie the relay sent there.
         if src.is_tcp() {
-            flags |= SLOT_VERIFIED;
+            flags |= SlotFlags::VERIFIED;
         } else if let Some(c) = ext.and_then(|e| e.cookie) {
             if self.cookie_ok(reg.session, src, c) {
-                flags |= SLOT_VERIFIED;
+                flags |= SlotFlags::VERIFIED;
             } else {
                 self.stats.cookies_rejected += 1;
             }
@@ -238,9 +238,9 @@ impl Relay {
             }
             let s = &mut self.sessions[i];
             // Same address: a proof given before still holds.
-            let kept = s.slots[m.slot()].flags & SLOT_VERIFIED;
+            let kept = s.slots[m.slot()].flags & SlotFlags::VERIFIED;
             s.slots[m.slot()] = Slot {
-                flags: slot_value.flags | kept | SLOT_CONFIRMED,
+                flags: slot_value.flags | kept | SlotFlags::CONFIRMED,
                 ..slot_value
             };
             s.last_active = t;
@@ -319,7 +319,7 @@ impl Relay {
             self.remove_member(m.session(), m.slot());
         }
         self.seat(src, idx, k, slot_value, t);
-        self.sessions[i].slots[1 - k].flags |= SLOT_CONFIRMED;
+        self.sessions[i].slots[1 - k].flags |= SlotFlags::CONFIRMED;
         self.stats.sessions_unpaired -= 1;
         self.stats.sessions_paired += 1;
         self.count(RegResult::Join);
@@ -337,7 +337,7 @@ impl Relay {
         self.by_addr.insert(src, MemberRef::new(idx, k));
         let s = &mut self.sessions[idx as usize];
         s.slots[k] = Slot {
-            flags: slot_value.flags | SLOT_CONFIRMED,
+            flags: slot_value.flags | SlotFlags::CONFIRMED,
             ..slot_value
         };
         s.last_active = t;
