@@ -104,10 +104,8 @@ fn resolve_token(token: Option<String>, file: Option<PathBuf>) -> Result<Vec<u8>
 }
 
 /// The options both roles have (`--metrics`, `--token`/`--token-file`, `--relay`,
-/// `--session`, `--relay-token`), taken out of either role's options so that both merge and
-/// check them the same way. Each role declares the fields itself: their help differs, and
-/// flattening a shared struct into a `deny_unknown_fields` TOML struct would lose the
-/// "unknown key, expected one of" diagnostics.
+/// `--session`, `--relay-token`; `role_opts!` declares them in both), taken out of either
+/// role's options so that both merge and check them the same way.
 struct Shared {
     metrics: Option<SocketAddr>,
     token: Option<String>,
@@ -283,100 +281,146 @@ fn resolve_addr(hostport: &str) -> Result<SocketAddr, String> {
     netkit::resolve::ipv4_first(addrs).ok_or_else(|| "the name has no address".into())
 }
 
-/// `mqproxy server` options.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ServerOpts {
-    /// TOML config file; its keys are the long flag names (e.g. `listen = "0.0.0.0:4433"`).
-    #[arg(long, env = "MQPROXY_CONFIG")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// UDP address the QUIC server listens on [default: 0.0.0.0:4433].
-    #[arg(long, env = "MQPROXY_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
-    /// packets sent and lost, bytes, packet size and MTU black holes) at http://ADDR/metrics,
-    /// e.g. 127.0.0.1:9464. Off by default; the page is unauthenticated, so keep it on a
-    /// private address.
-    #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
-    /// Shared secret clients must present (prefer --token-file: command lines are visible to
-    /// other local users).
-    #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// File holding the shared secret (a trailing newline is ignored).
-    #[arg(long, env = "MQPROXY_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Seconds a UDP session may stay silent before the server closes it; clients may ask for
-    /// less, never more [default: 30].
-    #[arg(long, value_name = "SECS")]
-    pub udp_idle_timeout: Option<u64>,
-    /// Refuse all UDP relaying (clients are told at authentication; UDP ASSOCIATE fails with
-    /// "command not supported").
-    #[arg(long)]
-    pub no_udp: bool,
-    /// PEM certificate chain. Without --cert/--key the server creates a self-signed
-    /// certificate on first start, keeps it in --state-dir and logs its SHA-256 fingerprint.
-    #[arg(long, requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// PEM private key for --cert.
-    #[arg(long, requires = "cert")]
-    pub key: Option<PathBuf>,
-    /// Where the self-signed certificate is kept [default: $STATE_DIRECTORY,
-    /// $XDG_STATE_HOME/mqproxy or ~/.local/state/mqproxy].
-    #[arg(long, env = "MQPROXY_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Most connections allowed between handshake and authentication (a cap on
-    /// unauthenticated clients) [default: 256]. Only clients whose address a QUIC Retry has
-    /// validated count, so Initials from spoofed or silent sources take no slot.
-    #[arg(long, value_name = "N")]
-    pub max_conns: Option<usize>,
-    /// Most UDP sessions per client connection [default: 1024].
-    #[arg(long, value_name = "N")]
-    pub max_udp_sessions: Option<usize>,
-    /// Most UDP sessions of all connections from one client address (an IPv6 /64) together
-    /// [default: 2048].
-    #[arg(long, value_name = "N")]
-    pub max_udp_sessions_per_client: Option<usize>,
-    /// Most UDP sessions of the whole server; each holds two file descriptors. Further opens
-    /// are refused with SESSION_LIMIT [default: a quarter of the open-file limit, which the
-    /// server first raises to its hard limit: half the descriptors, at most 65536 sessions].
-    #[arg(long, value_name = "N")]
-    pub max_udp_sessions_total: Option<usize>,
-    /// Allow loopback, private (RFC 1918, ULA), link-local and CGNAT destinations. Off by
-    /// default so the proxy cannot be used to reach the server's own network (SSRF); IPv4
-    /// addresses inside IPv6 ones (NAT64, 6to4, Teredo, IPv4-mapped/-compatible) are judged
-    /// as IPv4.
-    #[arg(long)]
-    pub allow_private: bool,
-    /// QUIC idle timeout in seconds: a client silent this long is disconnected and its
-    /// sessions torn down [default: 30].
-    #[arg(long, value_name = "SECS")]
-    pub idle_timeout: Option<u64>,
-    /// Reach clients through this quic-relay instead of listening on --listen: for a server behind
-    /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
-    /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
-    /// otherwise. Needs --session. Given together with --listen, the server does both: a
-    /// multipath client (--path ... --relay ...) then uses the relay session as one more path.
-    /// Repeat for several relays (in the config file: a list): both ends order them by a hash
-    /// of the session, so server and client must list the same relays (in any order) to meet
-    /// on the same one, and both move to the next when it dies or drains. HOST:PORT,OTHER
-    /// gives the same relay's address in the other IP family as well.
-    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT[,OTHER]")]
-    #[serde(deserialize_with = "one_or_many")]
-    pub relay: Vec<String>,
-    /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`; with --relay.
-    #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
-    pub session: Option<String>,
-    /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for this
-    /// session. Not the proxy's --token.
-    #[arg(
-        long,
-        env = "MQPROXY_RELAY_TOKEN",
-        hide_env_values = true,
-        value_name = "EXPIRY:MAC"
-    )]
-    pub relay_token: Option<String>,
+/// Declares a role's options (`ServerOpts`, `ClientOpts`) with the flags both roles share, so
+/// that each shared flag's help, env var and TOML key is written once. A macro rather than a
+/// shared struct under `#[command(flatten)]` + `#[serde(flatten)]`: serde documents flatten as
+/// unsupported with `deny_unknown_fields`, and through it an unknown key loses the "expected
+/// one of ..." list and its own line (serde-rs/serde#1957). The invocation names the shared
+/// flags where they go and puts the role's own fields in the brace groups between them, which
+/// keeps each role's `--help` in its order; the doc before `relay` opens `--relay`'s help with
+/// what the relay replaces for that role.
+macro_rules! role_opts {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            config,
+            { $($head:tt)* }
+            metrics, token, token_file,
+            { $($middle:tt)* }
+            $(#[$relay_doc:meta])*
+            relay, session, relay_token,
+            { $($tail:tt)* }
+        }
+    ) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Default, Args, Deserialize)]
+        #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct $name {
+            /// TOML config file; its keys are the long flag names (e.g.
+            /// `token-file = "/etc/mqproxy/token"`).
+            #[arg(long, env = "MQPROXY_CONFIG")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $($head)*
+            /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
+            /// packets sent and lost, bytes, packet size and MTU black holes) at
+            /// http://ADDR/metrics, e.g. 127.0.0.1:9464. Off by default; the page is
+            /// unauthenticated, so keep it on a private address.
+            #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
+            pub metrics: Option<SocketAddr>,
+            /// Shared secret that clients present to the server (prefer --token-file: command lines
+            /// are visible to other local users).
+            #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
+            pub token: Option<String>,
+            /// File holding the shared secret (a trailing newline is ignored).
+            #[arg(long, env = "MQPROXY_TOKEN_FILE")]
+            pub token_file: Option<PathBuf>,
+            $($middle)*
+            $(#[$relay_doc])*
+            /// The relay is UDP HOST:PORT; a name is resolved once at start. peer-sdk hole-punches
+            /// a direct path when both NATs allow it and relays the QUIC connection otherwise.
+            /// Needs --session. Repeat for several relays (in the config file: a list): both ends
+            /// order them by a hash of the session, so server and client must list the same relays
+            /// (in any order) to meet on the same one, and both move to the next when it dies or
+            /// drains. HOST:PORT,OTHER gives the same relay's address in the other IP family as
+            /// well.
+            #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT[,OTHER]")]
+            #[serde(deserialize_with = "one_or_many")]
+            pub relay: Vec<String>,
+            /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`;
+            /// with --relay.
+            #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
+            pub session: Option<String>,
+            /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for
+            /// this session. Not the proxy's --token.
+            #[arg(
+                long,
+                env = "MQPROXY_RELAY_TOKEN",
+                hide_env_values = true,
+                value_name = "EXPIRY:MAC"
+            )]
+            pub relay_token: Option<String>,
+            $($tail)*
+        }
+    };
+}
+
+role_opts! {
+    /// `mqproxy server` options.
+    pub struct ServerOpts {
+        config,
+        {
+            /// UDP address the QUIC server listens on [default: 0.0.0.0:4433].
+            #[arg(long, env = "MQPROXY_LISTEN")]
+            pub listen: Option<SocketAddr>,
+        }
+        metrics, token, token_file,
+        {
+            /// Seconds a UDP session may stay silent before the server closes it; clients may ask
+            /// for less, never more [default: 30].
+            #[arg(long, value_name = "SECS")]
+            pub udp_idle_timeout: Option<u64>,
+            /// Refuse all UDP relaying (clients are told at authentication; UDP ASSOCIATE fails
+            /// with "command not supported").
+            #[arg(long)]
+            pub no_udp: bool,
+            /// PEM certificate chain. Without --cert/--key the server creates a self-signed
+            /// certificate on first start, keeps it in --state-dir and logs its SHA-256
+            /// fingerprint.
+            #[arg(long, requires = "key")]
+            pub cert: Option<PathBuf>,
+            /// PEM private key for --cert.
+            #[arg(long, requires = "cert")]
+            pub key: Option<PathBuf>,
+            /// Where the self-signed certificate is kept [default: $STATE_DIRECTORY,
+            /// $XDG_STATE_HOME/mqproxy or ~/.local/state/mqproxy].
+            #[arg(long, env = "MQPROXY_STATE_DIR")]
+            pub state_dir: Option<PathBuf>,
+            /// Most connections allowed between handshake and authentication (a cap on
+            /// unauthenticated clients) [default: 256]. Only clients whose address a QUIC Retry has
+            /// validated count, so Initials from spoofed or silent sources take no slot.
+            #[arg(long, value_name = "N")]
+            pub max_conns: Option<usize>,
+            /// Most UDP sessions per client connection [default: 1024].
+            #[arg(long, value_name = "N")]
+            pub max_udp_sessions: Option<usize>,
+            /// Most UDP sessions of all connections from one client address (an IPv6 /64) together
+            /// [default: 2048].
+            #[arg(long, value_name = "N")]
+            pub max_udp_sessions_per_client: Option<usize>,
+            /// Most UDP sessions of the whole server; each holds two file descriptors. Further
+            /// opens are refused with SESSION_LIMIT [default: a quarter of the open-file limit,
+            /// which the server first raises to its hard limit: half the descriptors, at most 65536
+            /// sessions].
+            #[arg(long, value_name = "N")]
+            pub max_udp_sessions_total: Option<usize>,
+            /// Allow loopback, private (RFC 1918, ULA), link-local and CGNAT destinations. Off by
+            /// default so the proxy cannot be used to reach the server's own network (SSRF); IPv4
+            /// addresses inside IPv6 ones (NAT64, 6to4, Teredo, IPv4-mapped/-compatible) are judged
+            /// as IPv4.
+            #[arg(long)]
+            pub allow_private: bool,
+            /// QUIC idle timeout in seconds: a client silent this long is disconnected and its
+            /// sessions torn down [default: 30].
+            #[arg(long, value_name = "SECS")]
+            pub idle_timeout: Option<u64>,
+        }
+        /// Reach clients through this quic-relay instead of listening on --listen: for a server
+        /// behind a NAT with no open port. Given together with --listen, the server does both: a
+        /// multipath client (--path ... --relay ...) then uses the relay session as one more path.
+        relay, session, relay_token,
+        {}
+    }
 }
 
 impl ServerOpts {
@@ -452,100 +496,72 @@ fn at_least_one(flag: &'static str, n: usize) -> Result<usize, ConfigError> {
     Ok(n)
 }
 
-/// `mqproxy client` options.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ClientOpts {
-    /// TOML config file; its keys are the long flag names (e.g. `server = "host:4433"`).
-    #[arg(long, env = "MQPROXY_CONFIG")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// The mqproxy server, HOST:PORT.
-    #[arg(long, env = "MQPROXY_SERVER")]
-    pub server: Option<String>,
-    /// Serve Prometheus metrics (counters, and per path: usable, RTT, congestion window,
-    /// packets sent and lost, bytes, packet size and MTU black holes) at http://ADDR/metrics,
-    /// e.g. 127.0.0.1:9464. Off by default; the page is unauthenticated, so keep it on a
-    /// private address.
-    #[arg(long, env = "MQPROXY_METRICS", value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
-    /// Shared secret (prefer --token-file: command lines are visible to other local users).
-    #[arg(long, env = "MQPROXY_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// File holding the shared secret (a trailing newline is ignored).
-    #[arg(long, env = "MQPROXY_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// SOCKS5 listen address (TCP CONNECT and UDP ASSOCIATE) [default: 127.0.0.1:1080].
-    #[arg(long)]
-    pub socks5: Option<SocketAddr>,
-    /// Also accept HTTP CONNECT on this address.
-    #[arg(long)]
-    pub http: Option<SocketAddr>,
-    /// Pin the server certificate by SHA-256 fingerprint (hex, ':' allowed), as the server logs
-    /// it at start.
-    #[arg(long, value_name = "HEX")]
-    pub server_cert_sha256: Option<String>,
-    /// Verify the server against the CA certificates in this PEM file.
-    #[arg(long, value_name = "FILE")]
-    pub ca: Option<PathBuf>,
-    /// Name to verify with --ca (and send as SNI) [default: the host part of --server].
-    #[arg(long)]
-    pub server_name: Option<String>,
-    /// Do not verify the server at all. Anyone on the path can then read the token and the
-    /// traffic; for tests only.
-    #[arg(long)]
-    pub insecure: bool,
-    /// QUIC idle timeout in seconds; keepalives go out every third of it, at most 5 s apart
-    /// [default: 30].
-    #[arg(long, value_name = "SECS")]
-    pub idle_timeout: Option<u64>,
-    /// UDP session idle timeout to ask the server for, in seconds (it applies the smaller of
-    /// this and its own) [default: the server's].
-    #[arg(long, value_name = "SECS")]
-    pub udp_idle_timeout: Option<u64>,
-    /// Require this SOCKS5 username (RFC 1929); needs --socks-password.
-    #[arg(long, requires = "socks_password")]
-    pub socks_user: Option<String>,
-    /// SOCKS5 password for --socks-user.
-    #[arg(long, env = "MQPROXY_SOCKS_PASSWORD", hide_env_values = true)]
-    pub socks_password: Option<String>,
-    /// Reach the server through this quic-relay instead of --server: for a server behind
-    /// a NAT with no open port. UDP HOST:PORT; a name is resolved once at start. peer-sdk
-    /// hole-punches a direct path when both NATs allow it and relays the QUIC connection
-    /// otherwise. Needs --session. With --server and --path, the relay session is one more
-    /// path of the multipath bundle (the server runs --listen and --relay together). Repeat
-    /// for several relays (in the config file: a list), the same ones the server lists: both
-    /// ends order them by a hash of the session, meet on the first that answers, and move to
-    /// the next when it dies or drains. HOST:PORT,OTHER gives the same relay's address in the
-    /// other IP family as well.
-    #[arg(long, env = "MQPROXY_RELAY", value_name = "HOST:PORT[,OTHER]")]
-    #[serde(deserialize_with = "one_or_many")]
-    pub relay: Vec<String>,
-    /// The relay session (a UUID) server and client share, e.g. from `quic-relay session`; with --relay.
-    #[arg(long, env = "MQPROXY_SESSION", value_name = "UUID")]
-    pub session: Option<String>,
-    /// Token for a relay that requires one (its --secret-file): EXPIRY:MAC as minted for this
-    /// session. Not the proxy's --token.
-    #[arg(
-        long,
-        env = "MQPROXY_RELAY_TOKEN",
-        hide_env_values = true,
-        value_name = "EXPIRY:MAC"
-    )]
-    pub relay_token: Option<String>,
-    /// Multipath: reach the server from this local address as one path (repeat for each
-    /// network, e.g. --path 192.0.2.10 --path 198.51.100.7; at most 8). Each path is its own QUIC
-    /// connection; the server binds them together. TCP flows are striped over all paths and
-    /// UDP packets scheduled one by one, so traffic survives the loss of a path. Without
-    /// --path: one connection from any address.
-    #[arg(long = "path", value_name = "LOCAL_IP")]
-    pub path: Vec<std::net::IpAddr>,
-    /// How traffic is spread over the paths: minrtt (lowest RTT with room in its congestion
-    /// window), backup (the first path while it is alive), wlb (in proportion to measured
-    /// bandwidth), redundant (minrtt, and every UDP packet also sent on a second path)
-    /// [default: minrtt].
-    #[arg(long, value_name = "NAME")]
-    pub scheduler: Option<String>,
+role_opts! {
+    /// `mqproxy client` options.
+    pub struct ClientOpts {
+        config,
+        {
+            /// The mqproxy server, HOST:PORT.
+            #[arg(long, env = "MQPROXY_SERVER")]
+            pub server: Option<String>,
+        }
+        metrics, token, token_file,
+        {
+            /// SOCKS5 listen address (TCP CONNECT and UDP ASSOCIATE) [default: 127.0.0.1:1080].
+            #[arg(long)]
+            pub socks5: Option<SocketAddr>,
+            /// Also accept HTTP CONNECT on this address.
+            #[arg(long)]
+            pub http: Option<SocketAddr>,
+            /// Pin the server certificate by SHA-256 fingerprint (hex, ':' allowed), as the server
+            /// logs it at start.
+            #[arg(long, value_name = "HEX")]
+            pub server_cert_sha256: Option<String>,
+            /// Verify the server against the CA certificates in this PEM file.
+            #[arg(long, value_name = "FILE")]
+            pub ca: Option<PathBuf>,
+            /// Name to verify with --ca (and send as SNI) [default: the host part of --server].
+            #[arg(long)]
+            pub server_name: Option<String>,
+            /// Do not verify the server at all. Anyone on the path can then read the token and the
+            /// traffic; for tests only.
+            #[arg(long)]
+            pub insecure: bool,
+            /// QUIC idle timeout in seconds; keepalives go out every third of it, at most 5 s apart
+            /// [default: 30].
+            #[arg(long, value_name = "SECS")]
+            pub idle_timeout: Option<u64>,
+            /// UDP session idle timeout to ask the server for, in seconds (it applies the smaller
+            /// of this and its own) [default: the server's].
+            #[arg(long, value_name = "SECS")]
+            pub udp_idle_timeout: Option<u64>,
+            /// Require this SOCKS5 username (RFC 1929); needs --socks-password.
+            #[arg(long, requires = "socks_password")]
+            pub socks_user: Option<String>,
+            /// SOCKS5 password for --socks-user.
+            #[arg(long, env = "MQPROXY_SOCKS_PASSWORD", hide_env_values = true)]
+            pub socks_password: Option<String>,
+        }
+        /// Reach the server through this quic-relay instead of --server: for a server behind a NAT
+        /// with no open port. With --server and --path, the relay session is one more path of the
+        /// multipath bundle (the server runs --listen and --relay together).
+        relay, session, relay_token,
+        {
+            /// Multipath: reach the server from this local address as one path (repeat for each
+            /// network, e.g. --path 192.0.2.10 --path 198.51.100.7; at most 8). Each path is its
+            /// own QUIC connection; the server binds them together. TCP flows are striped over all
+            /// paths and UDP packets scheduled one by one, so traffic survives the loss of a path.
+            /// Without --path: one connection from any address.
+            #[arg(long = "path", value_name = "LOCAL_IP")]
+            pub path: Vec<std::net::IpAddr>,
+            /// How traffic is spread over the paths: minrtt (lowest RTT with room in its congestion
+            /// window), backup (the first path while it is alive), wlb (in proportion to measured
+            /// bandwidth), redundant (minrtt, and every UDP packet also sent on a second path)
+            /// [default: minrtt].
+            #[arg(long, value_name = "NAME")]
+            pub scheduler: Option<String>,
+        }
+    }
 }
 
 impl ClientOpts {

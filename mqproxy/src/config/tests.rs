@@ -2,21 +2,37 @@
 
 use super::*;
 
+/// A relay session both ends share.
+const SESSION: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
+
+/// Writes `toml` to `file` in this test's temporary folder; returns the folder and the file.
+fn config_file(test: &str, file: &str, toml: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mqproxy-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let f = dir.join(file);
+    std::fs::write(&f, toml).expect("write");
+    (dir, f)
+}
+
+/// Server options with `toml` as `--config`, the self-signed certificate kept next to it.
+fn server_with_file(test: &str, file: &str, toml: &str) -> ServerOpts {
+    let (dir, f) = config_file(test, file, toml);
+    ServerOpts {
+        config: Some(f),
+        state_dir: Some(dir),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn cli_overrides_file_overrides_defaults() {
-    let dir = std::env::temp_dir().join(format!("mqproxy-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let f = dir.join("server.toml");
-    std::fs::write(
-        &f,
-        "listen = \"127.0.0.1:5000\"\ntoken = \"fromfile\"\nudp-idle-timeout = 7\nno-udp = true\n",
-    )
-    .expect("write");
     let opts = ServerOpts {
-        config: Some(f.clone()),
         udp_idle_timeout: Some(9),
-        state_dir: Some(dir.clone()),
-        ..Default::default()
+        ..server_with_file(
+            "config",
+            "server.toml",
+            "listen = \"127.0.0.1:5000\"\ntoken = \"fromfile\"\nudp-idle-timeout = 7\nno-udp = true\n",
+        )
     };
     let c = opts.resolve().expect("valid");
     assert_eq!(c.listen, "127.0.0.1:5000".parse().expect("lit"));
@@ -24,23 +40,58 @@ fn cli_overrides_file_overrides_defaults() {
     assert_eq!(c.udp_idle_timeout, Duration::from_secs(9));
     assert!(!c.udp_enabled);
     assert_eq!(c.max_conns, crate::defaults::DEFAULT_MAX_CONNS);
+}
 
-    std::fs::write(&f, "listn = \"x\"\n").expect("write");
-    let err = ServerOpts {
-        config: Some(f),
+/// Both roles declare the shared keys through one macro; each still refuses a key it does
+/// not have with the key's line and the list of its own keys.
+#[test]
+fn unknown_keys_are_refused_with_their_line_in_both_roles() {
+    let server = server_with_file("unknown", "server.toml", "token = \"t\"\nlistn = \"x\"\n");
+    let (_, client_file) = config_file(
+        "unknown",
+        "client.toml",
+        "server = \"a:1\"\n\nmetrix = \"127.0.0.1:9464\"\n",
+    );
+    let client = ClientOpts {
+        config: Some(client_file),
         ..Default::default()
+    };
+    for (result, wanted, other_role_key) in [
+        (
+            server.resolve().map(drop),
+            [
+                "line 2",
+                "unknown field `listn`",
+                "`listen`",
+                "`relay-token`",
+            ],
+            "`scheduler`",
+        ),
+        (
+            client.resolve().map(drop),
+            [
+                "line 3",
+                "unknown field `metrix`",
+                "`metrics`",
+                "`scheduler`",
+            ],
+            "`listen`",
+        ),
+    ] {
+        let e = result.expect_err("unknown key").to_string();
+        for w in wanted {
+            assert!(e.contains(w), "{w} missing: {e}");
+        }
+        assert!(
+            !e.contains(other_role_key),
+            "the other role's key offered: {e}"
+        );
     }
-    .resolve()
-    .expect_err("unknown key");
-    assert!(err.to_string().contains("listn"), "{err}");
 }
 
 #[test]
 fn token_file_and_verification_rules() {
-    let dir = std::env::temp_dir().join(format!("mqproxy-token-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let f = dir.join("token");
-    std::fs::write(&f, "s3cret\n").expect("write");
+    let (_, f) = config_file("token", "token", "s3cret\n");
     let base = ClientOpts {
         server: Some("example.com:4433".into()),
         token_file: Some(f),
@@ -66,7 +117,6 @@ fn token_file_and_verification_rules() {
 
 #[test]
 fn relay_flags_need_each_other_and_valid_values() {
-    const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let relay: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
     let relay_flag = vec![relay.to_string()];
     let client = ClientOpts {
@@ -81,7 +131,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     });
     assert!(e.contains("--session"), "{e}");
     let e = err(ClientOpts {
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         ..client.clone()
     });
     assert!(e.contains("--relay"), "{e}");
@@ -93,14 +143,14 @@ fn relay_flags_need_each_other_and_valid_values() {
     assert!(e.contains("--session") && e.contains("UUID"), "{e}");
     let e = err(ClientOpts {
         relay: relay_flag.clone(),
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         relay_token: Some("12:zz".into()),
         ..client.clone()
     });
     assert!(e.contains("--relay-token"), "{e}");
     let e = err(ClientOpts {
         relay: relay_flag.clone(),
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         server: Some("example.com:4433".into()),
         ..client.clone()
     });
@@ -111,7 +161,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     // With --path, --server and --relay together: direct paths plus the relay path.
     let c = ClientOpts {
         relay: relay_flag.clone(),
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         server: Some("198.18.0.1:4433".into()),
         path: vec!["198.18.10.2".parse().expect("lit")],
         ..client.clone()
@@ -123,7 +173,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     assert!(c.relay.is_some());
     let e = err(ClientOpts {
         relay: relay_flag.clone(),
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         server: Some("198.18.0.1:4433".into()),
         path: (1..=8u8)
             .map(|i| std::net::IpAddr::from([198, 18, 10, i]))
@@ -133,7 +183,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     assert!(e.contains("relay session counting as one"), "{e}");
     let c = ClientOpts {
         relay: relay_flag.clone(),
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         relay_token: Some(format!("1700000000:{}", "cd".repeat(32))),
         ..client.clone()
     }
@@ -141,23 +191,15 @@ fn relay_flags_need_each_other_and_valid_values() {
     .expect("valid");
     let r = c.relay.expect("relay set");
     assert_eq!(r.relays, [relay]);
-    assert_eq!(r.session.to_string(), S);
+    assert_eq!(r.session.to_string(), SESSION);
     assert_eq!(r.token.expect("token").expiry, 1_700_000_000);
 
     // The server: the same keys from a config file.
-    let dir = std::env::temp_dir().join(format!("mqproxy-relay-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let f = dir.join("server.toml");
-    std::fs::write(
-        &f,
-        format!("token = \"t\"\nrelay = \"{relay}\"\nsession = \"{S}\"\n"),
-    )
-    .expect("write");
-    let server = ServerOpts {
-        config: Some(f),
-        state_dir: Some(dir),
-        ..Default::default()
-    };
+    let server = server_with_file(
+        "relay",
+        "server.toml",
+        &format!("token = \"t\"\nrelay = \"{relay}\"\nsession = \"{SESSION}\"\n"),
+    );
     let c = server.clone().resolve().expect("valid");
     assert_eq!(c.relay.expect("relay set").relays, [relay]);
     assert!(!c.also_listen);
@@ -174,7 +216,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     // Names resolve (localhost: no network needed); junk is refused with the flag named.
     let c = ClientOpts {
         relay: vec!["localhost:4433".into()],
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         ..client.clone()
     }
     .resolve()
@@ -183,7 +225,7 @@ fn relay_flags_need_each_other_and_valid_values() {
     assert!(r.ip().is_loopback() && r.port() == 4433, "{r}");
     let e = err(ClientOpts {
         relay: vec!["no-port".into()],
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         ..client
     });
     assert!(e.contains("--relay") && e.contains("HOST:PORT"), "{e}");
@@ -227,11 +269,10 @@ fn paths_and_scheduler() {
 
 #[test]
 fn several_relays_from_flags_or_a_toml_list() {
-    const S: &str = "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b";
     let client = ClientOpts {
         token: Some("t".into()),
         server_cert_sha256: Some("ab".repeat(32)),
-        session: Some(S.into()),
+        session: Some(SESSION.into()),
         ..Default::default()
     };
     let a: SocketAddr = "198.18.0.1:4433".parse().expect("lit");
@@ -268,19 +309,11 @@ fn several_relays_from_flags_or_a_toml_list() {
     assert!(e.contains("at most 16"), "{e}");
 
     // The config file: a list, and a single string still works; flags replace the file's.
-    let dir = std::env::temp_dir().join(format!("mqproxy-relays-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let list = dir.join("list.toml");
-    std::fs::write(
-        &list,
-        format!("token = \"t\"\nsession = \"{S}\"\nrelay = [\"{a}\", \"{b},{b6}\"]\n"),
-    )
-    .expect("write");
-    let server = ServerOpts {
-        config: Some(list),
-        state_dir: Some(dir.clone()),
-        ..Default::default()
-    };
+    let server = server_with_file(
+        "relays",
+        "list.toml",
+        &format!("token = \"t\"\nsession = \"{SESSION}\"\nrelay = [\"{a}\", \"{b},{b6}\"]\n"),
+    );
     let r = server.clone().resolve().expect("valid").relay.expect("set");
     assert_eq!(r.relays, [a, b]);
     assert_eq!(r.relay_other_family, [(b, b6)]);
@@ -293,33 +326,21 @@ fn several_relays_from_flags_or_a_toml_list() {
     .relay
     .expect("set");
     assert_eq!(r.relays, [b], "the command line overrides the file");
-    let one = dir.join("one.toml");
-    std::fs::write(
-        &one,
-        format!("token = \"t\"\nsession = \"{S}\"\nrelay = \"{a}\"\n"),
+    let r = server_with_file(
+        "relays",
+        "one.toml",
+        &format!("token = \"t\"\nsession = \"{SESSION}\"\nrelay = \"{a}\"\n"),
     )
-    .expect("write");
-    let r = ServerOpts {
-        config: Some(one),
-        state_dir: Some(dir.clone()),
-        ..Default::default()
-    }
     .resolve()
     .expect("valid")
     .relay
     .expect("set");
     assert_eq!(r.relays, [a]);
-    let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        format!("token = \"t\"\nsession = \"{S}\"\nrelay = [\"{a}\", \"nope\"]\n"),
+    let e = server_with_file(
+        "relays",
+        "bad.toml",
+        &format!("token = \"t\"\nsession = \"{SESSION}\"\nrelay = [\"{a}\", \"nope\"]\n"),
     )
-    .expect("write");
-    let e = ServerOpts {
-        config: Some(bad),
-        state_dir: Some(dir),
-        ..Default::default()
-    }
     .resolve()
     .expect_err("bad relay in the file")
     .to_string();
