@@ -1,12 +1,26 @@
 """Type stubs of peer_portal._core, the native module (Rust, over peer-sdk)."""
 
-from typing import Any, Awaitable, Optional
+from typing import Awaitable, Optional, TypedDict
+
+from typing_extensions import Unpack
+
+from .portal import PeerOptions
 
 MAX_MESSAGE_BYTES: int
 RECV_BUFFER_BYTES: int
 
 def new_session() -> str:
     """A new random session id (UUID v4)."""
+
+# bind's keyword-only options are peer_portal.PeerOptions (declared and documented there, with
+# the defaults of bind's `#[pyo3(signature)]` in src/lib.rs); connect also takes peer_timeout.
+# bind_async and connect_async are bind and connect with the signature's `_async` flag set.
+
+class _ConnectOptions(PeerOptions, total=False):
+    """connect's options: bind's and peer_timeout, seconds to wait for the listener at the
+    relay (default 60.0)."""
+
+    peer_timeout: float
 
 class Listener:
     """A registered listening peer; the dialer has not connected yet."""
@@ -40,43 +54,13 @@ class Connection:
     def is_connected(self) -> bool: ...
     def close(self) -> None: ...
 
-def bind(
-    relay: str,
-    session: str,
-    *,
-    relay_only: bool = False,
-    local_port: int = 0,
-    register_timeout: float = 10.0,
-    direct_timeout: float = 1.0,
-) -> Listener: ...
+def bind(relay: str, session: str, **options: Unpack[PeerOptions]) -> Listener: ...
 def bind_async(
-    relay: str,
-    session: str,
-    *,
-    relay_only: bool = False,
-    local_port: int = 0,
-    register_timeout: float = 10.0,
-    direct_timeout: float = 1.0,
+    relay: str, session: str, **options: Unpack[PeerOptions]
 ) -> Awaitable[Listener]: ...
 def connect(
-    relay: str,
-    session: str,
-    pin: str,
-    *,
-    relay_only: bool = False,
-    local_port: int = 0,
-    register_timeout: float = 10.0,
-    peer_timeout: float = 60.0,
-    direct_timeout: float = 1.0,
+    relay: str, session: str, pin: str, **options: Unpack[_ConnectOptions]
 ) -> Connection: ...
 def connect_async(
-    relay: str,
-    session: str,
-    pin: str,
-    *,
-    relay_only: bool = False,
-    local_port: int = 0,
-    register_timeout: float = 10.0,
-    peer_timeout: float = 60.0,
-    direct_timeout: float = 1.0,
+    relay: str, session: str, pin: str, **options: Unpack[_ConnectOptions]
 ) -> Awaitable[Connection]: ...

@@ -9,10 +9,20 @@ entry and dials with the fingerprint pinned. Nothing else needs to be passed by 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, TypeVar, Union, cast
+
+if sys.version_info >= (3, 11):
+    from typing import TypedDict, Unpack
+else:  # Unpack is only read by type checkers here (annotations are not evaluated)
+    from typing import TypedDict
+
+    if TYPE_CHECKING:
+        from typing_extensions import Unpack
 
 from . import _core
 from .exceptions import ConnectionError, PeerTimeoutError, PortalError
@@ -33,6 +43,94 @@ DICT_POLL_S = 0.05
 Data = Union[bytes, bytearray, memoryview, str]
 
 
+# The keyword options every way of making a connection shares, each declared and described once
+# (PEP 692: `**options: Unpack[...]` types them key by key). One left out takes the default of
+# `_core`'s signature (python/src/lib.rs), which the docs below quote (tests check both).
+
+
+class PeerOptions(TypedDict, total=False):
+    """How a peer reaches the other: the keyword options of :func:`listen` (and of
+    ``_core.bind``), and with :class:`PortalOptions` of ``create_server`` and ``create_client``.
+    Any may be left out.
+
+    Keys:
+        relay_only: never try a direct path (default False).
+        local_port: the local UDP port, 0 for any (default 0).
+        register_timeout: seconds to wait for the relay's answer (default 10.0).
+        direct_timeout: seconds to try hole punching before using the relay (default 1.0).
+    """
+
+    relay_only: bool
+    local_port: int
+    register_timeout: float
+    direct_timeout: float
+
+
+class PortalOptions(PeerOptions, total=False):
+    """Where the peers meet, besides :class:`PeerOptions`: the keyword options
+    ``create_server`` and ``create_client`` share (of :class:`Portal` and :class:`AsyncPortal`).
+
+    Keys:
+        relay: the relay, "host:port". The server needs it; the client's default is the relay
+            the server wrote into the dict.
+        session: the session id (a UUID). The server's default is a new random one; the
+            client's, the server's from the dict.
+        stun_servers, punch_timeout, transport_options: quic-portal's, accepted and ignored
+            (the relay replaces STUN; peer-sdk's transport settings apply).
+    """
+
+    relay: str
+    session: str
+    stun_servers: Any
+    punch_timeout: Any
+    transport_options: Any
+
+
+#: quic-portal's parameters after ``dict``, which ``Portal.create_server`` and
+#: ``Portal.create_client`` also take by position, in this order.
+QUIC_PORTAL_ARGS = ("local_port", "stun_servers", "punch_timeout", "transport_options")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _options_doc(*kinds: Any) -> Callable[[_F], _F]:
+    """Appends the keys documented in ``kinds`` (the TypedDicts above) to a function's
+    docstring: help() lists every option a function takes, each described in one place."""
+
+    def add(f: _F) -> _F:
+        if f.__doc__ is not None:  # None under `python -OO`
+            keys = "\n".join(inspect.cleandoc(k.__doc__).split("Keys:\n", 1)[1] for k in kinds)
+            f.__doc__ = f"{inspect.cleandoc(f.__doc__)}\n\nOptions:\n{keys}"
+        return f
+
+    return add
+
+
+def _split(
+    what: str, args: Tuple[Any, ...], options: PortalOptions
+) -> Tuple[Optional[str], Optional[str], PeerOptions]:
+    """quic-portal's positional ``args`` (see QUIC_PORTAL_ARGS) and the keyword ``options``
+    as the relay, the session and the :class:`PeerOptions` for ``_core``. A bad call raises
+    the TypeError Python raises for a function with these parameters spelled out."""
+    if len(args) > len(QUIC_PORTAL_ARGS):
+        raise TypeError(f"{what}() takes at most {1 + len(QUIC_PORTAL_ARGS)} positional arguments")
+    given: Dict[str, Any] = {**options}
+    for name, value in zip(QUIC_PORTAL_ARGS, args):
+        if name in given:
+            raise TypeError(f"{what}() got multiple values for argument {name!r}")
+        given[name] = value
+    unknown = sorted(set(given) - PortalOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(f"{what}() got an unexpected keyword argument {unknown[0]!r}")
+    if any(given.get(name) is not None for name in QUIC_PORTAL_ARGS[1:]):
+        logger.debug(
+            "stun_servers, punch_timeout and transport_options are accepted for quic-portal "
+            "compatibility and ignored: the relay replaces STUN"
+        )
+    peer = {k: v for k, v in given.items() if k in PeerOptions.__optional_keys__}
+    return given.get("relay"), given.get("session"), cast(PeerOptions, peer)
+
+
 def _as_bytes(data: Data) -> bytes:
     if isinstance(data, bytes):
         return data
@@ -41,16 +139,6 @@ def _as_bytes(data: Data) -> bytes:
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
     raise TypeError(f"expected bytes, bytearray, memoryview or str, not {type(data).__name__}")
-
-
-def _compat_ignored(stun_servers: Any, punch_timeout: Any, transport_options: Any) -> None:
-    # quic-portal's knobs: STUN is replaced by the relay (which tells each peer its public
-    # address), punching is bounded by direct_timeout, transport settings are the SDK's.
-    if stun_servers is not None or punch_timeout is not None or transport_options is not None:
-        logger.debug(
-            "stun_servers, punch_timeout and transport_options are accepted for quic-portal "
-            "compatibility and ignored: the relay replaces STUN"
-        )
 
 
 class QuicTransportOptions:
@@ -138,23 +226,10 @@ def _publish(
 
 
 def _bind(
-    bind: Callable[..., Any],
-    relay: str,
-    session: Optional[str],
-    relay_only: bool,
-    local_port: int,
-    register_timeout: float,
-    direct_timeout: float,
+    bind: Callable[..., Any], relay: str, session: Optional[str], options: PeerOptions
 ) -> Any:
     """Calls ``_core.bind`` or ``_core.bind_async`` (a new random session when ``None``)."""
-    return bind(
-        relay,
-        session or _core.new_session(),
-        relay_only=relay_only,
-        local_port=local_port,
-        register_timeout=register_timeout,
-        direct_timeout=direct_timeout,
-    )
+    return bind(relay, session or _core.new_session(), **options)
 
 
 def _client_target(
@@ -179,25 +254,13 @@ def _client_target(
 def _connect(
     connect: Callable[..., Any],
     target: Tuple[str, str, str],
-    relay_only: bool,
-    local_port: int,
-    register_timeout: float,
     peer_left: float,
-    direct_timeout: float,
+    options: PeerOptions,
 ) -> Any:
     """Calls ``_core.connect`` or ``_core.connect_async``; ``peer_left`` is what remains of
     ``peer_timeout`` after waiting for the dict (never negative)."""
     relay, session, pin = target
-    return connect(
-        relay,
-        session,
-        pin,
-        relay_only=relay_only,
-        local_port=local_port,
-        register_timeout=register_timeout,
-        peer_timeout=max(0.0, peer_left),
-        direct_timeout=direct_timeout,
-    )
+    return connect(relay, session, pin, peer_timeout=max(0.0, peer_left), **options)
 
 
 class Listener:
@@ -239,23 +302,13 @@ class Listener:
         return Portal(self._core.accept())
 
 
-def listen(
-    relay: str,
-    session: Optional[str] = None,
-    *,
-    relay_only: bool = False,
-    local_port: int = 0,
-    register_timeout: float = 10.0,
-    direct_timeout: float = 1.0,
-) -> Listener:
+@_options_doc(PeerOptions)
+def listen(relay: str, session: Optional[str] = None, **options: Unpack[PeerOptions]) -> Listener:
     """Registers a server for ``session`` (a new random one when ``None``) at ``relay``
     ("host:port") with a fresh self-signed certificate. Blocks until the relay answered.
 
     Raises RelayUnreachableError, RelayRefusedError, ValueError (a bad relay or session)."""
-    core = _bind(
-        _core.bind, relay, session, relay_only, local_port, register_timeout, direct_timeout
-    )
-    return Listener(core, relay)
+    return Listener(_bind(_core.bind, relay, session, options), relay)
 
 
 class Portal:
@@ -279,19 +332,12 @@ class Portal:
     # --- creation (quic-portal's names) ----------------------------------------------------
 
     @staticmethod
+    @_options_doc(PortalOptions, PeerOptions)
     def create_server(
         dict: Any = None,
-        local_port: int = 0,
-        stun_servers: Any = None,
-        punch_timeout: Any = None,
-        transport_options: Any = None,
-        *,
-        relay: Optional[str] = None,
-        session: Optional[str] = None,
-        relay_only: bool = False,
-        register_timeout: float = 10.0,
-        direct_timeout: float = 1.0,
+        *quic_portal_args: Any,
         on_ready: Optional[Callable[[Dict[str, str]], None]] = None,
+        **options: Unpack[PortalOptions],
     ) -> "Portal":
         """Registers with the relay, publishes the rendezvous, and waits for the client.
 
@@ -299,76 +345,54 @@ class Portal:
             dict: any dict-like object shared with the client (a Modal Dict, a
                 ``multiprocessing.Manager().dict()``, ...). The server writes
                 ``dict["peer_portal"] = {"session", "fingerprint", "relay"}`` once registered.
-            local_port: local UDP port (0: any).
-            stun_servers, punch_timeout, transport_options: quic-portal's; accepted and ignored
-                (the relay replaces STUN).
-            relay: the relay, "host:port" (required).
-            session: the session id (a UUID); a new random one when ``None``.
-            relay_only: never try a direct path.
-            register_timeout: seconds to wait for the relay's answer.
-            direct_timeout: seconds to try hole punching before using the relay.
+            *quic_portal_args: ``local_port``, ``stun_servers``, ``punch_timeout``,
+                ``transport_options`` by position, as quic-portal takes them (see Options).
             on_ready: called with the rendezvous info once registered (instead of, or besides,
                 ``dict``): use it to hand the session and fingerprint over some other way.
+            **options: ``relay`` (required) and the others below.
 
         Returns:
             the connected Portal.
         """
-        _compat_ignored(stun_servers, punch_timeout, transport_options)
+        relay, session, peer = _split("create_server", quic_portal_args, options)
         relay = _server_checks(relay, dict, on_ready)
-        core = _bind(
-            _core.bind, relay, session, relay_only, local_port, register_timeout, direct_timeout
-        )
-        listener = Listener(core, relay)
+        listener = Listener(_bind(_core.bind, relay, session, peer), relay)
         info = listener.info
         logger.info("registered: session %s, fingerprint %s", info["session"], info["fingerprint"])
         _publish(info, dict, on_ready)
         return listener.accept()
 
     @staticmethod
+    @_options_doc(PortalOptions, PeerOptions)
     def create_client(
         dict: Any = None,
-        local_port: int = 0,
-        stun_servers: Any = None,
-        punch_timeout: Any = None,
-        transport_options: Any = None,
-        *,
-        relay: Optional[str] = None,
-        session: Optional[str] = None,
+        *quic_portal_args: Any,
         pin: Optional[str] = None,
-        relay_only: bool = False,
-        register_timeout: float = 10.0,
         peer_timeout: float = 60.0,
-        direct_timeout: float = 1.0,
+        **options: Unpack[PortalOptions],
     ) -> "Portal":
         """Dials the server: directly when hole punching works, through the relay otherwise.
 
         Args:
             dict: the dict the server writes its rendezvous into; the client waits (up to
                 ``peer_timeout``) for it and takes session, fingerprint and relay from it.
-            local_port: local UDP port (0: any).
-            stun_servers, punch_timeout, transport_options: quic-portal's; accepted and ignored.
-            relay: "host:port"; default: the relay the server wrote into the dict.
-            session, pin: the server's session id and certificate fingerprint, when not taken
-                from ``dict``.
-            relay_only: never try a direct path.
-            register_timeout: seconds to wait for the relay's answer.
+            *quic_portal_args: as for :meth:`create_server`.
+            pin: the server's certificate fingerprint, when not taken from ``dict`` (then
+                ``relay`` and ``session`` are needed too).
             peer_timeout: seconds to wait for the server (in the dict, then at the relay).
-            direct_timeout: seconds to try hole punching before using the relay.
+            **options: see Options below.
 
         Raises:
             PinMismatchError: the server's certificate is not the pinned one.
             PeerTimeoutError: the server did not show up within ``peer_timeout``.
             RelayUnreachableError, RelayRefusedError: the relay did not answer, or refused.
         """
-        _compat_ignored(stun_servers, punch_timeout, transport_options)
+        relay, session, peer = _split("create_client", quic_portal_args, options)
         start = time.monotonic()
         info = None if dict is None else _read_dict(dict, peer_timeout)
         target = _client_target(info, relay, session, pin)
         left = peer_timeout - (time.monotonic() - start)
-        conn = _connect(
-            _core.connect, target, relay_only, local_port, register_timeout, left, direct_timeout
-        )
-        return Portal(conn)
+        return Portal(_connect(_core.connect, target, left, peer))
 
     # --- messages (quic-portal's names) ----------------------------------------------------
 
@@ -448,40 +472,31 @@ class AsyncPortal:
         self._conn = conn
 
     @staticmethod
+    @_options_doc(PortalOptions, PeerOptions)
     async def create_server(
         dict: Any = None,
-        local_port: int = 0,
         *,
-        relay: Optional[str] = None,
-        session: Optional[str] = None,
-        relay_only: bool = False,
-        register_timeout: float = 10.0,
-        direct_timeout: float = 1.0,
         on_ready: Optional[Callable[[Dict[str, str]], None]] = None,
+        **options: Unpack[PortalOptions],
     ) -> "AsyncPortal":
         """As :meth:`Portal.create_server`, without blocking the event loop."""
+        relay, session, peer = _split("create_server", (), options)
         relay = _server_checks(relay, dict, on_ready)
-        bind = _core.bind_async
-        core = await _bind(
-            bind, relay, session, relay_only, local_port, register_timeout, direct_timeout
-        )
+        core = await _bind(_core.bind_async, relay, session, peer)
         _publish(_rendezvous_info(core, relay), dict, on_ready)
         return AsyncPortal(await core.accept_async())
 
     @staticmethod
+    @_options_doc(PortalOptions, PeerOptions)
     async def create_client(
         dict: Any = None,
-        local_port: int = 0,
         *,
-        relay: Optional[str] = None,
-        session: Optional[str] = None,
         pin: Optional[str] = None,
-        relay_only: bool = False,
-        register_timeout: float = 10.0,
         peer_timeout: float = 60.0,
-        direct_timeout: float = 1.0,
+        **options: Unpack[PortalOptions],
     ) -> "AsyncPortal":
         """As :meth:`Portal.create_client`, without blocking the event loop."""
+        relay, session, peer = _split("create_client", (), options)
         start = time.monotonic()
         info = None
         if dict is not None:
@@ -489,11 +504,7 @@ class AsyncPortal:
                 await asyncio.sleep(DICT_POLL_S)
         target = _client_target(info, relay, session, pin)
         left = peer_timeout - (time.monotonic() - start)
-        connect = _core.connect_async
-        conn = await _connect(
-            connect, target, relay_only, local_port, register_timeout, left, direct_timeout
-        )
-        return AsyncPortal(conn)
+        return AsyncPortal(await _connect(_core.connect_async, target, left, peer))
 
     async def send(self, data: Data) -> None:
         """Sends one message."""
@@ -538,7 +549,10 @@ __all__ = [
     "DICT_KEY",
     "Listener",
     "MAX_MESSAGE_BYTES",
+    "PeerOptions",
     "Portal",
+    "PortalOptions",
+    "QUIC_PORTAL_ARGS",
     "QuicTransportOptions",
     "listen",
     "ConnectionError",

@@ -6,6 +6,7 @@ the test's own process. They meet through a plain dict shared by a multiprocessi
 
 import asyncio
 import hashlib
+import inspect
 import multiprocessing as mp
 import os
 import socket
@@ -205,6 +206,57 @@ def test_bad_arguments_name_the_input():
         Portal.create_server(dict={})
     with pytest.raises(TypeError):
         Portal("not a connection")
+
+
+def test_quic_portal_calls_bind_as_in_quic_portal():
+    """quic-portal's own calls, by position and by name with its defaults, reach peer_portal's
+    argument checks (a missing relay, an empty dict) rather than a TypeError."""
+    quic_portal = pytest.importorskip("quic_portal")
+    names = ("local_port", "stun_servers", "punch_timeout", "transport_options")
+    assert peer_portal.portal.QUIC_PORTAL_ARGS == names
+    for name, fails_with in (
+        ("create_server", ValueError),
+        ("create_client", peer_portal.PeerTimeoutError),
+    ):
+        theirs = inspect.signature(getattr(quic_portal.Portal, name)).parameters
+        assert list(theirs) == ["dict", *names]
+        defaults = [p.default for p in list(theirs.values())[1:]]
+        ours = getattr(Portal, name)
+        extra = {"peer_timeout": 0.1} if name == "create_client" else {}
+        with pytest.raises(fails_with):
+            ours({}, *defaults, **extra)
+        with pytest.raises(fails_with):
+            ours(dict={}, **dict(zip(names, defaults)), **extra)
+        with pytest.raises(TypeError, match=f"{name}.. takes at most 5 positional"):
+            ours({}, *defaults, None)
+        with pytest.raises(TypeError, match="multiple values for argument 'local_port'"):
+            ours({}, 5555, local_port=5555)
+        with pytest.raises(TypeError, match=f"{name}.. got an unexpected keyword argument 'bogus'"):
+            ours({}, bogus=1)
+    # local_port by position is the one bound; the other three are dropped.
+    split = peer_portal.portal._split("create_server", (5555, [], 15, None), {"relay": "r:1"})
+    assert split == ("r:1", None, {"local_port": 5555})
+
+
+def test_options_are_the_native_signatures():
+    """PeerOptions are _core.bind's keyword-only parameters (connect adds peer_timeout), and
+    the defaults its docs quote are the native ones."""
+    from peer_portal import _core
+
+    def keyword_only(f):
+        ps = inspect.signature(f).parameters.values()
+        return {p.name: p.default for p in ps if p.kind is p.KEYWORD_ONLY and p.name != "_async"}
+
+    bind, connect = keyword_only(_core.bind), keyword_only(_core.connect)
+    assert set(bind) == peer_portal.PeerOptions.__optional_keys__
+    assert set(connect) == set(bind) | {"peer_timeout"}
+    for name, default in bind.items():
+        assert f"{name}: " in peer_portal.PeerOptions.__doc__
+        assert f"(default {default!r})" in peer_portal.PeerOptions.__doc__, name
+    # Every option a Portal constructor takes is listed in its help().
+    for f in (Portal.create_server, Portal.create_client, AsyncPortal.create_client):
+        for name in peer_portal.PortalOptions.__optional_keys__:
+            assert name in f.__doc__.split("Options:", 1)[1], (f, name)
 
 
 def test_too_large_message_is_refused_and_connection_survives(relay, child):
