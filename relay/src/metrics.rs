@@ -153,13 +153,35 @@ impl Metrics {
             .collect();
         let t = &self.tcp;
         families! { family;
+            // Sessions: how many, and how they end.
             /// Sessions by state.
             gauge quic_relay_sessions {
                 state = "paired" => s.sessions_paired,
                 state = "unpaired" => s.sessions_unpaired,
             }
+            /// Sessions removed for idleness, by the state they were in.
+            counter quic_relay_sessions_expired_total {
+                state = "paired" => s.expired_paired,
+                state = "unpaired" => s.expired_unpaired,
+            }
+            /// Members that left a session: by BYE, ignored BYEs, or replaced after going silent.
+            counter quic_relay_leaves_total {
+                how = "bye" => s.byes,
+                how = "bye_ignored" => s.byes_ignored,
+                how = "stale_replaced" => s.stale_replaced,
+                how = "tcp_closed" => s.tcp_left,
+                how = "evicted_unconfirmed" => s.evicted_unconfirmed,
+            }
+            // Registrations.
             /// Registrations by result (new, join, refresh, rebind, or the ERR reason).
             counter quic_relay_registrations_total in &reg_samples;
+            /// Extended registrations whose echoed cookie was wrong or stale.
+            counter quic_relay_cookies_rejected_total = s.cookies_rejected;
+            /// Registrations let through unmetered because the rate-limit table was full.
+            counter quic_relay_rate_table_full_total = s.rate_table_full;
+            /// Replies not sent because they would have been longer than the request.
+            counter quic_relay_replies_suppressed_total = s.replies_suppressed;
+            // Forwarding over UDP.
             /// Datagrams forwarded between members.
             counter quic_relay_forwarded_packets_total = s.forwarded_packets;
             /// Payload bytes forwarded between members.
@@ -172,25 +194,15 @@ impl Metrics {
                 reason = "truncated" => io(&self.io.truncated),
                 reason = "send_error" => io(&self.io.send_errors),
             }
-            /// Replies not sent because they would have been longer than the request.
-            counter quic_relay_replies_suppressed_total = s.replies_suppressed;
-            /// Sessions removed for idleness, by the state they were in.
-            counter quic_relay_sessions_expired_total {
-                state = "paired" => s.expired_paired,
-                state = "unpaired" => s.expired_unpaired,
+            /// Bursts to one peer sent as one UDP GSO batch, and the datagrams in them.
+            counter quic_relay_gso_batches_total {
+                unit = "batches" => io(&self.io.gso_batches),
+                unit = "datagrams" => io(&self.io.gso_datagrams),
+                unit = "failed_batches" => io(&self.io.gso_failures),
             }
-            /// Extended registrations whose echoed cookie was wrong or stale.
-            counter quic_relay_cookies_rejected_total = s.cookies_rejected;
-            /// Registrations let through unmetered because the rate-limit table was full.
-            counter quic_relay_rate_table_full_total = s.rate_table_full;
-            /// Members that left a session: by BYE, ignored BYEs, or replaced after going silent.
-            counter quic_relay_leaves_total {
-                how = "bye" => s.byes,
-                how = "bye_ignored" => s.byes_ignored,
-                how = "stale_replaced" => s.stale_replaced,
-                how = "tcp_closed" => s.tcp_left,
-                how = "evicted_unconfirmed" => s.evicted_unconfirmed,
-            }
+            /// Socket receive errors other than timeouts.
+            counter quic_relay_receive_errors_total = io(&self.io.recv_errors);
+            // Members over TCP.
             /// TCP connections open now.
             gauge quic_relay_tcp_connections = io(&t.open);
             /// TCP connections: accepted, refused by a cap, and closed, by reason.
@@ -216,14 +228,6 @@ impl Metrics {
             }
             /// Bytes waiting in the write queues of all TCP connections.
             gauge quic_relay_tcp_queued_bytes = io(&t.queued_bytes);
-            /// Bursts to one peer sent as one UDP GSO batch, and the datagrams in them.
-            counter quic_relay_gso_batches_total {
-                unit = "batches" => io(&self.io.gso_batches),
-                unit = "datagrams" => io(&self.io.gso_datagrams),
-                unit = "failed_batches" => io(&self.io.gso_failures),
-            }
-            /// Socket receive errors other than timeouts.
-            counter quic_relay_receive_errors_total = io(&self.io.recv_errors);
         }
         out
     }
