@@ -313,19 +313,15 @@ async fn a_relay_that_requires_tokens_admits_only_peers_that_carry_one() {
 }
 
 fn relay_with_tcp(tcp: quic_relay::tcp::TcpConfig) -> ServerHandle {
-    // The TCP listener binds the UDP port's number; retry if a TCP socket holds it.
-    for _ in 0..20 {
-        let server = Server::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            RelayConfig::default(),
-            1 << 20,
-        )
-        .expect("bind relay");
-        if let Ok(s) = server.with_tcp(tcp.clone()) {
-            return s.spawn().expect("spawn relay");
-        }
-    }
-    panic!("no port free for both UDP and TCP");
+    Server::bind_with_tcp(
+        "127.0.0.1:0".parse().expect("addr"),
+        RelayConfig::default(),
+        1 << 20,
+        Some(tcp),
+    )
+    .expect("bind relay")
+    .spawn()
+    .expect("spawn relay")
 }
 
 #[tokio::test]

@@ -52,11 +52,12 @@ fn main() -> anyhow::Result<()> {
             signal(SignalKind::user_defined1()).context("cannot install SIGUSR1 handler")?;
         let mut drain_off =
             signal(SignalKind::user_defined2()).context("cannot install SIGUSR2 handler")?;
-        let mut server =
-            Server::bind(args.listen_addr(), config.clone(), args.socket_buffer_bytes)?;
-        if let Some(tcp) = args.tcp_config() {
-            server = server.with_tcp(tcp)?;
-        }
+        let server = Server::bind_with_tcp(
+            args.listen_addr(),
+            config.clone(),
+            args.socket_buffer_bytes,
+            args.tcp_config(),
+        )?;
         let metrics_data = server.metrics();
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_task = match args.metrics {

@@ -122,6 +122,11 @@ fn set_buffer(socket: &Socket, bytes: usize, recv: bool) -> io::Result<usize> {
     }
 }
 
+/// How many ports [`Server::bind_with_tcp`] tries for port 0 before giving up: each pick's TCP
+/// twin is taken with a chance of (TCP sockets on the host) / (ephemeral ports), so a few
+/// picks make a failure practically impossible while a real error still surfaces at once.
+pub const PORT_PICKS: u32 = 20;
+
 impl Server {
     /// Binds the relay socket on `addr`. `[::]` is dual-stack (IPv4 and IPv6); on a host with
     /// IPv6 disabled it falls back to `0.0.0.0` with a warning.
@@ -192,6 +197,35 @@ impl Server {
             tcp: None,
             metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// [`Server::bind`], then with `tcp` [`Server::with_tcp`]: UDP and TCP on one port. Asked
+    /// for port 0, the kernel picks a free *UDP* port, whose TCP twin may be held by any TCP
+    /// socket (an outgoing connection's ephemeral port is enough): then it picks again, up to
+    /// [`PORT_PICKS`] times, instead of failing a start that a retry would have made.
+    pub fn bind_with_tcp(
+        addr: SocketAddr,
+        cfg: RelayConfig,
+        buffer_bytes: usize,
+        tcp: Option<TcpConfig>,
+    ) -> Result<Self, Error> {
+        let Some(tcp) = tcp else {
+            return Self::bind(addr, cfg, buffer_bytes);
+        };
+        let mut picks = 1;
+        loop {
+            let server = Self::bind(addr, cfg.clone(), buffer_bytes)?;
+            match server.with_tcp(tcp.clone()) {
+                Err(Error::Tcp { ref source, .. })
+                    if addr.port() == 0
+                        && source.kind() == io::ErrorKind::AddrInUse
+                        && picks < PORT_PICKS =>
+                {
+                    picks += 1;
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Also accepts TCP on the same address and port (PROTOCOL.md §11), for peers whose

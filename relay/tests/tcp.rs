@@ -16,22 +16,17 @@ use quic_relay::tcp::TcpConfig;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn start(tcp: TcpConfig) -> (ServerHandle, SocketAddr) {
-    // Port 0 picks a free UDP port; TCP binds the same number, which another test's TCP
-    // socket could hold: retry with a new port then.
-    for _ in 0..20 {
-        let server = Server::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            RelayConfig::default(),
-            1 << 20,
-        )
-        .expect("bind relay");
-        if let Ok(s) = server.with_tcp(tcp.clone()) {
-            let h = s.spawn().expect("spawn relay");
-            let a = h.local_addr();
-            return (h, a);
-        }
-    }
-    panic!("no port free for both UDP and TCP");
+    let h = Server::bind_with_tcp(
+        "127.0.0.1:0".parse().expect("addr"),
+        RelayConfig::default(),
+        1 << 20,
+        Some(tcp),
+    )
+    .expect("bind relay")
+    .spawn()
+    .expect("spawn relay");
+    let a = h.local_addr();
+    (h, a)
 }
 
 fn reg_bytes(session: Uuid, peer: u64) -> Vec<u8> {
@@ -398,4 +393,41 @@ fn ping_through(a: &UdpSocket, b: &UdpSocket, relay: SocketAddr) {
             "the relay stopped serving other sessions"
         );
     }
+}
+
+#[test]
+fn bind_with_tcp_takes_one_port_for_both_and_names_a_taken_fixed_port() {
+    // Port 0: UDP and TCP end up on the same number (the kernel picked the UDP one).
+    let h = Server::bind_with_tcp(
+        "127.0.0.1:0".parse().expect("addr"),
+        RelayConfig::default(),
+        1 << 20,
+        Some(TcpConfig::default()),
+    )
+    .expect("bind relay")
+    .spawn()
+    .expect("spawn relay");
+    let addr = h.local_addr();
+    assert_ne!(addr.port(), 0);
+    TcpStream::connect_timeout(&addr, WAIT).expect("TCP on the UDP port's number");
+
+    // A fixed port whose TCP twin is held: no second pick (the user asked for that port), an
+    // error that names it and says what to do.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a TCP port");
+    let taken = held.local_addr().expect("addr");
+    match Server::bind_with_tcp(
+        taken,
+        RelayConfig::default(),
+        1 << 20,
+        Some(TcpConfig::default()),
+    ) {
+        Ok(_) => panic!("bound TCP {taken} while another socket holds it"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&taken.to_string()), "{msg}");
+            assert!(msg.contains("--no-tcp"), "{msg}");
+        }
+    }
+    // Without TCP the same port is fine for UDP alone.
+    Server::bind_with_tcp(taken, RelayConfig::default(), 1 << 20, None).expect("UDP only");
 }
