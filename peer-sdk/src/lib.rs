@@ -83,7 +83,8 @@
 //!   application passes its own rustls configuration. There is no skip-verify mode.
 //!
 //! **Sharing the port.** The socket sets `SO_REUSEADDR` and `SO_REUSEPORT` so that an
-//! application may bind another socket to the same port (e.g. a legacy keepalive socket). Linux
+//! application may bind another socket to the same port (e.g. a legacy keepalive socket); on
+//! port 0 it sets them after the bind, so that two peers never get the same port. Linux
 //! then delivers each incoming datagram to *one* of the sockets: a *connected* socket always gets
 //! every datagram of its 4-tuple, and among unconnected sockets a hash of the 4-tuple picks one.
 //! All relayed traffic comes from one 4-tuple (the relay's), so a second socket on the port will
