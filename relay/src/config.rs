@@ -105,7 +105,8 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
 /// The relay's flags; every one has a `QUIC_RELAY_*` environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// UDP port to listen on (and TCP, unless --no-tcp).
+    /// UDP port to listen on (and TCP, unless --no-tcp). 0 picks one that is free for both;
+    /// the "listening" log line names it.
     #[arg(long, env = "QUIC_RELAY_PORT", default_value_t = defaults::PORT)]
     pub port: u16,
 
