@@ -231,7 +231,7 @@ fn deploy_health_check_rollback_and_dry_run() {
 
     // --dry-run prints every step and touches nothing (not even the remote root).
     let out = f.deploy(&["--dry-run", "--args", args]);
-    assert!(out.status.success());
+    expect_success(&out, "the dry run");
     let text = String::from_utf8_lossy(&out.stdout);
     for step in [
         "cargo build --release --locked -p quic-relay",
@@ -249,7 +249,7 @@ fn deploy_health_check_rollback_and_dry_run() {
 
     // A real deploy: builds the release binary, installs unit and env file, starts, is healthy.
     let out = f.deploy(&["--args", args, "--health-timeout", "10"]);
-    assert!(out.status.success(), "first deploy failed");
+    expect_success(&out, "first deploy failed");
     let built = target_dir().join("release/quic-relay");
     let v1 = read(&built);
     assert_eq!(read(&f.bin()), v1, "the installed binary is the built one");
@@ -304,7 +304,7 @@ fn deploy_health_check_rollback_and_dry_run() {
     v2.extend_from_slice(b"\nversion 2\n");
     std::fs::write(&v2_path, &v2).expect("write v2");
     let out = f.deploy(&["--binary", v2_path.to_str().expect("utf-8")]);
-    assert!(out.status.success(), "deploy of v2 failed");
+    expect_success(&out, "deploy of v2 failed");
     assert_eq!(read(&f.bin()), v2);
     assert_eq!(
         read(&f.bin().with_extension("prev")),
@@ -313,7 +313,7 @@ fn deploy_health_check_rollback_and_dry_run() {
     );
 
     let out = f.deploy(&["--rollback"]);
-    assert!(out.status.success(), "--rollback failed");
+    expect_success(&out, "--rollback failed");
     assert_eq!(read(&f.bin()), v1, "--rollback restored v1");
     assert_eq!(
         read(&f.bin().with_extension("prev")),
@@ -321,6 +321,18 @@ fn deploy_health_check_rollback_and_dry_run() {
         "and kept v2 to go forward"
     );
     assert!(relay_acks(bound_port(&out)), "healthy after --rollback");
+}
+
+/// Panics with `what` and the end of the deploy's stderr unless it succeeded: CI keeps only part
+/// of a long test log, and the cause (a failed build, a refused connection) sits at the end.
+fn expect_success(out: &Output, what: &str) {
+    if out.status.success() {
+        return;
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    panic!("{what} ({}); the end of its stderr:\n{tail}", out.status);
 }
 
 /// The UDP port the deployed service bound, as deploy reported it for `--port 0` (the last
@@ -371,10 +383,7 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
         secret.display()
     );
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
-    assert!(
-        out.status.success(),
-        "deploy of a token-protected relay failed"
-    );
+    expect_success(&out, "deploy of a token-protected relay failed");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("the relay requires tokens"), "{text}");
     assert!(text.contains("answered ACK"), "{text}");
@@ -389,20 +398,14 @@ fn a_relay_that_requires_tokens_passes_the_health_check_with_a_minted_token() {
     std::fs::write(&env_file, env).expect("write the env file");
     let args = String::from("--bind 127.0.0.1 --port 0");
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
-    assert!(
-        out.status.success(),
-        "deploy with QUIC_RELAY_SECRET_FILE failed"
-    );
+    expect_success(&out, "deploy with QUIC_RELAY_SECRET_FILE failed");
     assert!(String::from_utf8_lossy(&out.stdout).contains("the relay requires tokens"));
     assert_eq!(relay_reply(bound_port(&out)), "ERR auth");
 
     // A rotated secret: the restarted relay reads the new file and so does the check.
     std::fs::write(&secret, "another-secret-0123456789abcdef\n").expect("rewrite");
     let out = f.deploy(&["--args", &args, "--health-timeout", "10"]);
-    assert!(
-        out.status.success(),
-        "deploy after rotating the secret failed"
-    );
+    expect_success(&out, "deploy after rotating the secret failed");
 }
 
 /// Where xtask's cargo build puts binaries (as xtask computes it).
@@ -428,7 +431,7 @@ fn deploy_mqproxy_server_and_check_it_with_a_quic_handshake() {
     // The health check is a real `mqproxy client` that must authenticate with the token and pin
     // the certificate it reads from the host.
     let out = f.deploy(&["--bin", "mqproxy", "--args", args, "--health-timeout", "20"]);
-    assert!(out.status.success(), "mqproxy deploy failed");
+    expect_success(&out, "mqproxy deploy failed");
     let installed = f.remote_root().join("opt/mqproxy/bin/mqproxy");
     assert_eq!(
         read(&installed),
