@@ -19,6 +19,9 @@ use crate::defaults::{
 use crate::proto::{self, DecodeError, Frame};
 use crate::tls::TlsError;
 
+mod big_packets;
+use big_packets::BigPacketSocket;
+
 /// Why a server or client could not start: its TLS configuration, or a socket it binds.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -165,7 +168,10 @@ pub fn endpoint(
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = quinn::Runtime::wrap_udp_socket(&*runtime, socket)?;
+    let socket = Arc::new(BigPacketSocket::new(socket, usize::from(MAX_UDP_PAYLOAD)));
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
 /// Something that produces a QUIC connection to the server. The client asks it again after
