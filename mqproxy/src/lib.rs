@@ -19,7 +19,8 @@
 //! - [`udpsocks`]: a minimal SOCKS5 UDP ASSOCIATE client (the `udpsocks` tool).
 //! - [`relay_session`]: what both roles share about a `quic-relay` session (`--relay`,
 //!   `--session`): where they meet, which path carries the connection.
-//! - [`transport`]: the seam between the proxy and QUIC (dialing, frame IO on streams).
+//! - [`transport`]: the seam between the proxy and QUIC (dialing, frame IO on streams, and the
+//!   endpoint socket that lets QUIC packets grow to 65,000 bytes where the path allows).
 //! - [`multipath`]: the path table of a bundle ([`multipath::table`]) and striped TCP flows
 //!   ([`multipath::flow`]).
 //! - [`metrics`]: Prometheus text of the counters and per-path health (`--metrics ADDR`).
