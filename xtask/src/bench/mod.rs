@@ -21,7 +21,7 @@ Usage: cargo xtask bench <target> [options]
 Targets:
   relay    quic-relay: loss, CPU per datagram, latency, memory per session, registration rate
            (`cargo xtask bench relay --help`)
-  mqproxy  mqproxy: UDP and TCP through SOCKS5 against direct and shadowsocks-libev
+  mqproxy  mqproxy: UDP and TCP through SOCKS5 against direct, shadowsocks-libev and -rust
            (`cargo xtask bench mqproxy --help`)
   uot      udp-over-tcp: loss at 100,000/s, highest rate, round trip, against direct UDP
            (`cargo xtask bench uot --help`)
