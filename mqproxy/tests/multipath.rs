@@ -124,12 +124,27 @@ async fn udp_over_two_paths_and_backup_keeps_the_primary() {
         .await
         .expect("associate");
     let target = TargetAddr::Ip(echo);
-    let before: Vec<u64> = h
-        .paths
-        .reports()
-        .iter()
-        .map(|r| r.tx_bytes + r.rx_bytes)
-        .collect();
+    // Path MTU discovery probes each path once after its handshake, with probes of up to
+    // MAX_UDP_PAYLOAD bytes on loopback: wait until the backup path is down to keepalives
+    // (no event marks the end of a search; its byte counter going quiet does).
+    let bytes = |paths: &[mqproxy::multipath::PathReport]| -> Vec<u64> {
+        paths.iter().map(|r| r.tx_bytes + r.rx_bytes).collect()
+    };
+    let mut before = bytes(&h.paths.reports());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = bytes(&h.paths.reports());
+        let quiet = now[1].saturating_sub(before[1]) < 8_192;
+        before = now;
+        if quiet {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backup path did not go quiet"
+        );
+    }
     for len in [64usize, 3000, 20_000] {
         let p = pattern(len, len as u64);
         let mut ok = false;
