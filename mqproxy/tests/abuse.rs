@@ -638,3 +638,88 @@ async fn embedded_ipv4_destinations_are_refused() {
     }
     assert_eq!((udp_refused, udp_open), (1, 0));
 }
+
+/// The server's resident memory, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// The endpoint takes packets up to 65,000 bytes (path MTU discovery on loopback and jumbo
+/// frames): a paced flood of junk datagrams of that size and of the largest UDP datagram,
+/// from many sources, long and short headers, must neither grow the server's memory past a
+/// bound nor keep a legitimate client from connecting and working while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_the_largest_datagrams_is_dropped_and_bounded() {
+    const SOURCES: usize = 64;
+    const DATAGRAMS: usize = 1_500;
+    const EVERY: Duration = Duration::from_millis(1);
+    let (echo, _e) = tcp_echo().await;
+    let s = server(&["--allow-private"], None).await;
+    let to = s.addr;
+    let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(0usize);
+    let flood = tokio::task::spawn_blocking(move || {
+        let socks: Vec<std::net::UdpSocket> = (0..SOURCES)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let mut junk = vec![0u8; 65_507];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in junk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        for i in 0..DATAGRAMS {
+            // Alternate a long header (Initial-like) and a short header, and both sizes.
+            junk[0] = if i % 2 == 0 { 0xc3 } else { 0x43 };
+            let len = if i % 4 < 2 { 65_000 } else { 65_507 };
+            socks[i % SOURCES].send_to(&junk[..len], to).expect("send");
+            let _ = sent_tx.send(i + 1);
+            std::thread::sleep(EVERY);
+        }
+        DATAGRAMS
+    });
+    sent_rx
+        .wait_for(|n| *n >= 200)
+        .await
+        .expect("the flood runs");
+    let (socks, _c) = client(&s, "legit", None).await;
+    let t0 = Instant::now();
+    let mut ok_after = None;
+    while t0.elapsed() < WAIT {
+        if connect_works(socks, echo).await {
+            ok_after = Some(t0.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during_flood = *sent_rx.borrow() < DATAGRAMS;
+    let rss_during = rss_bytes(s.proc.pid);
+    assert_eq!(flood.await.expect("flood task"), DATAGRAMS);
+    let rss_after = rss_bytes(s.proc.pid);
+    eprintln!(
+        "FIGURE big-datagram flood ({DATAGRAMS} of 65,000-65,507 B from {SOURCES} sources at 1/ms): client worked after {ok_after:?} (flood still running: {during_flood}); server RSS {} KiB during, {} KiB after",
+        rss_during / 1024,
+        rss_after / 1024
+    );
+    let ok_after = ok_after.expect("the legitimate client works at all");
+    assert!(
+        ok_after < Duration::from_secs(1),
+        "the legitimate client needed {ok_after:?}"
+    );
+    assert!(during_flood, "measured while the flood was still running");
+    assert!(
+        rss_during.max(rss_after) < 96 << 20,
+        "server memory grew under the flood: {rss_during} / {rss_after} bytes"
+    );
+    assert!(
+        connect_works(socks, echo).await,
+        "the client still works after the flood"
+    );
+}
