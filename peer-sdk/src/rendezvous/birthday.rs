@@ -85,7 +85,9 @@ pub const PREDICT_WINDOW: u16 = 512;
 /// The lowest port a NAT hands out (the privileged ones stay unused); the random probes cover
 /// `FIRST_PORT..=65535`.
 const FIRST_PORT: u16 = 1024;
-const PORTS: u32 = 65536 - FIRST_PORT as u32;
+/// The ports a NAT hands out (64512), among which the hard side's [`SOCKETS`] mappings fall:
+/// each random probe hits one with probability `SOCKETS / PORTS`.
+pub const PORTS: u32 = 65536 - FIRST_PORT as u32;
 
 /// This peer's part in birthday punching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -314,5 +314,125 @@ pub fn table(results: &[PairResult]) -> String {
     s.push_str(&format!(
         "direct share where theory allows it: {direct}/{total}\n"
     ));
+    if let Some(line) = birthday_tail(results) {
+        s.push_str(&line);
+        s.push('\n');
+    }
     s
+}
+
+/// Birthday punching against a random hard side, pooled over its pairs, beside what chance
+/// alone predicts: each probe hits one of the hard side's [`SOCKETS`] mappings among the
+/// [`PORTS`] a NAT hands out with probability p, so the probes to the first hit follow a geometric law and
+/// a burst of [`MAX_PROBES`] misses with probability (1 - p)^MAX_PROBES. Agreement says the
+/// misses are that law's tail, not lost mappings or badly timed probes. (A sequential hard
+/// side is hit in the predicted window within a few probes, so its pairs are left out.)
+///
+/// [`SOCKETS`]: peer_sdk::rendezvous::birthday::SOCKETS
+/// [`MAX_PROBES`]: peer_sdk::rendezvous::birthday::MAX_PROBES
+/// [`PORTS`]: peer_sdk::rendezvous::birthday::PORTS
+pub fn birthday_tail(results: &[PairResult]) -> Option<String> {
+    use peer_sdk::rendezvous::birthday as b;
+    let random = results.iter().filter(|r| {
+        r.birthday() && (r.dialer == NatType::Symmetric || r.listener == NatType::Symmetric)
+    });
+    let (mut attempts, mut relayed, mut used) = (0, 0, Vec::new());
+    for r in random {
+        attempts += r.attempts.len();
+        relayed += r.attempts.len() - r.direct();
+        used.extend(
+            r.attempts
+                .iter()
+                .filter(|a| a.path == "direct")
+                .filter_map(|a| a.birthday_probes),
+        );
+    }
+    if used.is_empty() {
+        return None;
+    }
+    used.sort_unstable();
+    let at = |q: f64| used[((used.len() as f64 * q) as usize).min(used.len() - 1)];
+    let p = f64::from(b::SOCKETS) / f64::from(b::PORTS);
+    // The q-quantile of the geometric law: the probes after which a hit came with probability q.
+    let quantile = |q: f64| (1.0 - q).ln() / (1.0 - p).ln();
+    let miss = (1.0 - p).powf(f64::from(b::MAX_PROBES));
+    Some(format!(
+        "birthday pairs with a random hard side: {relayed} of {attempts} attempts relayed (chance \
+         alone: {:.2} %); probes to the first hit (counted per tick of {}): median {}, 90th \
+         percentile {}, 99th {} (chance alone: {:.0}, {:.0}, {:.0})",
+        miss * 100.0,
+        b::PROBES_PER_TICK,
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        quantile(0.5),
+        quantile(0.9),
+        quantile(0.99),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempts(probes: impl IntoIterator<Item = u32>, relayed: usize) -> Vec<Attempt> {
+        let hit = |n| Attempt {
+            path: "direct".to_owned(),
+            connect: Duration::from_millis(300),
+            birthday_probes: Some(n),
+        };
+        let miss = Attempt {
+            path: "relay".to_owned(),
+            connect: Duration::from_millis(2500),
+            birthday_probes: Some(peer_sdk::rendezvous::birthday::MAX_PROBES),
+        };
+        let mut v: Vec<Attempt> = probes.into_iter().map(hit).collect();
+        v.extend(std::iter::repeat_n(miss, relayed));
+        v
+    }
+
+    #[test]
+    fn the_birthday_tail_pools_random_hard_sides_only_and_states_chance() {
+        let pair = |dialer, listener, attempts| PairResult {
+            dialer,
+            listener,
+            attempts,
+        };
+        let results = [
+            // Random hard side, both orders: pooled (1..=99 probes and one miss).
+            pair(
+                NatType::Symmetric,
+                NatType::PortRestrictedOpen,
+                attempts(1..=50, 1),
+            ),
+            pair(
+                NatType::PortRestricted,
+                NatType::Symmetric,
+                attempts(51..=99, 0),
+            ),
+            // A sequential hard side and an easy pair: left out.
+            pair(
+                NatType::SymmetricSequential,
+                NatType::PortRestricted,
+                attempts([5000; 10], 3),
+            ),
+            pair(NatType::FullCone, NatType::None, attempts([7000; 5], 0)),
+        ];
+        let line = birthday_tail(&results).expect("a line");
+        assert!(line.contains("1 of 100 attempts relayed"), "{line}");
+        // 99 hits of 1..=99: the median is 50, the 90th percentile 90, the 99th 99.
+        assert!(
+            line.contains("median 50, 90th percentile 90, 99th 99"),
+            "{line}"
+        );
+        // 256 mappings among 64512 ports: the geometric law's quantiles and the miss chance
+        // at 1600 probes, computed independently here.
+        let p: f64 = 256.0 / 64512.0;
+        let q = |x: f64| ((1.0 - x).ln() / (1.0 - p).ln()).round();
+        assert_eq!((q(0.5), q(0.9), q(0.99)), (174.0, 579.0, 1158.0));
+        assert!(line.contains("(chance alone: 174, 579, 1158)"), "{line}");
+        assert!(line.contains("(chance alone: 0.17 %)"), "{line}");
+        // Without a random hard side there is nothing to say.
+        assert_eq!(birthday_tail(&results[2..]), None);
+    }
 }
