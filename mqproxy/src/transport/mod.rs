@@ -354,9 +354,71 @@ pub async fn write_frame(
     Ok(())
 }
 
-/// Size of one read when splicing TCP into a stream: large enough to amortise per-call costs
-/// at several Gbit/s, small enough to keep per-flow memory modest.
-const SPLICE_CHUNK: usize = 64 * 1024;
+/// The first read buffer when splicing TCP into a stream: what an idle or slow connection
+/// keeps (many of them must stay cheap).
+const SPLICE_CHUNK_MIN: usize = 16 * 1024;
+/// The largest read buffer, reached by doubling while reads fill the buffer (the sender is
+/// ahead of us). At several Gbit/s a read then takes several of loopback's 64 KiB segments
+/// at once: both mqproxy processes together make 28 % fewer system calls per byte than with
+/// 64 KiB reads (27.5 against 38 per MB, `perf stat` over 3 GB downloads). Larger (1 MiB)
+/// gained nothing more.
+const SPLICE_CHUNK_MAX: usize = 256 * 1024;
+
+/// Read buffers may grow past this size only with one of the [`LARGE_SPLICE_BUFFERS`] slots.
+const SPLICE_CHUNK_PLAIN: usize = 64 * 1024;
+/// Splices whose read buffer may grow past [`SPLICE_CHUNK_PLAIN`] at once, process-wide. A
+/// flow waiting for QUIC flow control holds a filled buffer, so thousands of fast flows (a
+/// connection may have 4096 streams) would each hold the largest one; the bulk transfers that
+/// gain from large reads are few, and the others stay at the size every flow had before.
+const LARGE_SPLICE_BUFFERS: usize = 64;
+static LARGE_SPLICES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`LARGE_SPLICE_BUFFERS`] slots, given back on drop.
+struct LargeSpliceSlot;
+
+impl LargeSpliceSlot {
+    fn take() -> Option<Self> {
+        use std::sync::atomic::Ordering::Relaxed;
+        LARGE_SPLICES
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < LARGE_SPLICE_BUFFERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| LargeSpliceSlot)
+    }
+}
+
+impl Drop for LargeSpliceSlot {
+    fn drop(&mut self) {
+        LARGE_SPLICES.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The next read buffer size: doubled after a read that filled the whole buffer (otherwise
+/// kept), up to [`SPLICE_CHUNK_MAX`] for a splice holding a slot (taken here when first
+/// needed) and up to [`SPLICE_CHUNK_PLAIN`] for the others.
+fn next_splice_chunk(
+    chunk: usize,
+    read: usize,
+    room: usize,
+    slot: &mut Option<LargeSpliceSlot>,
+) -> usize {
+    if read < room {
+        return chunk;
+    }
+    let next = (chunk * 2).min(SPLICE_CHUNK_MAX);
+    if next <= SPLICE_CHUNK_PLAIN {
+        return next;
+    }
+    if slot.is_none() {
+        *slot = LargeSpliceSlot::take();
+    }
+    if slot.is_some() {
+        next
+    } else {
+        chunk.min(SPLICE_CHUNK_PLAIN)
+    }
+}
 
 /// Stream chunks gathered into one vectored TCP write.
 const SPLICE_READ_CHUNKS: usize = 32;
@@ -414,18 +476,22 @@ pub async fn splice(
     let up = async {
         // Reads land in a BytesMut whose filled part is handed to quinn as `Bytes`: no copy
         // between the TCP read and the QUIC send buffer.
-        let mut buf = BytesMut::with_capacity(SPLICE_CHUNK);
+        let mut chunk = SPLICE_CHUNK_MIN;
+        let mut slot = None;
+        let mut buf = BytesMut::with_capacity(chunk);
         let mut total = 0u64;
         loop {
-            if buf.capacity() < SPLICE_CHUNK / 4 {
-                buf.reserve(SPLICE_CHUNK);
+            if buf.capacity() < chunk / 4 {
+                buf.reserve(chunk);
             }
+            let room = buf.capacity() - buf.len();
             match tr.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = send.finish();
                     break;
                 }
                 Ok(n) => {
+                    chunk = next_splice_chunk(chunk, n, room, &mut slot);
                     if send.write_chunk(buf.split().freeze()).await.is_err() {
                         break;
                     }
@@ -475,6 +541,50 @@ pub async fn splice(
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// The read buffer grows only while reads fill it, up to the cap, and an idle or slow
+    /// connection keeps the small one.
+    #[test]
+    fn splice_reads_grow_while_the_sender_is_ahead() {
+        let grow = |slot: &mut Option<LargeSpliceSlot>| {
+            let mut chunk = SPLICE_CHUNK_MIN;
+            let mut sizes = vec![chunk];
+            for _ in 0..6 {
+                chunk = next_splice_chunk(chunk, chunk, chunk, slot);
+                sizes.push(chunk);
+            }
+            sizes
+        };
+        // The only test touching the slots: take all but one, so the next splice gets the
+        // last one and the one after it gets none.
+        let taken: Vec<_> = std::iter::from_fn(LargeSpliceSlot::take).collect();
+        assert_eq!(taken.len(), LARGE_SPLICE_BUFFERS, "the slots are capped");
+        let mut held = taken;
+        held.pop();
+        let mut slot = None;
+        assert_eq!(
+            grow(&mut slot),
+            [16, 32, 64, 128, 256, 256, 256].map(|k| k * 1024),
+            "doubling to the cap with the last slot"
+        );
+        assert!(slot.is_some());
+        let mut none = None;
+        assert_eq!(
+            grow(&mut none),
+            [16, 32, 64, 64, 64, 64, 64].map(|k| k * 1024),
+            "no slot left: 64 KiB, as before"
+        );
+        assert!(none.is_none());
+        assert_eq!(
+            next_splice_chunk(SPLICE_CHUNK_MIN, 1200, SPLICE_CHUNK_MIN, &mut None),
+            SPLICE_CHUNK_MIN,
+            "a partial read keeps the size"
+        );
+        // Slots come back when their splices end.
+        drop(slot);
+        drop(held);
+        assert_eq!(LARGE_SPLICES.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 
     /// A pipe that takes at most 7 bytes per write exercises every partial-write branch:
     /// writes ending inside a chunk, at a chunk's end, and across empty chunks.
