@@ -288,6 +288,23 @@ async fn connect_works(socks: SocketAddr, echo: SocketAddr) -> bool {
         .unwrap_or(false)
 }
 
+/// How long after `since` a CONNECT through `socks` first worked, retrying every 50 ms until
+/// `wait` has passed since then; `None` if it never did.
+async fn first_working_connect(
+    socks: SocketAddr,
+    echo: SocketAddr,
+    since: Instant,
+    wait: Duration,
+) -> Option<Duration> {
+    while since.elapsed() < wait {
+        if connect_works(socks, echo).await {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 /// `n` QUIC Initials of distinct connections (distinct connection ids, as a server keys
 /// new connections by them), made by a real Quinn client towards a socket that never answers.
 async fn captured_initials(n: usize) -> Vec<Vec<u8>> {
@@ -353,14 +370,7 @@ async fn initial_flood_does_not_lock_out_a_client() {
         .expect("the flood runs");
     let t0 = Instant::now();
     let (socks, _c) = client(&s, "legit", None).await;
-    let mut ok_after = None;
-    while t0.elapsed() < WAIT {
-        if connect_works(socks, echo).await {
-            ok_after = Some(t0.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ok_after = first_working_connect(socks, echo, t0, WAIT).await;
     let during_flood = *sent_rx.borrow() < FLOOD;
     assert_eq!(flood.await.expect("flood task"), FLOOD);
     let retries = s.metric("mqproxy_server_retries_total").await;
@@ -690,15 +700,7 @@ async fn a_flood_of_the_largest_datagrams_is_dropped_and_bounded() {
         .await
         .expect("the flood runs");
     let (socks, _c) = client(&s, "legit", None).await;
-    let t0 = Instant::now();
-    let mut ok_after = None;
-    while t0.elapsed() < WAIT {
-        if connect_works(socks, echo).await {
-            ok_after = Some(t0.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ok_after = first_working_connect(socks, echo, Instant::now(), WAIT).await;
     let during_flood = *sent_rx.borrow() < DATAGRAMS;
     let rss_during = rss_bytes(s.proc.pid);
     assert_eq!(flood.await.expect("flood task"), DATAGRAMS);
