@@ -67,8 +67,9 @@ pub enum ClientVerify {
     Insecure,
 }
 
+/// The same provider as peer-sdk's (aws-lc-rs, for its faster AES-GCM; see there).
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> TlsError {
