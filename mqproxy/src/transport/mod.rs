@@ -496,6 +496,14 @@ pub async fn splice(
                         break;
                     }
                     total += n as u64;
+                    // Let the connection driver packetise these bytes while they are still in
+                    // cache. Without the yield this task kept reading while the TCP socket had
+                    // data (up to the 32 MiB send window, or tokio's budget) before quinn
+                    // copied any of it into a packet: the copies into and out of that backlog
+                    // then missed the cache (in a bulk download the TCP read copy was 26 % of
+                    // the server's CPU, 14 % with the yield; throughput +14 %, CPU per byte
+                    // -9 %, interleaved A/B of 2 GB downloads).
+                    tokio::task::yield_now().await;
                 }
                 Err(_) => {
                     let _ = send.reset(VarInt::from_u32(0));
