@@ -30,7 +30,9 @@ echo server and a TCP source on 127.0.0.1, and measures four paths to them in th
   ss-rust   SOCKS5 → sslocal → ssserver (shadowsocks-rust, aes-256-gcm, -U for TCP and UDP)
 
 Both shadowsocks use the same AEAD cipher, aes-256-gcm (the AES-GCM family QUIC's TLS 1.3
-negotiates here), so all three proxies pay for the same kind of encryption.
+negotiates here), so all three proxies pay for the same kind of encryption. mqproxy (through
+rustls) and shadowsocks-rust run the same AES-GCM code, aws-lc's; shadowsocks-libev runs
+libsodium's (mbed TLS's on a CPU without AES-NI).
 
   udp      paced offered loads through UDP ASSOCIATE (one association, one destination): the
            echoed packets/s and Mbit/s and the loss, per load
