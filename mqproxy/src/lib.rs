@@ -37,6 +37,7 @@
 //! `datagram_rx` needs the default `runtime` feature: the other modules open with
 //! `#![cfg(feature = "runtime")]`, so the list below stays one line a module.
 
+pub mod alloc;
 pub mod client;
 pub mod config;
 pub mod datagram_rx;

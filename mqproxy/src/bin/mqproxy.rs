@@ -35,12 +35,20 @@ enum Role {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts: glibc reads its parameters once per arena.
+    let malloc_tuned = mqproxy::alloc::tune();
     // `cargo xtask dist` asks for completions and man pages through the environment.
     if cli_assets::write_if_asked(Cli::command())? {
         return Ok(());
     }
     let cli = Cli::parse();
     mqproxy::logging::init("info");
+    tracing::debug!(
+        malloc_tuned,
+        mmap_threshold = mqproxy::alloc::MMAP_THRESHOLD,
+        trim_threshold = mqproxy::alloc::TRIM_THRESHOLD,
+        "allocator settings (not applied where MALLOC_*_THRESHOLD_ is set or off glibc)"
+    );
     let rt = match cli.threads.map_or(1, std::num::NonZeroUsize::get) {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
