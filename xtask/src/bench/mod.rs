@@ -134,12 +134,20 @@ pub fn build_release(packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A free loopback TCP port: bound and released at once (nothing else on the host races for
-/// loopback ports during a benchmark).
-pub fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A loopback port free for both TCP and UDP at the time of the call, bound and released at
+/// once: for third-party programs that take a port number and bind it with both protocols
+/// (shadowsocks with UDP relay). A port the kernel hands out for TCP may be in use for UDP
+/// (by one of the benchmark's own ephemeral UDP sockets, say), and shadowsocks-libev then
+/// runs on with TCP alone and its UDP relay talking to whatever holds the port.
+pub fn free_tcp_udp_port() -> anyhow::Result<u16> {
+    for _ in 0..64 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no loopback port free for both TCP and UDP in 64 tries")
 }
 
 /// After a sender stops: waits until the receiver has been quiet for `quiet` (it stamps

@@ -191,14 +191,14 @@ pub fn run(args: &[String]) -> Result<()> {
         let mq = start_mqproxy(&mqproxy_bin, &log_dir)?;
         let ss = if have_ss {
             Some(retry_port_clash("shadowsocks-libev", || {
-                start_ss(&log_dir)
+                started_and_echoing(start_ss(&log_dir)?, echo_addr)
             })?)
         } else {
             None
         };
         let ssr = match &ss_rust {
             Some((local, server)) => Some(retry_port_clash("shadowsocks-rust", || {
-                start_ss_rust(local, server, &log_dir)
+                started_and_echoing(start_ss_rust(local, server, &log_dir)?, echo_addr)
             })?),
             None => None,
         };
@@ -393,6 +393,14 @@ fn udp_path(proxy: Option<SocketAddrV4>, echo: SocketAddrV4) -> Result<UdpPath> 
 
 /// The unmeasured download through each proxy before the repetitions.
 const TCP_WARM_UP_BYTES: u64 = 64 << 20;
+
+/// `p` once it relays a first UDP echo. A shadowsocks start counts only then: its ports are
+/// picked in advance, and one that lost the UDP half of its port to another socket keeps
+/// running with TCP alone (so `retry_port_clash` starts it again on other ports).
+fn started_and_echoing(p: Proxy, echo: SocketAddrV4) -> Result<Proxy> {
+    warm_up(p.socks, echo).context("first echo")?;
+    Ok(p)
+}
 
 /// Sends pings until one comes back: the proxy is up and relays UDP.
 fn warm_up(proxy: SocketAddrV4, echo: SocketAddrV4) -> Result<()> {

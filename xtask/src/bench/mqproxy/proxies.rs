@@ -155,8 +155,8 @@ pub(super) fn start_ss(log_dir: &Path) -> Result<Proxy> {
     // (the one place left, for programs that cannot do better); a clash makes the start fail,
     // and `retry_port_clash` starts it again on other ports.
     let (sp, cp) = (
-        crate::bench::free_tcp_port()?,
-        crate::bench::free_tcp_port()?,
+        crate::bench::free_tcp_udp_port()?,
+        crate::bench::free_tcp_udp_port()?,
     );
     let mut server = Command::new("ss-server");
     server.args([
@@ -195,8 +195,8 @@ pub(super) fn ss_rust_bins() -> Option<(std::path::PathBuf, std::path::PathBuf)>
 pub(super) fn start_ss_rust(local_bin: &Path, server_bin: &Path, log_dir: &Path) -> Result<Proxy> {
     // Like shadowsocks-libev, shadowsocks-rust does not report a port it bound for 0.
     let (sp, cp) = (
-        crate::bench::free_tcp_port()?,
-        crate::bench::free_tcp_port()?,
+        crate::bench::free_tcp_udp_port()?,
+        crate::bench::free_tcp_udp_port()?,
     );
     let server_addr = format!("127.0.0.1:{sp}");
     let mut server = Command::new(server_bin);
