@@ -188,7 +188,8 @@ pub fn run(args: &[String]) -> Result<()> {
         s.spawn(|| echo_server(&echo, &stop));
         s.spawn(|| tcp_source(&source, &stop));
 
-        let mq = start_mqproxy(&mqproxy_bin, &log_dir)?;
+        let mq = started_and_echoing(start_mqproxy(&mqproxy_bin, &log_dir)?, echo_addr)
+            .context("mqproxy")?;
         let ss = if have_ss {
             Some(retry_port_clash("shadowsocks-libev", || {
                 started_and_echoing(start_ss(&log_dir)?, echo_addr)
@@ -210,10 +211,9 @@ pub fn run(args: &[String]) -> Result<()> {
         if let Some(ssr) = &ssr {
             paths.push((Path3::SsRust, Some(ssr)));
         }
+        // Every proxy has relayed a first echo (`started_and_echoing`).
         for (p, proxy) in &paths {
             if let Some(proxy) = proxy {
-                warm_up(proxy.socks, echo_addr)
-                    .with_context(|| format!("{}: first echo", p.name()))?;
                 // One unmeasured download each: the first through a fresh process also pays
                 // for growing its heap (mqproxy's first 64 MiB took ~5,000 page faults, later
                 // ones almost none), which a proxy that has run for a while no longer does.
@@ -394,9 +394,10 @@ fn udp_path(proxy: Option<SocketAddrV4>, echo: SocketAddrV4) -> Result<UdpPath> 
 /// The unmeasured download through each proxy before the repetitions.
 const TCP_WARM_UP_BYTES: u64 = 64 << 20;
 
-/// `p` once it relays a first UDP echo. A shadowsocks start counts only then: its ports are
-/// picked in advance, and one that lost the UDP half of its port to another socket keeps
-/// running with TCP alone (so `retry_port_clash` starts it again on other ports).
+/// `p` once it relays a first UDP echo: a start counts only then. For shadowsocks this is what
+/// catches a port clash: its ports are picked in advance, and one that lost the UDP half of its
+/// port to another socket keeps running with TCP alone (`retry_port_clash` then starts it
+/// again on other ports).
 fn started_and_echoing(p: Proxy, echo: SocketAddrV4) -> Result<Proxy> {
     warm_up(p.socks, echo).context("first echo")?;
     Ok(p)
